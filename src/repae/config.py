@@ -1,0 +1,444 @@
+"""One typed schema for a whole run, its presets, and how YAML files and `key=value`
+overrides are merged into it.
+
+The schema is a tree of dataclasses. OmegaConf does the merging and the type checks
+(a wrong type or an unknown key is rejected with the key's dotted name); `validate`
+then rejects combinations that cannot work (image size vs VAE factor, SiT token grid
+vs encoder patch grid, ...) before anything is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used, with a message that names the key."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class ModelConfig:
+    """The SiT. `arch` is `SiT-{T,S,B,L,XL}/{1,2,4,8}`; depth/hidden/heads override it when > 0."""
+
+    arch: str = "SiT-XL/2"
+    depth: int = 0
+    hidden_size: int = 0
+    num_heads: int = 0
+    mlp_ratio: float = 4.0
+    qk_norm: bool = False
+    encoder_depth: int = 8  # block after which hidden states are aligned (1-based)
+    projector_dim: int = 2048
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1  # label dropout for CFG; null class id = num_classes
+    attention: str = "auto"  # auto | sdpa | math
+
+
+@dataclass
+class VAEConfig:
+    """LDM AutoencoderKL. `arch` names a known layout; the fields below override it when set."""
+
+    arch: str = "f8d4"  # f8d4 (SD-VAE) | f16d32 (IN-VAE / VA-VAE) | toy-f4d4 | custom
+    ch: int = 0
+    ch_mult: List[int] = field(default_factory=list)
+    num_res_blocks: int = 0
+    z_channels: int = 0
+    attn_resolutions: Optional[List[int]] = None
+    resolution: int = 256  # the LDM "resolution" used only to place attention blocks
+    norm_groups: int = 32
+    path: Optional[str] = None  # weights: our .safetensors, official .pt, or a diffusers directory
+    latent_stats_path: Optional[str] = None  # *-latents-stats.pt or our latent_stats.safetensors
+
+
+@dataclass
+class EncoderConfig:
+    """Frozen alignment encoder(s); one projector per encoder."""
+
+    names: List[str] = field(default_factory=lambda: ["dinov2-vit-b"])
+    paths: List[str] = field(default_factory=list)  # one weight file per name (local)
+
+
+@dataclass
+class LatentNormConfig:
+    """BatchNorm2d(C, eps, momentum, affine=False) on latents (DESIGN.md section 1)."""
+
+    enabled: bool = True
+    momentum: float = 0.1
+    eps: float = 1e-4
+
+
+@dataclass
+class FlowConfig:
+    """Interpolant convention: t=0 data, t=1 noise."""
+
+    path_type: str = "linear"  # linear | cosine
+    prediction: str = "v"
+    time_sampling: str = "uniform"  # uniform | lognormal
+    lognormal_mean: float = 0.0
+    lognormal_std: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    proj_coeff: float = 0.5  # lambda_g: REPA weight in the SiT loss
+    vae_align_proj_coeff: float = 1.5  # lambda_v: REPA weight in the VAE loss
+    recon_type: str = "l1"  # l1 (released config) | mse (paper text)
+    recon_weight: float = 1.0
+    lpips_weight: float = 1.0
+    kl_weight: float = 1e-6
+    gan_weight: float = 0.1
+    gan_start_step: int = 0
+    gan_adaptive_weight: bool = False
+    lpips_path: Optional[str] = None
+    vgg_path: Optional[str] = None
+    discriminator_path: Optional[str] = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    source: str = "imagenet"  # toy | folder | imagenet | packed
+    path: Optional[str] = None
+    image_size: int = 256
+    hflip: bool = False
+    num_workers: int = 4
+
+
+@dataclass
+class TrainConfig:
+    """Training cadence and the REPA-E switches (each ablation of the paper is one switch)."""
+
+    global_batch_size: int = 256
+    grad_accum_steps: int = 1
+    max_steps: int = 400_000
+    ema_decay: float = 0.9999
+    seed: int = 0
+    precision: str = "bf16"  # bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    tune_vae: bool = True  # False: REPA / vanilla SiT with a frozen VAE
+    stop_grad: bool = True  # False: the "no stop-grad" ablation (diffusion loss reaches the VAE)
+    use_reg_loss: bool = True  # False: the "no L_REG" ablation
+    log_every: int = 100
+    ckpt_every: int = 50_000
+    keep_last: int = 3
+    sample_every: int = 10_000
+    max_nonfinite_in_a_row: int = 10
+
+
+@dataclass
+class SampleConfig:
+    mode: str = "sde"  # ode | sde
+    num_steps: int = 250
+    heun: bool = False
+    cfg_scale: float = 1.0
+    guidance_low: float = 0.0
+    guidance_high: float = 1.0
+    num_samples: int = 64
+    batch_size: int = 64
+    seed: int = 0
+    use_ema: bool = True
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 50_000
+    ref_batch: Optional[str] = None
+    label_sampling: str = "balanced"  # balanced | uniform
+    inception_path: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    preset: str = "custom"
+    output_dir: str = "runs"
+    exp_name: str = "repae"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    latent_norm: LatentNormConfig = field(default_factory=LatentNormConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim_sit: OptimConfig = field(default_factory=OptimConfig)
+    optim_vae: OptimConfig = field(default_factory=OptimConfig)
+    optim_disc: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.exp_name
+
+
+# --------------------------------------------------------------------- architectures
+
+# name -> (depth, hidden_size, num_heads). "T" is our CPU-sized toy; the rest are SiT's.
+SIT_SIZES = {
+    "T": (6, 192, 3),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+SIT_PATCHES = (1, 2, 4, 8)
+
+# name -> LDM AutoencoderKL layout
+VAE_ARCHS = {
+    "f8d4": dict(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=4, attn_resolutions=[16]),
+    "f16d32": dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, z_channels=32, attn_resolutions=[16]),
+    # 32x32 images -> 8x8x4 latents, small enough for a CPU
+    "toy-f4d4": dict(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=4, attn_resolutions=[]),
+}
+
+
+def sit_dims(model: ModelConfig) -> tuple[int, int, int, int]:
+    """(depth, hidden_size, num_heads, patch_size) of a ModelConfig, overrides applied."""
+    try:
+        size, patch = model.arch.removeprefix("SiT-").split("/")
+        depth, hidden, heads = SIT_SIZES[size]
+        patch = int(patch)
+    except (ValueError, KeyError):
+        raise ConfigError(
+            f"model.arch={model.arch!r} is not a SiT architecture; use SiT-{{{','.join(SIT_SIZES)}}}/"
+            f"{{{','.join(map(str, SIT_PATCHES))}}}"
+        ) from None
+    if patch not in SIT_PATCHES:
+        raise ConfigError(f"model.arch={model.arch!r}: patch size must be one of {SIT_PATCHES}")
+    return (model.depth or depth, model.hidden_size or hidden, model.num_heads or heads, patch)
+
+
+def vae_layout(vae: VAEConfig) -> dict:
+    """The full AutoencoderKL layout of a VAEConfig (named arch with field overrides)."""
+    if vae.arch == "custom":
+        base: dict = {}
+    elif vae.arch in VAE_ARCHS:
+        base = dict(VAE_ARCHS[vae.arch])
+    else:
+        raise ConfigError(f"vae.arch={vae.arch!r} is unknown; use one of {sorted(VAE_ARCHS)} or 'custom'")
+    for key in ("ch", "num_res_blocks", "z_channels"):
+        if getattr(vae, key):
+            base[key] = getattr(vae, key)
+    if vae.ch_mult:
+        base["ch_mult"] = list(vae.ch_mult)
+    if vae.attn_resolutions is not None:
+        base["attn_resolutions"] = list(vae.attn_resolutions)
+    missing = [k for k in ("ch", "ch_mult", "num_res_blocks", "z_channels") if k not in base]
+    if missing:
+        raise ConfigError(f"vae.arch='custom' needs vae.{', vae.'.join(missing)}")
+    base.setdefault("attn_resolutions", [])
+    base["resolution"] = vae.resolution
+    base["norm_groups"] = vae.norm_groups
+    return base
+
+
+def vae_downsample_factor(vae: VAEConfig) -> int:
+    return 2 ** (len(vae_layout(vae)["ch_mult"]) - 1)
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def _paper(arch: str, vae: str) -> RunConfig:
+    """The paper's ImageNet-256 recipe: DINOv2-B at depth 8, lambda 0.5/1.5, batch 256, 400K steps."""
+    cfg = RunConfig(preset=f"{arch.lower().replace('/', '')}-{vae}")
+    cfg.model.arch = arch
+    cfg.vae.arch = vae
+    cfg.exp_name = cfg.preset
+    return cfg
+
+
+def _toy() -> RunConfig:
+    """CPU-sized run on the built-in toy world (32x32, 10 classes): minutes on 2 cores."""
+    cfg = RunConfig(preset="toy", exp_name="toy")
+    cfg.model = ModelConfig(arch="SiT-T/1", encoder_depth=2, projector_dim=512, num_classes=10)
+    cfg.vae = VAEConfig(arch="toy-f4d4")
+    cfg.encoder = EncoderConfig(names=["toy-teacher"])
+    cfg.data = DataConfig(source="toy", image_size=32, num_workers=0)
+    cfg.train = TrainConfig(
+        global_batch_size=64, max_steps=2000, ema_decay=0.999, log_every=50,
+        ckpt_every=500, sample_every=500,
+    )
+    cfg.sample = SampleConfig(mode="ode", num_steps=50, num_samples=40, batch_size=40)
+    cfg.eval = EvalConfig(num_samples=1000)
+    return cfg
+
+
+def _build_presets() -> dict:
+    presets = {"toy": _toy}
+    for size in ("B", "L", "XL"):
+        # the paper pairs /2 with f8d4 and /1 with f16d32: both give 16x16 tokens = DINOv2's grid at 256
+        for patch, vae in ((2, "f8d4"), (1, "f16d32")):
+            arch = f"SiT-{size}/{patch}"
+            presets[f"sit-{size.lower()}{patch}-{vae}"] = (lambda a=arch, v=vae: _paper(a, v))
+    return presets
+
+
+PRESETS = _build_presets()
+
+
+def preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ------------------------------------------------------------------- load and merge
+
+
+def load_config(
+    preset_name: Optional[str] = "toy",
+    files: Sequence[str | os.PathLike] = (),
+    overrides: Sequence[str] = (),
+    world_size: Optional[int] = None,
+) -> RunConfig:
+    """Preset, then YAML files in order, then `a.b=value` overrides; validated.
+
+    Raises ConfigError naming the offending key, file or value.
+    """
+    base = preset(preset_name) if preset_name else RunConfig()
+    merged = OmegaConf.structured(base)
+    for path in files:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at top level")
+        merged = _merge(merged, OmegaConf.create(data), f"file {path}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg, world_size=world_size)
+    return cfg
+
+
+def _merge(base, other, where: str):
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"{where}: bad key {key!r}: {reason}" if key else f"{where}: {reason}") from None
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """Plain data (dicts, lists, str, numbers) for saving with a run or a checkpoint."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> RunConfig:
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(data))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------ validation
+
+_CHOICES = {
+    "model.attention": ("auto", "sdpa", "math"),
+    "flow.path_type": ("linear", "cosine"),
+    "flow.prediction": ("v",),
+    "flow.time_sampling": ("uniform", "lognormal"),
+    "loss.recon_type": ("l1", "mse"),
+    "data.source": ("toy", "folder", "imagenet", "packed"),
+    "train.precision": ("bf16", "fp32"),
+    "sample.mode": ("ode", "sde"),
+    "eval.label_sampling": ("balanced", "uniform"),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
+    """Reject impossible combinations before anything runs. Raises ConfigError."""
+    from repae.models.encoders import encoder_spec  # late: encoders import config
+
+    errors: List[str] = []
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            errors.append(f"{key}={_get(cfg, key)!r} must be one of {choices}")
+
+    depth, hidden, heads, patch = sit_dims(cfg.model)
+    if hidden % heads:
+        errors.append(f"model: hidden_size {hidden} is not divisible by num_heads {heads}")
+    if not 1 <= cfg.model.encoder_depth <= depth:
+        errors.append(f"model.encoder_depth={cfg.model.encoder_depth} must be in [1, SiT depth {depth}]")
+    if cfg.model.num_classes < 1:
+        errors.append("model.num_classes must be >= 1")
+
+    factor = vae_downsample_factor(cfg.vae)
+    size = cfg.data.image_size
+    if size % factor:
+        errors.append(f"data.image_size={size} is not divisible by the VAE downsampling factor {factor}")
+    elif (size // factor) % patch:
+        errors.append(f"latent size {size // factor} is not divisible by the SiT patch size {patch}")
+    else:
+        grid = size // factor // patch
+        if cfg.loss.proj_coeff > 0 or cfg.loss.vae_align_proj_coeff > 0:
+            if cfg.encoder.paths and len(cfg.encoder.paths) != len(cfg.encoder.names):
+                errors.append("encoder.paths must give one path per encoder name (or none)")
+            for name in cfg.encoder.names:
+                try:
+                    spec = encoder_spec(name)
+                except KeyError as err:
+                    errors.append(str(err.args[0]))
+                    continue
+                enc_grid = spec.token_grid(size)
+                if enc_grid != grid:
+                    errors.append(
+                        f"SiT token grid {grid}x{grid} (image {size} / VAE f{factor} / patch {patch}) "
+                        f"!= encoder {name!r} patch grid {enc_grid}x{enc_grid}"
+                    )
+
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = world * cfg.train.grad_accum_steps
+    if cfg.train.global_batch_size % per_step:
+        errors.append(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
+            f"world size {world} x grad_accum_steps {cfg.train.grad_accum_steps}"
+        )
+    if not 0 <= cfg.sample.guidance_low <= cfg.sample.guidance_high <= 1:
+        errors.append("need 0 <= sample.guidance_low <= sample.guidance_high <= 1")
+    if cfg.sample.num_steps < 1:
+        errors.append("sample.num_steps must be >= 1")
+    if not 0 <= cfg.model.class_dropout_prob < 1:
+        errors.append("model.class_dropout_prob must be in [0, 1)")
+    if cfg.sample.cfg_scale != 1.0 and cfg.model.class_dropout_prob == 0:
+        errors.append("sample.cfg_scale != 1 needs a null class: model.class_dropout_prob > 0")
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))

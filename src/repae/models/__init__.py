@@ -1,0 +1,1 @@
+"""Model code: networks only; no losses, no training loop."""

@@ -1,0 +1,90 @@
+import pytest
+import yaml
+
+from repae.build import build_sit, build_vae, sit_args
+from repae.config import PRESETS, ConfigError, from_dict, load_config, preset, save_config, to_dict
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_validates(name):
+    load_config(name)
+
+
+def test_paper_preset_matches_the_recipe():
+    cfg = load_config("sit-xl2-f8d4")
+    assert (cfg.model.arch, cfg.vae.arch, cfg.encoder.names, cfg.model.encoder_depth) == (
+        "SiT-XL/2", "f8d4", ["dinov2-vit-b"], 8)
+    assert (cfg.loss.proj_coeff, cfg.loss.vae_align_proj_coeff) == (0.5, 1.5)
+    assert (cfg.train.global_batch_size, cfg.train.max_steps, cfg.train.ema_decay) == (256, 400_000, 0.9999)
+    assert (cfg.optim_sit.lr, cfg.optim_vae.lr, cfg.optim_disc.lr) == (1e-4, 1e-4, 1e-4)
+    args = sit_args(cfg)
+    assert (args.input_size, args.patch_size, args.depth, args.hidden_size, list(args.z_dims)) == (32, 2, 28, 1152, [768])
+    f16 = sit_args(load_config("sit-xl1-f16d32"))
+    assert (f16.input_size, f16.patch_size, f16.in_channels) == (16, 1, 32)
+
+
+def test_overrides_are_typed():
+    cfg = load_config("toy", overrides=["sample.cfg_scale=4", "model.qk_norm=true", "encoder.names=[toy-teacher]"])
+    assert cfg.sample.cfg_scale == 4.0 and cfg.model.qk_norm is True
+    with pytest.raises(ConfigError, match="model.depth"):
+        load_config("toy", overrides=["model.depth=deep"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("modle.depth=3", "modle"),
+    ("model.dpth=3", "dpth"),
+    ("data.image_size=30", "not divisible by the VAE downsampling factor 4"),
+    ("model.encoder_depth=7", r"encoder_depth=7 must be in \[1, SiT depth 6\]"),
+    ("model.arch=SiT-T/2", "SiT token grid 4x4 .* != encoder 'toy-teacher' patch grid 8x8"),
+    ("train.grad_accum_steps=5", "not divisible by world size 1 x grad_accum_steps 5"),
+    ("flow.path_type=edm", "flow.path_type='edm' must be one of"),
+    ("encoder.names=[dinov7]", "unknown encoder 'dinov7'"),
+    ("model.arch=ViT-B/2", "not a SiT architecture"),
+    ("sample.guidance_low=-0.1", "guidance_low <= sample.guidance_high"),
+    ("sample.cfg_scale=2", "needs a null class"),
+])
+def test_impossible_configs_are_clear_errors(override, message):
+    extra = ["model.class_dropout_prob=0"] if "cfg_scale" in override else []
+    with pytest.raises(ConfigError, match=message):
+        load_config("toy", overrides=[override] + extra)
+
+
+def test_batch_must_divide_world_size():
+    load_config("toy", world_size=2)
+    with pytest.raises(ConfigError, match="world size 3"):
+        load_config("toy", world_size=3)
+
+
+def test_yaml_files_merge_in_order_then_overrides(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("train:\n  max_steps: 10\n  seed: 3\n")
+    b.write_text("train:\n  max_steps: 20\n")
+    cfg = load_config("toy", [a, b], ["train.seed=5"])
+    assert (cfg.train.max_steps, cfg.train.seed) == (20, 5)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("toy", [tmp_path / "missing.yaml"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {max_steps: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config("toy", [bad])
+
+
+def test_saved_config_is_plain_data_and_reloads_equal(tmp_path):
+    cfg = load_config("toy", overrides=["train.seed=9"])
+    save_config(cfg, tmp_path / "config.yaml")
+    data = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert data["train"]["seed"] == 9
+    assert from_dict(data) == cfg
+    assert to_dict(load_config(None, [tmp_path / "config.yaml"])) == to_dict(cfg)
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ConfigError, match="toy"):
+        preset("sit-huge")
+
+
+def test_toy_models_build_with_matching_shapes():
+    cfg = load_config("toy")
+    sit, vae = build_sit(cfg), build_vae(cfg)
+    assert sit.args.input_size * vae.downsample_factor == cfg.data.image_size
+    assert sit.args.in_channels == vae.z_channels
