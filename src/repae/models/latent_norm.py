@@ -1,0 +1,101 @@
+"""The latent normaliser of REPA-E: a BatchNorm2d without affine parameters.
+
+Its running mean/var start from the VAE's latent statistics. During end-to-end training
+the SiT pass runs it in train mode (batch statistics, running stats follow the changing
+latent space); the VAE alignment pass runs it in eval mode (running stats, no update).
+Sampling happens in normalised space and `denormalize` maps back before decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from repae.pixels import to_vae_range
+
+
+class LatentNorm(nn.BatchNorm2d):
+    """BatchNorm2d(C, eps, momentum, affine=False) with normalise/denormalise helpers.
+
+    State-dict keys are BatchNorm2d's (running_mean, running_var, num_batches_tracked), so
+    inside a SiT as `bn` they match the official REPA-E checkpoints.
+    """
+
+    def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-4):
+        super().__init__(channels, eps=eps, momentum=momentum, affine=False, track_running_stats=True)
+
+    @torch.no_grad()
+    def init_from_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Set running stats from per-channel latent mean and variance (any shape with C elements)."""
+        self.running_mean.copy_(mean.reshape(-1).to(self.running_mean))
+        self.running_var.copy_(var.reshape(-1).to(self.running_var))
+
+    @torch.no_grad()
+    def init_from_scale_bias(self, latents_scale: torch.Tensor, latents_bias: torch.Tensor) -> None:
+        """Official `*-latents-stats.pt` convention: scale = 1/std, bias = mean."""
+        self.init_from_stats(latents_bias, latents_scale.reshape(-1).double().pow(-2).float())
+
+    def scale_bias(self) -> dict:
+        """Statistics in the official convention: {'latents_scale': 1/sqrt(var), 'latents_bias': mean}, [1,C,1,1]."""
+        c = self.num_features
+        return {
+            "latents_scale": self.running_var.rsqrt().reshape(1, c, 1, 1).clone(),
+            "latents_bias": self.running_mean.reshape(1, c, 1, 1).clone(),
+        }
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # [B,C,H,W] -> [B,C,H,W]
+        # Statistics in fp32 even under autocast: running stats must not drift in bf16.
+        with torch.autocast(z.device.type, enabled=False):
+            return super().forward(z.float())
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Running-stats normalisation (no update), whatever the module's mode. [B,C,H,W]."""
+        mean, std = self._mean_std(z)
+        return (z.float() - mean) / std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Exact inverse of `normalize` (sqrt(var + eps), not sqrt(var)). [B,C,H,W]."""
+        mean, std = self._mean_std(z)
+        return z.float() * std + mean
+
+    def _mean_std(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, self.num_features) + (1,) * (z.dim() - 2)
+        mean = self.running_mean.float().reshape(shape)
+        std = (self.running_var.float() + self.eps).sqrt().reshape(shape)
+        return mean, std
+
+
+@torch.no_grad()
+def measure_latent_stats(
+    vae,
+    batches: Iterable,
+    max_batches: Optional[int] = None,
+    sample_posterior: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and variance of latents over a data loader, in float64.
+
+    vae: an AutoencoderKL (anything with `encode(x[-1,1]) -> DiagonalGaussian`).
+    batches: uint8 images [B,3,H,W], or (images, labels) tuples.
+    Returns (mean [C], var [C]) in float32; var is the population variance over B,H,W.
+    """
+    total = sq_total = None
+    count = 0
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        device = next(vae.parameters()).device
+        posterior = vae.encode(to_vae_range(images.to(device)))
+        z = (posterior.sample() if sample_posterior else posterior.mode()).double()
+        s = z.sum(dim=(0, 2, 3))
+        sq = z.pow(2).sum(dim=(0, 2, 3))
+        total = s if total is None else total + s
+        sq_total = sq if sq_total is None else sq_total + sq
+        count += z.numel() // z.shape[1]
+    if count == 0:
+        raise ValueError("measure_latent_stats: the data loader yielded no batches")
+    mean = total / count
+    var = (sq_total / count - mean.pow(2)).clamp_min(0)
+    return mean.float(), var.float()

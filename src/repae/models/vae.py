@@ -1,0 +1,239 @@
+"""LDM AutoencoderKL with a diagonal Gaussian posterior.
+
+Key names equal the official REPA-E `.pt` files (which follow CompVis latent-diffusion):
+`encoder.conv_in`, `encoder.down.L.block.J.{norm1,conv1,norm2,conv2,nin_shortcut}`,
+`encoder.down.L.attn.J.{norm,q,k,v,proj_out}`, `encoder.down.L.downsample.conv`,
+`encoder.mid.{block_1,attn_1,block_2}`, `encoder.{norm_out,conv_out}`, `quant_conv`,
+`post_quant_conv`, and the mirror image under `decoder.` with `up.L.upsample.conv`.
+Images are in [-1,1] (see repae.pixels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class VAEArgs:
+    ch: int = 128
+    ch_mult: Sequence[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    attn_resolutions: Sequence[int] = field(default_factory=lambda: [16])
+    resolution: int = 256  # LDM convention: places attention blocks, not the image size
+    norm_groups: int = 32
+    in_channels: int = 3
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def attn_levels(self) -> List[bool]:
+        """Whether each resolution level has attention blocks (same rule in encoder and decoder)."""
+        return [self.resolution // 2**i in self.attn_resolutions for i in range(len(self.ch_mult))]
+
+
+class DiagonalGaussian:
+    """Posterior N(mean, exp(logvar)) over latents; moments [B,2C,H,W] split on channels."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:  # [B,C,H,W]
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0,I)) summed over C,H,W, in fp32: [B]."""
+        mean, logvar = self.mean.float(), self.logvar.float()
+        return 0.5 * torch.sum(mean.pow(2) + logvar.exp() - 1.0 - logvar, dim=[1, 2, 3])
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, groups: int):
+        super().__init__()
+        self.norm1 = _norm(in_ch, groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = _norm(out_ch, groups)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return skip + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention with 1x1-conv q/k/v/proj_out."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = _norm(channels, groups)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        hn = self.norm(x)
+        q, k, v = (conv(hn).reshape(b, 1, c, h * w).transpose(-1, -2) for conv in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)  # scale c^-0.5, as in LDM
+        return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # LDM's asymmetric padding
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """One resolution level: `block` ResnetBlocks, `attn` blocks, optional resampler."""
+
+    def __init__(self, blocks: List[nn.Module], attns: List[nn.Module]):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList(attns)
+
+    def run(self, h: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn):
+                h = self.attn[i](h)
+        return h
+
+
+class _Mid(nn.Module):
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
+class Encoder(nn.Module):
+    """[B,3,H,W] -> moments [B, 2*z, H/f, W/f] (before quant_conv)."""
+
+    def __init__(self, a: VAEArgs):
+        super().__init__()
+        g, attn = a.norm_groups, a.attn_levels()
+        self.conv_in = nn.Conv2d(a.in_channels, a.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        block_in = a.ch
+        for level, mult in enumerate(a.ch_mult):
+            block_out = a.ch * mult
+            blocks = [ResnetBlock(block_in if j == 0 else block_out, block_out, g) for j in range(a.num_res_blocks)]
+            attns = [AttnBlock(block_out, g) for _ in range(a.num_res_blocks)] if attn[level] else []
+            stage = _Level(blocks, attns)
+            if level != len(a.ch_mult) - 1:
+                stage.downsample = Downsample(block_out)
+            self.down.append(stage)
+            block_in = block_out
+        self.mid = _Mid(block_in, g)
+        self.norm_out = _norm(block_in, g)
+        self.conv_out = nn.Conv2d(block_in, 2 * a.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for stage in self.down:
+            h = stage.run(h)
+            if hasattr(stage, "downsample"):
+                h = stage.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """z [B,z,h,w] (after post_quant_conv) -> [B,3,h*f,w*f]."""
+
+    def __init__(self, a: VAEArgs):
+        super().__init__()
+        g, attn = a.norm_groups, a.attn_levels()
+        block_in = a.ch * a.ch_mult[-1]
+        self.conv_in = nn.Conv2d(a.z_channels, block_in, 3, padding=1)
+        self.mid = _Mid(block_in, g)
+        levels: List[_Level] = []
+        for level in reversed(range(len(a.ch_mult))):
+            block_out = a.ch * a.ch_mult[level]
+            blocks = [ResnetBlock(block_in if j == 0 else block_out, block_out, g) for j in range(a.num_res_blocks + 1)]
+            attns = [AttnBlock(block_out, g) for _ in range(a.num_res_blocks + 1)] if attn[level] else []
+            stage = _Level(blocks, attns)
+            if level != 0:
+                stage.upsample = Upsample(block_out)
+            levels.insert(0, stage)  # up[0] is the finest level, as in LDM
+            block_in = block_out
+        self.up = nn.ModuleList(levels)
+        self.norm_out = _norm(block_in, g)
+        self.conv_out = nn.Conv2d(block_in, 3, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for stage in reversed(self.up):
+            h = stage.run(h)
+            if hasattr(stage, "upsample"):
+                h = stage.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoencoderKL(nn.Module):
+    """x [-1,1] -> posterior over z -> reconstruction; z is *unnormalised* (raw VAE latent)."""
+
+    def __init__(self, args: VAEArgs):
+        super().__init__()
+        self.args = args
+        self.encoder = Encoder(args)
+        self.decoder = Decoder(args)
+        self.quant_conv = nn.Conv2d(2 * args.z_channels, 2 * args.z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(args.z_channels, args.z_channels, 1)
+
+    @property
+    def z_channels(self) -> int:
+        return self.args.z_channels
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.args.downsample_factor
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:  # [B,3,H,W] -> posterior over [B,z,H/f,W/f]
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:  # [B,z,h,w] -> [B,3,h*f,w*f]
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        """Returns (posterior, z sample, reconstruction)."""
+        posterior = self.encode(x)
+        z = posterior.sample(generator)
+        return posterior, z, self.decode(z)

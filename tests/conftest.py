@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from repae.models.sit import SiT, SiTArgs
+from repae.models.vae import AutoencoderKL, VAEArgs
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_sit_args(**kw) -> SiTArgs:
+    base = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=4, num_heads=4,
+                num_classes=10, z_dims=[32, 48], projector_dim=96, encoder_depth=2)
+    base.update(kw)
+    return SiTArgs(**base)
+
+
+def tiny_vae_args(**kw) -> VAEArgs:
+    base = dict(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=4, attn_resolutions=[], norm_groups=8)
+    base.update(kw)
+    return VAEArgs(**base)
+
+
+def randomize(module: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
+    """Non-zero weights everywhere (SiT zero-inits its output layers, which would hide bugs)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, scale)
+    return module
+
+
+@pytest.fixture
+def tiny_sit() -> SiT:
+    return randomize(SiT(tiny_sit_args())).eval()
+
+
+@pytest.fixture
+def tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(tiny_vae_args()).eval()

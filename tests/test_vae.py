@@ -1,0 +1,125 @@
+import pytest
+import torch
+
+from repae.models.vae import AutoencoderKL, DiagonalGaussian, VAEArgs
+from repae.weights import load_latent_stats, load_model, save_model, vae_args_from_state
+from conftest import randomize, tiny_vae_args
+
+
+def official_ldm_vae_keys(ch, ch_mult, nrb, z, attn_levels):
+    """Key -> shape of a CompVis/REPA-E AutoencoderKL, written from that code's structure."""
+    keys = {}
+
+    def conv(name, cin, cout, k):
+        keys[name + ".weight"], keys[name + ".bias"] = (cout, cin, k, k), (cout,)
+
+    def norm(name, c):
+        keys[name + ".weight"], keys[name + ".bias"] = (c,), (c,)
+
+    def resnet(name, cin, cout):
+        norm(name + ".norm1", cin); conv(name + ".conv1", cin, cout, 3)
+        norm(name + ".norm2", cout); conv(name + ".conv2", cout, cout, 3)
+        if cin != cout:
+            conv(name + ".nin_shortcut", cin, cout, 1)
+
+    def attn(name, c):
+        norm(name + ".norm", c)
+        for part in ("q", "k", "v", "proj_out"):
+            conv(f"{name}.{part}", c, c, 1)
+
+    def mid(side, c):
+        resnet(f"{side}.mid.block_1", c, c); attn(f"{side}.mid.attn_1", c); resnet(f"{side}.mid.block_2", c, c)
+
+    conv("encoder.conv_in", 3, ch, 3)
+    cin = ch
+    for i, m in enumerate(ch_mult):
+        for j in range(nrb):
+            resnet(f"encoder.down.{i}.block.{j}", cin, ch * m)
+            cin = ch * m
+            if attn_levels[i]:
+                attn(f"encoder.down.{i}.attn.{j}", cin)
+        if i != len(ch_mult) - 1:
+            conv(f"encoder.down.{i}.downsample.conv", cin, cin, 3)
+    mid("encoder", cin); norm("encoder.norm_out", cin); conv("encoder.conv_out", cin, 2 * z, 3)
+    conv("quant_conv", 2 * z, 2 * z, 1); conv("post_quant_conv", z, z, 1)
+    cin = ch * ch_mult[-1]
+    conv("decoder.conv_in", z, cin, 3); mid("decoder", cin)
+    for i in reversed(range(len(ch_mult))):
+        for j in range(nrb + 1):
+            resnet(f"decoder.up.{i}.block.{j}", cin, ch * ch_mult[i])
+            cin = ch * ch_mult[i]
+            if attn_levels[i]:
+                attn(f"decoder.up.{i}.attn.{j}", cin)
+        if i != 0:
+            conv(f"decoder.up.{i}.upsample.conv", cin, cin, 3)
+    norm("decoder.norm_out", cin); conv("decoder.conv_out", cin, 3, 3)
+    return keys
+
+
+@pytest.mark.parametrize("name,ch_mult,z,attn", [
+    ("f8d4", [1, 2, 4, 4], 4, [False] * 4),
+    ("f16d32", [1, 1, 2, 2, 4], 32, [False, False, False, False, True]),  # attention at 16px of 256
+])
+def test_paper_vae_keys_equal_official_layout(name, ch_mult, z, attn):
+    with torch.device("meta"):
+        ours = AutoencoderKL(VAEArgs(ch=128, ch_mult=ch_mult, num_res_blocks=2, z_channels=z)).state_dict()
+    official = official_ldm_vae_keys(128, ch_mult, 2, z, attn)
+    assert set(ours) == set(official)
+    assert all(tuple(ours[k].shape) == official[k] for k in ours)
+
+
+def test_official_pt_state_dict_loads_strictly_and_layout_is_inferred(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=g) * 0.05
+             for k, s in official_ldm_vae_keys(32, [1, 2, 2], 1, 4, [False, False, True]).items()}
+    torch.save(state, tmp_path / "vae.pt")
+    vae = load_model(tmp_path / "vae.pt", kind="vae")
+    assert (vae.args.ch, list(vae.args.ch_mult), vae.args.num_res_blocks, vae.args.z_channels) == (32, [1, 2, 2], 1, 4)
+    assert vae.args.attn_levels() == [False, False, True]
+    assert all(torch.equal(v, state[k]) for k, v in vae.state_dict().items())
+
+
+def test_full_repae_checkpoint_yields_its_vae(tmp_path, tiny_vae):
+    torch.save({"vae": tiny_vae.state_dict(), "ema": {}, "model": {}}, tmp_path / "ckpt.pt")
+    vae = load_model(tmp_path / "ckpt.pt", kind="vae", args=tiny_vae.args)
+    assert all(torch.equal(v, tiny_vae.state_dict()[k]) for k, v in vae.state_dict().items())
+
+
+def test_safetensors_round_trip_decodes_bit_identically(tmp_path):
+    vae = randomize(AutoencoderKL(tiny_vae_args(attn_resolutions=[64])), 0.02).eval()
+    loaded = load_model(save_model(vae, tmp_path / "vae.safetensors")).eval()
+    z = torch.randn(2, 4, 8, 8)
+    assert torch.equal(vae.decode(z), loaded.decode(z))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(vae.encode(x).mean, loaded.encode(x).mean)
+
+
+def test_shapes_and_downsampling():
+    vae = AutoencoderKL(tiny_vae_args())
+    posterior, z, recon = vae(torch.zeros(2, 3, 32, 32))
+    assert z.shape == (2, 4, 8, 8) and recon.shape == (2, 3, 32, 32) and vae.downsample_factor == 4
+
+
+def test_kl_of_standard_normal_is_zero_and_matches_closed_form():
+    zero = DiagonalGaussian(torch.zeros(2, 8, 3, 3))  # mean 0, logvar 0
+    assert torch.equal(zero.kl(), torch.zeros(2))
+    moments = torch.randn(2, 8, 3, 3)
+    mean, logvar = moments.chunk(2, dim=1)
+    q = torch.distributions.Normal(mean, (0.5 * logvar).exp())
+    p = torch.distributions.Normal(torch.zeros_like(mean), torch.ones_like(mean))
+    expected = torch.distributions.kl_divergence(q, p).sum(dim=[1, 2, 3])
+    torch.testing.assert_close(DiagonalGaussian(moments).kl(), expected)
+
+
+def test_official_latent_stats_file(tmp_path):
+    mean, std = torch.tensor([0.1, -0.2, 0.3, 0.0]), torch.tensor([2.0, 4.0, 5.0, 1.0])
+    torch.save({"latents_scale": (1 / std).view(1, 4, 1, 1), "latents_bias": mean.view(1, 4, 1, 1)},
+               tmp_path / "sdvae-f8d4-latents-stats.pt")
+    m, v = load_latent_stats(tmp_path / "sdvae-f8d4-latents-stats.pt")
+    torch.testing.assert_close(m, mean)
+    torch.testing.assert_close(v, std**2)
+
+
+def test_layout_inference_from_state():
+    args = vae_args_from_state(AutoencoderKL(tiny_vae_args(attn_resolutions=[128])).state_dict())
+    assert args.attn_levels() == [False, True, False]
