@@ -1,0 +1,67 @@
+"""Bad input gives one clear error naming the path or the key."""
+
+import pytest
+import torch
+
+from repae.models.sit import SiT
+from repae.weights import CheckpointError, load_model, load_strict, read_file, save_model
+from conftest import tiny_sit_args
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(CheckpointError, match="not found: .*nowhere.pt"):
+        load_model(tmp_path / "nowhere.pt")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_truncated_file_names_the_path(tmp_path, suffix):
+    model = SiT(tiny_sit_args())
+    path = tmp_path / f"sit{suffix}"
+    if suffix == ".pt":
+        torch.save(model.state_dict(), path)
+    else:
+        save_model(model, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"cannot read .*sit{suffix}"):
+        load_model(path, kind="sit")
+
+
+def test_wrong_shaped_tensor_names_the_key(tmp_path):
+    model = SiT(tiny_sit_args())
+    state = model.state_dict()
+    state["blocks.1.attn.proj.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError, match=r"wrong shapes: blocks\.1\.attn\.proj\.weight: file \(3, 3\)"):
+        load_strict(SiT(tiny_sit_args()), state, "x.pt")
+
+
+def test_missing_and_unexpected_keys_are_named():
+    state = SiT(tiny_sit_args()).state_dict()
+    del state["final_layer.linear.bias"]
+    state["head.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError) as err:
+        load_strict(SiT(tiny_sit_args()), state, "ckpt.pt")
+    assert "missing keys: final_layer.linear.bias" in str(err.value)
+    assert "unexpected keys: head.weight" in str(err.value)
+    assert "ckpt.pt" in str(err.value)
+
+
+def test_wrong_model_kind_is_named(tmp_path):
+    torch.save({"encoder.conv_in.weight": torch.zeros(1)}, tmp_path / "vae.pt")
+    with pytest.raises(CheckpointError, match="not a SiT state dict: missing key 'x_embedder.proj.weight'"):
+        load_model(tmp_path / "vae.pt", kind="sit")
+
+
+class Payload:
+    """Stands in for any pickled object that could run code when constructed."""
+
+
+def test_pickles_outside_the_allow_list_are_refused(tmp_path):
+    torch.save({"model": {}, "extra": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="allow-list"):
+        read_file(tmp_path / "evil.pt")
+
+
+def test_directory_that_is_not_a_diffusers_vae(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_model(tmp_path)
