@@ -151,3 +151,19 @@ def test_bad_shapes_are_rejected():
         SiT(tiny_sit_args(input_size=7))
     with pytest.raises(ValueError, match="encoder_depth"):
         SiT(tiny_sit_args(encoder_depth=5))
+
+
+@pytest.mark.parametrize("size,depth,hidden,heads", [("S", 12, 384, 6), ("B", 12, 768, 12), ("L", 24, 1024, 16),
+                                                     ("XL", 28, 1152, 16)])
+@pytest.mark.parametrize("patch", [1, 2, 4, 8])
+def test_all_paper_sizes_build_with_official_shapes(size, depth, hidden, heads, patch):
+    from repae.build import sit_args
+    from repae.config import load_config
+
+    cfg = load_config("sit-xl2-f8d4", overrides=[f"model.arch=SiT-{size}/{patch}", "encoder.names=[]"])
+    with torch.device("meta"):
+        model = SiT(sit_args(cfg, z_dims=[768]))
+    state = model.state_dict()
+    assert len(model.blocks) == depth and state["x_embedder.proj.weight"].shape == (hidden, 4, patch, patch)
+    assert model.blocks[0].attn.num_heads == heads
+    assert state["pos_embed"].shape == (1, (32 // patch) ** 2, hidden)

@@ -36,3 +36,23 @@ def test_import_diffusers_directory_made_by_diffusers(tmp_path):
     z = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(ours.decode(z), theirs.decode(z).sample, atol=1e-5, rtol=1e-4)
+
+
+def test_adapter_wraps_any_diffusers_vae_for_end_to_end_tuning():
+    from repae.models.vae_diffusers import DiffusersVAEAdapter
+
+    # a FLUX-like layout: 16 latent channels, no quant convs
+    theirs = diffusers.AutoencoderKL(
+        block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=16,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+    vae = DiffusersVAEAdapter(theirs)
+    assert (vae.z_channels, vae.downsample_factor) == (16, 2)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    posterior = vae.encode(x)
+    torch.testing.assert_close(posterior.mean, theirs.encode(x).latent_dist.mean)
+    _, z, recon = vae(x)
+    assert z.shape == (2, 16, 8, 8)
+    (recon.pow(2).mean() + posterior.kl().mean()).backward()
+    assert theirs.encoder.conv_in.weight.grad is not None and theirs.decoder.conv_out.weight.grad is not None

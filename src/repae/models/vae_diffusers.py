@@ -151,3 +151,41 @@ def export_diffusers(vae: AutoencoderKL, directory: str | Path, latents_mean: Op
     config = diffusers_config(vae.args, latents_mean, latents_std, sample_size)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return directory
+
+
+class DiffusersVAEAdapter(torch.nn.Module):
+    """Any diffusers AutoencoderKL (SD, SDXL, FLUX's 16-channel VAE, ...) behind our VAE interface,
+    so it can be tuned end to end: `encode(x) -> DiagonalGaussian`, `decode(z) -> pixels`, both in
+    [-1,1] and on raw (unscaled) latents; latent statistics come from the latent BatchNorm.
+    Its parameters are diffusers' own, so save it with `vae.save_pretrained(...)`."""
+
+    def __init__(self, vae: "torch.nn.Module"):
+        super().__init__()
+        self.vae = vae
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> "DiffusersVAEAdapter":
+        import diffusers
+
+        return cls(diffusers.AutoencoderKL.from_pretrained(path, **kwargs))
+
+    @property
+    def z_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def encode(self, x: torch.Tensor):  # [B,3,H,W] -> posterior over [B,z,H/f,W/f]
+        from repae.models.vae import DiagonalGaussian
+
+        return DiagonalGaussian(self.vae.encode(x).latent_dist.parameters)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:  # [B,z,h,w] -> [B,3,h*f,w*f]
+        return self.vae.decode(z).sample
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        posterior = self.encode(x)
+        z = posterior.sample(generator)
+        return posterior, z, self.decode(z)
