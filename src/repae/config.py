@@ -98,10 +98,22 @@ class LossConfig:
     kl_weight: float = 1e-6
     gan_weight: float = 0.1
     gan_start_step: int = 0
-    gan_adaptive_weight: bool = False
-    lpips_path: Optional[str] = None
-    vgg_path: Optional[str] = None
-    discriminator_path: Optional[str] = None
+    gan_adaptive_weight: bool = False  # scale GAN term by |grad rec| / |grad gan| at the decoder's last layer
+    disc_ndf: int = 64
+    disc_layers: int = 3
+    lecam_weight: float = 0.0  # LeCam regulariser on the discriminator (0 = off, as in REPA-E)
+    lecam_ema_decay: float = 0.999
+    lpips_path: Optional[str] = None  # LPIPS v0.1 linear heads (vgg.pth)
+    vgg_path: Optional[str] = None  # torchvision VGG16 ImageNet weights (vgg16-397923af.pth)
+    discriminator_path: Optional[str] = None  # official *-discriminator-ckpt.pt or ours
+    # Related-work regularisers for VAE tuning, all off by default:
+    vf_weight: float = 0.0  # VA-VAE vision-foundation alignment of latents (paper: 0.1)
+    vf_margin_cos: float = 0.5  # m1
+    vf_margin_dist: float = 0.25  # m2
+    vf_adaptive: bool = True  # times |grad rec| / |grad vf| at the encoder's last layer
+    eq_weight: float = 0.0  # EQ-VAE: decode(T z) ~ T x for random rotations / scalings
+    scale_eq_weight: float = 0.0  # scale equivariance: decode(down_s z) ~ down_s x
+    scale_eq_factors: List[int] = field(default_factory=lambda: [2, 4])
 
 
 @dataclass
@@ -273,6 +285,8 @@ def _toy() -> RunConfig:
     cfg.vae = VAEConfig(arch="toy-f4d4")
     cfg.encoder = EncoderConfig(names=["toy-teacher"])
     cfg.data = DataConfig(source="toy", image_size=32, num_workers=0)
+    # no LPIPS in the toy world: its VGG16 weights cannot be downloaded here (explicit, not silent)
+    cfg.loss.lpips_weight = 0.0
     cfg.train = TrainConfig(
         global_batch_size=64, max_steps=2000, ema_decay=0.999, log_every=50,
         ckpt_every=500, sample_every=500,
