@@ -1,0 +1,108 @@
+"""The toy world's dataset: 10 classes of coloured shapes on varied backgrounds, 32x32 RGB.
+
+Image i is a pure function of (seed, i): class = i mod 10 (so any contiguous range is
+class-balanced), and colour, size, position, rotation and background come from a
+generator seeded by (seed, i). Shapes are rasterised at 4x and averaged down, so edges
+are anti-aliased. No two classes are rotations of each other, so rotation is a nuisance
+variable, not a class cue.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from typing import Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+CLASSES = ("circle", "square", "triangle", "plus", "ring", "star", "semicircle", "crescent", "L-shape", "bar")
+_SUPER = 4  # supersampling factor for anti-aliasing
+
+
+def _mask(kind: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Inside-test of class `kind` in its own frame (unit size, centred). u, v: [H,W]."""
+    r = np.hypot(u, v)
+    if kind == 0:
+        return r <= 1.0
+    if kind == 1:
+        return np.maximum(abs(u), abs(v)) <= 0.8
+    if kind == 2:  # equilateral triangle with circumradius 1
+        return (v >= -0.5) & (np.sqrt(3) * u + v <= 1.0) & (-np.sqrt(3) * u + v <= 1.0)
+    if kind == 3:
+        return ((abs(u) <= 0.3) & (abs(v) <= 1.0)) | ((abs(v) <= 0.3) & (abs(u) <= 1.0))
+    if kind == 4:
+        return (r <= 1.0) & (r >= 0.55)
+    if kind == 5:  # five-pointed star: radius oscillates between 0.45 and 1
+        theta = np.arctan2(v, u)
+        frac = np.abs(((theta / (2 * np.pi / 5)) % 1.0) - 0.5) * 2  # 1 at a point, 0 between points
+        return r <= 0.45 + 0.55 * frac**2
+    if kind == 6:
+        return (r <= 1.0) & (v >= 0)
+    if kind == 7:
+        return (r <= 1.0) & (np.hypot(u - 0.45, v) > 0.75)
+    if kind == 8:
+        return ((abs(u + 0.55) <= 0.3) & (abs(v) <= 1.0)) | ((abs(v - 0.7) <= 0.3) & (u >= -0.85) & (u <= 0.8))
+    if kind == 9:
+        return (abs(u) <= 1.05) & (abs(v) <= 0.35)
+    raise ValueError(f"no toy class {kind}")
+
+
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32)
+
+
+def render(index: int, seed: int = 0, size: int = 32) -> Tuple[np.ndarray, int]:
+    """Image `index` of the toy world: (uint8 [size,size,3], label)."""
+    label = index % len(CLASSES)
+    rng = np.random.default_rng([seed, index])
+    n = size * _SUPER
+    ys, xs = np.mgrid[0:n, 0:n].astype(np.float32) / n  # [0,1) coordinates
+    # background: a linear gradient between two colours in a random direction, plus faint noise
+    bg_hue = rng.random()
+    bg_val = rng.uniform(0.1, 0.45) if rng.random() < 0.5 else rng.uniform(0.65, 0.95)
+    c0 = _hsv(bg_hue, rng.uniform(0.0, 0.6), bg_val)
+    c1 = _hsv(bg_hue + rng.uniform(-0.15, 0.15), rng.uniform(0.0, 0.6), np.clip(bg_val + rng.uniform(-0.15, 0.15), 0, 1))
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * (xs - 0.5) + np.sin(angle) * (ys - 0.5) + 0.71) / 1.42
+    image = c0 * (1 - ramp[..., None]) + c1 * ramp[..., None]
+    # shape: its own hue, value far from the background's so it always stands out
+    fg_val = rng.uniform(0.75, 1.0) if bg_val < 0.5 else rng.uniform(0.05, 0.35)
+    fg = _hsv(bg_hue + rng.uniform(0.25, 0.75), rng.uniform(0.55, 1.0), fg_val)
+    radius = rng.uniform(0.24, 0.4)
+    cx, cy = rng.uniform(radius, 1 - radius, size=2)
+    rot = rng.uniform(0, 2 * np.pi)
+    dx, dy = (xs - cx) / radius, (ys - cy) / radius
+    u = np.cos(rot) * dx + np.sin(rot) * dy
+    v = -np.sin(rot) * dx + np.cos(rot) * dy
+    inside = _mask(label, u, -v).astype(np.float32)[..., None]
+    image = image * (1 - inside) + fg * inside
+    image = image.reshape(size, _SUPER, size, _SUPER, 3).mean(axis=(1, 3))
+    image = image + rng.normal(0, 0.015, image.shape).astype(np.float32)
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), label
+
+
+class ToyShapes(Dataset):
+    """`length` toy images starting at `offset`: (uint8 [3,H,W], label). Use a different `seed`
+    (or a disjoint offset range) for held-out data."""
+
+    num_classes = len(CLASSES)
+
+    def __init__(self, length: int, seed: int = 0, offset: int = 0, image_size: int = 32):
+        self.length, self.seed, self.offset, self.image_size = length, seed, offset, image_size
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        img, label = render(self.offset + i, self.seed, self.image_size)
+        return torch.from_numpy(img).permute(2, 0, 1).contiguous(), label
+
+
+def toy_tensor(length: int, seed: int = 0, offset: int = 0, image_size: int = 32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A whole range rendered at once: (uint8 [N,3,H,W], int64 [N]). For small in-memory sets."""
+    ds = ToyShapes(length, seed, offset, image_size)
+    items = [ds[i] for i in range(length)]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])

@@ -1,0 +1,40 @@
+import numpy as np
+import torch
+
+from repae.data.toy import CLASSES, ToyShapes, render, toy_tensor
+
+
+def test_images_are_a_pure_function_of_seed_and_index():
+    a, la = render(123, seed=0)
+    b, lb = render(123, seed=0)
+    assert np.array_equal(a, b) and la == lb == 123 % 10
+    assert not np.array_equal(a, render(123, seed=1)[0])
+    ds = ToyShapes(20, offset=100)
+    assert torch.equal(ds[3][0], torch.from_numpy(render(103)[0]).permute(2, 0, 1))
+
+
+def test_contiguous_ranges_are_class_balanced_uint8_32px():
+    x, y = toy_tensor(50)
+    assert x.dtype == torch.uint8 and x.shape == (50, 3, 32, 32)
+    assert torch.bincount(y).tolist() == [5] * len(CLASSES)
+
+
+def test_images_vary_in_colour_and_layout_within_a_class():
+    x, y = toy_tensor(200)
+    circles = x[y == 0].float()
+    assert circles.mean(dim=(2, 3)).std(dim=0).min() > 20  # mean colour per channel varies
+    assert (circles[0] - circles[1]).abs().mean() > 10
+    # the shape's position varies: centroid of the pixels that differ most from the corner colour
+    corner = circles[:, :, :2, :2].mean(dim=(2, 3), keepdim=True)
+    fg = ((circles - corner).abs().sum(1) > 120).float()
+    cols = (fg.sum(1) * torch.arange(32.0)).sum(1) / fg.sum(dim=(1, 2)).clamp_min(1)
+    assert cols.std() > 2
+
+
+def test_out_of_range_index_raises():
+    ds = ToyShapes(5)
+    try:
+        ds[5]
+    except IndexError:
+        return
+    raise AssertionError("index 5 of a 5-image dataset must raise IndexError")
