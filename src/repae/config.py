@@ -70,9 +70,13 @@ class EncoderConfig:
 
 @dataclass
 class LatentNormConfig:
-    """BatchNorm2d(C, eps, momentum, affine=False) on latents (DESIGN.md section 1)."""
+    """BatchNorm2d(C, eps, momentum, affine=False) on latents (DESIGN.md section 1).
 
-    enabled: bool = True
+    mode "batch": REPA-E's BN (batch statistics in the SiT pass, running stats follow the
+    latents); "fixed": a fixed scale/shift from the initial latent statistics, never updated
+    (the paper's "no BN" ablation, and the usual normaliser for a frozen VAE)."""
+
+    mode: str = "batch"  # batch | fixed
     momentum: float = 0.1
     eps: float = 1e-4
 
@@ -381,6 +385,7 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
 
 _CHOICES = {
     "model.attention": ("auto", "sdpa", "math"),
+    "latent_norm.mode": ("batch", "fixed"),
     "flow.path_type": ("linear", "cosine"),
     "flow.prediction": ("v",),
     "flow.time_sampling": ("uniform", "lognormal"),

@@ -1,0 +1,1 @@
+"""Training: the REPA-E step, the loop, checkpoints, EMA."""

@@ -1,0 +1,42 @@
+"""Optimisers and the Trainables bundle for a run: three AdamW, one per parameter set."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from repae.config import OptimConfig, RunConfig
+from repae.losses import VAERegulariser
+from repae.models.sit import SiT
+from repae.train.ema import EMA
+from repae.train.step import FeatureFn, Trainables
+
+
+def adamw(params: List[nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with the config's lr/betas/wd; fused kernels where this device has them."""
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
+
+
+def make_trainables(cfg: RunConfig, sit: SiT, vae: nn.Module, encoders: Sequence[FeatureFn],
+                    regulariser: Optional[VAERegulariser]) -> Trainables:
+    """Freeze what the run does not train and give each trained set its own optimiser."""
+    sit_params = [p for p in sit.parameters() if p.requires_grad]
+    vae.requires_grad_(cfg.train.tune_vae)
+    vae_params: List[nn.Parameter] = list(vae.parameters()) if cfg.train.tune_vae else []
+    if regulariser is not None and regulariser.vf_proj is not None:
+        vae_params += list(regulariser.vf_proj.parameters())  # VA-VAE's projection trains with the VAE
+    disc_opt = None
+    if regulariser is not None and cfg.train.tune_vae and cfg.train.use_reg_loss and cfg.loss.gan_weight > 0:
+        disc_opt = adamw(list(regulariser.discriminator.parameters()), cfg.optim_disc)
+    return Trainables(
+        sit=sit, ema=EMA(sit, cfg.train.ema_decay), vae=vae, regulariser=regulariser, encoders=list(encoders),
+        sit_opt=adamw(sit_params, cfg.optim_sit),
+        vae_opt=adamw(vae_params, cfg.optim_vae) if vae_params else None,
+        disc_opt=disc_opt, sit_params=sit_params, vae_params=vae_params,
+    )

@@ -1,0 +1,188 @@
+"""The REPA-E training step (DESIGN.md section 1), one mechanism per line.
+
+Per step, for each micro-batch of uint8 images x with labels y:
+  0. f = encoder(x)                                  frozen teacher features, no grad
+  1. q(z|x) = vae.encode(x); z ~ q; recon = decode(z)
+  2. VAE loss  = L_REG(x, recon, q) + lambda_v * L_REPA(proj(h), f)
+       h from the SiT run only to `encoder_depth` on bn(z) noised at t, with the SiT frozen
+       (no parameter gradients) and its BatchNorm in eval mode: the REPA gradient reaches z
+       through the frozen blocks.
+  3. SiT loss  = L_diff + lambda_g * L_REPA on bn(sg(z)) noised at the same t and noise,
+       BatchNorm in train mode; sg = stop-gradient, so the diffusion loss never reaches the VAE.
+Then the VAE and SiT optimisers step (each with its own gradient clip), the discriminator
+takes its hinge-loss step on the detached reconstructions, and the EMA follows the SiT.
+Ablations are switches: tune_vae=False (REPA / vanilla SiT on a frozen VAE), stop_grad=False,
+use_reg_loss=False, latent_norm.mode="fixed", proj_coeff=0 (no REPA).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from repae.config import RunConfig
+from repae.flow import denoising_loss, drop_labels, interpolate, sample_time, velocity_target
+from repae.losses import VAERegulariser, repa_loss
+from repae.models.sit import SiT
+from repae.nn_utils import frozen
+from repae.pixels import to_vae_range
+from repae.train.ema import EMA
+
+# uint8 images [B,3,H,W] -> patch features [B,N,D]
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Trainables:
+    """Everything the step touches. `vae_opt` is None when the VAE is frozen."""
+
+    sit: SiT
+    ema: EMA
+    vae: nn.Module
+    regulariser: Optional[VAERegulariser]
+    encoders: Sequence[FeatureFn]
+    sit_opt: torch.optim.Optimizer
+    vae_opt: Optional[torch.optim.Optimizer] = None
+    disc_opt: Optional[torch.optim.Optimizer] = None
+    sit_params: List[nn.Parameter] = field(default_factory=list)
+    vae_params: List[nn.Parameter] = field(default_factory=list)
+
+
+@contextmanager
+def bn_mode(sit: SiT, train: bool) -> Iterator[None]:
+    """Put the SiT's latent BatchNorm in train (batch stats, running update) or eval mode."""
+    was = sit.bn.training
+    sit.bn.train(train)
+    try:
+        yield
+    finally:
+        sit.bn.train(was)
+
+
+def teacher_features(encoders: Sequence[FeatureFn], images: torch.Tensor) -> List[torch.Tensor]:
+    """Step 0: frozen encoder patch features, no grad. [B,3,H,W] uint8 -> list of [B,N,D]."""
+    with torch.no_grad():
+        return [encode(images) for encode in encoders]
+
+
+def alignment_loss_for_vae(sit: SiT, z: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor,
+                           feats: List[torch.Tensor], cfg: RunConfig) -> torch.Tensor:
+    """Step 2's REPA term: the SiT is frozen and its BN reads running stats; gradients reach z only."""
+    with frozen(sit), bn_mode(sit, train=False):
+        x_t = interpolate(sit.bn(z), noise, t, cfg.flow.path_type)
+        projected = sit(x_t, t, y, align_only=True).projected
+    return repa_loss(projected, feats)
+
+
+def sit_losses(sit: SiT, z: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor,
+               feats: List[torch.Tensor], cfg: RunConfig) -> Dict[str, torch.Tensor]:
+    """Step 3: diffusion + REPA loss of the SiT. z is already detached unless stop_grad is off."""
+    with bn_mode(sit, train=cfg.latent_norm.mode == "batch"):
+        z_norm = sit.bn(z)
+    x_t = interpolate(z_norm, noise, t, cfg.flow.path_type)
+    out = sit(x_t, t, y)
+    terms = {"diffusion": denoising_loss(out.velocity, velocity_target(z_norm, noise, t, cfg.flow.path_type)).mean()}
+    if cfg.loss.proj_coeff > 0:
+        terms["repa_sit"] = cfg.loss.proj_coeff * repa_loss(out.projected, feats)
+    return terms
+
+
+def micro_step(m: Trainables, images: torch.Tensor, labels: torch.Tensor, cfg: RunConfig, step: int,
+               scale: float, gen: torch.Generator) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Forward and backward of one micro-batch (gradients accumulate, scaled by `scale`).
+    Returns (detached loss terms, x in [-1,1], detached reconstruction) for the discriminator."""
+    device = images.device
+    feats = teacher_features(m.encoders, images) if uses_alignment(cfg) else []           # 0. teacher
+    x = to_vae_range(images)
+    posterior = m.vae.encode(x)                                                           # 1. VAE
+    z = posterior.sample(gen)
+    recon = m.vae.decode(z) if (cfg.train.tune_vae and cfg.train.use_reg_loss) else None
+    t = sample_time(x.shape[0], cfg.flow.time_sampling, cfg.flow.path_type, cfg.flow.lognormal_mean,
+                    cfg.flow.lognormal_std, generator=gen, device=device)               # shared t ...
+    noise = torch.randn(z.shape, generator=gen, device=device, dtype=z.dtype)             # ... and noise
+    logs: Dict[str, torch.Tensor] = {}
+
+    vae_loss = None
+    if cfg.train.tune_vae:                                                                # 2. VAE loss
+        vae_loss = torch.zeros((), device=device)
+        if cfg.train.use_reg_loss:
+            reg = m.regulariser.generator_terms(x, recon, posterior, step,
+                                                decoder_last=m.vae.decoder.conv_out.weight)
+            logs.update({f"reg_{k}": v.detach() for k, v in reg.items()})
+            vae_loss = vae_loss + reg["total"]
+        if cfg.loss.vae_align_proj_coeff > 0:
+            align = alignment_loss_for_vae(m.sit, z, t, noise, labels, feats, cfg)
+            logs["repa_vae"] = align.detach()
+            vae_loss = vae_loss + cfg.loss.vae_align_proj_coeff * align
+        if vae_loss.requires_grad:
+            # without stop-grad the SiT loss below also runs through the VAE graph: keep it
+            (scale * vae_loss).backward(retain_graph=not cfg.train.stop_grad)
+
+    z_sit = z.detach() if cfg.train.stop_grad else z                                      # stop-gradient
+    y_drop = drop_labels(labels, cfg.model.class_dropout_prob, m.sit.null_class, gen)     # CFG label dropout
+    sit_terms = sit_losses(m.sit, z_sit, t, noise, y_drop, feats, cfg)                    # 3. SiT loss
+    (scale * sum(sit_terms.values())).backward()
+    logs.update({k: v.detach() for k, v in sit_terms.items()})
+    if vae_loss is not None:
+        logs["vae_loss"] = vae_loss.detach()
+    return logs, x, recon.detach() if recon is not None else None
+
+
+def uses_alignment(cfg: RunConfig) -> bool:
+    return cfg.loss.proj_coeff > 0 or (cfg.train.tune_vae and cfg.loss.vae_align_proj_coeff > 0)
+
+
+def _clip_and_step(opt: Optional[torch.optim.Optimizer], params: List[nn.Parameter], max_norm: float) -> torch.Tensor:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else torch.zeros(())
+    if opt is not None:
+        opt.step()
+    return norm
+
+
+def _zero(*opts: Optional[torch.optim.Optimizer]) -> None:
+    for opt in opts:
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+
+
+def repae_step(m: Trainables, batches: Sequence[Tuple[torch.Tensor, torch.Tensor]], cfg: RunConfig, step: int,
+               gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    """One optimisation step over `batches` (gradient-accumulation micro-batches).
+
+    Returns detached metrics; `skipped` = 1 when a loss was not finite and nothing was stepped.
+    """
+    _zero(m.sit_opt, m.vae_opt, m.disc_opt)
+    scale = 1.0 / len(batches)
+    logs: Dict[str, torch.Tensor] = {}
+    for_disc = []
+    for images, labels in batches:
+        micro, x, recon = micro_step(m, images, labels, cfg, step, scale, gen)
+        for k, v in micro.items():
+            logs[k] = logs.get(k, 0) + scale * v
+        if recon is not None:
+            for_disc.append((x, recon))
+    # one host sync per step: skip the update when any loss is NaN/inf
+    if not bool(torch.isfinite(torch.stack([v.float() for v in logs.values()])).all()):
+        _zero(m.sit_opt, m.vae_opt, m.disc_opt)
+        return {**logs, "skipped": torch.ones(())}
+
+    if m.vae_opt is not None:                                                              # VAE update
+        logs["grad_norm_vae"] = _clip_and_step(m.vae_opt, m.vae_params, cfg.optim_vae.max_grad_norm)
+    logs["grad_norm_sit"] = _clip_and_step(m.sit_opt, m.sit_params, cfg.optim_sit.max_grad_norm)  # SiT update
+
+    reg = m.regulariser
+    if reg is not None and m.disc_opt is not None and for_disc and reg.gan_active(step):  # discriminator
+        for x, recon in for_disc:
+            d_terms = reg.discriminator_terms(x, recon)
+            (scale * d_terms["total"]).backward()
+            for k in ("disc", "logits_real", "logits_fake"):
+                logs[k] = logs.get(k, 0) + scale * d_terms[k].detach()
+        logs["grad_norm_disc"] = _clip_and_step(m.disc_opt, list(reg.discriminator.parameters()),
+                                                cfg.optim_disc.max_grad_norm)
+    m.ema.update(m.sit)                                                                   # EMA of SiT + BN
+    logs["skipped"] = torch.zeros(())
+    return logs

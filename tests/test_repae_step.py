@@ -1,0 +1,134 @@
+"""Gradient-flow invariants of the REPA-E step on tiny models."""
+
+import pytest
+import torch
+
+from repae.config import load_config
+from repae.losses import VAERegulariser
+from repae.models.sit import SiT
+from repae.models.vae import AutoencoderKL
+from repae.pixels import to_vae_range
+from repae.train import step as step_mod
+from repae.train.setup import make_trainables
+from repae.train.step import alignment_loss_for_vae, repae_step, sit_losses
+from conftest import randomize, tiny_sit_args, tiny_vae_args
+
+
+class PatchTeacher(torch.nn.Module):
+    """Frozen random patch embedding: 32px images -> 4x4 tokens of width 32 (a stand-in encoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(3, 32, 8, 8).requires_grad_(False)
+
+    def forward(self, images):
+        return self.proj(images.float() / 255).flatten(2).transpose(1, 2)
+
+
+def make(overrides=(), seed=0):
+    torch.manual_seed(seed)
+    cfg = load_config("toy", overrides=["model.class_dropout_prob=0.1", *overrides])
+    sit = randomize(SiT(tiny_sit_args(z_dims=[32], num_classes=10)), 0.02)
+    sit.bn.init_from_stats(torch.zeros(4), torch.ones(4))
+    vae = AutoencoderKL(tiny_vae_args())
+    reg = VAERegulariser(cfg.loss)
+    m = make_trainables(cfg, sit, vae, [PatchTeacher()], reg)
+    return cfg, m
+
+
+def batch(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_vae_alignment_pass_gives_no_sit_gradient_and_keeps_bn_stats():
+    cfg, m = make()
+    images, y = batch()
+    z = m.vae.encode(to_vae_range(images)).sample()
+    stats = (m.sit.bn.running_mean.clone(), m.sit.bn.running_var.clone())
+    loss = alignment_loss_for_vae(m.sit, z, torch.rand(4), torch.randn_like(z), y, [m.encoders[0](images)], cfg)
+    loss.backward()
+    assert all(p.grad is None for p in m.sit.parameters())
+    assert m.vae.encoder.conv_in.weight.grad.abs().sum() > 0  # REPA reaches the encoder through frozen blocks
+    assert torch.equal(m.sit.bn.running_mean, stats[0]) and torch.equal(m.sit.bn.running_var, stats[1])
+    assert all(p.requires_grad for p in m.sit_params)  # flags restored after the pass
+
+
+def test_sit_pass_on_detached_latents_gives_no_vae_gradient_and_updates_bn():
+    cfg, m = make()
+    images, y = batch()
+    z = m.vae.encode(to_vae_range(images)).sample()
+    stats = m.sit.bn.running_mean.clone()
+    terms = sit_losses(m.sit, z.detach(), torch.rand(4), torch.randn_like(z), y, [m.encoders[0](images)], cfg)
+    sum(terms.values()).backward()
+    assert all(p.grad is None for p in m.vae.parameters())
+    assert m.sit.final_layer.linear.weight.grad.abs().sum() > 0 and m.sit.projectors[0][0].weight.grad is not None
+    assert not torch.equal(m.sit.bn.running_mean, stats)
+
+
+def test_full_step_updates_each_set_with_its_own_optimiser():
+    cfg, m = make()
+    before = {name: p.detach().clone() for name, p in [("sit", m.sit.blocks[0].attn.qkv.weight),
+                                                       ("vae", m.vae.encoder.conv_in.weight),
+                                                       ("disc", m.regulariser.discriminator.main[0].weight)]}
+    pos = m.sit.pos_embed.clone()
+    ema_before = m.ema.model.blocks[0].attn.qkv.weight.clone()
+    logs = repae_step(m, [batch()], cfg, step=0, gen=torch.Generator().manual_seed(0))
+    assert logs["skipped"].item() == 0
+    assert not torch.equal(before["sit"], m.sit.blocks[0].attn.qkv.weight)
+    assert not torch.equal(before["vae"], m.vae.encoder.conv_in.weight)
+    assert not torch.equal(before["disc"], m.regulariser.discriminator.main[0].weight)
+    assert not torch.equal(ema_before, m.ema.model.blocks[0].attn.qkv.weight)
+    assert torch.equal(pos, m.sit.pos_embed)
+    sets = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in (m.sit_opt, m.vae_opt, m.disc_opt)]
+    assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:])  # disjoint
+    assert sets[0] == {id(p) for p in m.sit.parameters()}
+    assert sets[1] == {id(p) for p in m.vae.parameters()}
+    assert sets[2] == {id(p) for p in m.regulariser.discriminator.parameters()}
+    for key in ("diffusion", "repa_sit", "repa_vae", "reg_rec", "reg_kl", "reg_gan", "disc"):
+        assert torch.isfinite(logs[key]), key
+
+
+def test_both_passes_share_time_and_noise(monkeypatch):
+    seen = []
+    original = step_mod.interpolate
+
+    def spy(x0, noise, t, path):
+        seen.append((noise, t))
+        return original(x0, noise, t, path)
+
+    monkeypatch.setattr(step_mod, "interpolate", spy)
+    cfg, m = make()
+    repae_step(m, [batch()], cfg, step=0, gen=torch.Generator().manual_seed(0))
+    assert len(seen) == 2 and seen[0][0] is seen[1][0] and seen[0][1] is seen[1][1]
+
+
+def _vae_grad_from_sit_loss(stop_grad: bool) -> float:
+    cfg, m = make([f"train.stop_grad={stop_grad}", "train.use_reg_loss=false", "loss.vae_align_proj_coeff=0"])
+    images, y = batch()
+    step_mod.micro_step(m, images, y, cfg, 0, 1.0, torch.Generator().manual_seed(0))
+    grads = [p.grad for p in m.vae.parameters() if p.grad is not None]
+    return sum(g.abs().sum().item() for g in grads)
+
+
+def test_stop_grad_keeps_diffusion_loss_out_of_the_vae_and_the_ablation_lets_it_in():
+    assert _vae_grad_from_sit_loss(stop_grad=True) == 0
+    assert _vae_grad_from_sit_loss(stop_grad=False) > 0
+
+
+def test_frozen_vae_mode_has_no_vae_optimiser_and_fixed_bn():
+    cfg, m = make(["train.tune_vae=false", "latent_norm.mode=fixed"])
+    assert m.vae_opt is None and m.disc_opt is None
+    stats = m.sit.bn.running_mean.clone()
+    vae_w = m.vae.encoder.conv_in.weight.clone()
+    repae_step(m, [batch()], cfg, step=0, gen=torch.Generator().manual_seed(0))
+    assert torch.equal(stats, m.sit.bn.running_mean) and torch.equal(vae_w, m.vae.encoder.conv_in.weight)
+
+
+def test_nonfinite_loss_skips_the_update():
+    cfg, m = make()
+    w = m.sit.blocks[0].attn.qkv.weight.clone()
+    with torch.no_grad():
+        m.vae.decoder.conv_out.bias.fill_(float("nan"))
+    logs = repae_step(m, [batch()], cfg, step=0, gen=torch.Generator().manual_seed(0))
+    assert logs["skipped"].item() == 1 and torch.equal(w, m.sit.blocks[0].attn.qkv.weight)
