@@ -1,5 +1,6 @@
 """`repae` command line: thin wrappers over the library.
 
+    repae train  [--preset NAME] [--config FILE ...] [key=value ...]   REPA-E training (resumes if it can)
     repae config [--preset NAME] [--config FILE ...] [key=value ...]   print the resolved config
     repae sample (--ckpt SIT | --random-init) [--vae VAE] [...] [key=value ...]   PNG grid / .npz
     repae info PATH                                                    what a weight file holds
@@ -93,6 +94,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    from repae.train.loop import train
+
+    cfg = _load_cfg(args)
+    summary = train(cfg, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from repae.weights import file_metadata, load_model
 
@@ -109,6 +121,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repae", description="REPA-E: end-to-end VAE + latent diffusion training")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="REPA-E training; re-run the same command to resume")
+    _add_config_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs still go to metrics.jsonl)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("config", help="print the resolved config")
     _add_config_args(p)

@@ -139,6 +139,18 @@ class DataConfig:
 
 
 @dataclass
+class ToyWorldConfig:
+    """Sizes of the built-in toy world (data.source=toy), built once and cached."""
+
+    cache_dir: Optional[str] = None  # default: $REPAE_CACHE or ~/.cache/repae
+    train_size: int = 20000
+    heldout_size: int = 2000
+    teacher_steps: int = 600
+    vae_steps: int = 800
+    batch_size: int = 64
+
+
+@dataclass
 class TrainConfig:
     """Training cadence and the REPA-E switches (each ablation of the paper is one switch)."""
 
@@ -196,6 +208,7 @@ class RunConfig:
     optim_vae: OptimConfig = field(default_factory=OptimConfig)
     optim_disc: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    toy: ToyWorldConfig = field(default_factory=ToyWorldConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

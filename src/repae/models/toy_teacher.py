@@ -1,0 +1,47 @@
+"""The toy world's stand-in for DINOv2: a small conv net + attention block trained to classify toy shapes.
+
+Its LayerNorm-ed patch tokens (an 8x8 grid of 128-d for 32px images) are the REPA
+alignment targets, exactly where DINOv2's `x_norm_patchtokens` would be used. A conv stem
+learns shapes in a few hundred CPU steps where a plain ViT needs thousands; one
+self-attention block then gives every token image-wide context, as a ViT's tokens have.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from repae.models.sit import Mlp, sincos_pos_embed_2d
+
+
+def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.GELU())
+
+
+class ToyTeacher(nn.Module):
+    """uint8 [B,3,32,32] -> patch tokens [B,64,128]; `logits` adds a linear class head on their mean."""
+
+    def __init__(self, dim: int = 128, heads: int = 4, num_classes: int = 10, grid: int = 8):
+        super().__init__()
+        self.stem = nn.Sequential(_conv(3, 32, 1), _conv(32, 64, 2), _conv(64, 64, 1), _conv(64, dim, 2),
+                                  _conv(dim, dim, 1))
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, grid).unsqueeze(0))
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, 4 * dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        self.embed_dim = dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # uint8 [B,3,H,W] -> [B,N,D]
+        x = images.float() / 127.5 - 1.0  # the teacher owns its preprocessing
+        tokens = self.stem(x).flatten(2).transpose(1, 2) + self.pos_embed
+        h = self.norm1(tokens)
+        tokens = tokens + self.attn(h, h, h, need_weights=False)[0]
+        tokens = tokens + self.mlp(self.norm2(tokens))
+        return self.norm(tokens)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:  # [B,num_classes]
+        return self.head(self.forward(images).mean(dim=1))

@@ -1,0 +1,167 @@
+"""Build (once, cached) what a REPA-E run on the toy world needs, since nothing can be downloaded:
+
+- a rendered training set of toy shapes (uint8, .npy) and a held-out set,
+- the toy teacher (stand-in for DINOv2), trained to classify shapes; held-out accuracy reported,
+- the toy VAE (stand-in for SD-VAE), pre-trained as an autoencoder; held-out PSNR reported,
+  with its latent statistics (REPA-E starts from a trained VAE and its stats).
+Everything lands in `cache_dir` with a `report.json`; a second call only loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from repae.config import ToyWorldConfig
+from repae.data.toy import toy_tensor
+from repae.losses import kl_loss, reconstruction_loss
+from repae.models.latent_norm import measure_latent_stats
+from repae.models.toy_teacher import ToyTeacher
+from repae.models.vae import AutoencoderKL, VAEArgs
+from repae.pixels import from_vae_range, to_vae_range
+from repae.weights import load_latent_stats, load_model, load_strict, read_file, save_latent_stats, save_model, save_weights
+
+VERSION = "v1"  # bump when the dataset or the recipes change, so old caches are not reused
+
+
+def cache_dir_for(spec: ToyWorldConfig, seed: int = 0) -> Path:
+    """One directory per toy-world recipe, so a changed spec never reuses another's assets."""
+    root = Path(spec.cache_dir or os.environ.get("REPAE_CACHE", Path.home() / ".cache" / "repae"))
+    key = f"n{spec.train_size}-h{spec.heldout_size}-t{spec.teacher_steps}-v{spec.vae_steps}-b{spec.batch_size}-s{seed}"
+    return root / f"toyworld-{VERSION}-{key}"
+
+
+def _pool(path: Path, size: int, seed: int, desc: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rendered images [N,3,32,32] uint8 and labels [N], cached as .npz."""
+    if path.is_file():
+        data = np.load(path)
+        return torch.from_numpy(data["images"]), torch.from_numpy(data["labels"])
+    chunks = []
+    for start in tqdm(range(0, size, 500), desc=desc, unit="x500 img"):
+        chunks.append(toy_tensor(min(500, size - start), seed=seed, offset=start))
+    images, labels = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, images=images.numpy(), labels=labels.numpy())
+    os.replace(tmp, path)
+    return images, labels
+
+
+def _batches(images: torch.Tensor, labels: torch.Tensor, batch: int, steps: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(images), (batch,), generator=g)
+        yield images[idx], labels[idx]
+
+
+def train_teacher(images, labels, steps: int, batch: int, seed: int = 0) -> ToyTeacher:
+    torch.manual_seed(seed)
+    teacher = ToyTeacher()
+    opt = torch.optim.AdamW(teacher.parameters(), lr=1e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    bar = tqdm(_batches(images, labels, batch, steps, seed), total=steps, desc="toy teacher")
+    for x, y in bar:
+        # flips and 90-degree turns keep every class its class: cheap augmentation
+        if torch.rand(()) < 0.5:
+            x = x.flip(3)
+        x = torch.rot90(x, int(torch.randint(0, 4, ())), dims=(2, 3))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(teacher.logits(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return teacher.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def teacher_accuracy(teacher: ToyTeacher, images, labels) -> float:
+    preds = torch.cat([teacher.logits(images[i : i + 500]).argmax(1) for i in range(0, len(images), 500)])
+    return (preds == labels).float().mean().item()
+
+
+def train_toy_vae(images, steps: int, batch: int, args: VAEArgs, seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(args)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    bar = tqdm(_batches(images, images, batch, steps, seed + 1), total=steps, desc="toy VAE")
+    for x, _ in bar:
+        x = to_vae_range(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            posterior, _, recon = vae(x)
+        loss = reconstruction_loss(x, recon, "l1") + 1e-6 * kl_loss(posterior)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(l1=f"{loss.item():.4f}")
+    return vae.eval()
+
+
+@torch.no_grad()
+def psnr(vae: AutoencoderKL, images: torch.Tensor) -> float:
+    """Mean PSNR (dB) of posterior-mean reconstructions, on uint8 pixels."""
+    values = []
+    for i in range(0, len(images), 250):
+        x = images[i : i + 250]
+        recon = from_vae_range(vae.decode(vae.encode(to_vae_range(x)).mode())).float()
+        mse = (recon - x.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+        values.append(10 * torch.log10(255.0**2 / mse))
+    return torch.cat(values).mean().item()
+
+
+@dataclass
+class ToyWorld:
+    cache_dir: Path
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    heldout_images: torch.Tensor
+    heldout_labels: torch.Tensor
+    teacher: ToyTeacher
+    vae_path: Path
+    latent_stats_path: Path
+    report: dict
+
+
+def ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig = ToyWorldConfig(), seed: int = 0) -> ToyWorld:
+    """Load the toy world from its cache directory, building whatever is missing (with progress bars)."""
+    cache = cache_dir_for(spec, seed)
+    cache.mkdir(parents=True, exist_ok=True)
+    report_path = cache / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {"spec": asdict(spec)}
+    train_x, train_y = _pool(cache / "train.npz", spec.train_size, seed, "render toy train set")
+    held_x, held_y = _pool(cache / "heldout.npz", spec.heldout_size, seed + 1000, "render toy held-out set")
+
+    teacher_path = cache / "teacher.safetensors"
+    if teacher_path.is_file():
+        teacher = load_strict(ToyTeacher(), read_file(teacher_path), str(teacher_path)).eval().requires_grad_(False)
+    else:
+        start = time.perf_counter()
+        teacher = train_teacher(train_x, train_y, spec.teacher_steps, spec.batch_size, seed)
+        report["teacher_heldout_accuracy"] = teacher_accuracy(teacher, held_x, held_y)
+        report["teacher_train_seconds"] = round(time.perf_counter() - start, 1)
+        save_weights(teacher, teacher_path)
+
+    vae_path, stats_path = cache / "vae.safetensors", cache / "vae-latent-stats.safetensors"
+    if not (vae_path.is_file() and stats_path.is_file()):
+        start = time.perf_counter()
+        vae = train_toy_vae(train_x, spec.vae_steps, spec.batch_size, vae_args, seed)
+        report["vae_heldout_psnr_db"] = psnr(vae, held_x)
+        report["vae_train_seconds"] = round(time.perf_counter() - start, 1)
+        batches = [train_x[i : i + 500] for i in range(0, min(5000, len(train_x)), 500)]
+        mean, var = measure_latent_stats(vae, batches)
+        save_latent_stats(mean, var, stats_path)
+        save_model(vae, vae_path)
+    report_path.write_text(json.dumps(report, indent=2))
+    return ToyWorld(cache, train_x, train_y, held_x, held_y, teacher, vae_path, stats_path, report)

@@ -1,0 +1,276 @@
+"""`repae train`: set up a run, resume it if it has a checkpoint, and loop over REPA-E steps.
+
+Re-running the same command continues from the newest checkpoint and ends with the same
+weights as an uninterrupted run (the step RNG, the data position, optimiser and EMA
+states are all in the checkpoint). Only plain data and safetensors are written.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from repae.build import build_sit, build_vae, uses_repa
+from repae.config import ConfigError, RunConfig, save_config, to_dict
+from repae.data.sampler import TensorBatches
+from repae.generate import generate_images, save_image_grid
+from repae.losses import VAERegulariser
+from repae.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from repae.train.setup import make_trainables
+from repae.train.step import Trainables, repae_step
+from repae.weights import load_latent_stats
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    device: torch.device
+    m: Trainables
+    data: TensorBatches
+    gen: torch.Generator
+    step: int = 0
+    nonfinite_in_a_row: int = 0
+    toy: Optional[object] = None  # the ToyWorld when training on it
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _toy_setup(cfg: RunConfig):
+    """Build/load the toy world and point the config's VAE, stats and encoder at it."""
+    from repae.build import vae_args
+    from repae.toyworld import ensure_toy_world
+
+    world = ensure_toy_world(vae_args(cfg), cfg.toy)
+    cfg.vae.path = cfg.vae.path or str(world.vae_path)
+    cfg.vae.latent_stats_path = cfg.vae.latent_stats_path or str(world.latent_stats_path)
+    return world
+
+
+def _encoders(cfg: RunConfig, toy) -> List:
+    if not uses_repa(cfg):
+        return []
+    if list(cfg.encoder.names) == ["toy-teacher"]:
+        if toy is None:
+            raise ConfigError("encoder 'toy-teacher' exists only in the toy world (data.source=toy)")
+        return [toy.teacher]
+    raise ConfigError(f"encoders {list(cfg.encoder.names)} are not available yet; the toy world uses toy-teacher")
+
+
+def setup_run(cfg: RunConfig) -> Run:
+    device = resolve_device(cfg.train.device)
+    toy = _toy_setup(cfg) if cfg.data.source == "toy" else None
+    if toy is None:
+        raise ConfigError(f"data.source={cfg.data.source!r} is not supported yet; use data.source=toy")
+    data = TensorBatches(toy.train_images, toy.train_labels, seed=cfg.train.seed)
+    # seed after the toy world is built or loaded, so initial weights do not depend on which happened
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    sit, vae = build_sit(cfg), build_vae(cfg)
+    if cfg.vae.latent_stats_path:
+        mean, var = load_latent_stats(cfg.vae.latent_stats_path)
+        sit.bn.init_from_stats(mean, var)
+    regulariser = None
+    if cfg.train.tune_vae and cfg.train.use_reg_loss:
+        regulariser = VAERegulariser(cfg.loss)
+        if cfg.loss.discriminator_path:
+            regulariser.load_discriminator(cfg.loss.discriminator_path)
+    encoders = [e.to(device) for e in _encoders(cfg, toy)]
+    for module in (sit, vae, regulariser):
+        if module is not None:
+            module.to(device)
+    m = make_trainables(cfg, sit, vae, encoders, regulariser)
+    gen = torch.Generator(device).manual_seed(cfg.train.seed)
+    return Run(cfg, device, m, data, gen, toy=toy)
+
+
+# ----------------------------------------------------------------- checkpoint glue
+
+
+def _modules(m: Trainables) -> Dict[str, torch.nn.Module]:
+    mods = {"sit": m.sit, "ema": m.ema.model, "vae": m.vae}
+    if m.regulariser is not None:
+        mods["regulariser"] = m.regulariser
+    return mods
+
+
+def _optimisers(m: Trainables) -> Dict[str, torch.optim.Optimizer]:
+    return {k: v for k, v in {"opt_sit": m.sit_opt, "opt_vae": m.vae_opt, "opt_disc": m.disc_opt}.items() if v}
+
+
+def save(run: Run) -> Path:
+    state = {"step": run.step, "rng": rng_state(run.gen), "data": run.data.state_dict(),
+             "nonfinite_in_a_row": run.nonfinite_in_a_row,
+             **{k: opt.state_dict() for k, opt in _optimisers(run.m).items()}}
+    if run.m.regulariser is not None:
+        state["regulariser_rng"] = list(run.m.regulariser._rng.getstate()[1])
+    return save_checkpoint(run.cfg.run_dir, run.step, _modules(run.m), state, run.cfg, run.cfg.train.keep_last)
+
+
+def try_resume(run: Run) -> bool:
+    path = latest_checkpoint(run.cfg.run_dir)
+    if path is None:
+        return False
+    _check_same_config(run.cfg, path / "config.yaml")
+    state = load_checkpoint(path, _modules(run.m))
+    for key, opt in _optimisers(run.m).items():
+        opt.load_state_dict(state[key])
+    run.step, run.nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
+    run.data.load_state_dict(state["data"])
+    set_rng_state(state["rng"], run.gen)
+    if run.m.regulariser is not None and "regulariser_rng" in state:
+        run.m.regulariser._rng.setstate((3, tuple(state["regulariser_rng"]), None))
+    return True
+
+
+def _check_same_config(cfg: RunConfig, saved: Path) -> None:
+    """Resuming is only honest with the same recipe; the step budget and cadences may change."""
+    import yaml
+
+    old, new = yaml.safe_load(saved.read_text()), to_dict(cfg)
+    for section in ("train", "sample", "eval"):
+        old.pop(section, None), new.pop(section, None)
+    if old != new:
+        diff = [k for k in new if old.get(k) != new[k]]
+        raise ConfigError(f"{cfg.run_dir} holds a run with a different config (sections {diff}); "
+                          "use a new exp_name or output_dir")
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+def _autocast(run: Run):
+    if run.cfg.train.precision == "bf16":
+        return torch.autocast(run.device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _micro_batches(run: Run) -> list:
+    cfg = run.cfg
+    per_micro = cfg.train.global_batch_size // cfg.train.grad_accum_steps
+    out = []
+    for _ in range(cfg.train.grad_accum_steps):
+        images, labels = run.data.next(per_micro)
+        out.append((images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)))
+    return out
+
+
+def train_steps(run: Run, until: int, on_log=None, progress: bool = True) -> None:
+    """Run steps until `run.step == until`: log, checkpoint and sample on the config's cadence."""
+    cfg = run.cfg
+    sums: Dict[str, torch.Tensor] = {}
+    count, step_seconds = 0, 0.0
+    bar = tqdm(total=until, initial=run.step, desc="REPA-E", unit="step", disable=not progress)
+    while run.step < until:
+        t0 = time.perf_counter()
+        with _autocast(run):
+            logs = repae_step(run.m, _micro_batches(run), cfg, run.step, run.gen)
+        skipped = bool(logs["skipped"].item())
+        step_seconds += time.perf_counter() - t0  # training only: checkpoints and sample grids excluded
+        if skipped:
+            run.nonfinite_in_a_row += 1
+            tqdm.write(f"step {run.step}: non-finite loss, update skipped ({run.nonfinite_in_a_row} in a row)")
+            if run.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
+                raise FloatingPointError(f"{run.nonfinite_in_a_row} non-finite steps in a row at step {run.step}; "
+                                         "stopping (the last checkpoint is intact)")
+            continue
+        run.nonfinite_in_a_row = 0
+        run.step += 1
+        bar.update(1)
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0) + v.detach().float()
+        count += 1
+        if run.step % cfg.train.log_every == 0 or run.step == until:
+            record = {"step": run.step, **{k: round(float(v) / count, 6) for k, v in sums.items()},
+                      "images_per_s": round(count * cfg.train.global_batch_size / step_seconds, 2)}
+            bar.set_postfix(diff=f"{record.get('diffusion', 0):.3f}", img_s=f"{record['images_per_s']:.0f}")
+            if on_log:
+                on_log(record)
+            sums, count, step_seconds = {}, 0, 0.0
+        if run.step % cfg.train.ckpt_every == 0 or run.step == until:
+            save(run)
+        if run.step % cfg.train.sample_every == 0 or run.step == until:
+            write_samples(run)
+    bar.close()
+
+
+def write_samples(run: Run) -> Path:
+    """A class-ordered grid from the EMA model (column c = class c)."""
+    cfg, ema = run.cfg, run.m.ema.model
+    n = cfg.sample.num_samples
+    labels = torch.arange(n) % cfg.model.num_classes
+    images = generate_images(ema, run.m.vae, labels, mode=cfg.sample.mode, num_steps=cfg.sample.num_steps,
+                             heun=cfg.sample.heun, cfg_scale=cfg.sample.cfg_scale,
+                             guidance_low=cfg.sample.guidance_low, guidance_high=cfg.sample.guidance_high,
+                             path_type=cfg.flow.path_type, seed=cfg.sample.seed, batch_size=cfg.sample.batch_size,
+                             autocast_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
+                             progress=False)
+    path = cfg.run_dir / "samples" / f"step-{run.step:07d}.png"
+    save_image_grid(images, path, nrow=min(cfg.model.num_classes, n), upscale=max(1, 96 // images.shape[-1]))
+    return path
+
+
+# ------------------------------------------------------------------- entry point
+
+
+@torch.no_grad()
+def toy_summary(run: Run) -> dict:
+    """Toy-world metrics: teacher accuracy of `eval.num_samples` class-balanced EMA samples, tuned-VAE PSNR."""
+    from repae.toyworld import psnr
+
+    cfg = run.cfg
+    labels = torch.arange(cfg.eval.num_samples) % cfg.model.num_classes
+    images = generate_images(run.m.ema.model, run.m.vae, labels, mode=cfg.sample.mode,
+                             num_steps=cfg.sample.num_steps, cfg_scale=cfg.sample.cfg_scale,
+                             guidance_low=cfg.sample.guidance_low, guidance_high=cfg.sample.guidance_high,
+                             path_type=cfg.flow.path_type, seed=cfg.sample.seed + 1, batch_size=100,
+                             autocast_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
+                             progress=False)
+    teacher = run.toy.teacher
+    preds = teacher.logits(images.to(run.device)).argmax(1).cpu()
+    run.m.vae.eval()
+    return {
+        "sample_class_accuracy": round((preds == labels).float().mean().item(), 4),
+        "samples_scored": len(labels),
+        "vae_heldout_psnr_db": round(psnr(run.m.vae, run.toy.heldout_images[:1000].to(run.device)), 3),
+        "teacher_heldout_accuracy": run.toy.report.get("teacher_heldout_accuracy"),
+        "toy_vae_pretrained_psnr_db": run.toy.report.get("vae_heldout_psnr_db"),
+    }
+
+
+def train(cfg: RunConfig, progress: bool = True) -> dict:
+    """Train (or resume) the run described by `cfg`; returns its summary (also in summary.json)."""
+    from repae.train.report import MetricsLog, plot_losses
+
+    start = time.perf_counter()
+    run = setup_run(cfg)
+    resumed = try_resume(run)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    if resumed:
+        tqdm.write(f"resuming {cfg.run_dir} from step {run.step}")
+    log = MetricsLog(cfg.run_dir / "metrics.jsonl", resumed_step=run.step if resumed else 0)
+    first_step = run.step
+    train_steps(run, cfg.train.max_steps, on_log=log, progress=progress)
+    records = log.read()
+    summary = {"steps": run.step, "steps_this_invocation": run.step - first_step,
+               "wall_seconds": round(time.perf_counter() - start, 1),
+               "images_per_s": records[-1]["images_per_s"] if records else None,
+               "final": records[-1] if records else {}}
+    if run.toy is not None:
+        summary["toy"] = toy_summary(run)
+    if records:
+        summary["loss_curves"] = str(plot_losses(records, cfg.run_dir / "loss_curves.png"))
+    summary["samples"] = str(cfg.run_dir / "samples" / f"step-{run.step:07d}.png")
+    (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

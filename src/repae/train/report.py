@@ -1,0 +1,57 @@
+"""What a run leaves for people: metrics.jsonl, a loss-curve plot, and a summary.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List
+
+
+class MetricsLog:
+    """Append-only JSONL of logged records. On resume, records past the resumed step are dropped
+    (they came from steps the checkpoint does not contain and will be logged again)."""
+
+    def __init__(self, path: Path, resumed_step: int = 0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in self.read() if r.get("step", 0) <= resumed_step] if resumed_step else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def read(self) -> List[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def __call__(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(records: List[dict], path: Path) -> Path:
+    """One panel per loss family over steps (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: Dict[str, List[str]] = {
+        "diffusion loss": ["diffusion"],
+        "REPA alignment (-cos)": ["repa_sit", "repa_vae"],
+        "VAE regulariser": ["reg_rec", "reg_kl", "reg_gan", "reg_total"],
+        "discriminator": ["disc", "logits_real", "logits_fake"],
+    }
+    panels = {t: [k for k in keys if any(k in r for r in records)] for t, keys in panels.items()}
+    panels = {t: keys for t, keys in panels.items() if keys}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels.items()):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in records if key in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
