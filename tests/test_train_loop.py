@@ -68,3 +68,51 @@ def test_cli_train_leaves_checkpoint_samples_metrics_and_plot(tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert 0 <= summary["toy"]["sample_class_accuracy"] <= 1
     assert (run / "config.yaml").is_file()
+
+
+def test_sample_from_a_training_run(tmp_path):
+    cfg = tiny_cfg(tmp_path, "train.max_steps=2")
+    train(cfg, progress=False)
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--ckpt", str(cfg.run_dir), "--out", str(out), "sample.num_samples=4",
+                 "sample.num_steps=2", "--npz", str(tmp_path / "s.npz")]) == 0
+    import numpy as np
+
+    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (4, 32, 32, 3) and out.is_file()
+
+
+def test_bad_data_path_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--no-progress", "data.source=folder", f"data.path={tmp_path / 'nope'}",
+                 f"output_dir={tmp_path}", "loss.proj_coeff=0", "loss.vae_align_proj_coeff=0"]) == 2
+    assert "data directory not found" in capsys.readouterr().err
+
+
+def test_a_crash_mid_checkpoint_keeps_the_previous_latest(tmp_path, monkeypatch):
+    from repae.train import checkpoint as ckpt_mod
+
+    cfg = tiny_cfg(tmp_path, "train.max_steps=2")
+    train(cfg, progress=False)
+    calls = {"n": 0}
+    real = ckpt_mod.save_weights
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("power cut while writing a checkpoint")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod, "save_weights", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(tmp_path, "train.max_steps=4"), progress=False)
+    assert latest_checkpoint(cfg.run_dir).name == "step-0000002"
+    monkeypatch.setattr(ckpt_mod, "save_weights", real)
+    summary = train(tiny_cfg(tmp_path, "train.max_steps=4"), progress=False)  # resumes from step 2
+    assert summary["steps_this_invocation"] == 2 and latest_checkpoint(cfg.run_dir).name == "step-0000004"
+    assert not list((cfg.run_dir / "checkpoints").glob("*.tmp"))
+
+
+def test_vae_from_scratch_and_frozen_vae_modes_run(tmp_path):
+    train(tiny_cfg(tmp_path, "exp_name=scratch", "train.max_steps=1", "vae.from_scratch=true"), progress=False)
+    summary = train(tiny_cfg(tmp_path, "exp_name=repa", "train.max_steps=1", "train.tune_vae=false",
+                             "latent_norm.mode=fixed"), progress=False)
+    assert "reg_rec" not in summary["final"] and "repa_vae" not in summary["final"]

@@ -56,18 +56,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from repae.generate import generate_images, save_image_grid
     from repae.weights import load_latent_stats, load_model
 
-    cfg = _load_cfg(args)
-    device = _resolve_device(cfg.train.device)
-    torch.manual_seed(cfg.sample.seed)
-    if args.random_init:
+    from_run = bool(args.ckpt) and Path(args.ckpt).is_dir()
+    if from_run:  # a training run: its saved config (plus any overrides), EMA SiT and tuned VAE
+        from repae.train.checkpoint import load_for_sampling
+
+        cfg, sit, vae = load_for_sampling(Path(args.ckpt), args.config, args.overrides)
+    elif args.random_init:
+        cfg = _load_cfg(args)
         print("smoke run: randomly initialised SiT and VAE; the images show the pipeline works, not a model")
         sit, vae = build_sit(cfg), build_vae(cfg)
-    else:
-        if not args.ckpt:
-            raise SystemExit("repae sample: give --ckpt PATH (a SiT checkpoint) or --random-init")
+    elif args.ckpt:
+        cfg = _load_cfg(args)
         sit = load_model(args.ckpt, kind="sit", prefer_ema=cfg.sample.use_ema)
         vae = load_model(args.vae, kind="vae") if args.vae else build_vae(cfg)
-    if cfg.vae.latent_stats_path and sit.bn is not None:
+    else:
+        raise SystemExit("repae sample: give --ckpt PATH (a run, a SiT checkpoint) or --random-init")
+    device = _resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.sample.seed)
+    if cfg.vae.latent_stats_path and sit.bn is not None and not from_run:
         mean, var = load_latent_stats(cfg.vae.latent_stats_path)
         sit.bn.init_from_stats(mean, var)
     sit.to(device)
@@ -134,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate a PNG grid (and optionally an ADM .npz)")
     _add_config_args(p)
-    p.add_argument("--ckpt", help="SiT weights: our .safetensors or an official .pt (EMA preferred)")
+    p.add_argument("--ckpt", help="a training run directory (its EMA SiT, VAE and config), or SiT weights: "
+                                  "our .safetensors or an official .pt (EMA preferred)")
     p.add_argument("--vae", help="VAE weights: .safetensors, official .pt or diffusers directory")
     p.add_argument("--random-init", action="store_true", help="smoke test with untrained models")
     p.add_argument("--out", default="runs/samples.png", help="PNG grid path")

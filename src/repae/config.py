@@ -58,6 +58,7 @@ class VAEConfig:
     norm_groups: int = 32
     path: Optional[str] = None  # weights: our .safetensors, official .pt, or a diffusers directory
     latent_stats_path: Optional[str] = None  # *-latents-stats.pt or our latent_stats.safetensors
+    from_scratch: bool = False  # start from random VAE weights (ignores path; stats measured on the data)
 
 
 @dataclass
@@ -145,8 +146,8 @@ class ToyWorldConfig:
     cache_dir: Optional[str] = None  # default: $REPAE_CACHE or ~/.cache/repae
     train_size: int = 20000
     heldout_size: int = 2000
-    teacher_steps: int = 600
-    vae_steps: int = 800
+    teacher_steps: int = 400
+    vae_steps: int = 600
     batch_size: int = 64
 
 
@@ -169,6 +170,7 @@ class TrainConfig:
     keep_last: int = 3
     sample_every: int = 10_000
     max_nonfinite_in_a_row: int = 10
+    log_to: List[str] = field(default_factory=list)  # extra sinks besides metrics.jsonl: tensorboard, wandb
 
 
 @dataclass
@@ -299,17 +301,21 @@ def _toy() -> RunConfig:
     """CPU-sized run on the built-in toy world (32x32, 10 classes): minutes on 2 cores."""
     cfg = RunConfig(preset="toy", exp_name="toy")
     cfg.model = ModelConfig(arch="SiT-T/1", encoder_depth=2, projector_dim=512, num_classes=10)
-    cfg.vae = VAEConfig(arch="toy-f4d4")
+    # GroupNorm with one group: at 32 channels LDM's 32 groups normalise every channel on its
+    # own, which erases each image's global colour (measured held-out PSNR: 1 group 23.2 dB after
+    # 600 steps; 32 groups 20.5 dB after 800, with grey-tinted reconstructions)
+    cfg.vae = VAEConfig(arch="toy-f4d4", norm_groups=1)
     cfg.encoder = EncoderConfig(names=["toy-teacher"])
     cfg.data = DataConfig(source="toy", image_size=32, num_workers=0)
     # no LPIPS in the toy world: its VGG16 weights cannot be downloaded here (explicit, not silent)
     cfg.loss.lpips_weight = 0.0
     cfg.train = TrainConfig(
-        global_batch_size=64, max_steps=2000, ema_decay=0.999, log_every=50,
-        ckpt_every=500, sample_every=500,
+        # ~80 images/s on 2 cores: 700 steps fit the 15-minute budget with the toy world's build
+        global_batch_size=64, max_steps=700, ema_decay=0.995, log_every=25,
+        ckpt_every=250, sample_every=250,
     )
     cfg.sample = SampleConfig(mode="ode", num_steps=50, num_samples=40, batch_size=40)
-    cfg.eval = EvalConfig(num_samples=1000)
+    cfg.eval = EvalConfig(num_samples=300)  # 30 per class for the teacher-scored sample accuracy
     return cfg
 
 

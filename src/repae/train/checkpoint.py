@@ -97,3 +97,31 @@ def load_checkpoint(path: Path, modules: Dict[str, nn.Module]) -> dict:
         return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(f"cannot read {path / 'state.pt'}: {err}") from None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory from a run directory, a checkpoints/ directory or a step-* directory."""
+    path = Path(path)
+    if (path / "state.pt").is_file():
+        return path
+    for run_dir in (path, path.parent):
+        if (checkpoint_dir(run_dir) / "latest").is_file():
+            return latest_checkpoint(run_dir)
+    raise CheckpointError(f"{path} is not a run directory or a training checkpoint (no checkpoints/latest)")
+
+
+def load_for_sampling(path: Path, config_files=(), overrides=()):
+    """(config, SiT, VAE) from a training checkpoint, for sampling or evaluation. The run's saved
+    config is the base; `config_files` and `overrides` (e.g. sample.cfg_scale=2) go on top."""
+    from repae.build import build_sit, vae_args
+    from repae.config import load_config
+    from repae.models.vae import AutoencoderKL
+
+    ckpt = resolve_checkpoint(path)
+    cfg = load_config(None, [ckpt / "config.yaml", *config_files], overrides)
+    weights = read_file(ckpt / ("ema.safetensors" if cfg.sample.use_ema else "sit.safetensors"))
+    n_proj = len({k.split(".")[1] for k in weights if k.startswith("projectors.")})
+    z_dims = [weights[f"projectors.{i}.4.weight"].shape[0] for i in range(n_proj)]
+    sit = load_strict(build_sit(cfg, z_dims=z_dims), weights, str(ckpt))
+    vae = load_strict(AutoencoderKL(vae_args(cfg)), read_file(ckpt / "vae.safetensors"), str(ckpt))
+    return cfg, sit.eval(), vae.eval()

@@ -18,7 +18,8 @@ from typing import Dict, List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from repae.build import build_sit, build_vae, uses_repa
+from repae.build import build_sit, build_vae, uses_repa, vae_args
+from repae.models.vae import AutoencoderKL
 from repae.config import ConfigError, RunConfig, save_config, to_dict
 from repae.data.sampler import TensorBatches
 from repae.generate import generate_images, save_image_grid
@@ -34,7 +35,7 @@ class Run:
     cfg: RunConfig
     device: torch.device
     m: Trainables
-    data: TensorBatches
+    data: object  # TensorBatches or DatasetBatches: next(batch), state_dict(), load_state_dict()
     gen: torch.Generator
     step: int = 0
     nonfinite_in_a_row: int = 0
@@ -49,12 +50,12 @@ def resolve_device(name: str) -> torch.device:
 
 def _toy_setup(cfg: RunConfig):
     """Build/load the toy world and point the config's VAE, stats and encoder at it."""
-    from repae.build import vae_args
     from repae.toyworld import ensure_toy_world
 
     world = ensure_toy_world(vae_args(cfg), cfg.toy)
-    cfg.vae.path = cfg.vae.path or str(world.vae_path)
-    cfg.vae.latent_stats_path = cfg.vae.latent_stats_path or str(world.latent_stats_path)
+    if not cfg.vae.from_scratch:
+        cfg.vae.path = cfg.vae.path or str(world.vae_path)
+        cfg.vae.latent_stats_path = cfg.vae.latent_stats_path or str(world.latent_stats_path)
     return world
 
 
@@ -68,19 +69,43 @@ def _encoders(cfg: RunConfig, toy) -> List:
     raise ConfigError(f"encoders {list(cfg.encoder.names)} are not available yet; the toy world uses toy-teacher")
 
 
+def _data_source(cfg: RunConfig, toy):
+    """The batch source for cfg.data: the toy world's tensors or an image folder."""
+    from repae.data.folder import DatasetBatches, ImageFolder
+
+    if toy is not None:
+        return TensorBatches(toy.train_images, toy.train_labels, seed=cfg.train.seed)
+    if cfg.data.source not in ("folder", "imagenet"):
+        raise ConfigError(f"data.source={cfg.data.source!r} is not supported yet; use toy, folder or imagenet")
+    if not cfg.data.path:
+        raise ConfigError(f"data.source={cfg.data.source} needs data.path (a folder of class sub-folders)")
+    try:
+        dataset = ImageFolder(cfg.data.path, cfg.data.image_size, cfg.data.hflip, cfg.train.seed)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"data.path: {err}") from None
+    if len(dataset.classes) > cfg.model.num_classes:
+        raise ConfigError(f"{cfg.data.path} has {len(dataset.classes)} classes but model.num_classes="
+                          f"{cfg.model.num_classes}")
+    return DatasetBatches(dataset, seed=cfg.train.seed, num_workers=cfg.data.num_workers)
+
+
 def setup_run(cfg: RunConfig) -> Run:
     device = resolve_device(cfg.train.device)
     toy = _toy_setup(cfg) if cfg.data.source == "toy" else None
-    if toy is None:
-        raise ConfigError(f"data.source={cfg.data.source!r} is not supported yet; use data.source=toy")
-    data = TensorBatches(toy.train_images, toy.train_labels, seed=cfg.train.seed)
+    data = _data_source(cfg, toy)
     # seed after the toy world is built or loaded, so initial weights do not depend on which happened
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    sit, vae = build_sit(cfg), build_vae(cfg)
-    if cfg.vae.latent_stats_path:
+    sit = build_sit(cfg)
+    vae = AutoencoderKL(vae_args(cfg)) if cfg.vae.from_scratch else build_vae(cfg)
+    if cfg.vae.latent_stats_path and not cfg.vae.from_scratch:
         mean, var = load_latent_stats(cfg.vae.latent_stats_path)
-        sit.bn.init_from_stats(mean, var)
+    else:  # no statistics given: measure them on the training data, without moving its position
+        from repae.models.latent_norm import measure_latent_stats
+
+        probe = _data_source(cfg, toy)
+        mean, var = measure_latent_stats(vae, (probe.next(cfg.train.global_batch_size) for _ in range(20)))
+    sit.bn.init_from_stats(mean, var)
     regulariser = None
     if cfg.train.tune_vae and cfg.train.use_reg_loss:
         regulariser = VAERegulariser(cfg.loss)
@@ -251,7 +276,7 @@ def toy_summary(run: Run) -> dict:
 
 def train(cfg: RunConfig, progress: bool = True) -> dict:
     """Train (or resume) the run described by `cfg`; returns its summary (also in summary.json)."""
-    from repae.train.report import MetricsLog, plot_losses
+    from repae.train.report import MetricsLog, extra_sinks, plot_losses
 
     start = time.perf_counter()
     run = setup_run(cfg)
@@ -260,13 +285,16 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     if resumed:
         tqdm.write(f"resuming {cfg.run_dir} from step {run.step}")
     log = MetricsLog(cfg.run_dir / "metrics.jsonl", resumed_step=run.step if resumed else 0)
+    sinks = [log, *extra_sinks(list(cfg.train.log_to), cfg.run_dir, to_dict(cfg))]
     first_step = run.step
-    train_steps(run, cfg.train.max_steps, on_log=log, progress=progress)
+    train_steps(run, cfg.train.max_steps, on_log=lambda record: [sink(record) for sink in sinks], progress=progress)
     records = log.read()
     summary = {"steps": run.step, "steps_this_invocation": run.step - first_step,
                "wall_seconds": round(time.perf_counter() - start, 1),
                "images_per_s": records[-1]["images_per_s"] if records else None,
                "final": records[-1] if records else {}}
+    if hasattr(run.data, "bad_images"):
+        summary["unreadable_images_skipped"] = run.data.bad_images
     if run.toy is not None:
         summary["toy"] = toy_summary(run)
     if records:

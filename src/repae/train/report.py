@@ -27,6 +27,39 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+class _TensorBoard:
+    def __init__(self, writer):
+        self.writer = writer
+
+    def __call__(self, record: dict) -> None:
+        for key, value in record.items():
+            if key != "step":
+                self.writer.add_scalar(key, value, record["step"])
+        self.writer.flush()
+
+
+def extra_sinks(names: List[str], run_dir: Path, config: dict) -> List:
+    """Callables record -> None for TensorBoard / Weights & Biases; a clear error when not installed."""
+    sinks = []
+    for name in names:
+        if name == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ImportError("train.log_to has tensorboard: pip install tensorboard") from None
+            sinks.append(_TensorBoard(SummaryWriter(str(Path(run_dir) / "tensorboard"))))
+        elif name == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("train.log_to has wandb: pip install wandb") from None
+            wandb.init(project="repae", name=Path(run_dir).name, config=config, dir=str(run_dir), resume="allow")
+            sinks.append(lambda r: wandb.log({k: v for k, v in r.items() if k != "step"}, step=r["step"]))
+        else:
+            raise ValueError(f"train.log_to: unknown sink {name!r}; use tensorboard or wandb")
+    return sinks
+
+
 def plot_losses(records: List[dict], path: Path) -> Path:
     """One panel per loss family over steps (PNG)."""
     import matplotlib
