@@ -27,7 +27,7 @@ class PatchTeacher(torch.nn.Module):
 
 def make(overrides=(), seed=0):
     torch.manual_seed(seed)
-    cfg = load_config("toy", overrides=["model.class_dropout_prob=0.1", *overrides])
+    cfg = load_config("toy", overrides=["model.class_dropout_prob=0.1", "loss.gan_weight=0.1", *overrides])
     sit = randomize(SiT(tiny_sit_args(z_dims=[32], num_classes=10)), 0.02)
     sit.bn.init_from_stats(torch.zeros(4), torch.ones(4))
     vae = AutoencoderKL(tiny_vae_args())

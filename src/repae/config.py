@@ -309,12 +309,19 @@ def _toy() -> RunConfig:
     cfg.data = DataConfig(source="toy", image_size=32, num_workers=0)
     # no LPIPS in the toy world: its VGG16 weights cannot be downloaded here (explicit, not silent)
     cfg.loss.lpips_weight = 0.0
+    # no GAN either: REPA-E starts from a *pretrained* discriminator, which the toy world does not
+    # have yet; a random one cut the toy VAE's PSNR from 20.6 to 16.2 dB in 700 steps (measured),
+    # while without it REPA-E raised the PSNR to 24.2 dB in 600 steps
+    cfg.loss.gan_weight = 0.0
+    # a 5M-parameter SiT learns far faster at 1e-3 than at the paper's 1e-4 (batch 64, 600 steps:
+    # teacher accuracy of samples 19.5% vs 13% at 5e-4 and 400 steps)
+    cfg.optim_sit.lr = 1e-3
     cfg.train = TrainConfig(
-        # ~80 images/s on 2 cores: 700 steps fit the 15-minute budget with the toy world's build
-        global_batch_size=64, max_steps=700, ema_decay=0.995, log_every=25,
+        # ~115 images/s on 2 cores: 900 steps fit the 15-minute budget with the toy world's build
+        global_batch_size=64, max_steps=900, ema_decay=0.995, log_every=25,
         ckpt_every=250, sample_every=250,
     )
-    cfg.sample = SampleConfig(mode="ode", num_steps=50, num_samples=40, batch_size=40)
+    cfg.sample = SampleConfig(mode="ode", num_steps=50, num_samples=40, batch_size=40, cfg_scale=2.0)
     cfg.eval = EvalConfig(num_samples=300)  # 30 per class for the teacher-scored sample accuracy
     return cfg
 
