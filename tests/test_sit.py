@@ -167,3 +167,13 @@ def test_all_paper_sizes_build_with_official_shapes(size, depth, hidden, heads, 
     assert len(model.blocks) == depth and state["x_embedder.proj.weight"].shape == (hidden, 4, patch, patch)
     assert model.blocks[0].attn.num_heads == heads
     assert state["pos_embed"].shape == (1, (32 // patch) ** 2, hidden)
+
+
+def test_time_scale_multiplies_t_before_the_sinusoids():
+    from repae.models.sit import TimestepEmbedder
+
+    a, b = TimestepEmbedder(32, time_scale=1000.0), TimestepEmbedder(32)
+    b.load_state_dict(a.state_dict())
+    t = torch.rand(4)
+    torch.testing.assert_close(a(t), b(1000 * t))
+    assert SiT(tiny_sit_args()).t_embedder.time_scale == 1.0  # the official convention by default

@@ -42,6 +42,7 @@ def sit_args(cfg: RunConfig, z_dims: Optional[List[int]] = None) -> SiTArgs:
         bn_momentum=cfg.latent_norm.momentum,
         bn_eps=cfg.latent_norm.eps,
         attention=cfg.model.attention,
+        time_scale=cfg.model.time_scale,
     )
 
 

@@ -42,6 +42,7 @@ class ModelConfig:
     num_classes: int = 1000
     class_dropout_prob: float = 0.1  # label dropout for CFG; null class id = num_classes
     attention: str = "auto"  # auto | sdpa | math
+    time_scale: float = 1.0  # t is embedded as time_scale*t; 1 matches SiT/REPA checkpoints
 
 
 @dataclass

@@ -74,17 +74,22 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Sinusoidal features of continuous t (max period 10000), then an MLP. [B] -> [B,D]."""
+    """Sinusoidal features of `time_scale * t` (max period 10000), then an MLP. [B] -> [B,D].
 
-    def __init__(self, hidden_size: int, frequency_size: int = 256):
+    SiT/REPA embed t in [0,1] directly (time_scale 1, needed for their checkpoints); then only the
+    lowest frequencies vary over the whole range. DiT-style 1000 spreads t over all of them.
+    """
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256, time_scale: float = 1.0):
         super().__init__()
         self.frequency_size = frequency_size
+        self.time_scale = time_scale
         self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.frequency_size // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t.float()[:, None] * freqs[None]
+        args = (t.float() * self.time_scale)[:, None] * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
@@ -197,6 +202,7 @@ class SiTArgs:
     bn_momentum: float = 0.1
     bn_eps: float = 1e-4
     attention: str = "auto"
+    time_scale: float = 1.0  # 1 = SiT/REPA convention (official checkpoints); 1000 = DiT-style
 
 
 class SiT(nn.Module):
@@ -217,7 +223,7 @@ class SiT(nn.Module):
         d = args.hidden_size
 
         self.x_embedder = PatchEmbed(args.patch_size, args.in_channels, d)
-        self.t_embedder = TimestepEmbedder(d)
+        self.t_embedder = TimestepEmbedder(d, time_scale=args.time_scale)
         self.y_embedder = LabelEmbedder(args.num_classes, d, with_null=args.with_null_class)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(d, grid).unsqueeze(0), persistent=True)
         self.blocks = nn.ModuleList(
