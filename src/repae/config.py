@@ -322,7 +322,8 @@ def _toy() -> RunConfig:
         global_batch_size=64, max_steps=900, ema_decay=0.995, log_every=25,
         ckpt_every=250, sample_every=250,
     )
-    cfg.sample = SampleConfig(mode="ode", num_steps=50, num_samples=40, batch_size=40, cfg_scale=2.0)
+    # CFG 4 measured best on the default run: teacher accuracy of 200 samples 19.5% (1), 34.5% (4), 27.5% (7)
+    cfg.sample = SampleConfig(mode="ode", num_steps=50, num_samples=40, batch_size=40, cfg_scale=4.0)
     cfg.eval = EvalConfig(num_samples=300)  # 30 per class for the teacher-scored sample accuracy
     return cfg
 
