@@ -1,11 +1,16 @@
-"""One Vision Transformer for the alignment encoders (DINOv2 first; other families follow).
+"""One Vision Transformer for every alignment-encoder family (DINOv2, DINOv1, MoCo v3, MAE,
+I-JEPA, CLIP ViT), switched by `ViTArgs`.
 
 Key layout = the DINOv2 hub checkpoints (`dinov2_vit{s,b,l,g}14[_reg]`): `cls_token`,
-`pos_embed`, `mask_token`, optional `register_tokens`, `patch_embed.proj`,
-`blocks.N.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,mlp.fc2 | mlp.w12,mlp.w3,ls2.gamma}`, `norm`.
-`forward` returns LayerNorm-ed patch tokens [B,N,D] without CLS/registers, like DINOv2's
-`x_norm_patchtokens`. Position embeddings are resampled once, at load time, to the grid
-the SiT needs (`resample_pos_embed`), so the forward pass never interpolates.
+`pos_embed`, `mask_token`, optional `register_tokens`, `patch_embed.proj`, optional `norm_pre`,
+`blocks.N.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,mlp.fc2 | mlp.w12,mlp.w3,ls2.gamma}`,
+`norm`. Other families' files are renamed into this layout by `repae.models.encoder_weights`.
+
+`forward` returns patch tokens [B,N,D] without CLS/registers: LayerNorm-ed (DINOv2's
+`x_norm_patchtokens`, DINOv1, MoCo v3, I-JEPA) or the raw last block output where the
+reference takes it so (MAE's `forward_features`, CLIP's transformer output before `ln_post`).
+Position embeddings are resampled once, at load time, to the grid the SiT needs
+(`resample_pos_embed`), so the forward pass never interpolates.
 """
 
 from __future__ import annotations
@@ -26,9 +31,15 @@ class ViTArgs:
     grid: int = 16  # patch grid the position embedding holds (after resampling)
     mlp_ratio: float = 4.0
     num_registers: int = 0
-    layer_scale: bool = True
-    swiglu: bool = False
-    eps: float = 1e-6
+    layer_scale: bool = True  # DINOv2's ls1/ls2
+    swiglu: bool = False  # DINOv2-g's fused SwiGLU FFN
+    eps: float = 1e-6  # LayerNorm eps (CLIP: 1e-5)
+    class_token: bool = True  # I-JEPA has none
+    mask_token: bool = True  # DINOv2 keeps one in its checkpoints (unused here)
+    patch_bias: bool = True  # CLIP's conv1 has no bias
+    norm_pre: bool = False  # CLIP's ln_pre after the embeddings
+    final_norm: bool = True  # apply `norm` to the output (MAE's and CLIP's features skip it)
+    act: str = "gelu"  # gelu (erf) | quick_gelu (CLIP)
 
 
 class LayerScale(nn.Module):
@@ -54,14 +65,20 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(a) * b)
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's GELU approximation x * sigmoid(1.702 x); its weights were trained with it."""
+    return x * torch.sigmoid(1.702 * x)
+
+
 class _Mlp(nn.Module):
-    def __init__(self, dim: int, mlp_ratio: float):
+    def __init__(self, dim: int, mlp_ratio: float, act: str):
         super().__init__()
         self.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
         self.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
+        self.act = quick_gelu if act == "quick_gelu" else F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class _Attention(nn.Module):
@@ -84,7 +101,7 @@ class _Block(nn.Module):
         self.attn = _Attention(a.embed_dim, a.num_heads)
         self.ls1 = LayerScale(a.embed_dim) if a.layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(a.embed_dim, eps=a.eps)
-        self.mlp = SwiGLU(a.embed_dim, a.mlp_ratio) if a.swiglu else _Mlp(a.embed_dim, a.mlp_ratio)
+        self.mlp = SwiGLU(a.embed_dim, a.mlp_ratio) if a.swiglu else _Mlp(a.embed_dim, a.mlp_ratio, a.act)
         self.ls2 = LayerScale(a.embed_dim) if a.layer_scale else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,52 +110,65 @@ class _Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, patch: int, dim: int):
+    def __init__(self, patch: int, dim: int, bias: bool = True):
         super().__init__()
-        self.proj = nn.Conv2d(3, dim, patch, patch)
+        self.proj = nn.Conv2d(3, dim, patch, patch, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B,3,H,W] -> [B,N,D]
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class ViT(nn.Module):
-    """Preprocessed images [B,3,g*p,g*p] -> normalised patch tokens [B,g*g,D]."""
+    """Preprocessed images [B,3,g*p,g*p] -> patch tokens [B,g*g,D]."""
 
     def __init__(self, a: ViTArgs):
         super().__init__()
         self.args = a
         self.embed_dim = a.embed_dim
-        self.patch_embed = PatchEmbed(a.patch_size, a.embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, a.embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + a.grid * a.grid, a.embed_dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, a.embed_dim))  # unused here; kept for strict loading
+        self.num_prefix = int(a.class_token)  # tokens in pos_embed before the patches
+        self.patch_embed = PatchEmbed(a.patch_size, a.embed_dim, a.patch_bias)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, a.embed_dim)) if a.class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix + a.grid * a.grid, a.embed_dim))
+        # unused here; kept so DINOv2 checkpoints load strictly
+        self.mask_token = nn.Parameter(torch.zeros(1, a.embed_dim)) if a.mask_token else None
         self.register_tokens = nn.Parameter(torch.zeros(1, a.num_registers, a.embed_dim)) if a.num_registers else None
+        self.norm_pre = nn.LayerNorm(a.embed_dim, eps=a.eps) if a.norm_pre else nn.Identity()
         self.blocks = nn.ModuleList(_Block(a) for _ in range(a.depth))
         self.norm = nn.LayerNorm(a.embed_dim, eps=a.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embed(x)
         b, n, _ = tokens.shape
-        if n != self.pos_embed.shape[1] - 1:
+        if n != self.pos_embed.shape[1] - self.num_prefix:
             raise ValueError(f"input gives {n} patches but the position embedding holds "
-                             f"{self.pos_embed.shape[1] - 1}; resample it with resample_pos_embed")
-        x = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1) + self.pos_embed
+                             f"{self.pos_embed.shape[1] - self.num_prefix}; resample it with resample_pos_embed")
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
+        x = tokens + self.pos_embed
         if self.register_tokens is not None:  # registers go after CLS and carry no position
             x = torch.cat([x[:, :1], self.register_tokens.expand(b, -1, -1), x[:, 1:]], dim=1)
+        x = self.norm_pre(x)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)[:, 1 + self.args.num_registers:]
+        if self.args.final_norm:
+            x = self.norm(x)
+        return x[:, self.num_prefix + self.args.num_registers:]
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, grid: int, num_prefix: int = 1) -> torch.Tensor:
-    """[1, prefix + G*G, D] -> [1, prefix + grid*grid, D]: bicubic (align_corners=False, no
-    antialias) on the patch part, prefix tokens kept, as timm's resample_abs_pos_embed does."""
+    """[1, prefix + G*G, D] -> [1, prefix + grid*grid, D], prefix tokens kept.
+
+    Bicubic, align_corners=False, antialias=True, in fp32: the defaults of timm's
+    `resample_abs_pos_embed`, which REPA / REPA-E call once at load time (DINOv2's 37x37
+    grid -> 16x16 at 256 px). Antialiasing matters when shrinking, as DINOv2's grid is."""
     prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
     old = int(round(patches.shape[1] ** 0.5))
+    if old * old != patches.shape[1]:
+        raise ValueError(f"position embedding has {patches.shape[1]} patch entries, not a square grid")
     if old == grid:
         return pos_embed
     d = patches.shape[-1]
     img = patches.reshape(1, old, old, d).permute(0, 3, 1, 2).float()
-    img = F.interpolate(img, size=(grid, grid), mode="bicubic", align_corners=False, antialias=False)
+    img = F.interpolate(img, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
     patches = img.permute(0, 2, 3, 1).reshape(1, grid * grid, d).to(pos_embed.dtype)
     return torch.cat([prefix, patches], dim=1)

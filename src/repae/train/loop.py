@@ -60,13 +60,21 @@ def _toy_setup(cfg: RunConfig):
 
 
 def _encoders(cfg: RunConfig, toy) -> List:
+    """The frozen alignment encoders, one per `encoder.names` entry, from local weight files."""
+    from repae.models.encoders import load_encoder
+
     if not uses_repa(cfg):
         return []
-    if list(cfg.encoder.names) == ["toy-teacher"]:
-        if toy is None:
-            raise ConfigError("encoder 'toy-teacher' exists only in the toy world (data.source=toy)")
-        return [toy.teacher]
-    raise ConfigError(f"encoders {list(cfg.encoder.names)} are not available yet; the toy world uses toy-teacher")
+    encoders = []
+    for i, name in enumerate(cfg.encoder.names):
+        if name == "toy-teacher":
+            if toy is None:
+                raise ConfigError("encoder 'toy-teacher' exists only in the toy world (data.source=toy)")
+            encoders.append(toy.teacher)
+        else:
+            encoders.append(load_encoder(name, cfg.encoder.paths[i] if cfg.encoder.paths else None,
+                                         cfg.data.image_size))
+    return encoders
 
 
 def _data_source(cfg: RunConfig, toy):
@@ -93,6 +101,7 @@ def setup_run(cfg: RunConfig) -> Run:
     device = resolve_device(cfg.train.device)
     toy = _toy_setup(cfg) if cfg.data.source == "toy" else None
     data = _data_source(cfg, toy)
+    encoders = [e.to(device) for e in _encoders(cfg, toy)]  # early: a missing weight file fails fast
     # seed after the toy world is built or loaded, so initial weights do not depend on which happened
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
@@ -111,7 +120,6 @@ def setup_run(cfg: RunConfig) -> Run:
         regulariser = VAERegulariser(cfg.loss)
         if cfg.loss.discriminator_path:
             regulariser.load_discriminator(cfg.loss.discriminator_path)
-    encoders = [e.to(device) for e in _encoders(cfg, toy)]
     for module in (sit, vae, regulariser):
         if module is not None:
             module.to(device)

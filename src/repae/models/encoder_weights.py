@@ -1,0 +1,258 @@
+"""Published encoder weight files -> our ViT key layout (`repae.models.vit`), strictly.
+
+Each family's converter takes whatever the official file holds (a bare state dict, a
+training checkpoint with its entry and prefixes, a Hugging Face export) and returns a state
+dict in our layout. Keys the official files carry but the features never use (classifier and
+projection heads, MAE's decoder, CLIP's text tower) are dropped by name; any other key that
+does not fit is an error naming it, and `load_strict` then names the missing ones.
+
+Formats:
+- DINOv2: hub `dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth`, or a Hugging Face `facebook/dinov2-*`
+  export (`Dinov2Model` / `Dinov2WithRegistersModel`, either transformers naming scheme).
+- DINOv1: `dino_vit{small,base}{8,16}_pretrain.pth`, or a full checkpoint's `teacher` entry.
+- MoCo v3: `vit-{s,b,l}-300ep.pth.tar` (`state_dict`, `module.base_encoder.` prefix).
+- MAE: `mae_pretrain_vit_{base,large,huge}.pth` (`model` entry).
+- I-JEPA: `IN1K-vit.h.14-300e.pth.tar` (`encoder` entry, `module.` prefix), as REPA loads it.
+- CLIP: OpenAI `ViT-L-14.pt` (a TorchScript archive, or its state dict), `visual.*` keys; or a
+  Hugging Face `openai/clip-vit-large-patch14` export (`vision_model.*`).
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List
+
+import torch
+
+from repae.weights import CheckpointError, StateDict, read_file
+
+# ------------------------------------------------------------------------ reading
+
+
+def read_encoder_file(path: Path) -> dict:
+    """A weight file (torch pickle, safetensors, TorchScript archive) or a Hugging Face
+    directory (model.safetensors / pytorch_model.bin) -> the dict it holds."""
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).is_file():
+                return read_file(path / name)
+        raise CheckpointError(f"{path} is a directory without model.safetensors or pytorch_model.bin")
+    if _is_torchscript(path):
+        # OpenAI's CLIP files are TorchScript archives; torch.jit.load reads TorchScript IR,
+        # not arbitrary pickled Python, so this stays within "no code execution from files".
+        try:
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        except Exception as err:
+            raise CheckpointError(f"cannot read TorchScript archive {path}: {err}") from None
+    return read_file(path)
+
+
+def _is_torchscript(path: Path) -> bool:
+    if path.suffix == ".safetensors" or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
+
+
+def _entry(obj: dict, names: Iterable[str], source: str) -> dict:
+    """The state dict inside a training checkpoint (first entry of `names` present), or obj itself."""
+    for name in names:
+        if name in obj and isinstance(obj[name], dict):
+            return obj[name]
+    if any(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise CheckpointError(f"{source}: expected a state dict or one of the entries {list(names)}, found {sorted(obj)[:10]}")
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def _drop(state: dict, patterns: List[str]) -> dict:
+    """Remove keys the features never use (heads, decoders, text towers), by regex."""
+    return {k: v for k, v in state.items() if not any(re.match(p, k) for p in patterns)}
+
+
+# ------------------------------------------------------------------------ DINOv2
+
+_HF_LAYER_RENAMES = [  # (old transformers name | transformers>=5 name) -> hub name
+    ("attention.output.dense", "attn.proj"), ("attention.o_proj", "attn.proj"),
+    ("layer_scale1.lambda1", "ls1.gamma"), ("layer_scale2.lambda1", "ls2.gamma"),
+    ("mlp.weights_in", "mlp.w12"), ("mlp.weights_out", "mlp.w3"), ("mlp.down_proj", "mlp.w3"),
+]
+_HF_FUSED = {  # hub name -> parts to concatenate, in either naming scheme
+    "attn.qkv": (["attention.attention.query", "attention.attention.key", "attention.attention.value"],
+                 ["attention.q_proj", "attention.k_proj", "attention.v_proj"]),
+    "mlp.w12": (["mlp.gate_proj", "mlp.up_proj"],),
+}
+
+
+def hf_dinov2_to_hub(state: dict) -> dict:
+    """Hugging Face `Dinov2Model` / `Dinov2WithRegistersModel` state dict (either transformers
+    naming scheme) -> DINOv2 hub layout (fused qkv and SwiGLU w12, ls*.gamma, blocks.N)."""
+    state = {k.removeprefix("dinov2."): v for k, v in state.items()}
+    embed = {"embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
+             "embeddings.position_embeddings": "pos_embed", "embeddings.register_tokens": "register_tokens",
+             "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+             "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+             "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
+    out = {embed[k]: v for k, v in state.items() if k in embed}
+    fused_parts = {p for schemes in _HF_FUSED.values() for scheme in schemes for p in scheme}
+    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layer.")})
+    for i in layers:
+        prefix = f"encoder.layer.{i}."
+        for key, value in state.items():
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix):]
+            if rest.rsplit(".", 1)[0] in fused_parts:
+                continue
+            for old, new in _HF_LAYER_RENAMES:
+                rest = rest.replace(old, new)
+            out[f"blocks.{i}.{rest}"] = value
+        for hub, schemes in _HF_FUSED.items():
+            for scheme in schemes:
+                if f"{prefix}{scheme[0]}.weight" in state:
+                    for part in ("weight", "bias"):
+                        out[f"blocks.{i}.{hub}.{part}"] = torch.cat([state[f"{prefix}{n}.{part}"] for n in scheme])
+    return out
+
+
+def convert_dinov2(obj: dict, source: str) -> StateDict:
+    state = _entry(obj, ["teacher", "model"], source)
+    state = _strip(_strip(state, "module."), "backbone.")
+    if any(k.startswith(("embeddings.", "dinov2.embeddings.")) for k in state):
+        state = hf_dinov2_to_hub(_drop(state, [r"(dinov2\.)?pooler\.", r"classifier\."]))
+    return _drop(state, [r"head\.", r"dino_head\.", r"ibot_head\."])
+
+
+# ------------------------------------------------------------- DINOv1, MAE, I-JEPA
+
+
+def convert_dinov1(obj: dict, source: str) -> StateDict:
+    state = _strip(_strip(_entry(obj, ["teacher"], source), "module."), "backbone.")
+    return _drop(state, [r"head\."])
+
+
+def convert_mae(obj: dict, source: str) -> StateDict:
+    # MAE's visualisation checkpoints also hold the decoder; its mask_token belongs to the decoder
+    state = _entry(obj, ["model"], source)
+    return _drop(state, [r"decoder", r"mask_token$", r"head\.", r"fc_norm\."])
+
+
+def convert_ijepa(obj: dict, source: str) -> StateDict:
+    # REPA aligns to the context `encoder` entry of the I-JEPA checkpoint (not `target_encoder`)
+    return _strip(_entry(obj, ["encoder"], source), "module.")
+
+
+# ------------------------------------------------------------------------ MoCo v3
+
+# The MoCo v3 ViT-L checkpoint misnames four keys; REPA renames them the same way.
+_MOCOV3_FIXES = [("blocks.13.norm13", "blocks.13.norm1"), ("blocks.13.mlp.fc13", "blocks.13.mlp.fc1"),
+                 ("blocks.14.norm14", "blocks.14.norm2"), ("blocks.14.mlp.fc14", "blocks.14.mlp.fc2")]
+
+
+def convert_mocov3(obj: dict, source: str) -> StateDict:
+    state = _entry(obj, ["state_dict"], source)
+    prefix = "module.base_encoder."
+    if any(k.startswith(prefix) for k in state):  # training checkpoint: keep the base encoder only
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    out = {}
+    for key, value in state.items():
+        for old, new in _MOCOV3_FIXES:
+            key = key.replace(old, new)
+        out[key] = value
+    return _drop(out, [r"head\.", r"fc\."])
+
+
+# ------------------------------------------------------------------------ CLIP
+
+
+def convert_clip(obj: dict, source: str) -> StateDict:
+    """OpenAI CLIP (`visual.*` or a bare visual tower) or HF CLIP (`vision_model.*`) -> our layout."""
+    state = _entry(obj, ["state_dict", "model"], source)
+    if any(k.startswith("vision_model.") for k in state):  # CLIPModel: keep the vision tower
+        state = _strip({k: v for k, v in state.items() if k.startswith("vision_model.")}, "vision_model.")
+    if "embeddings.patch_embedding.weight" in state:  # Hugging Face naming
+        return _hf_clip(state)
+    if any(k.startswith("visual.") for k in state):
+        state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+    state = _drop(state, [r"proj$"])  # the image-text projection
+    names = {"conv1.weight": "patch_embed.proj.weight", "ln_pre.weight": "norm_pre.weight",
+             "ln_pre.bias": "norm_pre.bias", "ln_post.weight": "norm.weight", "ln_post.bias": "norm.bias"}
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key == "class_embedding":
+            out["cls_token"] = value.reshape(1, 1, -1)
+        elif key == "positional_embedding":
+            out["pos_embed"] = value.unsqueeze(0)
+        elif key in names:
+            out[names[key]] = value
+        else:
+            m = re.match(r"transformer\.resblocks\.(\d+)\.(.*)", key)
+            rest = m.group(2) if m else key
+            for old, new in [("attn.in_proj_", "attn.qkv."), ("attn.out_proj", "attn.proj"), ("ln_1", "norm1"),
+                             ("ln_2", "norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")]:
+                rest = rest.replace(old, new)
+            out[f"blocks.{m.group(1)}.{rest}" if m else key] = value
+    return out
+
+
+def _hf_clip(state: dict) -> StateDict:
+    names = {"embeddings.class_embedding": "cls_token", "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+             "embeddings.position_embedding.weight": "pos_embed", "pre_layrnorm.weight": "norm_pre.weight",
+             "pre_layrnorm.bias": "norm_pre.bias", "post_layernorm.weight": "norm.weight",
+             "post_layernorm.bias": "norm.bias"}
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in _drop(state, [r"embeddings\.position_ids$"]).items():
+        if key in names:
+            out[names[key]] = value.reshape(1, 1, -1) if key.endswith("class_embedding") else (
+                value.unsqueeze(0) if key.endswith("position_embedding.weight") else value)
+            continue
+        m = re.match(r"encoder\.layers\.(\d+)\.(.*)", key)
+        if not m:
+            out[key] = value  # unknown: left for load_strict to name
+            continue
+        i, rest = m.group(1), m.group(2)
+        if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+            continue  # fused below
+        for old, new in [("self_attn.out_proj", "attn.proj"), ("layer_norm1", "norm1"), ("layer_norm2", "norm2")]:
+            rest = rest.replace(old, new)
+        out[f"blocks.{i}.{rest}"] = value
+    layers = {int(m.group(1)) for k in state for m in [re.match(r"encoder\.layers\.(\d+)\.", k)] if m}
+    for i in layers:
+        for part in ("weight", "bias"):
+            out[f"blocks.{i}.attn.qkv.{part}"] = torch.cat(
+                [state[f"encoder.layers.{i}.self_attn.{p}.{part}"] for p in ("q_proj", "k_proj", "v_proj")])
+    return out
+
+
+CONVERTERS: Dict[str, Callable[[dict, str], StateDict]] = {
+    "dinov2": convert_dinov2, "dinov1": convert_dinov1, "mocov3": convert_mocov3,
+    "mae": convert_mae, "jepa": convert_ijepa, "clip": convert_clip,
+}
+
+
+# --------------------------------------------------------------------- hub ids
+
+
+def resolve_hub_id(ref: str) -> Path:
+    """`hf:owner/name` -> a local snapshot directory via huggingface_hub (weights + config only).
+
+    Clear CheckpointError when huggingface_hub is missing or the hub cannot be reached and the
+    files are not in its cache."""
+    repo_id = ref.removeprefix("hf:")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{ref}: resolving hub ids needs huggingface_hub (pip install 'repae[hub]'); "
+                              f"or download {repo_id} yourself and pass its local directory") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json", "*.bin"]))
+    except Exception as err:  # offline, unknown repo, no cache: one message either way
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot resolve {ref} through huggingface_hub ({reason}); download {repo_id} "
+                              f"on a machine with internet and pass its local directory as the encoder path") from None
+
