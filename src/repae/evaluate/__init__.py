@@ -1,0 +1,1 @@
+"""Evaluation metrics: FID family, reconstruction metrics, alignment (CKNNA), latent statistics."""
