@@ -84,12 +84,16 @@ def denoising_loss(v_pred: torch.Tensor, v_target: torch.Tensor) -> torch.Tensor
 
 
 def drop_labels(
-    labels: torch.Tensor, prob: float, null_class: int, generator: Optional[torch.Generator] = None
+    labels: torch.Tensor, prob: float, null_class: int, generator: Optional[torch.Generator] = None,
+    uniform: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Replace each label by the null class with probability `prob` (CFG training). [B] -> [B]."""
+    """Replace each label by the null class with probability `prob` (CFG training). [B] -> [B].
+    `uniform` ([B] in [0,1)) replaces the draw from `generator` when given."""
     if prob <= 0:
         return labels
-    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < prob
+    if uniform is None:
+        uniform = torch.rand(labels.shape, generator=generator, device=labels.device)
+    drop = uniform < prob
     return torch.where(drop, torch.full_like(labels, null_class), labels)
 
 

@@ -261,12 +261,15 @@ class VAERegulariser(nn.Module):
         state = state.get("discriminator", state) if isinstance(state.get("discriminator"), dict) else state
         load_strict(self.discriminator, state, str(path))
 
-    def discriminator_terms(self, x: torch.Tensor, recon: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def discriminator_terms(self, x: torch.Tensor, recon: torch.Tensor,
+                            discriminator: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
         """Hinge loss of D on real x vs detached recon (+ LeCam). Gives no gradient to the VAE.
-        The caller skips the discriminator update while `gan_active(step)` is False."""
+        The caller skips the discriminator update while `gan_active(step)` is False.
+        `discriminator`: the module to run (its DDP wrapper with several ranks); default ours."""
+        disc = discriminator or self.discriminator
         with fp32():
-            logits_real = self.discriminator(x.detach().float())
-            logits_fake = self.discriminator(recon.detach().float())
+            logits_real = disc(x.detach().float())
+            logits_fake = disc(recon.detach().float())
             terms = {"disc": hinge_d_loss(logits_real, logits_fake)}
             if self.lecam is not None:
                 terms["lecam"] = self.cfg.lecam_weight * self.lecam(logits_real, logits_fake)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from repae.data.sampler import ResumableOrder
+from repae.data.sampler import ResumableOrder, rank_slice
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jpe"}
 
@@ -79,7 +79,7 @@ class ImageFolder(Dataset):
             # the flip is a function of the index, so a resumed run sees the same pixels
             if self.hflip and random.Random(self.seed * 1_000_003 + i).random() < 0.5:
                 arr = arr[:, ::-1]
-            return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1), self.labels[j], bad
+            return torch.from_numpy(np.array(arr)).permute(2, 0, 1), self.labels[j], bad  # writable copy
         raise RuntimeError(f"100 unreadable images in a row from {self.files[i]}: is this an image folder?")
 
 
@@ -92,16 +92,17 @@ class DatasetBatches:
     """Batches from a Dataset through a DataLoader, resumable exactly: the order is drawn from a
     ResumableOrder and the state advances only for batches actually consumed."""
 
-    def __init__(self, dataset: Dataset, seed: int = 0, num_workers: int = 0):
+    def __init__(self, dataset: Dataset, seed: int = 0, num_workers: int = 0, rank: int = 0, world: int = 1):
         self.dataset, self.num_workers = dataset, num_workers
         self.order = ResumableOrder(len(dataset), seed)
+        self.rank, self.world = rank, world  # each rank loads only its slice of every global batch
         self.bad_images = 0
         self._it, self._batch = None, None
 
     def _loader(self, batch_size: int):
         ahead = ResumableOrder(self.order.n, self.order.seed)
         ahead.load_state_dict(self.order.state_dict())
-        batches = (ahead.take(batch_size).tolist() for _ in itertools.count())
+        batches = (rank_slice(ahead.take(batch_size), self.rank, self.world).tolist() for _ in itertools.count())
         return iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
                                collate_fn=_collate, persistent_workers=self.num_workers > 0))
 

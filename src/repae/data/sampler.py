@@ -44,15 +44,28 @@ class ResumableOrder:
         self._perm = self._permutation(self.epoch)
 
 
-class TensorBatches:
-    """Batches from an in-memory uint8 image tensor [N,3,H,W] and labels [N]."""
+def rank_slice(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's contiguous part of a global batch's indices (equal parts; the config checks
+    that the global batch divides by the world size)."""
+    if len(indices) % world:
+        raise ValueError(f"a batch of {len(indices)} does not split over {world} processes")
+    per = len(indices) // world
+    return indices[rank * per:(rank + 1) * per]
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, seed: int = 0):
+
+class TensorBatches:
+    """Batches from an in-memory uint8 image tensor [N,3,H,W] and labels [N].
+
+    Every rank walks the same global order; `next(global_batch)` returns this rank's slice, so
+    W processes see exactly the images one process would see, and the position resumes alike."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, seed: int = 0, rank: int = 0, world: int = 1):
         self.images, self.labels = images, labels
         self.order = ResumableOrder(len(images), seed)
+        self.rank, self.world = rank, world
 
     def next(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        idx = self.order.take(batch_size)
+        idx = rank_slice(self.order.take(batch_size), self.rank, self.world)
         return self.images[idx], self.labels[idx]
 
     def state_dict(self) -> dict:

@@ -46,8 +46,10 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:  # [B,C,H,W]
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """mean + std * noise, [B,C,H,W]; noise drawn from `generator` unless given."""
+        if noise is None:
+            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * noise
 
     def mode(self) -> torch.Tensor:
@@ -232,8 +234,13 @@ class AutoencoderKL(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:  # [B,z,h,w] -> [B,3,h*f,w*f]
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
-        """Returns (posterior, z sample, reconstruction)."""
+    @property
+    def z_channels(self) -> int:
+        return self.args.z_channels
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                decode: bool = True):
+        """Returns (posterior, z sample, reconstruction or None). One call, so DDP sees the whole pass."""
         posterior = self.encode(x)
-        z = posterior.sample(generator)
-        return posterior, z, self.decode(z)
+        z = posterior.sample(generator, noise)
+        return posterior, z, self.decode(z) if decode else None

@@ -185,7 +185,8 @@ class DiffusersVAEAdapter(torch.nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:  # [B,z,h,w] -> [B,3,h*f,w*f]
         return self.vae.decode(z).sample
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                decode: bool = True):
         posterior = self.encode(x)
-        z = posterior.sample(generator)
-        return posterior, z, self.decode(z)
+        z = posterior.sample(generator, noise)
+        return posterior, z, self.decode(z) if decode else None

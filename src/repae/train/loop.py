@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 import torch
 from tqdm.auto import tqdm
 
+from repae import dist
 from repae.build import build_sit, build_vae, uses_repa, vae_args
 from repae.models.vae import AutoencoderKL
 from repae.config import ConfigError, RunConfig, save_config, to_dict
@@ -43,16 +44,16 @@ class Run:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """This process's device; joins the torchrun process group first when WORLD_SIZE > 1."""
+    return dist.init_from_env(name)
 
 
 def _toy_setup(cfg: RunConfig):
     """Build/load the toy world and point the config's VAE, stats and encoder at it."""
     from repae.toyworld import ensure_toy_world
 
-    world = ensure_toy_world(vae_args(cfg), cfg.toy)
+    with dist.main_first():  # rank 0 builds the cache, the others then read it
+        world = ensure_toy_world(vae_args(cfg), cfg.toy)
     if not cfg.vae.from_scratch:
         cfg.vae.path = cfg.vae.path or str(world.vae_path)
         cfg.vae.latent_stats_path = cfg.vae.latent_stats_path or str(world.latent_stats_path)
@@ -82,7 +83,8 @@ def _data_source(cfg: RunConfig, toy):
     from repae.data.folder import DatasetBatches, ImageFolder
 
     if toy is not None:
-        return TensorBatches(toy.train_images, toy.train_labels, seed=cfg.train.seed)
+        return TensorBatches(toy.train_images, toy.train_labels, seed=cfg.train.seed, rank=dist.rank(),
+                             world=dist.world_size())
     if cfg.data.source not in ("folder", "imagenet"):
         raise ConfigError(f"data.source={cfg.data.source!r} is not supported yet; use toy, folder or imagenet")
     if not cfg.data.path:
@@ -94,7 +96,8 @@ def _data_source(cfg: RunConfig, toy):
     if len(dataset.classes) > cfg.model.num_classes:
         raise ConfigError(f"{cfg.data.path} has {len(dataset.classes)} classes but model.num_classes="
                           f"{cfg.model.num_classes}")
-    return DatasetBatches(dataset, seed=cfg.train.seed, num_workers=cfg.data.num_workers)
+    return DatasetBatches(dataset, seed=cfg.train.seed, num_workers=cfg.data.num_workers, rank=dist.rank(),
+                          world=dist.world_size())
 
 
 def setup_run(cfg: RunConfig) -> Run:
@@ -225,15 +228,20 @@ def train_steps(run: Run, until: int, on_log=None, progress: bool = True) -> Non
             sums[k] = sums.get(k, 0) + v.detach().float()
         count += 1
         if run.step % cfg.train.log_every == 0 or run.step == until:
-            record = {"step": run.step, **{k: round(float(v) / count, 6) for k, v in sums.items()},
+            # the only cross-rank metric traffic: one all-reduce per log line, not per step
+            keys = sorted(sums)
+            means = dist.all_reduce_sum(torch.stack([sums[k] for k in keys]).cpu()) / (count * dist.world_size())
+            record = {"step": run.step, **{k: round(float(v), 6) for k, v in zip(keys, means)},
                       "images_per_s": round(count * cfg.train.global_batch_size / step_seconds, 2)}
             bar.set_postfix(diff=f"{record.get('diffusion', 0):.3f}", img_s=f"{record['images_per_s']:.0f}")
             if on_log:
                 on_log(record)
             sums, count, step_seconds = {}, 0, 0.0
         if run.step % cfg.train.ckpt_every == 0 or run.step == until:
-            save(run)
-        if run.step % cfg.train.sample_every == 0 or run.step == until:
+            if dist.is_main():
+                save(run)
+            dist.barrier()
+        if (run.step % cfg.train.sample_every == 0 or run.step == until) and dist.is_main():
             write_samples(run)
     bar.close()
 
@@ -289,20 +297,27 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     start = time.perf_counter()
     run = setup_run(cfg)
     resumed = try_resume(run)
-    save_config(cfg, cfg.run_dir / "config.yaml")
-    if resumed:
-        tqdm.write(f"resuming {cfg.run_dir} from step {run.step}")
-    log = MetricsLog(cfg.run_dir / "metrics.jsonl", resumed_step=run.step if resumed else 0)
-    sinks = [log, *extra_sinks(list(cfg.train.log_to), cfg.run_dir, to_dict(cfg))]
+    main = dist.is_main()  # only rank 0 writes files; every rank trains
+    sinks: list = []
+    if main:
+        save_config(cfg, cfg.run_dir / "config.yaml")
+        if resumed:
+            tqdm.write(f"resuming {cfg.run_dir} from step {run.step}")
+        log = MetricsLog(cfg.run_dir / "metrics.jsonl", resumed_step=run.step if resumed else 0)
+        sinks = [log, *extra_sinks(list(cfg.train.log_to), cfg.run_dir, to_dict(cfg))]
     first_step = run.step
-    train_steps(run, cfg.train.max_steps, on_log=lambda record: [sink(record) for sink in sinks], progress=progress)
+    train_steps(run, cfg.train.max_steps, on_log=lambda record: [sink(record) for sink in sinks],
+                progress=progress and main)
+    bad = int(dist.all_reduce_sum(torch.tensor([getattr(run.data, "bad_images", 0)])).item())
+    if not main:
+        return {"steps": run.step, "rank": dist.rank()}
     records = log.read()
     summary = {"steps": run.step, "steps_this_invocation": run.step - first_step,
                "wall_seconds": round(time.perf_counter() - start, 1),
                "images_per_s": records[-1]["images_per_s"] if records else None,
-               "final": records[-1] if records else {}}
+               "world_size": dist.world_size(), "final": records[-1] if records else {}}
     if hasattr(run.data, "bad_images"):
-        summary["unreadable_images_skipped"] = run.data.bad_images
+        summary["unreadable_images_skipped"] = bad
     if run.toy is not None:
         summary["toy"] = toy_summary(run)
     if records:

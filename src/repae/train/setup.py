@@ -11,6 +11,8 @@ from repae.config import OptimConfig, RunConfig
 from repae.losses import VAERegulariser
 from repae.models.sit import SiT
 from repae.train.ema import EMA
+from repae.build import uses_repa
+from repae.train.replicas import current_shard, wrap
 from repae.train.step import FeatureFn, Trainables
 
 
@@ -34,9 +36,18 @@ def make_trainables(cfg: RunConfig, sit: SiT, vae: nn.Module, encoders: Sequence
     disc_opt = None
     if regulariser is not None and cfg.train.tune_vae and cfg.train.use_reg_loss and cfg.loss.gan_weight > 0:
         disc_opt = adamw(list(regulariser.discriminator.parameters()), cfg.optim_disc)
+    device = next(sit.parameters()).device
+    # DDP needs every trained parameter to get a gradient, or to be told some will not:
+    # projectors with no SiT REPA term, the decoder without L_REG.
+    sit_unused = uses_repa(cfg) and cfg.loss.proj_coeff == 0
     return Trainables(
         sit=sit, ema=EMA(sit, cfg.train.ema_decay), vae=vae, regulariser=regulariser, encoders=list(encoders),
         sit_opt=adamw(sit_params, cfg.optim_sit),
         vae_opt=adamw(vae_params, cfg.optim_vae) if vae_params else None,
         disc_opt=disc_opt, sit_params=sit_params, vae_params=vae_params,
+        sit_train=wrap(sit, device, find_unused=sit_unused),
+        vae_train=wrap(vae, device, find_unused=not cfg.train.use_reg_loss) if cfg.train.tune_vae else None,
+        # the PatchGAN's BatchNorm buffers follow rank 0, as DDP's default does
+        disc_train=wrap(regulariser.discriminator, device, broadcast_buffers=True) if disc_opt else None,
+        shard=current_shard(),
     )

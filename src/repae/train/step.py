@@ -24,6 +24,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from repae import dist
 from repae.config import RunConfig
 from repae.flow import denoising_loss, drop_labels, interpolate, sample_time, velocity_target
 from repae.losses import VAERegulariser, repa_loss
@@ -31,6 +32,7 @@ from repae.models.sit import SiT
 from repae.nn_utils import frozen
 from repae.pixels import to_vae_range
 from repae.train.ema import EMA
+from repae.train.replicas import Shard, no_sync
 
 # uint8 images [B,3,H,W] -> patch features [B,N,D]
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -50,6 +52,17 @@ class Trainables:
     disc_opt: Optional[torch.optim.Optimizer] = None
     sit_params: List[nn.Parameter] = field(default_factory=list)
     vae_params: List[nn.Parameter] = field(default_factory=list)
+    # The training passes go through these: DDP wrappers with several ranks, the modules otherwise.
+    sit_train: Optional[nn.Module] = None
+    vae_train: Optional[nn.Module] = None
+    disc_train: Optional[nn.Module] = None
+    shard: Shard = field(default_factory=Shard)
+
+    def __post_init__(self) -> None:
+        self.sit_train = self.sit_train or self.sit
+        self.vae_train = self.vae_train or self.vae
+        if self.disc_train is None and self.regulariser is not None:
+            self.disc_train = self.regulariser.discriminator
 
 
 @contextmanager
@@ -79,16 +92,31 @@ def alignment_loss_for_vae(sit: SiT, z: torch.Tensor, t: torch.Tensor, noise: to
 
 
 def sit_losses(sit: SiT, z: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor,
-               feats: List[torch.Tensor], cfg: RunConfig) -> Dict[str, torch.Tensor]:
-    """Step 3: diffusion + REPA loss of the SiT. z is already detached unless stop_grad is off."""
+               feats: List[torch.Tensor], cfg: RunConfig, forward: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
+    """Step 3: diffusion + REPA loss of the SiT. z is already detached unless stop_grad is off.
+    `forward` is the SiT's training pass (its DDP wrapper when there are several ranks)."""
     with bn_mode(sit, train=cfg.latent_norm.mode == "batch"):
         z_norm = sit.bn(z)
     x_t = interpolate(z_norm, noise, t, cfg.flow.path_type)
-    out = sit(x_t, t, y)
+    out = (forward or sit)(x_t, t, y)
     terms = {"diffusion": denoising_loss(out.velocity, velocity_target(z_norm, noise, t, cfg.flow.path_type)).mean()}
     if cfg.loss.proj_coeff > 0:
         terms["repa_sit"] = cfg.loss.proj_coeff * repa_loss(out.projected, feats)
     return terms
+
+
+def draw_step_noise(m: Trainables, x: torch.Tensor, cfg: RunConfig, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    """The step's random draws, made for the global micro-batch and sliced to this rank's share
+    (see repae.train.replicas): posterior noise, t, diffusion noise, label-dropout uniforms."""
+    n, device = m.shard.global_size(x.shape[0]), x.device
+    f = m.vae.downsample_factor
+    shape = (n, m.vae.z_channels, x.shape[-2] // f, x.shape[-1] // f)
+    draws = {"posterior": torch.randn(shape, generator=gen, device=device),
+             "t": sample_time(n, cfg.flow.time_sampling, cfg.flow.path_type, cfg.flow.lognormal_mean,
+                              cfg.flow.lognormal_std, generator=gen, device=device),
+             "noise": torch.randn(shape, generator=gen, device=device),
+             "label_drop": torch.rand(n, generator=gen, device=device)}
+    return {k: m.shard.take(v) for k, v in draws.items()}
 
 
 def micro_step(m: Trainables, images: torch.Tensor, labels: torch.Tensor, cfg: RunConfig, step: int,
@@ -98,17 +126,15 @@ def micro_step(m: Trainables, images: torch.Tensor, labels: torch.Tensor, cfg: R
     device = images.device
     feats = teacher_features(m.encoders, images) if uses_alignment(cfg) else []           # 0. teacher
     x = to_vae_range(images)
-    posterior = m.vae.encode(x)                                                           # 1. VAE
-    z = posterior.sample(gen)
-    recon = m.vae.decode(z) if (cfg.train.tune_vae and cfg.train.use_reg_loss) else None
-    t = sample_time(x.shape[0], cfg.flow.time_sampling, cfg.flow.path_type, cfg.flow.lognormal_mean,
-                    cfg.flow.lognormal_std, generator=gen, device=device)               # shared t ...
-    noise = torch.randn(z.shape, generator=gen, device=device, dtype=z.dtype)             # ... and noise
+    draws = draw_step_noise(m, x, cfg, gen)
+    t, noise = draws["t"], draws["noise"]                                                 # shared t and noise
+    need_recon = cfg.train.tune_vae and cfg.train.use_reg_loss
+    vae_pass = m.vae_train if cfg.train.tune_vae else m.vae
+    posterior, z, recon = vae_pass(x, noise=draws["posterior"], decode=need_recon)        # 1. VAE
     logs: Dict[str, torch.Tensor] = {}
 
-    vae_loss = None
+    vae_loss = torch.zeros((), device=device)
     if cfg.train.tune_vae:                                                                # 2. VAE loss
-        vae_loss = torch.zeros((), device=device)
         if cfg.train.use_reg_loss:
             reg = m.regulariser.generator_terms(x, recon, posterior, step,
                                                 decoder_last=m.vae.decoder.conv_out.weight)
@@ -118,17 +144,16 @@ def micro_step(m: Trainables, images: torch.Tensor, labels: torch.Tensor, cfg: R
             align = alignment_loss_for_vae(m.sit, z, t, noise, labels, feats, cfg)
             logs["repa_vae"] = align.detach()
             vae_loss = vae_loss + cfg.loss.vae_align_proj_coeff * align
-        if vae_loss.requires_grad:
-            # without stop-grad the SiT loss below also runs through the VAE graph: keep it
-            (scale * vae_loss).backward(retain_graph=not cfg.train.stop_grad)
+        logs["vae_loss"] = vae_loss.detach()
 
     z_sit = z.detach() if cfg.train.stop_grad else z                                      # stop-gradient
-    y_drop = drop_labels(labels, cfg.model.class_dropout_prob, m.sit.null_class, gen)     # CFG label dropout
-    sit_terms = sit_losses(m.sit, z_sit, t, noise, y_drop, feats, cfg)                    # 3. SiT loss
-    (scale * sum(sit_terms.values())).backward()
+    y_drop = drop_labels(labels, cfg.model.class_dropout_prob, m.sit.null_class,
+                         uniform=draws["label_drop"])                                     # CFG label dropout
+    sit_terms = sit_losses(m.sit, z_sit, t, noise, y_drop, feats, cfg, forward=m.sit_train)  # 3. SiT loss
     logs.update({k: v.detach() for k, v in sit_terms.items()})
-    if vae_loss is not None:
-        logs["vae_loss"] = vae_loss.detach()
+    # One backward for both losses: the frozen alignment pass gives the SiT no gradient from
+    # the VAE loss, and the stop-gradient gives the VAE none from the SiT loss.
+    (scale * (vae_loss + sum(sit_terms.values()))).backward()
     return logs, x, recon.detach() if recon is not None else None
 
 
@@ -159,14 +184,16 @@ def repae_step(m: Trainables, batches: Sequence[Tuple[torch.Tensor, torch.Tensor
     scale = 1.0 / len(batches)
     logs: Dict[str, torch.Tensor] = {}
     for_disc = []
-    for images, labels in batches:
-        micro, x, recon = micro_step(m, images, labels, cfg, step, scale, gen)
+    for i, (images, labels) in enumerate(batches):
+        with no_sync([m.sit_train, m.vae_train], skip_sync=i < len(batches) - 1):  # all-reduce once
+            micro, x, recon = micro_step(m, images, labels, cfg, step, scale, gen)
         for k, v in micro.items():
             logs[k] = logs.get(k, 0) + scale * v
         if recon is not None:
             for_disc.append((x, recon))
-    # one host sync per step: skip the update when any loss is NaN/inf
-    if not bool(torch.isfinite(torch.stack([v.float() for v in logs.values()])).all()):
+    # one host sync per step: skip the update when any loss is NaN/inf on any rank
+    nonfinite = (~torch.isfinite(torch.stack([v.float() for v in logs.values()]))).any().float().reshape(1)
+    if dist.all_reduce_sum(nonfinite).item() > 0:
         _zero(m.sit_opt, m.vae_opt, m.disc_opt)
         return {**logs, "skipped": torch.ones(())}
 
@@ -176,9 +203,10 @@ def repae_step(m: Trainables, batches: Sequence[Tuple[torch.Tensor, torch.Tensor
 
     reg = m.regulariser
     if reg is not None and m.disc_opt is not None and for_disc and reg.gan_active(step):  # discriminator
-        for x, recon in for_disc:
-            d_terms = reg.discriminator_terms(x, recon)
-            (scale * d_terms["total"]).backward()
+        for i, (x, recon) in enumerate(for_disc):
+            with no_sync([m.disc_train], skip_sync=i < len(for_disc) - 1):
+                d_terms = reg.discriminator_terms(x, recon, discriminator=m.disc_train)
+                (scale * d_terms["total"]).backward()
             for k in ("disc", "logits_real", "logits_fake"):
                 logs[k] = logs.get(k, 0) + scale * d_terms[k].detach()
         logs["grad_norm_disc"] = _clip_and_step(m.disc_opt, list(reg.discriminator.parameters()),

@@ -1,0 +1,74 @@
+"""Process-group helpers: rank, world size, barrier, sum all-reduce. No-ops in a single process
+(torch.distributed unavailable or not initialised), so library code can call them unconditionally."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as torch_dist
+
+
+def is_distributed() -> bool:
+    """True when a torch.distributed process group is initialised."""
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process)."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        torch_dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over all processes, in place; returns it. Unchanged in a single process."""
+    if is_distributed() and world_size() > 1:
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor
+
+
+def local_rank() -> int:
+    import os
+
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_from_env(device_name: str = "auto") -> torch.device:
+    """Join the process group torchrun describes (WORLD_SIZE > 1) and pick this rank's device.
+
+    NCCL on CUDA, gloo on CPU. In a single process nothing is initialised and the device is
+    `device_name` (auto: cuda if available)."""
+    import os
+
+    want_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
+        torch_dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    if want_cuda:
+        named = torch.device(device_name) if device_name.startswith("cuda") else torch.device("cuda")
+        device = torch.device("cuda", local_rank() if is_distributed() else (named.index or 0))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu" if device_name == "auto" else device_name)
+
+
+class main_first:
+    """Context manager: rank 0 runs the block first (e.g. builds a cache), the others after it."""
+
+    def __enter__(self):
+        if not is_main():
+            barrier()
+
+    def __exit__(self, *exc):
+        if is_main():
+            barrier()
+        return False
