@@ -1,0 +1,166 @@
+"""Gaussian feature statistics and the Fréchet distance, as the ADM evaluator defines them.
+
+ADM (openai/guided-diffusion `evaluations/evaluator.py`): `mu = mean(acts, 0)`,
+`sigma = np.cov(acts, rowvar=False)` (float64, normalised by N-1), and `FIDStatistics.
+frechet_distance` (TTUR's formula with an eps fallback). `FeatureStats` gets the same numbers by
+streaming: it keeps the count, the feature sum and the sum of outer products in float64, so 50K
+feature vectors never sit in memory, and processes can sum their parts (`all_reduce`).
+Stats files use ADM's key names: `mu`, `sigma` (pool_3) and `mu_s`, `sigma_s` (spatial, sFID).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import NamedTuple, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from scipy import linalg
+
+from repae import dist
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+
+class GaussianStats(NamedTuple):
+    mu: np.ndarray  # [D] float64
+    sigma: np.ndarray  # [D, D] float64
+
+
+class FeatureStats:
+    """Streaming mean/covariance of feature vectors [B, D], accumulated in float64.
+
+    `device` holds the accumulators (e.g. the GPU the features come from)."""
+
+    def __init__(self, dim: Optional[int] = None, device: Union[str, torch.device] = "cpu"):
+        self.device = torch.device(device)
+        self.count = 0
+        self.sum: Optional[torch.Tensor] = None  # [D] float64
+        self.outer: Optional[torch.Tensor] = None  # [D, D] float64
+        if dim is not None:
+            self._init(dim)
+
+    def _init(self, dim: int) -> None:
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=self.device)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
+
+    @property
+    def dim(self) -> Optional[int]:
+        return None if self.sum is None else self.sum.numel()
+
+    def update(self, feats: ArrayLike) -> "FeatureStats":
+        """Add a batch of features [B, D]."""
+        x = torch.as_tensor(feats).detach().to(self.device, torch.float64)
+        if x.ndim != 2:
+            raise ValueError(f"features must be [B, D], got shape {tuple(x.shape)}")
+        if self.sum is None:
+            self._init(x.shape[1])
+        if x.shape[1] != self.dim:
+            raise ValueError(f"feature dimension {x.shape[1]} does not match the accumulated {self.dim}")
+        self.count += x.shape[0]
+        self.sum += x.sum(0)
+        self.outer += x.t() @ x
+        return self
+
+    def merge(self, other: "FeatureStats") -> "FeatureStats":
+        """Add another accumulator's samples into this one (in place)."""
+        if other.sum is None:
+            return self
+        if self.sum is None:
+            self._init(other.dim)
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge statistics of dimension {other.dim} into {self.dim}")
+        self.count += other.count
+        self.sum += other.sum.to(self.device)
+        self.outer += other.outer.to(self.device)
+        return self
+
+    def all_reduce(self) -> "FeatureStats":
+        """Sum the accumulators of all processes (every rank then holds the total). Needs `dim` set
+        on every rank (pass it to the constructor when a rank may see no samples)."""
+        if self.sum is None:
+            raise ValueError("FeatureStats.all_reduce needs the feature dimension: construct with dim=...")
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.device)
+        for t in (count, self.sum, self.outer):
+            dist.all_reduce_sum(t)
+        self.count = int(round(count.item()))
+        return self
+
+    def mean_cov(self) -> GaussianStats:
+        """(mu [D], sigma [D,D]) as np.mean(axis=0) and np.cov(rowvar=False) (ddof=1), float64."""
+        if self.count < 2:
+            raise ValueError(f"a covariance needs at least 2 samples, got {self.count}")
+        mu = self.sum / self.count
+        sigma = (self.outer - self.count * torch.outer(mu, mu)) / (self.count - 1)
+        sigma = 0.5 * (sigma + sigma.t())  # exact symmetry despite rounding
+        return GaussianStats(mu.cpu().numpy(), sigma.cpu().numpy())
+
+
+# ----------------------------------------------------------------------------- Fréchet distance
+
+
+def _sqrtm(m: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():  # singular products are handled by the caller, as ADM does (disp=False)
+        warnings.simplefilter("ignore")
+        out = linalg.sqrtm(m)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """||mu1-mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), as ADM's FIDStatistics.
+
+    sqrt via scipy.linalg.sqrtm of the product; if that is not finite, retry with eps*I added to
+    both covariances (warning); a complex result must have |imag| <= 1e-3 on the diagonal
+    (else ValueError) and its real part is used."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"mean vectors have different lengths: {mu1.shape}, {mu2.shape}")
+    if sigma1.shape != sigma2.shape:
+        raise ValueError(f"covariances have different dimensions: {sigma1.shape}, {sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = _sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def save_stats(path: Union[str, os.PathLike], pool: GaussianStats,
+               spatial: Optional[GaussianStats] = None) -> Path:
+    """Write an ADM-style stats .npz: mu, sigma (pool) and mu_s, sigma_s (spatial, if given)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"mu": pool.mu, "sigma": pool.sigma}
+    if spatial is not None:
+        arrays.update(mu_s=spatial.mu, sigma_s=spatial.sigma)
+    with open(path, "wb") as f:  # a file object: np.savez would otherwise append ".npz"
+        np.savez(f, **arrays)
+    return path
+
+
+def load_stats(path: Union[str, os.PathLike]) -> Tuple[GaussianStats, Optional[GaussianStats]]:
+    """(pool, spatial or None) from an .npz with mu, sigma [, mu_s, sigma_s]."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"statistics file not found: {path}")
+    with np.load(path, allow_pickle=False) as f:
+        keys = set(f.keys())
+        if not {"mu", "sigma"} <= keys:
+            raise KeyError(f"{path} holds no FID statistics: expected keys mu, sigma [, mu_s, sigma_s], found {sorted(keys)}")
+        pool = GaussianStats(f["mu"].astype(np.float64), f["sigma"].astype(np.float64))
+        spatial = None
+        if {"mu_s", "sigma_s"} <= keys:
+            spatial = GaussianStats(f["mu_s"].astype(np.float64), f["sigma_s"].astype(np.float64))
+    return pool, spatial
