@@ -4,6 +4,7 @@
     repae config [--preset NAME] [--config FILE ...] [key=value ...]   print the resolved config
     repae sample (--ckpt SIT | --random-init) [--vae VAE] [...] [key=value ...]   PNG grid / .npz
     repae info PATH                                                    what a weight file holds
+    repae bench step|sample|evaluate [--preset NAME] [key=value ...]   throughput, FLOPs, peak memory
 """
 
 from __future__ import annotations
@@ -147,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/samples.png", help="PNG grid path")
     p.add_argument("--npz", help="also write the samples as an ADM-style .npz")
     p.set_defaults(func=cmd_sample)
+
+    from repae import bench
+
+    bench.add_parser(sub)
 
     p = sub.add_parser("info", help="load a weight file strictly and describe it")
     p.add_argument("path")

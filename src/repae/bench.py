@@ -1,0 +1,295 @@
+"""`repae bench step|sample|evaluate`: throughput, a per-part breakdown, FLOPs and how close
+the machine's measured matmul peak they come.
+
+Models are built at the config's sizes with random weights (no weight file is needed), fed
+random uint8 images: speed does not depend on the values. Each timing is the median of
+`iters` runs after `warmup` runs, with the device synchronised around it.
+
+    repae bench step --preset toy                  # full REPA-E step + parts, FLOPs, peak memory
+    repae bench step --preset sit-b2-f8d4 train.global_batch_size=8
+    repae bench sample --preset toy                # images/s: ODE-50 / SDE-250, with and without CFG
+    repae bench evaluate                           # Inception feature extraction images/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Callable, Dict, Optional
+
+import torch
+
+from repae.config import RunConfig
+
+
+# ------------------------------------------------------------------------------ timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, iters: int = 5, warmup: int = 2) -> float:
+    """Median wall time of fn() over `iters` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: Optional[int] = None) -> float:
+    """Measured dense matmul FLOP/s of this device in `dtype` (the roofline we compare against)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = median_seconds(lambda: a @ b, device, iters=5, warmup=2)
+    return 2 * n**3 / seconds
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one fn() call (matmuls, convolutions, attention; forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: peak allocated by torch. CPU: the process's peak resident set (everything it holds)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _autocast(cfg: RunConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16" else nullcontext()
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def random_trainables(cfg: RunConfig, device: torch.device):
+    """The run's trainables at the config's sizes with random weights (encoders included)."""
+    from repae.build import build_sit, uses_repa, vae_args
+    from repae.losses import VAERegulariser
+    from repae.models.encoders import AlignmentEncoder, build_network, encoder_spec
+    from repae.models.lpips import LPIPS
+    from repae.models.toy_teacher import ToyTeacher
+    from repae.models.vae import AutoencoderKL
+    from repae.train.setup import make_trainables
+
+    torch.manual_seed(0)
+    encoders = []
+    if uses_repa(cfg):
+        for name in cfg.encoder.names:
+            spec = encoder_spec(name)
+            encoders.append(ToyTeacher() if name == "toy-teacher"
+                            else AlignmentEncoder(spec, build_network(spec, cfg.data.image_size)))
+    regulariser = None
+    if cfg.train.tune_vae and cfg.train.use_reg_loss:
+        regulariser = VAERegulariser(cfg.loss, lpips=LPIPS() if cfg.loss.lpips_weight > 0 else None)
+    sit, vae = build_sit(cfg), AutoencoderKL(vae_args(cfg))
+    for module in (sit, vae, regulariser, *encoders):
+        if module is not None:
+            module.to(device)
+    return make_trainables(cfg, sit, vae, [e.to(device) for e in encoders], regulariser)
+
+
+def _batch(cfg: RunConfig, device: torch.device, n: int):
+    gen = torch.Generator().manual_seed(0)
+    size = cfg.data.image_size
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen).to(device)
+    labels = torch.randint(0, cfg.model.num_classes, (n,), generator=gen).to(device)
+    return images, labels
+
+
+# ------------------------------------------------------------------------------ bench step
+
+
+def step_parts(m, cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor,
+               gen: torch.Generator) -> Dict[str, Callable[[], object]]:
+    """One closure per mechanism of the step, each a forward (+ backward where it trains)."""
+    from repae.pixels import to_vae_range
+    from repae.train.step import (alignment_loss_for_vae, draw_step_noise, sit_losses, teacher_features,
+                                  uses_alignment)
+
+    x = to_vae_range(images)
+    draws = draw_step_noise(m, x, cfg, gen)
+    feats = teacher_features(m.encoders, images) if uses_alignment(cfg) else []
+    with torch.no_grad():
+        z = m.vae.encode(x).mean.float()
+        recon = m.vae.decode(z).float()
+    t, noise = draws["t"], draws["noise"]
+    parts: Dict[str, Callable[[], object]] = {}
+    if m.encoders:
+        parts["encoder (no grad)"] = lambda: teacher_features(m.encoders, images)
+
+    def vae_fwd_bwd():
+        _, z_s, rec = m.vae(x, noise=draws["posterior"], decode=True)
+        (rec.float().abs().mean() + z_s.float().pow(2).mean()).backward()
+
+    if cfg.train.tune_vae:
+        parts["VAE fwd+bwd"] = vae_fwd_bwd
+    reg = m.regulariser
+    if reg is not None and reg.lpips is not None:
+        parts["LPIPS fwd+bwd"] = lambda: reg.lpips(x, recon.clone().requires_grad_()).mean().backward()
+    if reg is not None and cfg.loss.gan_weight > 0:
+        parts["discriminator fwd+bwd"] = lambda: reg.discriminator_terms(x, recon)["total"].backward()
+    if cfg.train.tune_vae and cfg.loss.vae_align_proj_coeff > 0:
+        parts["alignment pass fwd+bwd"] = lambda: alignment_loss_for_vae(
+            m.sit, z.clone().requires_grad_(), t, noise, labels, feats, cfg).backward()
+    parts["SiT fwd+bwd"] = lambda: sum(sit_losses(m.sit, z, t, noise, labels, feats, cfg).values()).backward()
+
+    def optimisers():
+        for opt in (m.sit_opt, m.vae_opt, m.disc_opt):
+            if opt is not None:
+                opt.step()
+
+    parts["optimisers"] = optimisers
+    parts["EMA update"] = lambda: m.ema.update(m.sit)
+    return parts
+
+
+def bench_step(cfg: RunConfig, device: torch.device, iters: int = 5, warmup: int = 2) -> dict:
+    """images/s of the full REPA-E step, per-part seconds, FLOPs/image, FLOP/s vs matmul peak, memory."""
+    from repae.train.step import repae_step
+
+    m = random_trainables(cfg, device)
+    n = cfg.train.global_batch_size
+    images, labels = _batch(cfg, device, n)
+    micro = n // cfg.train.grad_accum_steps
+    batches = [(images[i:i + micro], labels[i:i + micro]) for i in range(0, n, micro)]
+    gen = torch.Generator(device).manual_seed(0)
+    step = {"i": 0}
+
+    def full_step():
+        repae_step(m, batches, cfg, step["i"], gen)
+        step["i"] += 1
+
+    with _autocast(cfg, device):
+        parts = step_parts(m, cfg, batches[0][0], batches[0][1], gen)
+        part_seconds = {name: median_seconds(fn, device, iters, warmup) for name, fn in parts.items()}
+        for opt in (m.sit_opt, m.vae_opt, m.disc_opt):
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = median_seconds(full_step, device, iters, warmup)
+        flops = count_flops(full_step)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    peak = matmul_peak(device, dtype)
+    achieved = flops / seconds
+    return {
+        "preset": cfg.preset, "device": str(device), "precision": cfg.train.precision,
+        "threads": torch.get_num_threads(), "global_batch": n, "grad_accum_steps": cfg.train.grad_accum_steps,
+        "step_seconds": seconds, "images_per_s": n / seconds,
+        "parts_seconds_per_micro_batch": part_seconds,
+        "flops_per_image": flops / n, "achieved_flops": achieved, "matmul_peak_flops": peak,
+        "fraction_of_peak": achieved / peak, "peak_memory_bytes": peak_memory_bytes(device),
+        "params": {"sit": sum(p.numel() for p in m.sit.parameters()),
+                   "vae": sum(p.numel() for p in m.vae.parameters())},
+    }
+
+
+def _print_step(r: dict) -> None:
+    print(f"REPA-E step, preset {r['preset']}, {r['device']} ({r['threads']} threads), {r['precision']}, "
+          f"global batch {r['global_batch']} (accum {r['grad_accum_steps']})")
+    print(f"  full step        {r['step_seconds'] * 1e3:9.1f} ms   {r['images_per_s']:8.1f} images/s")
+    total = sum(r["parts_seconds_per_micro_batch"].values())
+    for name, sec in r["parts_seconds_per_micro_batch"].items():
+        print(f"  {name:24s} {sec * 1e3:9.1f} ms  ({100 * sec / total:4.1f}% of parts)")
+    print(f"  FLOPs/image {r['flops_per_image'] / 1e9:.3f} GFLOP; achieved {r['achieved_flops'] / 1e9:.1f} GFLOP/s "
+          f"= {100 * r['fraction_of_peak']:.1f}% of the measured {r['precision']} matmul peak "
+          f"({r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)")
+    print(f"  peak memory {r['peak_memory_bytes'] / 2**20:.0f} MiB "
+          f"({'CUDA allocated' if 'cuda' in r['device'] else 'process RSS'})")
+
+
+# ------------------------------------------------------------------------------ bench sample / evaluate
+
+
+def bench_sample(cfg: RunConfig, device: torch.device, num_samples: Optional[int] = None) -> dict:
+    """images/s of generation (sampler + decode): ODE-50 and SDE-250, without and with CFG."""
+    from repae.build import build_sit, vae_args
+    from repae.generate import generate_images
+    from repae.models.vae import AutoencoderKL
+
+    torch.manual_seed(0)
+    sit, vae = build_sit(cfg).to(device).eval(), AutoencoderKL(vae_args(cfg)).to(device).eval()
+    n = num_samples or cfg.sample.batch_size
+    labels = torch.arange(n) % cfg.model.num_classes
+    guided = cfg.sample.cfg_scale if cfg.sample.cfg_scale != 1.0 else 4.0
+    out = {"preset": cfg.preset, "device": str(device), "samples": n, "images_per_s": {}}
+    for mode, steps in (("ode", 50), ("sde", 250)):
+        for scale in (1.0, guided):
+            seconds = median_seconds(lambda: generate_images(
+                sit, vae, labels, mode=mode, num_steps=steps, cfg_scale=scale, batch_size=n, progress=False,
+                autocast_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None), device, iters=1, warmup=0)
+            out["images_per_s"][f"{mode}-{steps} cfg {scale:g}"] = n / seconds
+    return out
+
+
+def bench_evaluate(device: torch.device, batch: int = 50, size: int = 256, iters: int = 3) -> dict:
+    """images/s of FID Inception feature extraction (pool, spatial, logits) on size-px uint8 images."""
+    from repae.models.inception import InceptionV3
+
+    net = InceptionV3().to(device).eval()
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0)).to(device)
+    out = {"device": str(device), "batch": batch, "input_size": size, "images_per_s": {}}
+    for name, dtype in (("fp32", None), ("bf16 autocast", torch.bfloat16)):
+        with torch.no_grad():
+            seconds = median_seconds(lambda: net(images, autocast=dtype), device, iters=iters, warmup=1)
+        out["images_per_s"][name] = batch / seconds
+    return out
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="throughput benchmarks: step | sample | evaluate")
+    p.add_argument("what", choices=["step", "sample", "evaluate"])
+    p.add_argument("--preset", default="toy")
+    p.add_argument("--config", action="append", default=[], metavar="FILE")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--iters", type=int, default=5, help="timed repetitions (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--samples", type=int, help="bench sample: how many images (default sample.batch_size)")
+    p.add_argument("--out", help="also write the result as JSON here")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from repae.config import load_config
+    from repae.dist import init_from_env
+
+    cfg = load_config(args.preset, args.config, args.overrides)
+    device = init_from_env(cfg.train.device)
+    if args.what == "step":
+        result = bench_step(cfg, device, args.iters, args.warmup)
+        _print_step(result)
+    elif args.what == "sample":
+        result = bench_sample(cfg, device, args.samples)
+        for name, value in result["images_per_s"].items():
+            print(f"  {name:18s} {value:8.2f} images/s ({result['samples']} samples, {result['device']})")
+    else:
+        result = bench_evaluate(device, iters=args.iters)
+        for name, value in result["images_per_s"].items():
+            print(f"  Inception {name:14s} {value:8.1f} images/s (batch {result['batch']}, {result['device']})")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0

@@ -1,0 +1,56 @@
+"""`repae bench`: the numbers it prints are consistent with each other and with known FLOP counts."""
+
+import torch
+
+from repae.bench import bench_step, count_flops, median_seconds, step_parts
+from repae.cli import main
+from repae.config import load_config
+
+TINY = ["model.depth=2", "model.hidden_size=48", "model.num_heads=2", "model.encoder_depth=1",
+        "model.projector_dim=64", "vae.ch=32", "vae.ch_mult=[1,2,2]", "train.global_batch_size=4"]
+
+
+def test_flop_counter_known_answer():
+    layer = torch.nn.Linear(16, 8, bias=False)
+    x = torch.randn(5, 16)
+    assert count_flops(lambda: layer(x)) == 2 * 5 * 16 * 8
+    x.requires_grad_(True)
+    # backward: grad wrt input and wrt weight, each another 2*n*a*b
+    assert count_flops(lambda: layer(x).sum().backward()) == 3 * 2 * 5 * 16 * 8
+
+
+def test_bench_step_numbers_agree(tmp_path):
+    cfg = load_config("toy", overrides=TINY)
+    r = bench_step(cfg, torch.device("cpu"), iters=1, warmup=0)
+    assert abs(r["images_per_s"] - r["global_batch"] / r["step_seconds"]) < 1e-6 * r["images_per_s"]
+    assert abs(r["achieved_flops"] - r["flops_per_image"] * r["global_batch"] / r["step_seconds"]) < 1e-3 * r["achieved_flops"]
+    assert 0 < r["fraction_of_peak"] and r["peak_memory_bytes"] > 0
+    # the toy preset trains no GAN and has no LPIPS: those parts are not timed
+    assert set(r["parts_seconds_per_micro_batch"]) == {"encoder (no grad)", "VAE fwd+bwd", "alignment pass fwd+bwd",
+                                                       "SiT fwd+bwd", "optimisers", "EMA update"}
+
+
+def test_parts_follow_the_training_mode():
+    from repae.bench import _batch, random_trainables
+
+    cfg = load_config("toy", overrides=TINY + ["train.tune_vae=false", "latent_norm.mode=fixed"])
+    m = random_trainables(cfg, torch.device("cpu"))
+    images, labels = _batch(cfg, torch.device("cpu"), 4)
+    parts = step_parts(m, cfg, images, labels, torch.Generator().manual_seed(0))
+    assert "VAE fwd+bwd" not in parts and "alignment pass fwd+bwd" not in parts and "SiT fwd+bwd" in parts
+    cfg = load_config("toy", overrides=TINY + ["loss.gan_weight=0.1"])
+    m = random_trainables(cfg, torch.device("cpu"))
+    assert "discriminator fwd+bwd" in step_parts(m, cfg, images, labels, torch.Generator().manual_seed(0))
+
+
+def test_median_seconds_is_the_median():
+    calls = iter([0.0, 0.03, 0.01, 0.02])  # warm-up, then three timed runs: median 0.02
+    import time
+
+    assert 0.015 < median_seconds(lambda: time.sleep(next(calls)), torch.device("cpu"), iters=3, warmup=1) < 0.03
+
+
+def test_cli_bench_step_writes_json(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["bench", "step", *TINY, "--iters", "1", "--warmup", "0", "--out", str(out)]) == 0
+    assert "images/s" in capsys.readouterr().out and out.exists()
