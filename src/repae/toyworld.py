@@ -9,6 +9,7 @@ Everything lands in `cache_dir` with a `report.json`; a second call only loads.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -153,11 +154,13 @@ def ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig = ToyWorldConfig(),
         report["teacher_train_seconds"] = round(time.perf_counter() - start, 1)
         save_weights(teacher, teacher_path)
 
-    vae_path, stats_path = cache / "vae.safetensors", cache / "vae-latent-stats.safetensors"
+    # one pre-trained VAE per architecture: a changed vae.* override must not load another's weights
+    arch = hashlib.sha256(json.dumps(asdict(vae_args), sort_keys=True).encode()).hexdigest()[:8]
+    vae_path, stats_path = cache / f"vae-{arch}.safetensors", cache / f"vae-{arch}-latent-stats.safetensors"
     if not (vae_path.is_file() and stats_path.is_file()):
         start = time.perf_counter()
         vae = train_toy_vae(train_x, spec.vae_steps, spec.batch_size, vae_args, seed)
-        report["vae_heldout_psnr_db"] = psnr(vae, held_x)
+        report["vae_heldout_psnr_db"] = report[f"vae_{arch}_heldout_psnr_db"] = psnr(vae, held_x)
         report["vae_train_seconds"] = round(time.perf_counter() - start, 1)
         batches = [train_x[i : i + 500] for i in range(0, min(5000, len(train_x)), 500)]
         mean, var = measure_latent_stats(vae, batches)
