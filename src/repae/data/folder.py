@@ -79,7 +79,8 @@ class ImageFolder(Dataset):
             # the flip is a function of the index, so a resumed run sees the same pixels
             if self.hflip and random.Random(self.seed * 1_000_003 + i).random() < 0.5:
                 arr = arr[:, ::-1]
-            return torch.from_numpy(np.array(arr)).permute(2, 0, 1), self.labels[j], bad  # writable copy
+            # a contiguous CHW copy: stacking permuted views into a batch is ~100x slower
+            return torch.from_numpy(np.array(arr)).permute(2, 0, 1).contiguous(), self.labels[j], bad
         raise RuntimeError(f"100 unreadable images in a row from {self.files[i]}: is this an image folder?")
 
 
@@ -102,7 +103,8 @@ class DatasetBatches:
     def _loader(self, batch_size: int):
         ahead = ResumableOrder(self.order.n, self.order.seed)
         ahead.load_state_dict(self.order.state_dict())
-        batches = (rank_slice(ahead.take(batch_size), self.rank, self.world).tolist() for _ in itertools.count())
+        rank, world = self.rank, self.world  # locals: a generator holding `self` keeps workers alive 10 s at exit
+        batches = (rank_slice(ahead.take(batch_size), rank, world).tolist() for _ in itertools.count())
         return iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
                                collate_fn=_collate, persistent_workers=self.num_workers > 0))
 

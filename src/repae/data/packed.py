@@ -1,0 +1,391 @@
+"""Packed, sharded image store: an image folder ADM-centre-cropped once and encoded into a few large files.
+
+Layout of `out_dir`:
+
+    manifest.json            settings, class names, counts, skipped sources, one record per finished shard
+    shard-00000.bin          the encoded images of source files [0, shard_size), concatenated
+    shard-00000.idx.npy      int64 [n, 3]: byte offset, byte length, label of each image in the .bin
+    ...
+
+Shard k always holds source files [k*shard_size, (k+1)*shard_size) of the sorted listing (minus
+unreadable ones), so a resumed run writes exactly what an uninterrupted one would. A shard is written
+to `*.tmp` files, fsynced, renamed, and only then recorded in the manifest (itself replaced atomically):
+a shard that is not in the manifest does not exist as far as any reader is concerned.
+
+Codecs (measured in benchmarks/bench_packed.py on synthetic and photo 256px crops): `webp` (lossless,
+the default: pixels identical to the crop, 5-27% smaller than PNG, ~1.4x faster to decode, 2x faster to
+encode), `png` (lossless, the universal one), `jpeg` (lossy, 4:4:4 chroma, `quality` 95 by default:
+~2.2x smaller than WebP-lossless at 38-43 dB PSNR, ~2x faster to decode). The reference implementation
+stores uncompressed PNG: 192 KiB per 256px image, ~252 GB for ImageNet-1k train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import random
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+import PIL
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from repae.data.folder import adm_center_crop, list_image_folder
+from repae.fileio import sha256_file, write_atomic, write_json_atomic
+
+FORMAT, VERSION, MANIFEST = "repae-packed", 1, "manifest.json"
+CODECS = ("webp", "png", "jpeg")
+# what the manifest promises about how the pixels were stored; part of the resume check
+_ENCODER = {
+    "webp": {"format": "WEBP", "lossless": True, "method": 1, "quality": 0},  # quality = effort when lossless
+    "png": {"format": "PNG", "compress_level": 6},
+    "jpeg": {"format": "JPEG", "subsampling": 0},  # 4:4:4: 4:2:0 costs 2-3 dB on photos, far more on sharp colour
+}
+_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on bad files
+
+
+class PackedDataError(ValueError):
+    """A packed directory that cannot be used as it is (missing, unfinished, truncated or foreign)."""
+
+
+def encoder_settings(codec: str, quality: Optional[int] = 95) -> dict:
+    """The exact Pillow save() settings for `codec`; `quality` (1-100) applies to jpeg only."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+    settings = dict(_ENCODER[codec])
+    if codec == "jpeg":
+        if quality is None or not 1 <= int(quality) <= 100:
+            raise ValueError(f"jpeg quality must be in 1..100, got {quality}")
+        settings["quality"] = int(quality)
+    return settings
+
+
+def encode_image(arr: np.ndarray, settings: dict) -> bytes:
+    """uint8 [H,W,3] -> encoded bytes with the Pillow `settings` of encoder_settings()."""
+    out = io.BytesIO()
+    Image.fromarray(arr).save(out, **settings)
+    return out.getvalue()
+
+
+def decode_image(data: bytes, image_size: int) -> np.ndarray:
+    """Encoded bytes -> uint8 [S,S,3]; ValueError if the pixels are not an S x S RGB image."""
+    with Image.open(io.BytesIO(data)) as img:
+        arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    if arr.shape != (image_size, image_size, 3):
+        raise ValueError(f"decoded image has shape {arr.shape}, expected {(image_size, image_size, 3)}")
+    return arr
+
+
+def _prepare_one(task: Tuple[str, int, dict]) -> Tuple[Optional[bytes], Optional[str]]:
+    """(path, size, encoder settings) -> (encoded crop, None), or (None, reason) if the source is unreadable.
+    Runs in a worker process; an encoder failure is not the source's fault and propagates."""
+    path, size, settings = task
+    try:
+        with Image.open(path) as img:
+            arr = adm_center_crop(img, size)
+    except _READ_ERRORS as err:
+        return None, f"{type(err).__name__}: {err}"
+    return encode_image(arr, settings), None
+
+
+def _write_manifest(out_dir: Path, manifest: dict) -> None:
+    write_json_atomic(out_dir / MANIFEST, manifest)
+
+
+class _ShardWriter:
+    """Accumulates one shard in `*.tmp` files; finish() makes it durable, renames it and returns its record."""
+
+    def __init__(self, out_dir: Path, index: int):
+        self.index, self.out_dir = index, out_dir
+        self.bin_name, self.idx_name = f"shard-{index:05d}.bin", f"shard-{index:05d}.idx.npy"
+        self._tmp = out_dir / (self.bin_name + ".tmp")
+        self._file = open(self._tmp, "wb")
+        self._rows: List[Tuple[int, int, int]] = []  # offset, length, label
+        self._offset, self._hash = 0, hashlib.sha256()
+        self.skipped: List[dict] = []
+
+    def add(self, data: bytes, label: int) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self._rows.append((self._offset, len(data), label))
+        self._offset += len(data)
+
+    def finish(self) -> dict:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(self._rows, dtype=np.int64).reshape(-1, 3))
+        write_atomic(self.out_dir / self.idx_name, buf.getvalue())
+        os.replace(self._tmp, self.out_dir / self.bin_name)
+        return {"index": self.index, "bin": self.bin_name, "idx": self.idx_name, "count": len(self._rows),
+                "bin_bytes": self._offset, "bin_sha256": self._hash.hexdigest(),
+                "idx_bytes": buf.getbuffer().nbytes, "idx_sha256": hashlib.sha256(buf.getvalue()).hexdigest(),
+                "skipped": self.skipped}
+
+    def abandon(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+def _shard_on_disk(out_dir: Path, rec: dict) -> bool:
+    """Both files of a recorded shard are present with the recorded sizes."""
+    paths_sizes = ((out_dir / rec["bin"], rec["bin_bytes"]), (out_dir / rec["idx"], rec["idx_bytes"]))
+    return all(p.is_file() and p.stat().st_size == n for p, n in paths_sizes)
+
+
+def _listing_digest(root: Path, files: List[Path], labels: List[int], classes: List[str]) -> str:
+    h = hashlib.sha256(json.dumps(classes).encode())
+    for f, y in zip(files, labels):
+        h.update(f"{f.relative_to(root).as_posix()}\t{y}\n".encode())
+    return h.hexdigest()
+
+
+def _start_manifest(out_dir: Path, fresh: dict) -> dict:
+    """The manifest to continue from: a previous run's (same settings, same sources) with the shards still
+    intact on disk, or `fresh`. A previous run with other settings is an error, never silently overwritten."""
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        return fresh
+    old = read_manifest(out_dir, require_complete=False)
+    keys = ("image_size", "codec", "quality", "encoder", "shard_size", "source_digest", "num_source_files")
+    diff = [f"{k}: {old.get(k)!r} there, {fresh[k]!r} now" for k in keys if old.get(k) != fresh[k]]
+    if diff:
+        raise PackedDataError(f"{out_dir} holds a packing made with other settings or source files "
+                              f"({'; '.join(diff)}); use a new output directory or delete it")
+    kept = [rec for rec in old["shards"] if _shard_on_disk(out_dir, rec)]
+    return {**fresh, "shards": kept}
+
+
+def _tasks(n: int, todo: List[int], shard_size: int) -> Iterator[Tuple[int, int]]:
+    """(shard index, source index) in writing order, for the shards still to do."""
+    for k in todo:
+        for i in range(k * shard_size, min((k + 1) * shard_size, n)):
+            yield k, i
+
+
+def _finalise(manifest: dict) -> dict:
+    shards = sorted(manifest["shards"], key=lambda r: r["index"])
+    skipped = [s for rec in shards for s in rec["skipped"]]
+    return {**manifest, "shards": shards, "num_images": sum(r["count"] for r in shards),
+            "num_skipped": len(skipped), "total_bytes": sum(r["bin_bytes"] + r["idx_bytes"] for r in shards)}
+
+
+def write_packed(src_root: str | Path, out_dir: str | Path, image_size: int = 256, shard_size: int = 5000,
+                 codec: str = "webp", quality: int = 95, num_workers: int = 0, progress: bool = True) -> dict:
+    """Pack the image folder `src_root` (class per sub-folder) into `out_dir`; returns the manifest.
+
+    Every image is ADM-centre-cropped to `image_size` (the crop ImageFolder applies at training time)
+    and encoded with `codec`. Re-running the same command resumes: finished shards are kept, the rest
+    are (re)written. Unreadable source images are skipped and listed in the manifest. `num_workers`
+    processes decode/crop/encode (0: in this process)."""
+    if image_size <= 0 or shard_size <= 0 or num_workers < 0:
+        raise ValueError(f"need image_size > 0, shard_size > 0, num_workers >= 0; got {image_size}, "
+                         f"{shard_size}, {num_workers}")
+    settings = encoder_settings(codec, quality)
+    src_root, out_dir = Path(src_root), Path(out_dir)
+    files, labels, classes = list_image_folder(src_root)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("*.tmp"):  # debris of an interrupted run; never part of the data
+        stale.unlink()
+    fresh = {"format": FORMAT, "version": VERSION, "complete": False, "image_size": image_size, "codec": codec,
+             "quality": settings["quality"] if codec == "jpeg" else None, "encoder": settings,
+             "pillow": PIL.__version__, "crop": "adm_center_crop", "shard_size": shard_size,
+             "source": str(src_root.resolve()),
+             "classes": classes, "num_source_files": len(files),
+             "source_digest": _listing_digest(src_root, files, labels, classes), "shards": []}
+    manifest = _start_manifest(out_dir, fresh)
+    done = {rec["index"] for rec in manifest["shards"]}
+    todo = [k for k in range(-(-len(files) // shard_size)) if k not in done]
+    manifest = _write_shards(out_dir, manifest, src_root, files, labels, todo, settings, num_workers, progress)
+    manifest = _finalise({**manifest, "complete": True})
+    counts = np.zeros(len(classes), dtype=np.int64)
+    for rec in manifest["shards"]:
+        np.add.at(counts, np.load(out_dir / rec["idx"])[:, 2], 1)
+    manifest["class_counts"] = counts.tolist()
+    _write_manifest(out_dir, manifest)
+    return manifest
+
+
+def _pool(num_workers: int):
+    """Worker processes for decode/crop/encode. Fork where there is one: instant start, and no need for the
+    calling script to guard `if __name__ == "__main__"` (spawn re-runs an unguarded script in every worker
+    and never gets going). The workers use only PIL and numpy, never torch's thread pools."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(num_workers)
+
+
+def _write_shards(out_dir: Path, manifest: dict, root: Path, files: List[Path], labels: List[int],
+                  todo: List[int], settings: dict, num_workers: int, progress: bool) -> dict:
+    """Encode and write the shards `todo`, recording each in the manifest as soon as it is on disk."""
+    shard_size, size = manifest["shard_size"], manifest["image_size"]
+    order = list(_tasks(len(files), todo, shard_size))
+    jobs = ((str(files[i]), size, settings) for _, i in order)
+    pool = _pool(num_workers) if num_workers > 0 else None
+    results = pool.imap(_prepare_one, jobs, chunksize=8) if pool else map(_prepare_one, jobs)
+    bar = tqdm(total=len(files), initial=len(files) - len(order), unit="img", desc="prepare-data",
+               disable=not progress, dynamic_ncols=True)
+    skipped = _finalise(manifest)["num_skipped"]
+    writer: Optional[_ShardWriter] = None
+    try:
+        for (k, i), (data, error) in zip(order, results):
+            if writer is None:
+                writer = _ShardWriter(out_dir, k)
+            if data is None:
+                writer.skipped.append({"path": files[i].relative_to(root).as_posix(), "error": error})
+                skipped += 1
+                bar.set_postfix(skipped=skipped, refresh=False)
+            else:
+                writer.add(data, labels[i])
+            if i == min((k + 1) * shard_size, len(files)) - 1:  # the last source file of shard k
+                manifest = _finalise({**manifest, "shards": manifest["shards"] + [writer.finish()]})
+                _write_manifest(out_dir, manifest)
+                writer = None
+            bar.update(1)
+    finally:
+        bar.close()
+        if writer is not None:  # an interrupted shard leaves nothing behind
+            writer.abandon()
+        if pool is not None:  # every result has been consumed, or we are failing anyway
+            pool.terminate()
+    return manifest
+
+
+def read_manifest(out_dir: str | Path, require_complete: bool = True) -> dict:
+    """The manifest of a packed directory, checked for format; PackedDataError with the remedy if unusable."""
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        hint = " (prepare-data did not finish its first shard; re-run it)" if Path(out_dir).is_dir() else ""
+        raise PackedDataError(f"no {MANIFEST} in {out_dir}: not a packed dataset{hint}; "
+                              f"make one with `repae prepare-data SRC {out_dir}`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PackedDataError(f"{path} is corrupt ({err}); delete it and re-run `repae prepare-data`") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PackedDataError(f"{path} is not a {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        raise PackedDataError(f"{path} has format version {manifest.get('version')}; this repae reads {VERSION}")
+    if require_complete and not manifest.get("complete"):
+        done = len(manifest.get("shards", []))
+        raise PackedDataError(f"{out_dir} is unfinished ({done} shards written): re-run `repae prepare-data` "
+                              f"with the same arguments to complete it")
+    return manifest
+
+
+def _load_index(out_dir: Path, rec: dict) -> np.ndarray:
+    """A shard's index int64 [n,3] (offset, length, label), checked against the manifest and the .bin size."""
+    bin_path, idx_path = out_dir / rec["bin"], out_dir / rec["idx"]
+    for p, n in ((bin_path, rec["bin_bytes"]), (idx_path, rec["idx_bytes"])):
+        size = p.stat().st_size if p.is_file() else None
+        if size != n:
+            what = "is missing" if size is None else f"has {size} bytes, the manifest says {n}"
+            raise PackedDataError(f"shard file {p} {what}: the copy is incomplete or damaged; re-run "
+                                  f"`repae prepare-data` on the source (it rewrites only damaged shards)")
+    try:
+        index = np.load(idx_path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise PackedDataError(f"shard index {idx_path} is unreadable: {err}") from None
+    ends = index[:, 0] + index[:, 1] if index.ndim == 2 and len(index) else np.zeros(0, np.int64)
+    if index.shape != (rec["count"], 3) or (len(ends) and ends.max() > rec["bin_bytes"]):
+        raise PackedDataError(f"shard index {idx_path} does not match its manifest record / .bin file")
+    return index
+
+
+class PackedDataset(Dataset):
+    """Item i -> (uint8 [3,S,S], label, bad), exactly like ImageFolder: `bad` counts undecodable images
+    skipped to get it, and with `hflip` the flip is a function of (seed, i), so resumed runs see the same
+    pixels. Shard files are opened lazily in the process that reads them (never pickled open)."""
+
+    max_open_files = 64  # per process; shards are opened on first use and the least recently used closed
+
+    def __init__(self, root: str | Path, hflip: bool = False, seed: int = 0):
+        self.root = Path(root)
+        self.manifest = manifest = read_manifest(self.root)
+        self.hflip, self.seed = hflip, seed
+        try:
+            self.image_size, self.codec = manifest["image_size"], manifest["codec"]
+            self.classes: List[str] = manifest["classes"]
+            shards = manifest["shards"]
+            indexes = [_load_index(self.root, rec) for rec in shards]
+            self._bins = [str(self.root / rec["bin"]) for rec in shards]
+        except (KeyError, TypeError) as err:
+            raise PackedDataError(f"{self.root / MANIFEST} lacks field {err}: damaged or hand-edited") from None
+        if sum(len(ix) for ix in indexes) == 0:
+            raise PackedDataError(f"{self.root} holds no images")
+        self._shard = np.concatenate([np.full(len(ix), k, np.int32) for k, ix in enumerate(indexes)])  # [N]
+        self._index = np.concatenate(indexes)  # [N,3] int64: byte offset, byte length, label
+        self.labels = self._index[:, 2]  # [N] int64 (a view: no per-item Python objects to copy into workers)
+        self._handles: "OrderedDict[int, object]" = OrderedDict()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": OrderedDict()}  # file handles stay in the process that opened them
+
+    def _file(self, shard: int):
+        if self._pid != os.getpid():  # a forked worker: open our own handles
+            self._handles, self._pid = OrderedDict(), os.getpid()
+        f = self._handles.get(shard)
+        if f is None:
+            if len(self._handles) >= self.max_open_files:
+                self._handles.popitem(last=False)[1].close()
+            f = self._handles[shard] = open(self._bins[shard], "rb", buffering=0)
+        self._handles.move_to_end(shard)
+        return f
+
+    def _read(self, i: int) -> bytes:
+        shard = int(self._shard[i])
+        offset, length = int(self._index[i, 0]), int(self._index[i, 1])
+        f = self._file(shard)
+        if hasattr(os, "pread"):
+            data = os.pread(f.fileno(), length, offset)
+        else:
+            f.seek(offset)
+            data = f.read(length)
+        if len(data) != length:
+            raise PackedDataError(f"{self._bins[shard]} was truncated after it was opened")
+        return data
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int, int]:
+        n = len(self._index)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} images")
+        for bad in range(min(n, 100)):
+            j = (i + bad) % n
+            data = self._read(j)  # a short read is damage to the store, not to one image: it raises
+            try:
+                arr = decode_image(data, self.image_size)
+            except _READ_ERRORS:
+                continue
+            # the same flip rule as ImageFolder: a function of the requested index
+            if self.hflip and random.Random(self.seed * 1_000_003 + i).random() < 0.5:
+                arr = arr[:, ::-1]
+            # a contiguous [3,S,S] copy (also writable, unlike PIL's buffer): collating permuted views
+            # instead cost 5 ms/batch of 64 on one thread but 250-750 ms on two threads of busy cores
+            chw = np.ascontiguousarray(arr.transpose(2, 0, 1))
+            return torch.from_numpy(chw), int(self._index[j, 2]), bad
+        raise PackedDataError(f"100 undecodable images in a row from index {i} in {self.root}: the shards are "
+                              f"damaged; check them with repae.data.packed.verify_packed")
+
+
+def verify_packed(out_dir: str | Path, progress: bool = True) -> List[str]:
+    """Re-hash every shard file; returns the names whose sha256 differs from the manifest (empty: all good)."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir, require_complete=False)
+    bad = []
+    for rec in tqdm(manifest["shards"], desc="verify", unit="shard", disable=not progress):
+        for name, digest in ((rec["bin"], rec["bin_sha256"]), (rec["idx"], rec["idx_sha256"])):
+            if not (out_dir / name).is_file() or sha256_file(out_dir / name) != digest:
+                bad.append(name)
+    return bad
