@@ -5,6 +5,9 @@
     repae sample (--ckpt SIT | --random-init) [--vae VAE] [...] [key=value ...]   PNG grid / .npz
     repae info PATH                                                    what a weight file holds
     repae bench step|sample|evaluate [--preset NAME] [key=value ...]   throughput, FLOPs, peak memory
+    repae evaluate samples|ref-stats|vae|latents|cknna ...            metrics as JSON (see --help)
+    repae prepare-data SRC OUT                                         packed, sharded image store
+    repae export-vae RUN | cache-latents | train-ldm                   stage 2 on the E2E-VAE
 """
 
 from __future__ import annotations
@@ -40,39 +43,39 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
+    """Grid (and .npz) of class-conditional samples. Under `torchrun --nproc_per_node W` the .npz is
+    written by all ranks together: exactly sample.num_samples samples, in index order."""
     import torch
 
+    from repae import dist
     from repae.build import build_sit, build_vae
-    from repae.config import save_config
-    from repae.generate import generate_images, save_image_grid
+    from repae.config import load_config, save_config
+    from repae.generate import generate_images, generate_npz, sample_labels, save_image_grid
+    from repae.stage2.latents import vae_files
     from repae.weights import load_latent_stats, load_model
 
+    if getattr(args, "num_samples", None):
+        args.overrides = [*args.overrides, f"sample.num_samples={args.num_samples}"]
     from_run = bool(args.ckpt) and Path(args.ckpt).is_dir()
     if from_run:  # a training run: its saved config (plus any overrides), EMA SiT and tuned VAE
         from repae.train.checkpoint import load_for_sampling
 
         cfg, sit, vae = load_for_sampling(Path(args.ckpt), args.config, args.overrides)
     elif args.random_init:
-        cfg = _load_cfg(args)
-        print("smoke run: randomly initialised SiT and VAE; the images show the pipeline works, not a model")
+        cfg = load_config(args.preset, args.config, args.overrides, world_size=1)  # the train batch is moot here
+        torch.manual_seed(cfg.sample.seed)  # the same random weights on every rank
         sit, vae = build_sit(cfg), build_vae(cfg)
     elif args.ckpt:
-        cfg = _load_cfg(args)
+        cfg = load_config(args.preset, args.config, args.overrides, world_size=1)
         sit = load_model(args.ckpt, kind="sit", prefer_ema=cfg.sample.use_ema)
-        vae = load_model(args.vae, kind="vae") if args.vae else build_vae(cfg)
+        vae = load_model(vae_files(args.vae)[0], kind="vae") if args.vae else build_vae(cfg)  # or an export dir
     else:
         raise SystemExit("repae sample: give --ckpt PATH (a run, a SiT checkpoint) or --random-init")
-    device = _resolve_device(cfg.train.device)
+    device = dist.init_from_env(cfg.train.device)  # joins the torchrun process group when there is one
+    is_main = dist.is_main()
+    if args.random_init and is_main:
+        print("smoke run: randomly initialised SiT and VAE; the images show the pipeline works, not a model")
     torch.manual_seed(cfg.sample.seed)
     if cfg.vae.latent_stats_path and sit.bn is not None and not from_run:
         mean, var = load_latent_stats(cfg.vae.latent_stats_path)
@@ -81,23 +84,31 @@ def cmd_sample(args: argparse.Namespace) -> int:
     vae.to(device)
 
     n = cfg.sample.num_samples
-    labels = torch.arange(n) % sit.num_classes  # class-balanced, in order: column c of the grid = class c
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    labels = sample_labels(n, sit.num_classes, cfg.eval.label_sampling, cfg.sample.seed)  # balanced: i % C
+    shown = min(n, 100)
+    sampler = dict(mode=cfg.sample.mode, num_steps=cfg.sample.num_steps, heun=cfg.sample.heun,
+                   cfg_scale=cfg.sample.cfg_scale, guidance_low=cfg.sample.guidance_low,
+                   guidance_high=cfg.sample.guidance_high, path_type=cfg.flow.path_type, seed=cfg.sample.seed,
+                   autocast_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None)
     start = time.perf_counter()
-    images = generate_images(
-        sit, vae, labels, mode=cfg.sample.mode, num_steps=cfg.sample.num_steps, heun=cfg.sample.heun,
-        cfg_scale=cfg.sample.cfg_scale, guidance_low=cfg.sample.guidance_low, guidance_high=cfg.sample.guidance_high,
-        path_type=cfg.flow.path_type, seed=cfg.sample.seed, batch_size=cfg.sample.batch_size, autocast_dtype=dtype,
-    )
+    if args.npz:  # every rank generates its batches; rank 0 assembles the .npz
+        images = generate_npz(sit, vae, labels, args.npz, batch_size=cfg.sample.batch_size, keep=shown,
+                              progress=is_main, **sampler)
+    elif is_main:  # a grid only: rank 0 alone
+        images = generate_images(sit, vae, labels[:shown], batch_size=cfg.sample.batch_size, **sampler)
+    if not is_main:
+        return 0
     elapsed = time.perf_counter() - start
     out = Path(args.out)
-    nrow = min(sit.num_classes, n)
+    nrow = min(sit.num_classes, shown) if sit.num_classes <= 20 else min(shown, 10)  # toy: column c = class c
     save_image_grid(images, out, nrow=nrow, upscale=max(1, 128 // images.shape[-1]))
     save_config(cfg, out.with_suffix(".config.yaml"))
-    print(f"wrote {out} ({n} samples, {cfg.sample.mode}-{cfg.sample.num_steps}, {n / elapsed:.1f} images/s)")
+    made = n if args.npz else shown
+    print(f"wrote {out} ({shown} samples, {cfg.sample.mode}-{cfg.sample.num_steps}, "
+          f"{made / elapsed:.1f} images/s over {dist.world_size()} process(es))")
     if args.npz:
-        np.savez(args.npz, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
-        print(f"wrote {args.npz} (ADM layout: arr_0 uint8 [N,H,W,3])")
+        print(f"wrote {args.npz} ({n} samples, ADM layout: arr_0 uint8 [N,H,W,3], labels [N], "
+              f"{cfg.eval.label_sampling} labels)")
     return 0
 
 
@@ -147,11 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-init", action="store_true", help="smoke test with untrained models")
     p.add_argument("--out", default="runs/samples.png", help="PNG grid path")
     p.add_argument("--npz", help="also write the samples as an ADM-style .npz")
+    p.add_argument("--num-samples", type=int, help="number of samples (sets sample.num_samples)")
     p.set_defaults(func=cmd_sample)
 
     from repae import bench
+    from repae.data import prepare_cli
+    from repae.evaluate import cli as evaluate_cli
+
+    from repae.stage2.commands import add_parsers as add_stage2_parsers
 
     bench.add_parser(sub)
+    prepare_cli.add_parser(sub)
+    evaluate_cli.add_parser(sub)
+    add_stage2_parsers(sub, _add_config_args)  # export-vae, cache-latents, train-ldm
 
     p = sub.add_parser("info", help="load a weight file strictly and describe it")
     p.add_argument("path")

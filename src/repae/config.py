@@ -141,6 +141,14 @@ class DataConfig:
 
 
 @dataclass
+class LatentsConfig:
+    """Stage 2: train on latents cached by `repae cache-latents` (posterior mean and std of a frozen
+    VAE, which is then the VAE of the run) instead of encoding images every step."""
+
+    path: Optional[str] = None  # the cache directory (manifest.json + shards)
+
+
+@dataclass
 class ToyWorldConfig:
     """Sizes of the built-in toy world (data.source=toy), built once and cached."""
 
@@ -211,6 +219,7 @@ class RunConfig:
     optim_vae: OptimConfig = field(default_factory=OptimConfig)
     optim_disc: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    latents: LatentsConfig = field(default_factory=LatentsConfig)
     toy: ToyWorldConfig = field(default_factory=ToyWorldConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -456,7 +465,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         errors.append(f"latent size {size // factor} is not divisible by the SiT patch size {patch}")
     else:
         grid = size // factor // patch
-        if cfg.loss.proj_coeff > 0 or cfg.loss.vae_align_proj_coeff > 0:
+        # the same rule as build.uses_repa: the VAE-side REPA term only exists when the VAE trains
+        if cfg.loss.proj_coeff > 0 or (cfg.train.tune_vae and cfg.loss.vae_align_proj_coeff > 0):
             if cfg.encoder.paths and len(cfg.encoder.paths) != len(cfg.encoder.names):
                 errors.append("encoder.paths must give one path per encoder name (or none)")
             for name in cfg.encoder.names:
@@ -487,5 +497,11 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         errors.append("model.class_dropout_prob must be in [0, 1)")
     if cfg.sample.cfg_scale != 1.0 and cfg.model.class_dropout_prob == 0:
         errors.append("sample.cfg_scale != 1 needs a null class: model.class_dropout_prob > 0")
+    if cfg.latents.path and (cfg.train.tune_vae or cfg.vae.from_scratch):
+        errors.append("latents.path (cached latents of a frozen VAE) needs train.tune_vae=false and "
+                      "vae.from_scratch=false")
+    if cfg.latents.path and cfg.data.source not in ("toy", "folder", "imagenet"):
+        errors.append(f"latents.path: data.source={cfg.data.source!r} cannot pair with cached latents; "
+                      "use the source the latents were cached from (toy, folder or imagenet)")
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))

@@ -1,12 +1,18 @@
-"""Batched generation: noise -> sampler -> de-normalise -> VAE decode -> uint8, and PNG grids.
+"""Batched generation: noise -> sampler -> de-normalise -> VAE decode -> uint8, PNG grids, and
+ADM-style .npz files written by all ranks of a process group together.
 
-Noise for sample i depends only on (seed, i), so results do not change with the batch
-size or with how samples are split across processes.
+The initial noise of sample i depends only on (seed, i). With the ODE sampler a sample therefore
+does not depend on the batch size or on how samples are split across processes; the SDE's
+per-step noise is seeded by each batch's first index, so SDE samples repeat exactly for the same
+batch size. `generate_npz` hands out whole batches (batch b to rank b % W), so W processes write
+the very samples one process writes, with either sampler.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional, Sequence
@@ -16,6 +22,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from repae import dist
 from repae.models.sit import SiT
 from repae.models.vae import AutoencoderKL
 from repae.pixels import from_vae_range
@@ -87,6 +94,91 @@ def generate_images(
     sit.train(sit_was_training)
     vae.train(vae_was_training)
     return torch.cat(out)
+
+
+def sample_labels(n: int, num_classes: int, mode: str = "balanced", seed: int = 0) -> torch.Tensor:
+    """Class labels of samples 0..n-1: `balanced` i -> i % num_classes (every class equally often,
+    in order), or `uniform`: independent uniform classes, label i a function of (seed, i). int64 [n]."""
+    if mode == "balanced":
+        return torch.arange(n) % num_classes
+    if mode == "uniform":
+        return torch.tensor([_seed_for(seed, i, stream=2) % num_classes for i in range(n)], dtype=torch.long)
+    raise ValueError(f"unknown label sampling {mode!r}; use balanced or uniform")
+
+
+def rank_batches(n: int, batch_size: int, rank: int, world: int) -> list:
+    """The (start, stop) index ranges this rank generates: batch b = [b*bs, (b+1)*bs) goes to rank b % world."""
+    return [(b * batch_size, min(n, (b + 1) * batch_size)) for b in range(rank, math.ceil(n / batch_size), world)]
+
+
+def _part_path(path: Path, rank: int, world: int) -> Path:
+    return path.with_name(f"{path.name}.part{rank}-of-{world}.npy")
+
+
+def generate_npz(sit: SiT, vae: AutoencoderKL, labels: torch.Tensor, path: str | Path, *, batch_size: int = 64,
+                 keep: int = 0, progress: bool = True, **sampler) -> Optional[torch.Tensor]:
+    """Generate len(labels) samples across the ranks of the process group (one process: all of them)
+    and write the ADM-style `path` (.npz: arr_0 uint8 [N,H,W,3] in index order, labels int64 [N]).
+
+    Call it on every rank with the same arguments. Each rank writes its batches to a part file,
+    rank 0 assembles them after a barrier and removes them. `sampler`: generate_images' keyword
+    arguments (mode, num_steps, cfg_scale, seed, ...). Returns the first `keep` samples as uint8
+    [keep,3,H,W] on rank 0 (None elsewhere).
+    """
+    path = Path(path)
+    rank, world, n = dist.rank(), dist.world_size(), len(labels)
+    size = sit.args.input_size * vae.downsample_factor
+    mine = rank_batches(n, batch_size, rank, world)
+    part, tmp = _part_path(path, rank, world), path.with_name(f"{path.name}.part{rank}-of-{world}.tmp.npy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(sum(b - a for a, b in mine), size, size, 3))
+    at = 0
+    for a, b in tqdm(mine, desc="sampling", unit="batch", disable=not progress or rank != 0):
+        images = generate_images(sit, vae, labels[a:b], batch_size=batch_size, first_index=a, progress=False, **sampler)
+        rows[at:at + b - a] = images.permute(0, 2, 3, 1).numpy()
+        at += b - a
+    rows.flush()
+    del rows
+    os.replace(tmp, part)
+    dist.barrier()
+    first = None
+    if dist.is_main():
+        first = _assemble(path, labels, size, batch_size, world, keep)
+    dist.barrier()  # every rank returns once the .npz is complete
+    return first
+
+
+def _assemble(path: Path, labels: torch.Tensor, size: int, batch_size: int, world: int, keep: int) -> torch.Tensor:
+    """Rank 0: parts -> arr_0.npy (on disk, index order) -> the .npz (stored, zip64); parts removed."""
+    n = len(labels)
+    work = path.with_name(path.name + ".assemble")
+    work.mkdir(exist_ok=True)
+    arr = np.lib.format.open_memmap(work / "arr_0.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+    for r in range(world):
+        part = _part_path(path, r, world)
+        if not part.is_file():
+            raise RuntimeError(f"sample part {part} is missing: did rank {r} fail?")
+        rows, at = np.load(part, mmap_mode="r"), 0
+        for a, b in rank_batches(n, batch_size, r, world):
+            arr[a:b] = rows[at:at + b - a]
+            at += b - a
+        if at != len(rows):
+            raise RuntimeError(f"sample part {part} holds {len(rows)} samples, expected {at}")
+    first = torch.from_numpy(np.array(arr[:keep])).permute(0, 3, 1, 2)
+    arr.flush()
+    del arr
+    np.save(work / "labels.npy", labels.numpy().astype(np.int64))
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:  # np.savez's layout
+        zf.write(work / "arr_0.npy", "arr_0.npy")
+        zf.write(work / "labels.npy", "labels.npy")
+    os.replace(tmp, path)
+    for r in range(world):
+        _part_path(path, r, world).unlink()
+    for f in work.iterdir():
+        f.unlink()
+    work.rmdir()
+    return first
 
 
 def image_grid(images: torch.Tensor, nrow: Optional[int] = None, pad: int = 2) -> np.ndarray:

@@ -106,7 +106,8 @@ class NpzImages:
     """Stream `arr_0` (uint8 [N,H,W,3], an ADM sample/reference batch) as uint8 [B,3,H,W] tensors,
     reading `batch_size` images at a time from the zip member (the file never loads whole)."""
 
-    def __init__(self, path: PathLike, batch_size: int = 64, key: str = REF_IMAGES_KEY):
+    def __init__(self, path: PathLike, batch_size: int = 64, key: str = REF_IMAGES_KEY,
+                 block: Optional[range] = None):
         self.path, self.batch_size, self.key = Path(path), batch_size, key
         if not self.path.is_file():
             raise FileNotFoundError(f"image batch not found: {self.path}")
@@ -115,6 +116,7 @@ class NpzImages:
         if self.dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] != 3:
             raise ValueError(f"{self.path}: '{key}' must be uint8 [N,H,W,3] images, "
                              f"got {self.dtype} {tuple(self.shape)}")
+        self.block = block if block is not None else range(self.num_images)  # rows to stream
 
     def _member(self):
         if not zipfile.is_zipfile(self.path):
@@ -134,24 +136,26 @@ class NpzImages:
         return read(f)
 
     def __len__(self) -> int:
-        return -(-self.shape[0] // self.batch_size)
+        return -(-len(self.block) // self.batch_size)
 
     @property
     def num_images(self) -> int:
         return int(self.shape[0])
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        start, stop = self.block.start, self.block.stop
         if self.fortran:  # rare; cannot stream row blocks of a Fortran-ordered array
             with np.load(self.path, allow_pickle=False) as f:
-                arr = f[self.key]
+                arr = f[self.key][start:stop]
             for i in range(0, len(arr), self.batch_size):
                 yield torch.from_numpy(np.ascontiguousarray(arr[i:i + self.batch_size])).permute(0, 3, 1, 2)
             return
         per_image = int(np.prod(self.shape[1:]))
         with self._member() as f:
             self._header(f)
-            for i in range(0, self.shape[0], self.batch_size):
-                n = min(self.batch_size, self.shape[0] - i)
+            f.seek(f.tell() + start * per_image)
+            for i in range(start, stop, self.batch_size):
+                n = min(self.batch_size, stop - i)
                 buf = f.read(n * per_image)
                 if len(buf) != n * per_image:
                     raise ValueError(f"{self.path}: '{self.key}' is truncated at image {i}")

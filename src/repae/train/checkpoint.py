@@ -118,7 +118,8 @@ def load_for_sampling(path: Path, config_files=(), overrides=()):
     from repae.models.vae import AutoencoderKL
 
     ckpt = resolve_checkpoint(path)
-    cfg = load_config(None, [ckpt / "config.yaml", *config_files], overrides)
+    # world_size=1: sampling does not split the training batch, whatever WORLD_SIZE torchrun sets
+    cfg = load_config(None, [ckpt / "config.yaml", *config_files], overrides, world_size=1)
     weights = read_file(ckpt / ("ema.safetensors" if cfg.sample.use_ema else "sit.safetensors"))
     n_proj = len({k.split(".")[1] for k in weights if k.startswith("projectors.")})
     z_dims = [weights[f"projectors.{i}.4.weight"].shape[0] for i in range(n_proj)]

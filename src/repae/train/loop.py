@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from repae import dist
 from repae.build import build_sit, build_vae, uses_repa, vae_args
 from repae.models.vae import AutoencoderKL
-from repae.config import ConfigError, RunConfig, save_config, to_dict
+from repae.config import ConfigError, RunConfig, from_dict, save_config, to_dict
 from repae.data.sampler import TensorBatches
 from repae.generate import generate_images, save_image_grid
 from repae.losses import VAERegulariser
@@ -79,19 +79,30 @@ def _encoders(cfg: RunConfig, toy) -> List:
 
 
 def _data_source(cfg: RunConfig, toy):
-    """The batch source for cfg.data: the toy world's tensors or an image folder."""
+    """The batch source for cfg.data: the toy world's tensors, an image folder or a packed store."""
     from repae.data.folder import DatasetBatches, ImageFolder
 
+    if cfg.latents.path:  # stage 2: cached posterior moments of a frozen VAE (+ images for REPA)
+        from repae.stage2.latents import latent_batches
+
+        return latent_batches(cfg, toy)
     if toy is not None:
         return TensorBatches(toy.train_images, toy.train_labels, seed=cfg.train.seed, rank=dist.rank(),
                              world=dist.world_size())
-    if cfg.data.source not in ("folder", "imagenet"):
-        raise ConfigError(f"data.source={cfg.data.source!r} is not supported yet; use toy, folder or imagenet")
     if not cfg.data.path:
-        raise ConfigError(f"data.source={cfg.data.source} needs data.path (a folder of class sub-folders)")
+        raise ConfigError(f"data.source={cfg.data.source} needs data.path (a folder of class sub-folders, "
+                          "or a `repae prepare-data` output for data.source=packed)")
     try:
-        dataset = ImageFolder(cfg.data.path, cfg.data.image_size, cfg.data.hflip, cfg.train.seed)
-    except (FileNotFoundError, ValueError) as err:
+        if cfg.data.source == "packed":
+            from repae.data.packed import PackedDataset
+
+            dataset = PackedDataset(cfg.data.path, cfg.data.hflip, cfg.train.seed)
+            if dataset.image_size != cfg.data.image_size:
+                raise ValueError(f"{cfg.data.path} holds {dataset.image_size}px crops, data.image_size="
+                                 f"{cfg.data.image_size}")
+        else:
+            dataset = ImageFolder(cfg.data.path, cfg.data.image_size, cfg.data.hflip, cfg.train.seed)
+    except (FileNotFoundError, ValueError) as err:  # PackedDataError is a ValueError
         raise ConfigError(f"data.path: {err}") from None
     if len(dataset.classes) > cfg.model.num_classes:
         raise ConfigError(f"{cfg.data.path} has {len(dataset.classes)} classes but model.num_classes="
@@ -102,6 +113,10 @@ def _data_source(cfg: RunConfig, toy):
 
 def setup_run(cfg: RunConfig) -> Run:
     device = resolve_device(cfg.train.device)
+    if cfg.latents.path:  # the frozen VAE and its statistics default to those the latents came from
+        from repae.stage2.latents import resolve_latents
+
+        resolve_latents(cfg)
     toy = _toy_setup(cfg) if cfg.data.source == "toy" else None
     data = _data_source(cfg, toy)
     encoders = [e.to(device) for e in _encoders(cfg, toy)]  # early: a missing weight file fails fast
@@ -175,6 +190,10 @@ def _check_same_config(cfg: RunConfig, saved: Path) -> None:
     import yaml
 
     old, new = yaml.safe_load(saved.read_text()), to_dict(cfg)
+    try:  # through the schema, so a section or field added since the run was saved reads as its default
+        old = to_dict(from_dict(old))
+    except Exception:  # a key the schema no longer has: compare as saved (and differ)
+        pass
     for section in ("train", "sample", "eval"):
         old.pop(section, None), new.pop(section, None)
     if old != new:
@@ -197,9 +216,15 @@ def _micro_batches(run: Run) -> list:
     per_micro = cfg.train.global_batch_size // cfg.train.grad_accum_steps
     out = []
     for _ in range(cfg.train.grad_accum_steps):
-        images, labels = run.data.next(per_micro)
-        out.append((images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)))
+        # (images, labels) or, from cached latents, (images or None, labels, (mean, std))
+        out.append(_to_device(run.data.next(per_micro), run.device))
     return out
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, (tuple, list)):
+        return tuple(_to_device(b, device) for b in batch)
+    return batch.to(device, non_blocking=True) if batch is not None else None
 
 
 def train_steps(run: Run, until: int, on_log=None, progress: bool = True) -> None:

@@ -13,6 +13,8 @@ Then the VAE and SiT optimisers step (each with its own gradient clip), the disc
 takes its hinge-loss step on the detached reconstructions, and the EMA follows the SiT.
 Ablations are switches: tune_vae=False (REPA / vanilla SiT on a frozen VAE), stop_grad=False,
 use_reg_loss=False, latent_norm.mode="fixed", proj_coeff=0 (no REPA).
+Stage 2 (a frozen VAE with cached latents, repae.stage2): a micro-batch may carry the posterior's
+cached (mean, std); then z = mean + std * eps with eps drawn exactly as the VAE pass would draw it.
 """
 
 from __future__ import annotations
@@ -105,12 +107,16 @@ def sit_losses(sit: SiT, z: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, 
     return terms
 
 
-def draw_step_noise(m: Trainables, x: torch.Tensor, cfg: RunConfig, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+def draw_step_noise(m: Trainables, x: torch.Tensor, cfg: RunConfig, gen: torch.Generator,
+                    latent: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """The step's random draws, made for the global micro-batch and sliced to this rank's share
-    (see repae.train.replicas): posterior noise, t, diffusion noise, label-dropout uniforms."""
-    n, device = m.shard.global_size(x.shape[0]), x.device
+    (see repae.train.replicas): posterior noise, t, diffusion noise, label-dropout uniforms.
+    x: images [B,3,H,W]; or pass `latent` [B,C,h,w] (cached moments) to take the shape from it."""
+    ref = latent if latent is not None else x
+    n, device = m.shard.global_size(ref.shape[0]), ref.device
     f = m.vae.downsample_factor
-    shape = (n, m.vae.z_channels, x.shape[-2] // f, x.shape[-1] // f)
+    per_item = tuple(latent.shape[1:]) if latent is not None else (m.vae.z_channels, x.shape[-2] // f, x.shape[-1] // f)
+    shape = (n, *per_item)
     draws = {"posterior": torch.randn(shape, generator=gen, device=device),
              "t": sample_time(n, cfg.flow.time_sampling, cfg.flow.path_type, cfg.flow.lognormal_mean,
                               cfg.flow.lognormal_std, generator=gen, device=device),
@@ -119,18 +125,25 @@ def draw_step_noise(m: Trainables, x: torch.Tensor, cfg: RunConfig, gen: torch.G
     return {k: m.shard.take(v) for k, v in draws.items()}
 
 
-def micro_step(m: Trainables, images: torch.Tensor, labels: torch.Tensor, cfg: RunConfig, step: int,
-               scale: float, gen: torch.Generator) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+def micro_step(m: Trainables, images: Optional[torch.Tensor], labels: torch.Tensor, cfg: RunConfig, step: int,
+               scale: float, gen: torch.Generator, cached: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+               ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Forward and backward of one micro-batch (gradients accumulate, scaled by `scale`).
+    `cached`: the frozen VAE's posterior (mean, std) [B,C,h,w] each, instead of encoding `images`
+    (which may then be None unless an alignment encoder needs them).
     Returns (detached loss terms, x in [-1,1], detached reconstruction) for the discriminator."""
-    device = images.device
+    device = labels.device
     feats = teacher_features(m.encoders, images) if uses_alignment(cfg) else []           # 0. teacher
-    x = to_vae_range(images)
-    draws = draw_step_noise(m, x, cfg, gen)
+    x = to_vae_range(images) if images is not None else None
+    draws = draw_step_noise(m, x, cfg, gen, latent=cached[0] if cached is not None else None)
     t, noise = draws["t"], draws["noise"]                                                 # shared t and noise
     need_recon = cfg.train.tune_vae and cfg.train.use_reg_loss
-    vae_pass = m.vae_train if cfg.train.tune_vae else m.vae
-    posterior, z, recon = vae_pass(x, noise=draws["posterior"], decode=need_recon)        # 1. VAE
+    if cached is not None:                                                                # 1. cached posterior
+        posterior, recon = None, None
+        z = cached[0] + cached[1] * draws["posterior"]
+    else:                                                                                 # 1. VAE
+        vae_pass = m.vae_train if cfg.train.tune_vae else m.vae
+        posterior, z, recon = vae_pass(x, noise=draws["posterior"], decode=need_recon)
     logs: Dict[str, torch.Tensor] = {}
 
     vae_loss = torch.zeros((), device=device)
@@ -184,9 +197,9 @@ def repae_step(m: Trainables, batches: Sequence[Tuple[torch.Tensor, torch.Tensor
     scale = 1.0 / len(batches)
     logs: Dict[str, torch.Tensor] = {}
     for_disc = []
-    for i, (images, labels) in enumerate(batches):
+    for i, (images, labels, *cached) in enumerate(batches):  # (images, labels[, cached moments])
         with no_sync([m.sit_train, m.vae_train], skip_sync=i < len(batches) - 1):  # all-reduce once
-            micro, x, recon = micro_step(m, images, labels, cfg, step, scale, gen)
+            micro, x, recon = micro_step(m, images, labels, cfg, step, scale, gen, *cached)
         for k, v in micro.items():
             logs[k] = logs.get(k, 0) + scale * v
         if recon is not None:

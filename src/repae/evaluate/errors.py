@@ -1,0 +1,6 @@
+"""The one error type of `repae evaluate` (kept in a module without heavy imports, so the command
+line parser loads fast)."""
+
+
+class EvaluationError(ValueError):
+    """Something the evaluation cannot use (a path, a file's content, a setting), said plainly."""

@@ -1,0 +1,366 @@
+"""Cached latents: the posterior mean and std of a frozen VAE for every image of a dataset, in order.
+
+Layout of a cache directory:
+
+    settings.json              what is cached: source identity, VAE sha256 and layout, shapes, dtype.
+                               Written first; a re-run with other settings is refused.
+    shard-00000.safetensors    images [0, S): mean, std [n,C,h,w] (+ mean_flip, std_flip with
+                               hflip_too), labels int64 [n]; metadata start/count
+    ...
+    labels.npy                 int64 [N], written at the end
+    latent_stats.safetensors   per-channel mean/var of z ~ q(z|x) over the cache (exact, from the moments)
+    manifest.json              written last, once every shard exists: count, shapes, dtype, classes,
+                               source, VAE, shards. A cache without it is unfinished.
+
+A shard is written to `*.tmp`, fsynced and renamed: it exists completely or not at all, so a
+re-run skips the shards on disk and writes the rest. Under torchrun shard k belongs to rank
+k % W: the ranks write disjoint shards, and rank 0 checks there is no gap before it writes the
+manifest. Readers memory-map the shards (`LatentCache`), so a cache larger than memory works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from repae import dist
+from repae.config import ConfigError
+from repae.fileio import sha256_file, write_atomic, write_json_atomic
+from repae.pixels import to_vae_range
+
+FORMAT, VERSION = "repae-latents", 1
+SETTINGS, MANIFEST, LABELS, STATS = "settings.json", "manifest.json", "labels.npy", "latent_stats.safetensors"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+# ------------------------------------------------------------------------ image sources
+
+
+class ToySource:
+    """The toy world's training images (in memory), identified by a hash of their pixels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+        self.image_size = images.shape[-1]
+        self.classes = [str(c) for c in range(int(labels.max()) + 1)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def describe(self) -> dict:
+        return {"kind": "toy", "count": len(self), "image_size": self.image_size,
+                "images_sha256": hashlib.sha256(self.images.contiguous().numpy().tobytes()).hexdigest()}
+
+    def batches(self, start: int, stop: int, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(start, stop, batch_size):
+            j = min(stop, i + batch_size)
+            yield self.images[i:j], self.labels[i:j]
+
+    def load(self, indices: Sequence[int]) -> torch.Tensor:
+        return self.images[torch.as_tensor(indices, dtype=torch.long)]
+
+
+def _first_two(items):
+    return torch.stack([x for x, _, _ in items]), torch.tensor([y for _, y, _ in items])
+
+
+class FolderSource:
+    """An image folder (class sub-folders) with the ADM centre crop, decoded by DataLoader workers."""
+
+    def __init__(self, root: str | Path, image_size: int = 256, num_workers: int = 4):
+        from repae.data.folder import ImageFolder
+
+        self.root = Path(root).resolve()
+        self.dataset = ImageFolder(self.root, image_size, hflip=False)
+        self.image_size, self.num_workers = image_size, num_workers
+        self.classes = list(self.dataset.classes)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def describe(self) -> dict:
+        listing = "\n".join(f"{p.relative_to(self.root)}\t{y}" for p, y in zip(self.dataset.files, self.dataset.labels))
+        return {"kind": "folder", "path": str(self.root), "count": len(self), "image_size": self.image_size,
+                "files_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+
+    def batches(self, start: int, stop: int, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        from torch.utils.data import DataLoader, Subset
+
+        loader = DataLoader(Subset(self.dataset, range(start, stop)), batch_size=batch_size,
+                            num_workers=self.num_workers, collate_fn=_first_two)
+        yield from loader
+
+    def load(self, indices: Sequence[int]) -> torch.Tensor:
+        return torch.stack([self.dataset[int(i)][0] for i in indices])
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@torch.no_grad()
+def encode_moments(vae, images: torch.Tensor, device: torch.device,
+                   autocast_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [B,3,H,W] -> the posterior's (mean, std), float32 [B,C,h,w] each, on the CPU."""
+    x = to_vae_range(images.to(device))
+    if autocast_dtype is not None:
+        with torch.autocast(device.type, dtype=autocast_dtype):
+            posterior = vae.encode(x)
+    else:
+        posterior = vae.encode(x)
+    return posterior.mean.float().cpu(), posterior.std.float().cpu()
+
+
+def _check_or_write_settings(out: Path, settings: dict) -> None:
+    path = out / SETTINGS
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise ConfigError(f"{out} holds a latent cache made with other settings ({', '.join(diff)}); "
+                              "use another --out directory or delete it")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, settings)
+
+
+def _shard_on_disk(path: Path, count: int) -> bool:
+    """A finished shard of `count` items (renamed into place only when complete)."""
+    try:
+        header = _read_header(path)
+    except (OSError, ValueError, struct.error):
+        return False
+    return header.get("labels", {}).get("shape") == [count]
+
+
+def _write_shard(path: Path, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def cache_latents(vae, source, out_dir: str | Path, *, vae_file: str | Path,
+                  vae_path: Optional[str | Path] = None, vae_stats: Optional[str | Path] = None,
+                  shard_size: int = 1000, hflip_too: bool = False, batch_size: int = 64,
+                  autocast_dtype: Optional[torch.dtype] = None, store_dtype: torch.dtype = torch.float32,
+                  device: Optional[torch.device] = None, progress: bool = True) -> dict:
+    """Encode every image of `source` with the frozen `vae` into `out_dir` (see the module docstring).
+
+    vae_file: the weight file `vae` was loaded from (its sha256 goes into the manifest; train-ldm
+    checks it); vae_path: what load_model reads (default vae_file; e.g. a diffusers directory).
+    vae_stats: the latent statistics exported with it, if any. Resumable; under
+    torchrun each rank writes shards k with k % W == rank. Returns the manifest.
+    """
+    out, device = Path(out_dir), device or next(vae.parameters()).device
+    if shard_size < 1:
+        raise ConfigError("--shard-size must be >= 1")
+    n, f = len(source), vae.downsample_factor
+    settings = {
+        "format": FORMAT, "version": VERSION, "count": n, "shard_size": shard_size, "hflip_too": hflip_too,
+        "dtype": {v: k for k, v in _DTYPES.items()}[store_dtype],
+        "latent_shape": [vae.z_channels, source.image_size // f, source.image_size // f],
+        "encode_autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
+        "source": source.describe(), "classes": source.classes,
+        "vae": {"path": str(Path(vae_path or vae_file).resolve()), "sha256": sha256_file(vae_file),
+                "args": dataclasses.asdict(vae.args) if hasattr(vae, "args") else None,
+                "latent_stats": str(Path(vae_stats).resolve()) if vae_stats else None},
+    }
+    with dist.main_first():  # rank 0 checks or writes the settings, then the others read them
+        _check_or_write_settings(out, settings)
+    vae.eval()
+    num_shards = math.ceil(n / shard_size)
+    rank, world = dist.rank(), dist.world_size()
+    ranges = {k: (k * shard_size, min(n, (k + 1) * shard_size)) for k in range(rank, num_shards, world)}
+    todo = [k for k, (a, b) in ranges.items() if not _shard_on_disk(out / shard_name(k), b - a)]
+    total = sum(ranges[k][1] - ranges[k][0] for k in todo)
+    bar = tqdm(total=total, desc=f"cache latents (rank {rank})" if world > 1 else "cache latents", unit="img",
+               disable=not progress or rank != 0)
+    for k in todo:
+        a, b = ranges[k]
+        parts: Dict[str, List[torch.Tensor]] = {"mean": [], "std": [], "labels": []}
+        if hflip_too:
+            parts.update(mean_flip=[], std_flip=[])
+        for images, labels in source.batches(a, b, batch_size):
+            mean, std = encode_moments(vae, images, device, autocast_dtype)
+            parts["mean"].append(mean.to(store_dtype))
+            parts["std"].append(std.to(store_dtype))
+            parts["labels"].append(labels.long())
+            if hflip_too:
+                mean, std = encode_moments(vae, images.flip(-1), device, autocast_dtype)
+                parts["mean_flip"].append(mean.to(store_dtype))
+                parts["std_flip"].append(std.to(store_dtype))
+            bar.update(len(images))
+        _write_shard(out / shard_name(k), {key: torch.cat(v) for key, v in parts.items()},
+                     {"start": str(a), "count": str(b - a)})
+    bar.close()
+    dist.barrier()
+    if dist.is_main():
+        _finish(out, settings, num_shards)
+    dist.barrier()
+    return read_manifest(out)
+
+
+def _finish(out: Path, settings: dict, num_shards: int) -> dict:
+    """Check every shard is there, then write labels, statistics and (last) the manifest."""
+    from repae.weights import save_latent_stats
+
+    n, size = settings["count"], settings["shard_size"]
+    missing = [k for k in range(num_shards)
+               if not _shard_on_disk(out / shard_name(k), min(n, (k + 1) * size) - k * size)]
+    if missing:
+        raise RuntimeError(f"latent cache {out}: shards {missing[:10]} are missing after every rank finished")
+    cache = LatentCache(out, settings=settings)
+    labels = np.concatenate([cache._views(k)["labels"] for k in range(num_shards)]).astype(np.int64)
+    write_atomic(out / LABELS, _npy_bytes(labels))
+    mean, var = cache.channel_stats()
+    save_latent_stats(mean, var, out / STATS)
+    manifest = {**settings, "complete": True, "num_shards": num_shards,
+                "shards": [shard_name(k) for k in range(num_shards)], "labels": LABELS,
+                "latent_stats": STATS, "stats_mean": mean.tolist(), "stats_var": var.tolist()}
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_manifest(root: str | Path) -> dict:
+    """The manifest of a finished cache; ConfigError naming what is wrong otherwise."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        if (root / SETTINGS).is_file():
+            raise ConfigError(f"latent cache {root} is unfinished (no {MANIFEST}): run the same "
+                              "`repae cache-latents` command again to complete it")
+        raise ConfigError(f"{root} is not a latent cache (no {MANIFEST}); make one with `repae cache-latents`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ConfigError(f"{path} is not a {FORMAT} v{VERSION} manifest")
+    return manifest
+
+
+_NP_DTYPES = {"F32": np.float32, "BF16": np.uint16, "I64": np.int64, "F16": np.float16}
+
+
+def _read_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > 100_000_000:
+            raise ValueError("not a safetensors file")
+        return json.loads(f.read(length))
+
+
+def _memmaps(path: Path) -> Dict[str, np.ndarray]:
+    """Each tensor of a safetensors file as a read-only np.memmap (bf16 as uint16 bits)."""
+    header = _read_header(path)
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, _ = info["data_offsets"]
+        out[name] = np.memmap(path, dtype=_NP_DTYPES[info["dtype"]], mode="r", offset=8 + length + begin,
+                              shape=tuple(info["shape"]))
+    return out
+
+
+class LatentCache:
+    """Random access to a finished cache. Item j < N is image j; with hflip_too, item N + j is its
+    mirror image. Shards are memory-mapped lazily in each process (pickle-safe for DataLoader workers)."""
+
+    def __init__(self, root: str | Path, settings: Optional[dict] = None):
+        self.root = Path(root)
+        self.manifest = settings if settings is not None else read_manifest(self.root)
+        self.count, self.shard_size = self.manifest["count"], self.manifest["shard_size"]
+        self.hflip_too = bool(self.manifest["hflip_too"])
+        self.latent_shape = tuple(self.manifest["latent_shape"])
+        self._maps: Dict[int, Dict[str, np.ndarray]] = {}
+        self._labels: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return self.count * (2 if self.hflip_too else 1)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": {}}
+
+    def _views(self, k: int) -> Dict[str, np.ndarray]:
+        if k not in self._maps:
+            self._maps[k] = _memmaps(self.root / shard_name(k))
+        return self._maps[k]
+
+    @property
+    def labels(self) -> np.ndarray:
+        if self._labels is None:
+            self._labels = np.load(self.root / LABELS)
+        return self._labels
+
+    def split(self, items: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Item ids -> (image index in the source, flipped?)."""
+        items = np.asarray(items, dtype=np.int64)
+        if items.size and (items.min() < 0 or items.max() >= len(self)):
+            raise IndexError(f"latent cache item out of range [0, {len(self)})")
+        return items % self.count, items >= self.count
+
+    def moments(self, items: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) float32 [len(items), C, h, w] for cache items (see the class docstring)."""
+        base, flipped = self.split(np.asarray(items))
+        shard, row = base // self.shard_size, base % self.shard_size
+        out = {key: np.empty((len(base), *self.latent_shape), dtype=np.float32) for key in ("mean", "std")}
+        for k in np.unique(shard):
+            views = self._views(int(k))
+            for flip in (False, True):
+                sel = (shard == k) & (flipped == flip)
+                if sel.any():
+                    for key in ("mean", "std"):
+                        src = views[f"{key}_flip" if flip else key]
+                        out[key][sel] = _to_f32(src[row[sel]])
+        return torch.from_numpy(out["mean"]), torch.from_numpy(out["std"])
+
+    def channel_stats(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and variance of z ~ N(mean, std^2) over every item, exactly (float64 sums):
+        E[z] = avg(mean), E[z^2] = avg(mean^2 + std^2)."""
+        c = self.latent_shape[0]
+        s1, s2, count = np.zeros(c), np.zeros(c), 0
+        for k in range(math.ceil(self.count / self.shard_size)):
+            views = self._views(k)
+            for suffix in (("", "_flip") if self.hflip_too else ("",)):
+                mean = _to_f32(views["mean" + suffix]).astype(np.float64)
+                std = _to_f32(views["std" + suffix]).astype(np.float64)
+                s1 += mean.sum(axis=(0, 2, 3))
+                s2 += (mean**2 + std**2).sum(axis=(0, 2, 3))
+                count += mean.size // c
+        m = s1 / count
+        return torch.from_numpy(m).float(), torch.from_numpy(np.maximum(s2 / count - m**2, 0)).float()
+
+
+def _to_f32(arr: np.ndarray) -> np.ndarray:
+    """float32 copy of a memmapped array; bf16 is stored as uint16 bits (the high half of a float32)."""
+    if arr.dtype == np.uint16:
+        return (np.asarray(arr).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(arr, dtype=np.float32)

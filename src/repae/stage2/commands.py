@@ -1,0 +1,120 @@
+"""The stage-2 commands: `repae export-vae`, `repae cache-latents`, `repae train-ldm`.
+
+`add_parsers(sub, add_config_args)` registers all three on the `repae` sub-command parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+# train-ldm's defaults, applied before --config files and overrides (which win)
+LDM_DEFAULTS = {"train": {"tune_vae": False}, "latent_norm": {"mode": "fixed"}}
+
+
+def cmd_export_vae(args: argparse.Namespace) -> int:
+    from repae.stage2.export import export_vae
+
+    record = export_vae(args.run, args.out, use_ema_bn=args.use_ema_bn)
+    out = Path(args.out) if args.out else Path(args.run) / "e2e-vae"
+    print(f"wrote {out}: E2E-VAE of {record['checkpoint']} (step {record['step']}), latent stats from the "
+          f"{record['latent_stats_from']} BatchNorm; ours, official (.pt) and diffusers/ formats")
+    return 0
+
+
+def cmd_cache_latents(args: argparse.Namespace) -> int:
+    import torch
+
+    from repae import dist
+    from repae.config import ConfigError, load_config
+    from repae.stage2.cache import FolderSource, ToySource, cache_latents
+    from repae.stage2.latents import vae_files
+    from repae.weights import load_model
+
+    cfg = load_config(args.preset, args.config, args.overrides)  # device, and the toy world's spec (toy.*)
+    device = dist.init_from_env(cfg.train.device)
+    load_path, weights, stats = vae_files(args.vae)
+    vae = load_model(load_path, kind="vae").to(device).eval().requires_grad_(False)
+    if args.data == "toy":
+        from repae.build import vae_args
+        from repae.toyworld import ensure_toy_world
+
+        with dist.main_first():
+            world = ensure_toy_world(vae_args(cfg), cfg.toy)
+        source = ToySource(world.train_images, world.train_labels)
+        if args.image_size not in (None, source.image_size):
+            raise ConfigError(f"the toy world's images are {source.image_size}px; drop --image-size")
+    else:
+        try:
+            source = FolderSource(args.data, args.image_size or 256,
+                                  num_workers=cfg.data.num_workers if args.num_workers is None else args.num_workers)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"--data: {err}") from None
+    manifest = cache_latents(
+        vae, source, args.out, vae_file=weights, vae_path=load_path, vae_stats=stats,
+        shard_size=args.shard_size, hflip_too=args.hflip_too, batch_size=args.batch_size, device=device,
+        autocast_dtype=torch.bfloat16 if args.bf16 else None,
+        store_dtype=torch.bfloat16 if args.store_bf16 else torch.float32, progress=not args.no_progress)
+    if dist.is_main():
+        print(f"wrote {args.out}: {manifest['count']} images{' (+ mirrored)' if manifest['hflip_too'] else ''}, "
+              f"latents {manifest['latent_shape']} {manifest['dtype']}, {manifest['num_shards']} shards")
+    return 0
+
+
+def load_ldm_config(preset_name, files, overrides):
+    """The train-ldm config: preset, then LDM_DEFAULTS and exp_name `<preset>-ldm`, then files and overrides."""
+    import yaml
+
+    from repae.config import ConfigError, load_config, preset
+
+    defaults = {**LDM_DEFAULTS, "exp_name": f"{preset(preset_name).exp_name}-ldm"}
+    with tempfile.TemporaryDirectory() as tmp:
+        first = Path(tmp) / "train-ldm-defaults.yaml"
+        first.write_text(yaml.safe_dump(defaults))
+        cfg = load_config(preset_name, [first, *files], overrides)
+    if not cfg.latents.path:
+        raise ConfigError("train-ldm needs latents.path=DIR (a cache made by `repae cache-latents`)")
+    return cfg
+
+
+def cmd_train_ldm(args: argparse.Namespace) -> int:
+    from repae.train.loop import train
+
+    cfg = load_ldm_config(args.preset, args.config, args.overrides)
+    summary = train(cfg, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def add_parsers(sub, add_config_args) -> None:
+    """Register export-vae, cache-latents and train-ldm on `sub` (argparse sub-parsers)."""
+    p = sub.add_parser("export-vae", help="export a run's tuned VAE (E2E-VAE) with its latent statistics")
+    p.add_argument("run", help="a training run directory (its newest checkpoint is exported)")
+    p.add_argument("--out", help="output directory (default: RUN/e2e-vae)")
+    p.add_argument("--use-ema-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="statistics from the EMA SiT's latent BatchNorm (default) or, with --no-use-ema-bn, "
+                        "from the online SiT's")
+    p.set_defaults(func=cmd_export_vae)
+
+    p = sub.add_parser("cache-latents", help="encode a dataset with a frozen VAE into sharded posterior moments")
+    add_config_args(p)
+    p.add_argument("--vae", required=True, help="VAE: an export-vae directory, .safetensors, official .pt or "
+                                                "diffusers directory")
+    p.add_argument("--data", required=True, help="an image folder (class sub-folders), or 'toy'")
+    p.add_argument("--out", required=True, help="cache directory; re-run the same command to resume")
+    p.add_argument("--image-size", type=int, help="ADM centre crop size for folders (default 256)")
+    p.add_argument("--hflip-too", action="store_true", help="also cache every image mirrored")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard file (default 1000)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward")
+    p.add_argument("--num-workers", type=int, help="image decoding workers (default: data.num_workers)")
+    p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast (moments still stored fp32)")
+    p.add_argument("--store-bf16", action="store_true", help="store the moments as bf16 (half the disk)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_cache_latents)
+
+    p = sub.add_parser("train-ldm", help="train a SiT on cached latents of a frozen VAE (stage 2); resumes")
+    add_config_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs still go to metrics.jsonl)")
+    p.set_defaults(func=cmd_train_ldm)
