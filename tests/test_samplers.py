@@ -95,3 +95,22 @@ def test_noise_depends_only_on_seed_and_index():
     b = torch.cat([sample_noise(range(0, 4), (2, 3, 3), 5), sample_noise(range(4, 6), (2, 3, 3), 5)])
     assert torch.equal(a, b)
     assert not torch.equal(a, sample_noise(range(6), (2, 3, 3), seed=6))
+
+
+def test_sde_sample_does_not_depend_on_its_batch():
+    """Per-index Brownian streams: generating 4 samples in one batch or in batches of 1 and 3 gives
+    the same samples (the model here acts on each row alone)."""
+    from repae.generate import _seed_for
+
+    def model(x, t, y):
+        return -x + 0.1 * y.view(-1, 1, 1, 1).double()
+
+    noise = sample_noise(range(4), (1, 2, 2), seed=3).double()
+    y = torch.arange(4)
+    gens = lambda idx: [torch.Generator().manual_seed(_seed_for(3, i, stream=1)) for i in idx]  # noqa: E731
+    whole = euler_maruyama(model, noise, y, num_steps=20, generator=gens(range(4)))
+    parts = torch.cat([euler_maruyama(model, noise[:1], y[:1], num_steps=20, generator=gens(range(1))),
+                       euler_maruyama(model, noise[1:], y[1:], num_steps=20, generator=gens(range(1, 4)))])
+    torch.testing.assert_close(whole, parts, rtol=0, atol=1e-12)
+    other = euler_maruyama(model, noise, y, num_steps=20, generator=gens(range(10, 14)))
+    assert not torch.allclose(whole, other)

@@ -1,11 +1,10 @@
 """Batched generation: noise -> sampler -> de-normalise -> VAE decode -> uint8, PNG grids, and
 ADM-style .npz files written by all ranks of a process group together.
 
-The initial noise of sample i depends only on (seed, i). With the ODE sampler a sample therefore
-does not depend on the batch size or on how samples are split across processes; the SDE's
-per-step noise is seeded by each batch's first index, so SDE samples repeat exactly for the same
-batch size. `generate_npz` hands out whole batches (batch b to rank b % W), so W processes write
-the very samples one process writes, with either sampler.
+The initial noise of sample i, and with the SDE sampler its Brownian increments, depend only on
+(seed, i): a sample does not depend on the batch size or on how samples are split across
+processes (up to the batch's floating-point reduction order). `generate_npz` hands out whole
+batches (batch b to rank b % W), so W processes write the very samples one process writes.
 """
 
 from __future__ import annotations
@@ -81,9 +80,10 @@ def generate_images(
             if mode == "ode":
                 z = euler_ode(sit.velocity, noise, y, num_steps, heun=heun, guidance=guidance)
             elif mode == "sde":
-                gen = torch.Generator(device).manual_seed(_seed_for(seed, idx[0], stream=1))
+                # one Brownian stream per sample index: results do not depend on batching or ranks
+                gens = [torch.Generator().manual_seed(_seed_for(seed, i, stream=1)) for i in idx]
                 z = euler_maruyama(sit.velocity, noise, y, num_steps, guidance=guidance, path_type=path_type,
-                                   generator=gen)
+                                   generator=gens)
             else:
                 raise ValueError(f"unknown sampling mode {mode!r}; use ode or sde")
             z = z.float()

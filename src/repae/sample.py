@@ -12,7 +12,7 @@ model sees its own dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -85,9 +85,13 @@ def sde_diffusion(t: float) -> float:
 @torch.no_grad()
 def euler_maruyama(model: VelocityFn, noise: torch.Tensor, y: torch.Tensor, num_steps: int = 250,
                    guidance: Optional[Guidance] = None, path_type: str = "linear",
-                   diffusion: Callable[[float], float] = sde_diffusion, generator: Optional[torch.Generator] = None,
+                   diffusion: Callable[[float], float] = sde_diffusion,
+                   generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
                    model_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Reverse SDE dx = [v - w/2 s] dt + sqrt(w) dW from t=1 to 0.04, then one mean step to 0."""
+    """Reverse SDE dx = [v - w/2 s] dt + sqrt(w) dW from t=1 to 0.04, then one mean step to 0.
+
+    generator: one for the batch, or one per sample (row i's Brownian increments then depend on
+    its own generator only, so a sample does not change with the batch it is generated in)."""
     grid = sde_time_grid(num_steps)
     x = noise.double()
     for i in range(len(grid) - 1):
@@ -100,6 +104,14 @@ def euler_maruyama(model: VelocityFn, noise: torch.Tensor, y: torch.Tensor, num_
         x = x + drift * dt
         last = i == len(grid) - 2
         if not last and w != 0:  # the final step to t=0 is deterministic (returns the mean)
-            eps = torch.randn(x.shape, generator=generator, dtype=torch.float64, device=x.device)
+            eps = _brownian(x, generator)
             x = x + (w * abs(dt)) ** 0.5 * eps
     return x
+
+
+def _brownian(x: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal like x (float64), from one generator or one generator per row."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, dtype=torch.float64, device=x.device)
+    return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float64, device=g.device)
+                        for g in generator]).to(x.device)

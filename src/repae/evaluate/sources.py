@@ -8,7 +8,7 @@ contiguous run of batches [r*q + min(r, m), ...) with q, m = divmod(ceil(n/b), w
 m ranks take one more batch). So the blocks cover 0..n-1 exactly once; concatenated in rank
 order they restore the global order (which the Inception Score's splits of consecutive samples
 depend on); and every batch is the batch one process would form, so the per-batch numerics
-(and the SDE sampler's per-batch noise) are those of a single process.
+are those of a single process.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ class SampledImages:
 
     The initial noise of sample i depends only on (seed, i) (`repae.generate`), and the blocks
     are whole batches of `batch_size`, so W processes generate exactly the samples one process
-    generates (the SDE sampler's per-step noise is seeded per batch)."""
+    generates."""
 
     def __init__(self, sit, vae, labels: torch.Tensor, settings: dict, batch_size: int = 64, rank: int = 0,
                  world: int = 1, autocast_dtype: Optional[torch.dtype] = None):
