@@ -132,3 +132,19 @@ def test_nonfinite_loss_skips_the_update():
         m.vae.decoder.conv_out.bias.fill_(float("nan"))
     logs = repae_step(m, [batch()], cfg, step=0, gen=torch.Generator().manual_seed(0))
     assert logs["skipped"].item() == 1 and torch.equal(w, m.sit.blocks[0].attn.qkv.weight)
+
+
+def test_ema_known_answers_with_and_without_warmup():
+    from repae.train.ema import EMA
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    plain, warm = EMA(model, decay=0.99), EMA(model, decay=0.99, warmup=True)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    plain.update(model, step=0)
+    warm.update(model, step=0)  # decay min(0.99, 1/10) = 0.1: the EMA moves 90% of the way
+    assert torch.allclose(plain.model.weight, torch.full((1, 2), 0.01))
+    assert torch.allclose(warm.model.weight, torch.full((1, 2), 0.9))
+    assert warm.decay_at(10_000) == 0.99 and warm.decay_at(90) == 91 / 100

@@ -168,6 +168,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     max_steps: int = 400_000
     ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay min(ema_decay, (1+step)/(10+step)): useful for short runs
     seed: int = 0
     precision: str = "bf16"  # bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N

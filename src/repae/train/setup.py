@@ -41,7 +41,7 @@ def make_trainables(cfg: RunConfig, sit: SiT, vae: nn.Module, encoders: Sequence
     # projectors with no SiT REPA term, the decoder without L_REG.
     sit_unused = uses_repa(cfg) and cfg.loss.proj_coeff == 0
     return Trainables(
-        sit=sit, ema=EMA(sit, cfg.train.ema_decay), vae=vae, regulariser=regulariser, encoders=list(encoders),
+        sit=sit, ema=EMA(sit, cfg.train.ema_decay, cfg.train.ema_warmup), vae=vae, regulariser=regulariser, encoders=list(encoders),
         sit_opt=adamw(sit_params, cfg.optim_sit),
         vae_opt=adamw(vae_params, cfg.optim_vae) if vae_params else None,
         disc_opt=disc_opt, sit_params=sit_params, vae_params=vae_params,

@@ -224,6 +224,6 @@ def repae_step(m: Trainables, batches: Sequence[Tuple[torch.Tensor, torch.Tensor
                 logs[k] = logs.get(k, 0) + scale * d_terms[k].detach()
         logs["grad_norm_disc"] = _clip_and_step(m.disc_opt, list(reg.discriminator.parameters()),
                                                 cfg.optim_disc.max_grad_norm)
-    m.ema.update(m.sit)                                                                   # EMA of SiT + BN
+    m.ema.update(m.sit, step)                                                             # EMA of SiT + BN
     logs["skipped"] = torch.zeros(())
     return logs
