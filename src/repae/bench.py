@@ -18,12 +18,12 @@ import json
 import resource
 import statistics
 import time
-from contextlib import nullcontext
 from typing import Callable, Dict, Optional
 
 import torch
 
 from repae.config import RunConfig
+from repae.nn_utils import autocast, autocast_dtype
 
 
 # ------------------------------------------------------------------------------ timing
@@ -71,10 +71,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def _autocast(cfg: RunConfig, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16" else nullcontext()
 
 
 # ------------------------------------------------------------------------------ models
@@ -178,7 +174,7 @@ def bench_step(cfg: RunConfig, device: torch.device, iters: int = 5, warmup: int
         repae_step(m, batches, cfg, step["i"], gen)
         step["i"] += 1
 
-    with _autocast(cfg, device):
+    with autocast(cfg.train.precision, device):
         parts = step_parts(m, cfg, batches[0][0], batches[0][1], gen)
         part_seconds = {name: median_seconds(fn, device, iters, warmup) for name, fn in parts.items()}
         for opt in (m.sit_opt, m.vae_opt, m.disc_opt):
@@ -236,7 +232,7 @@ def bench_sample(cfg: RunConfig, device: torch.device, num_samples: Optional[int
         for scale in (1.0, guided):
             seconds = median_seconds(lambda: generate_images(
                 sit, vae, labels, mode=mode, num_steps=steps, cfg_scale=scale, batch_size=n, progress=False,
-                autocast_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None), device, iters=1, warmup=0)
+                autocast_dtype=autocast_dtype(cfg.train.precision)), device, iters=1, warmup=0)
             out["images_per_s"][f"{mode}-{steps} cfg {scale:g}"] = n / seconds
     return out
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import ContextManager, Iterator, Optional
+
+import torch
 
 from torch import nn
 
@@ -24,3 +26,14 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
+
+
+def autocast_dtype(precision: str) -> Optional[torch.dtype]:
+    """The autocast dtype of a `train.precision` setting: bf16 -> torch.bfloat16, fp32 -> None."""
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def autocast(precision: str, device: torch.device) -> ContextManager:
+    """bf16 autocast on `device` for precision 'bf16'; a no-op context for 'fp32'."""
+    dtype = autocast_dtype(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()

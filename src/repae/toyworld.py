@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from repae import dist
 from repae.config import ToyWorldConfig
 from repae.data.toy import toy_tensor
 from repae.losses import kl_loss, reconstruction_loss
@@ -136,7 +137,13 @@ class ToyWorld:
 
 
 def ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig = ToyWorldConfig(), seed: int = 0) -> ToyWorld:
-    """Load the toy world from its cache directory, building whatever is missing (with progress bars)."""
+    """Load the toy world from its cache directory, building whatever is missing (with progress bars).
+    Under torchrun rank 0 builds first and the other ranks then only read the cache."""
+    with dist.main_first():
+        return _ensure_toy_world(vae_args, spec, seed)
+
+
+def _ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig, seed: int) -> ToyWorld:
     cache = cache_dir_for(spec, seed)
     cache.mkdir(parents=True, exist_ok=True)
     report_path = cache / "report.json"

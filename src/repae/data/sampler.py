@@ -45,8 +45,8 @@ class ResumableOrder:
 
 
 def rank_slice(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """This rank's contiguous part of a global batch's indices (equal parts; the config checks
-    that the global batch divides by the world size)."""
+    """This rank's contiguous part of a global batch (its indices, or anything drawn for it along
+    dim 0): equal parts; the config checks that the global batch divides by the world size."""
     if len(indices) % world:
         raise ValueError(f"a batch of {len(indices)} does not split over {world} processes")
     per = len(indices) // world

@@ -25,6 +25,14 @@ from typing import Callable, Dict, List, Optional
 from repae.evaluate.errors import EvaluationError
 
 # torch and the metric modules are imported inside the handlers: `repae --help` stays fast.
+
+
+def autocast_dtype(precision: str):
+    from repae.nn_utils import autocast_dtype as dtype_of  # imports torch: only when a handler runs
+
+    return dtype_of(precision)
+
+
 MAX_NAMED_SKIPS = 20  # unreadable file names a result lists (all of them are counted)
 SPLIT_NOTE = ("contiguous blocks of whole batches: of the B = ceil(N / batch_size) batches, rank r takes "
               "batches [r*q + min(r, m), ...), q, m = divmod(B, world)")
@@ -38,12 +46,6 @@ def load_inception(path: Optional[str], device):
     from repae.evaluate.loading import load_inception as load
 
     return load(path, device)
-
-
-def _autocast(precision: str):
-    import torch
-
-    return torch.bfloat16 if precision == "bf16" else None
 
 
 def _device(name: str, distributed: bool):
@@ -127,7 +129,7 @@ def _sample_source(args, device, kind: str, loaded):
                   "seed": s.seed if cfg.eval.label_sampling == "uniform" else None,
                   "min_per_class": int(counts.min()), "max_per_class": int(counts.max())}
     source = SampledImages(sit, vae, labels, sampler, s.batch_size, rank, world,
-                           torch.bfloat16 if cfg.train.precision == "bf16" else None)
+                           autocast_dtype(cfg.train.precision))
     settings = {"source": {"kind": "checkpoint", "path": args.source, "step": loaded.step},
                 "num_samples": n, "sampler": sampler, "labels": label_info, "image_size": cfg.data.image_size}
     return source, settings, dict(loaded.files)
@@ -153,7 +155,7 @@ def cmd_samples(args) -> int:
     source, settings, files = _sample_source(args, device, kind, loaded)  # checks the source's files
     inc_path = inception_path(args.inception, cfg)
     inception = load_inception(inc_path, device)
-    autocast = _autocast(args.precision)
+    autocast = autocast_dtype(args.precision)
     reference = on_main(lambda: read_reference(ref, inception, not args.no_pr, args.batch_size, device, autocast,
                                                not args.no_progress))
     metrics = fid_family(source, inception, reference, with_precision_recall=not args.no_pr, device=device,
@@ -197,7 +199,7 @@ def cmd_ref_stats(args) -> int:
     inc_path = inception_path(args.inception)
     inception = load_inception(inc_path, device)
     got = reference_statistics(source, inception, keep_images=args.with_images, device=device,
-                               autocast=_autocast(args.precision), progress=not args.no_progress)
+                               autocast=autocast_dtype(args.precision), progress=not args.no_progress)
     skipped = _skipped(source)
     if not dist.is_main():
         return 0
@@ -285,7 +287,7 @@ def cmd_vae(args) -> int:
     data = open_data(args.data, _data_cfg(args, run), image_size=args.image_size, batch_size=args.batch_size,
                      limit=args.num_images, workers=args.workers)
     metrics = vae_metrics(vae, data.source, inception=inception, lpips=lpips, use_mean=not args.sample_posterior,
-                          amp_dtype=_autocast(args.precision), inception_autocast=_autocast(args.precision),
+                          amp_dtype=autocast_dtype(args.precision), inception_autocast=autocast_dtype(args.precision),
                           progress=not args.no_progress)
     skipped = _skipped(data.source)
     if not dist.is_main():

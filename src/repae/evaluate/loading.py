@@ -185,8 +185,7 @@ def toy_world(cfg):
     from repae.build import vae_args
     from repae.toyworld import ensure_toy_world
 
-    with dist.main_first():
-        return ensure_toy_world(vae_args(cfg), cfg.toy)
+    return ensure_toy_world(vae_args(cfg), cfg.toy)
 
 
 def open_data(data: Optional[str], cfg, *, image_size: Optional[int], batch_size: int, limit: Optional[int],

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -19,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from repae import dist
+from repae.nn_utils import autocast, autocast_dtype
 from repae.build import build_sit, build_vae, uses_repa, vae_args
 from repae.models.vae import AutoencoderKL
 from repae.config import ConfigError, RunConfig, from_dict, save_config, to_dict
@@ -52,8 +52,7 @@ def _toy_setup(cfg: RunConfig):
     """Build/load the toy world and point the config's VAE, stats and encoder at it."""
     from repae.toyworld import ensure_toy_world
 
-    with dist.main_first():  # rank 0 builds the cache, the others then read it
-        world = ensure_toy_world(vae_args(cfg), cfg.toy)
+    world = ensure_toy_world(vae_args(cfg), cfg.toy)  # under torchrun rank 0 builds, the others read
     if not cfg.vae.from_scratch:
         cfg.vae.path = cfg.vae.path or str(world.vae_path)
         cfg.vae.latent_stats_path = cfg.vae.latent_stats_path or str(world.latent_stats_path)
@@ -206,9 +205,7 @@ def _check_same_config(cfg: RunConfig, saved: Path) -> None:
 
 
 def _autocast(run: Run):
-    if run.cfg.train.precision == "bf16":
-        return torch.autocast(run.device.type, dtype=torch.bfloat16)
-    return nullcontext()
+    return autocast(run.cfg.train.precision, run.device)
 
 
 def _micro_batches(run: Run) -> list:
@@ -280,7 +277,7 @@ def write_samples(run: Run) -> Path:
                              heun=cfg.sample.heun, cfg_scale=cfg.sample.cfg_scale,
                              guidance_low=cfg.sample.guidance_low, guidance_high=cfg.sample.guidance_high,
                              path_type=cfg.flow.path_type, seed=cfg.sample.seed, batch_size=cfg.sample.batch_size,
-                             autocast_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
+                             autocast_dtype=autocast_dtype(cfg.train.precision),
                              progress=False)
     path = cfg.run_dir / "samples" / f"step-{run.step:07d}.png"
     save_image_grid(images, path, nrow=min(cfg.model.num_classes, n), upscale=max(1, 96 // images.shape[-1]))
@@ -301,7 +298,7 @@ def toy_summary(run: Run) -> dict:
                              num_steps=cfg.sample.num_steps, cfg_scale=cfg.sample.cfg_scale,
                              guidance_low=cfg.sample.guidance_low, guidance_high=cfg.sample.guidance_high,
                              path_type=cfg.flow.path_type, seed=cfg.sample.seed + 1, batch_size=100,
-                             autocast_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
+                             autocast_dtype=autocast_dtype(cfg.train.precision),
                              progress=False)
     teacher = run.toy.teacher
     preds = teacher.logits(images.to(run.device)).argmax(1).cpu()

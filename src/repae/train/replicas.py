@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from repae import dist
+from repae.data.sampler import rank_slice
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,9 @@ class Shard:
     world: int = 1
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
-        """[world*B, ...] drawn for the global batch -> this rank's [B, ...]."""
-        per = x.shape[0] // self.world
-        return x[self.rank * per:(self.rank + 1) * per]
+        """[world*B, ...] drawn for the global batch -> this rank's [B, ...] (the slice the data
+        sources give this rank, `repae.data.sampler.rank_slice`)."""
+        return rank_slice(x, self.rank, self.world)
 
     def global_size(self, local: int) -> int:
         return local * self.world
