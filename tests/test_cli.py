@@ -26,3 +26,22 @@ def test_config_errors_exit_2_with_message(capsys):
 def test_sample_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["sample", "--ckpt", str(tmp_path / "none.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_overrides_may_stand_between_and_after_options(tmp_path, capsys):
+    import yaml
+
+    (tmp_path / "c.yaml").write_text("sample:\n  guidance_high: 0.7\n")
+    assert main(["config", "--preset", "toy", "sample.num_steps=7", "--config", str(tmp_path / "c.yaml"),
+                 "sample.cfg_scale=2.5", "sample.num_steps=9"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["sample"]["num_steps"] == 9 and printed["sample"]["cfg_scale"] == 2.5  # later ones win
+    assert printed["sample"]["guidance_high"] == 0.7
+
+
+def test_an_unknown_flag_is_still_an_error(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["config", "sample.num_steps=7", "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err

@@ -35,7 +35,7 @@ def test_overrides_are_typed():
     ("model.dpth=3", "dpth"),
     ("data.image_size=30", "not divisible by the VAE downsampling factor 4"),
     ("model.encoder_depth=7", r"encoder_depth=7 must be in \[1, SiT depth 6\]"),
-    ("model.arch=SiT-T/2", "SiT token grid 4x4 .* != encoder 'toy-teacher' patch grid 8x8"),
+    ("model.arch=SiT-T/1", "SiT token grid 8x8 .* != encoder 'toy-teacher' patch grid 4x4"),
     ("train.grad_accum_steps=5", "not divisible by world size 1 x grad_accum_steps 5"),
     ("flow.path_type=edm", "flow.path_type='edm' must be one of"),
     ("encoder.names=[dinov7]", "unknown encoder 'dinov7'"),

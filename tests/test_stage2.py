@@ -166,7 +166,9 @@ def test_mirrored_items_pair_flipped_images_with_their_own_moments(world, tmp_pa
     images, labels, (mean, std) = batches.next(10)
     with torch.no_grad():
         posterior = world.vae.encode(to_vae_range(images))
-    torch.testing.assert_close(mean, posterior.mean.bfloat16().float(), atol=0, rtol=0)  # stored as bf16
+    # stored as bf16: equal up to one bf16 step (2^-7 relative), as encoding in other batch sizes
+    # may move an fp32 value across a bf16 rounding boundary
+    torch.testing.assert_close(mean, posterior.mean.bfloat16().float(), atol=0, rtol=2**-7)
     assert torch.equal(labels, world.labels[:5].repeat(2)[batches.order._permutation(0)])
 
 
@@ -212,8 +214,10 @@ def test_cached_latents_train_like_images_through_the_same_frozen_vae(world):
 
 
 def test_diffusion_loss_falls_on_cached_latents(world):
+    # vanilla SiT (no teacher grid to match), so patch 1: 64 tokens learn the tiny model's latents
+    # within 100 steps, where patch 2's 16 tokens at hidden 48 need far more
     cfg = _ldm(world, "exp_name=vanilla", "loss.proj_coeff=0", "train.global_batch_size=16", "train.max_steps=100",
-               "optim_sit.lr=3e-3", "train.log_every=20", "train.ckpt_every=1000", "train.precision=fp32")
+               "optim_sit.lr=3e-3", "train.log_every=20", "train.ckpt_every=1000", "train.precision=fp32", "model.arch=SiT-T/1")
     train(cfg, progress=False)
     records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert "repa_sit" not in records[0]  # vanilla SiT: no encoder, no images loaded

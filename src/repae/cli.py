@@ -184,7 +184,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     from repae.config import ConfigError
     from repae.weights import CheckpointError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse takes positionals in one run, so `repae train --no-progress a=1` would reject a=1:
+    # key=value overrides may stand anywhere after the command, in the order given
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except (ConfigError, CheckpointError) as err:

@@ -101,8 +101,15 @@ class ToyShapes(Dataset):
         return torch.from_numpy(img).permute(2, 0, 1).contiguous(), label
 
 
+def toy_arrays(length: int, seed: int = 0, offset: int = 0, image_size: int = 32) -> Tuple[np.ndarray, np.ndarray]:
+    """A whole range rendered at once in numpy only (safe in a forked worker, where torch's
+    OpenMP pool can deadlock): (uint8 [N,3,H,W], int64 [N])."""
+    items = [render(offset + i, seed, image_size) for i in range(length)]
+    images = np.stack([img for img, _ in items]).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(images), np.array([label for _, label in items], dtype=np.int64)
+
+
 def toy_tensor(length: int, seed: int = 0, offset: int = 0, image_size: int = 32) -> Tuple[torch.Tensor, torch.Tensor]:
     """A whole range rendered at once: (uint8 [N,3,H,W], int64 [N]). For small in-memory sets."""
-    ds = ToyShapes(length, seed, offset, image_size)
-    items = [ds[i] for i in range(length)]
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+    images, labels = toy_arrays(length, seed, offset, image_size)
+    return torch.from_numpy(images), torch.from_numpy(labels)

@@ -92,8 +92,8 @@ _SPECS = {spec.name: spec for spec in [
                    "openai/CLIP (clip.load cache) or hf:openai/clip-vit-large-patch14", eps=1e-5,
                    patch_bias=False, norm_pre=True, final_norm=False, act="quick_gelu"),
             mean=CLIP_MEAN, std=CLIP_STD, resize_before_normalize=True),
-    # Toy world stand-in for DINOv2: 32px images, patch 4 -> 8x8 tokens (built by repae.toyworld).
-    EncoderSpec("toy-teacher", 128, 4, False),
+    # Toy world stand-in for DINOv2: 32px images, patch 8 -> 4x4 tokens (built by repae.toyworld).
+    EncoderSpec("toy-teacher", 128, 8, False),
 ]}
 
 

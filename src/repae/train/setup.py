@@ -28,6 +28,10 @@ def adamw(params: List[nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
 def make_trainables(cfg: RunConfig, sit: SiT, vae: nn.Module, encoders: Sequence[FeatureFn],
                     regulariser: Optional[VAERegulariser]) -> Trainables:
     """Freeze what the run does not train and give each trained set its own optimiser."""
+    if cfg.train.channels_last:  # the convolution nets only; the SiT's tokens are not images
+        for module in (vae, regulariser):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
     sit_params = [p for p in sit.parameters() if p.requires_grad]
     vae.requires_grad_(cfg.train.tune_vae)
     vae_params: List[nn.Parameter] = list(vae.parameters()) if cfg.train.tune_vae else []
