@@ -256,15 +256,26 @@ def bench_evaluate(device: torch.device, batch: int = 50, size: int = 256, iters
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="throughput benchmarks: step | sample | evaluate")
-    p.add_argument("what", choices=["step", "sample", "evaluate"])
+    p = sub.add_parser("bench", help="throughput benchmarks: step | sample | evaluate; reproduce: the paper's "
+                                     "claims at toy scale (REPRODUCTION.md)")
+    p.add_argument("what", choices=["step", "sample", "evaluate", "reproduce"])
     p.add_argument("--preset", default="toy")
     p.add_argument("--config", action="append", default=[], metavar="FILE")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--iters", type=int, default=5, help="timed repetitions (median reported)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--samples", type=int, help="bench sample: how many images (default sample.batch_size)")
+    p.add_argument("--samples", type=int, help="bench sample: how many images (default sample.batch_size); "
+                                               "reproduce: class-balanced samples per measurement")
     p.add_argument("--out", help="also write the result as JSON here")
+    g = p.add_argument_group("reproduce")
+    g.add_argument("--quick", action="store_true", help="the 30-minute plan (1 seed, 300 steps) instead of the full one")
+    g.add_argument("--dir", help="runs, logs and results.json (default: runs/reproduce[-quick])")
+    g.add_argument("--report", help="where REPRODUCTION.md goes, figures in docs/reproduction/ beside it "
+                                    "(default: DIR/REPRODUCTION.md)")
+    g.add_argument("--seeds", type=int, nargs="+", help="training seeds (plan default: quick 0; full 0 1 2)")
+    g.add_argument("--steps", type=int, help="training steps per arm")
+    g.add_argument("--eval-every", type=int, help="measure a checkpoint every this many steps")
+    g.add_argument("--jobs", type=int, help="runs at once (cores are split between them)")
     p.set_defaults(func=run_bench)
 
 
@@ -272,6 +283,10 @@ def run_bench(args: argparse.Namespace) -> int:
     from repae.config import load_config
     from repae.dist import init_from_env
 
+    if args.what == "reproduce":
+        from repae.reproduce.cli import run_reproduce
+
+        return run_reproduce(args)
     cfg = load_config(args.preset, args.config, args.overrides)
     device = init_from_env(cfg.train.device)
     if args.what == "step":

@@ -50,9 +50,11 @@ def resolve_device(name: str) -> torch.device:
 
 def _toy_setup(cfg: RunConfig):
     """Build/load the toy world and point the config's VAE, stats and encoder at it."""
-    from repae.toyworld import ensure_toy_world
+    from repae.toyworld import ensure_toy_evaluator, ensure_toy_world
 
     world = ensure_toy_world(vae_args(cfg), cfg.toy)  # under torchrun rank 0 builds, the others read
+    if cfg.eval.num_samples > 0:  # it scores the run's samples at the end: built now, not after training
+        ensure_toy_evaluator(world, cfg.toy)
     if not cfg.vae.from_scratch:
         cfg.vae.path = cfg.vae.path or str(world.vae_path)
         cfg.vae.latent_stats_path = cfg.vae.latent_stats_path or str(world.latent_stats_path)
@@ -289,10 +291,21 @@ def write_samples(run: Run) -> Path:
 
 @torch.no_grad()
 def toy_summary(run: Run) -> dict:
-    """Toy-world metrics: teacher accuracy of `eval.num_samples` class-balanced EMA samples, tuned-VAE PSNR."""
+    """Toy-world metrics of the finished run: the tuned VAE's PSNR and, for `eval.num_samples`
+    class-balanced EMA samples (0: none), the toy evaluator's class accuracy and toy FID against
+    the held-out set (`repae.evaluate.toy`), and the teacher's accuracy on them."""
+    from repae.evaluate.toy import class_accuracy, evaluator_outputs, toy_fid
     from repae.toyworld import psnr
 
     cfg = run.cfg
+    run.m.vae.eval()
+    summary = {
+        "vae_heldout_psnr_db": round(psnr(run.m.vae, run.toy.heldout_images[:1000].to(run.device)), 3),
+        "toy_vae_pretrained_psnr_db": run.toy.report.get("vae_heldout_psnr_db"),
+        "teacher_heldout_accuracy": run.toy.report.get("teacher_heldout_accuracy"),
+    }
+    if cfg.eval.num_samples <= 0:
+        return summary
     labels = torch.arange(cfg.eval.num_samples) % cfg.model.num_classes
     images = generate_images(run.m.ema.model, run.m.vae, labels, mode=cfg.sample.mode,
                              num_steps=cfg.sample.num_steps, cfg_scale=cfg.sample.cfg_scale,
@@ -300,15 +313,16 @@ def toy_summary(run: Run) -> dict:
                              path_type=cfg.flow.path_type, seed=cfg.sample.seed + 1, batch_size=100,
                              autocast_dtype=autocast_dtype(cfg.train.precision),
                              progress=False)
-    teacher = run.toy.teacher
-    preds = teacher.logits(images.to(run.device)).argmax(1).cpu()
-    run.m.vae.eval()
-    return {
-        "sample_class_accuracy": round((preds == labels).float().mean().item(), 4),
+    evaluator = run.toy.evaluator.to(run.device)  # built with the toy world (_toy_setup)
+    feats, logits = evaluator_outputs(evaluator, images)
+    reference, _ = evaluator_outputs(evaluator, run.toy.heldout_images)
+    teacher_preds = run.toy.teacher.logits(images.to(run.device)).argmax(1).cpu()
+    return summary | {
+        "sample_class_accuracy": round(class_accuracy(logits, labels), 4),
+        "sample_toy_fid": round(toy_fid(feats, reference), 3),
+        "sample_teacher_accuracy": round((teacher_preds == labels).float().mean().item(), 4),
         "samples_scored": len(labels),
-        "vae_heldout_psnr_db": round(psnr(run.m.vae, run.toy.heldout_images[:1000].to(run.device)), 3),
-        "teacher_heldout_accuracy": run.toy.report.get("teacher_heldout_accuracy"),
-        "toy_vae_pretrained_psnr_db": run.toy.report.get("vae_heldout_psnr_db"),
+        "evaluator_heldout_accuracy": run.toy.report.get("evaluator_heldout_accuracy"),
     }
 
 

@@ -1,0 +1,40 @@
+"""The arms of the reproduction: one REPA-E run and the paper's baselines and ablations, each as
+config overrides on the same preset, trained with the same seeds, budget and data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+from repae.config import RunConfig
+
+FROZEN_VAE = ("train.tune_vae=false", "latent_norm.mode=fixed")
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str  # run directory name (+ "-s<seed>")
+    label: str  # as the paper's tables call it
+    overrides: Tuple[str, ...]
+    vae_from: Optional[str] = None  # stage 2: train on the frozen VAE this arm tuned (same seed)
+
+
+def arms_for(cfg: RunConfig) -> List[Arm]:
+    """The arms for a base config. A "without GAN" arm only exists where the base uses a GAN term:
+    the toy preset has none (no pretrained toy discriminator), so there it would repeat REPA-E."""
+    arms = [
+        Arm("repae", "REPA-E", ()),
+        Arm("repa", "REPA (frozen VAE)", FROZEN_VAE),
+        Arm("vanilla", "SiT (frozen VAE, no REPA)", FROZEN_VAE + ("loss.proj_coeff=0",)),
+        # the latent-collapse experiment: the VAE learns from the diffusion loss alone
+        Arm("e2e-diffusion", "E2E, diffusion loss only",
+            ("train.stop_grad=false", "train.use_reg_loss=false", "loss.proj_coeff=0", "loss.vae_align_proj_coeff=0")),
+        Arm("no-stopgrad", "REPA-E w/o stop-grad", ("train.stop_grad=false",)),
+        Arm("no-bn", "REPA-E w/o BN", ("latent_norm.mode=fixed",)),
+        Arm("no-reg", "REPA-E w/o L_REG", ("train.use_reg_loss=false",)),
+    ]
+    if cfg.loss.gan_weight > 0:
+        arms.append(Arm("no-gan", "REPA-E w/o GAN", ("loss.gan_weight=0",)))
+    # stage 2: a new REPA SiT on the frozen E2E-VAE; its counterpart on the original VAE is "repa"
+    arms.append(Arm("stage2-e2e-vae", "REPA on the E2E-VAE (stage 2)", FROZEN_VAE, vae_from="repae"))
+    return arms

@@ -1,0 +1,144 @@
+"""Run every arm of the reproduction with the same seeds, budget and data, measure each
+checkpoint, and collect the results (`results.json`) for the report.
+
+Each arm is a plain `repae train` in its own process, `jobs` at a time with the machine's cores
+split between them (on this 2-core CPU two 1-thread runs give more images/s than one 2-thread
+run). Everything is resumable: re-running the same command continues unfinished runs (they
+resume from their checkpoints) and measures only checkpoints not yet measured.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+from repae.config import ConfigError, RunConfig, load_config
+from repae.fileio import write_json_atomic
+from repae.reproduce.arms import Arm, arms_for
+from repae.reproduce.measure import judges_for, measure_run, vae_metrics
+
+
+@dataclass
+class Plan:
+    """The budget: the same for every arm."""
+
+    steps: int
+    eval_every: int  # a checkpoint (and a measurement) every this many steps
+    seeds: List[int] = field(default_factory=lambda: [0])
+    samples: int = 250  # class-balanced samples per measurement
+    jobs: int = 2  # runs at once
+
+
+# --quick: measured to fit 30 minutes on the 2-core development CPU with nothing cached
+QUICK = Plan(steps=300, eval_every=100, seeds=[0], samples=250, jobs=2)
+FULL = Plan(steps=3000, eval_every=500, seeds=[0, 1, 2], samples=1000, jobs=2)
+
+
+def run_name(arm: Arm, seed: int) -> str:
+    return f"{arm.name}-s{seed}"
+
+
+def train_command(arm: Arm, seed: int, plan: Plan, preset: str, overrides: Sequence[str], out: Path) -> List[str]:
+    cmd = [sys.executable, "-m", "repae.cli", "train", "--preset", preset, "--no-progress", *overrides,
+           *arm.overrides, f"output_dir={out / 'runs'}", f"exp_name={run_name(arm, seed)}", f"train.seed={seed}",
+           f"train.max_steps={plan.steps}", f"train.ckpt_every={plan.eval_every}", "train.keep_last=0",
+           f"train.sample_every={plan.steps}", "eval.num_samples=0"]  # the runner measures; no end-of-run eval
+    if arm.vae_from:
+        vae = out / "runs" / run_name(Arm(arm.vae_from, "", ()), seed) / "e2e-vae"
+        cmd += [f"vae.path={vae / 'vae.safetensors'}", f"vae.latent_stats_path={vae / 'latent_stats.safetensors'}"]
+    return cmd
+
+
+class _Runner:
+    def __init__(self, plan: Plan, preset: str, overrides: Sequence[str], out: Path, threads: int):
+        self.plan, self.preset, self.overrides, self.out = plan, preset, list(overrides), out
+        self.env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        self.lock = threading.Lock()
+        self.runs: Dict[str, dict] = {}
+
+    def _log(self, msg: str) -> None:
+        with self.lock:
+            print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    def _call(self, cmd: List[str], log: Path) -> int:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:
+            f.write(f"$ {' '.join(cmd)}\n")
+            f.flush()
+            return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env).returncode
+
+    def run(self, arm: Arm, seed: int, wait_for: Dict[str, Future]) -> dict:
+        name = run_name(arm, seed)
+        if arm.vae_from:
+            wait_for[run_name(Arm(arm.vae_from, "", ()), seed)].result()
+        run_dir = self.out / "runs" / name
+        log = self.out / "logs" / f"{name}.log"
+        self._log(f"train {name}")
+        start = time.perf_counter()
+        code = self._call(train_command(arm, seed, self.plan, self.preset, self.overrides, self.out), log)
+        record = {"arm": arm.name, "seed": seed, "train_seconds": round(time.perf_counter() - start, 1),
+                  "exit_code": code, "log": str(log)}
+        if code != 0:  # e.g. the no-stop-grad arm aborting on non-finite losses: a result, not a crash
+            record["failed"] = _last_line(log)
+            self._log(f"{name} stopped with exit code {code}: {record['failed']}")
+        if (run_dir / "checkpoints" / "latest").is_file():
+            if arm.name == "repae":  # its tuned VAE is stage 2's frozen VAE
+                from repae.stage2.export import export_vae
+
+                export_vae(run_dir)
+            self._log(f"measure {name}")
+            measure = [sys.executable, "-m", "repae.reproduce.measure", str(run_dir), "--samples", str(self.plan.samples)]
+            if self._call(measure, log) != 0:
+                raise RuntimeError(f"measuring {run_dir} failed; see {log}")
+        self._log(f"done {name} ({record['train_seconds']:.0f} s training)")
+        with self.lock:
+            self.runs[name] = record
+        return record
+
+
+def _last_line(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][-300:] if lines else ""
+
+
+def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequence[str] = ()) -> dict:
+    """Train and measure every arm x seed; returns (and writes to OUT/results.json) the results."""
+    from repae.models.vae import AutoencoderKL  # noqa: F401  (import cost paid once, before the clock)
+    from repae.weights import load_model
+
+    start = time.perf_counter()
+    base: RunConfig = load_config(preset, [], list(overrides), world_size=1)
+    if base.data.source != "toy":
+        raise ConfigError("repae bench reproduce measures with the toy world's evaluator and teacher; "
+                          f"data.source={base.data.source!r} is not supported yet")
+    arms = arms_for(base)
+    out.mkdir(parents=True, exist_ok=True)
+    judges = judges_for(base)  # builds the toy world and evaluator once, with every core
+    initial = vae_metrics(load_model(judges.world.vae_path), judges)
+    threads = max(1, (os.cpu_count() or 1) // plan.jobs)
+    runner = _Runner(plan, preset, overrides, out, threads)
+    futures: Dict[str, Future] = {}
+    with ThreadPoolExecutor(max_workers=plan.jobs) as pool:
+        # stage-2 arms last: they wait for the REPA-E run whose VAE they use
+        for arm in sorted(arms, key=lambda a: a.vae_from is not None):
+            for seed in plan.seeds:
+                futures[run_name(arm, seed)] = pool.submit(runner.run, arm, seed, futures)
+        for f in futures.values():
+            f.result()
+    metrics = {arm.name: {str(seed): measure_run(out / "runs" / run_name(arm, seed), plan.samples, judges)
+                          for seed in plan.seeds} for arm in arms}
+    results = {
+        "plan": asdict(plan), "preset": preset, "overrides": list(overrides),
+        "arms": [asdict(a) for a in arms], "initial_vae": initial, "toy_world": judges.world.report,
+        "runs": runner.runs, "metrics": metrics, "threads_per_run": threads,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+    }
+    write_json_atomic(out / "results.json", results)
+    return results

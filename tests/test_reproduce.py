@@ -1,0 +1,91 @@
+"""`repae bench reproduce`: verdicts from known numbers, and the whole command on a tiny toy world."""
+
+import json
+
+import pytest
+
+from repae.cli import main
+from repae.reproduce import report as rep
+
+from test_train_loop import TINY
+
+
+def _results(fid, sv=None, cknna=None, failed=()):
+    """A results dict with one seed and two measured steps per arm: fid[arm] = (step 1, step 2)."""
+    sv, cknna = sv or {}, cknna or {}
+    metrics = {arm: {"0": {str(step): {"toy_fid": values[step - 1], "class_accuracy": 0.5,
+                                        "latent_spatial_variance": sv.get(arm, 1.0), "latent_total_variation": sv.get(arm, 1.0) * 10,
+                                        "cknna": cknna.get(arm, (0.1, 0.1))[step - 1], "vae_psnr_db": 20.0}
+                           for step in (1, 2)}}
+               for arm, values in fid.items()}
+    runs = {f"{arm}-s0": {"arm": arm, "seed": 0, "train_seconds": 1.0, **({"failed": "non-finite"} if arm in failed else {})}
+            for arm in fid}
+    return {"metrics": metrics, "runs": runs, "initial_vae": {"latent_spatial_variance": 1.0, "latent_total_variation": 10.0,
+                                                             "vae_psnr_db": 20.0}}
+
+
+def test_verdicts_follow_the_stated_criteria():
+    r = _results({"repae": (15, 10), "repa": (40, 20), "e2e-diffusion": (90, 80), "no-stopgrad": (50, 25),
+                  "stage2-e2e-vae": (35, 15)},
+                 sv={"e2e-diffusion": 0.05, "repae": 1.2},
+                 cknna={"repae": (0.3, 0.5), "repa": (0.2, 0.3), "e2e-diffusion": (0.0, 0.01),
+                        "no-stopgrad": (0.1, 0.2), "stage2-e2e-vae": (0.25, 0.4)})
+    assert rep.claim_a(r)[0] == "reproduces"  # 1.0 -> 0.05 and 10 -> 0.5: both ratios 0.05
+    assert rep.claim_b(r)[0] == "reproduces"  # 25 > 2 x 10
+    verdict, evidence = rep.claim_c(r)
+    assert verdict == "reproduces" and "at step 1 (2× fewer steps)" in evidence  # 15 <= REPA's final 20
+    assert rep.claim_d(r)[0] == "reproduces"
+    assert rep.claim_e(r, list(r["metrics"]))[0] == "reproduces"
+
+
+def test_verdicts_say_when_a_claim_fails():
+    r = _results({"repae": (30, 22), "repa": (40, 20), "e2e-diffusion": (90, 80), "no-stopgrad": (25, 21),
+                  "stage2-e2e-vae": (35, 25)}, sv={"e2e-diffusion": 0.9})
+    assert rep.claim_a(r)[0] == "does not reproduce"
+    assert rep.claim_b(r)[0] == "does not reproduce"
+    assert rep.claim_c(r)[0] == "does not reproduce"
+    assert rep.claim_d(r)[0] == "does not reproduce"
+    # a run that stopped (e.g. non-finite losses) is the paper's failure, whatever its last FID
+    assert rep.claim_b(_results({"repae": (30, 22), "no-stopgrad": (25, 21)}, failed=["no-stopgrad"]))[0] == "reproduces"
+
+
+def test_reach_step_and_mean_over_seeds():
+    r = _results({"repae": (30, 10), "repa": (40, 20)})
+    r["metrics"]["repae"]["1"] = {"1": {"toy_fid": 10.0}, "2": {"toy_fid": 14.0}}
+    assert rep.final(r, "repae", "toy_fid") == [10.0, 14.0]
+    assert rep.fmt([10.0, 14.0]) == "12 ± 2.8"
+    assert rep.steps_to_reach(r, "repae", 20.0) == 1  # mean of (30, 10) at step 1 is 20
+
+
+def test_reproduce_command_runs_every_arm_measures_and_reports(tmp_path):
+    out, report = tmp_path / "out", tmp_path / "site" / "REPRODUCTION.md"
+    argv = ["bench", "reproduce", "--quick", "--dir", str(out), "--report", str(report), "--steps", "2", "--eval-every", "1",
+            "--samples", "10", "--jobs", "2", *TINY, f"toy.cache_dir={tmp_path / 'cache'}"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    names = [a["name"] for a in results["arms"]]
+    assert names == ["repae", "repa", "vanilla", "e2e-diffusion", "no-stopgrad", "no-bn", "no-reg", "stage2-e2e-vae"]
+    for arm in names:
+        steps = results["metrics"][arm]["0"]
+        assert list(steps) == ["1", "2"], arm
+        for value in steps["2"].values():
+            assert value == value, arm  # finite, not NaN
+    # stage 2 trained on the VAE the REPA-E run exported, frozen
+    stage2 = (out / "runs" / "stage2-e2e-vae-s0" / "config.yaml").read_text()
+    assert str(out / "runs" / "repae-s0" / "e2e-vae" / "vae.safetensors") in stage2
+    frozen = results["metrics"]["stage2-e2e-vae"]["0"]
+    assert frozen["1"]["vae_psnr_db"] == frozen["2"]["vae_psnr_db"]
+    # frozen-VAE arms keep the starting VAE's latents; REPA-E moves them
+    assert results["metrics"]["repa"]["0"]["2"]["latent_spatial_variance"] == pytest.approx(
+        results["initial_vae"]["latent_spatial_variance"], rel=1e-5)
+    text = report.read_text()
+    for claim in "abcde":
+        assert f"| ({claim}) |" in text
+    assert (report.parent / "docs" / "reproduction" / "fid_vs_steps.png").is_file()
+    assert (report.parent / "docs" / "reproduction" / "grid-repae.png").is_file()
+    # the same command again: nothing retrained (no new log lines), nothing re-measured
+    files = [*(out / "runs").glob("*/reproduce-metrics.json"), *(out / "runs").glob("*/metrics.jsonl")]
+    assert len(files) == 2 * len(names)
+    before = {p: p.read_bytes() for p in files}
+    assert main(argv) == 0
+    assert {p: p.read_bytes() for p in files} == before
