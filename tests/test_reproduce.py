@@ -89,3 +89,20 @@ def test_reproduce_command_runs_every_arm_measures_and_reports(tmp_path):
     before = {p: p.read_bytes() for p in files}
     assert main(argv) == 0
     assert {p: p.read_bytes() for p in files} == before
+
+
+def test_generation_verdicts_are_inconclusive_when_no_arm_beats_chance(tmp_path):
+    r = _results({"repae": (15, 10), "repa": (40, 20), "e2e-diffusion": (90, 80), "no-stopgrad": (50, 25),
+                  "stage2-e2e-vae": (35, 15)}, sv={"e2e-diffusion": 0.05})
+    for per_seed in r["metrics"].values():  # every sample at chance: 1 in 10 classes right
+        for m in per_seed["0"].values():
+            m["class_accuracy"] = 0.1
+    r.update(arms=[{"name": a, "label": a} for a in r["metrics"]], plan={"seeds": [0], "jobs": 1, "steps": 2,
+             "eval_every": 1, "samples": 10}, threads_per_run=1, wall_seconds=60.0, toy_world={}, num_classes=10)
+    context = {"command": "repae bench reproduce", "commit": "abc", "machine": "m", "method_note": ""}
+    text = rep.write_report(r, tmp_path, tmp_path / "R.md", context).read_text()
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| (")}
+    assert "**reproduces**" in rows["| (a)"]  # about latents: stands
+    for claim in "bcde":
+        assert "inconclusive at this budget" in rows[f"| ({claim})"], claim
+    assert "below 2x chance" in text

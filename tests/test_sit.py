@@ -177,3 +177,56 @@ def test_time_scale_multiplies_t_before_the_sinusoids():
     t = torch.rand(4)
     torch.testing.assert_close(a(t), b(1000 * t))
     assert SiT(tiny_sit_args()).t_embedder.time_scale == 1.0  # the official convention by default
+
+
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients(tiny_sit):
+    """Recomputing blocks in backward changes memory, not numbers (fp32, no dropout)."""
+    randomize(tiny_sit)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 1, 2])
+
+    calls = []
+    block_forward = tiny_sit.blocks[0].forward  # counted in forward itself: torch skips hooks on recompute
+    tiny_sit.blocks[0].forward = lambda *a: calls.append(1) or block_forward(*a)
+
+    def run(checkpointing: bool):
+        calls.clear()
+        tiny_sit.zero_grad(set_to_none=True)
+        tiny_sit.activation_checkpointing = checkpointing
+        out = tiny_sit(x, t, y)
+        (out.velocity.square().mean() + out.projected[0].sum()).backward()
+        return out.velocity.detach(), {n: p.grad.clone() for n, p in tiny_sit.named_parameters() if p.grad is not None}
+
+    (v_plain, g_plain) = run(False)
+    assert len(calls) == 1
+    (v_ckpt, g_ckpt) = run(True)
+    assert len(calls) == 2  # the block ran again in the backward pass
+    del tiny_sit.blocks[0].forward
+    assert torch.equal(v_plain, v_ckpt)
+    assert g_plain.keys() == g_ckpt.keys() and len(g_plain) > 10
+    for name in g_plain:
+        torch.testing.assert_close(g_ckpt[name], g_plain[name], rtol=1e-6, atol=1e-7, msg=name)
+    with torch.no_grad():  # no graph, nothing to recompute: the plain path
+        assert torch.equal(tiny_sit(x, t, y).velocity, v_plain)
+
+
+def test_activation_checkpointing_under_bf16_and_in_the_frozen_alignment_pass(tiny_sit):
+    """The VAE's alignment pass runs the SiT with requires_grad off (frozen) and backpropagates into
+    z after it is back on: recomputing there once made torch refuse the checkpoint. Frozen passes
+    keep their activations; training passes recompute, with bf16 gradients equal to the plain path."""
+    from repae.nn_utils import frozen
+
+    randomize(tiny_sit)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 1, 2])
+    grads = []
+    for checkpointing in (False, True):
+        tiny_sit.zero_grad(set_to_none=True)
+        tiny_sit.activation_checkpointing = checkpointing
+        z = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with frozen(tiny_sit):
+                aligned = tiny_sit(z, t, y, align_only=True).projected[0].float().sum()
+            out = tiny_sit(x, t, y)
+            loss = out.velocity.float().square().mean() + out.projected[0].float().sum()
+        (aligned + loss).backward()
+        grads.append(torch.cat([z.grad.flatten()] + [p.grad.flatten() for p in tiny_sit.parameters() if p.grad is not None]))
+    assert torch.equal(grads[0], grads[1])

@@ -268,11 +268,12 @@ def add_parser(sub) -> None:
                                                "reproduce: class-balanced samples per measurement")
     p.add_argument("--out", help="also write the result as JSON here")
     g = p.add_argument_group("reproduce")
-    g.add_argument("--quick", action="store_true", help="the 30-minute plan (1 seed, 300 steps) instead of the full one")
+    g.add_argument("--quick", action="store_true", help="the 30-minute plan (1 seed, 300 steps) instead of the full "
+                                                        "one (2 seeds, 1200 steps)")
     g.add_argument("--dir", help="runs, logs and results.json (default: runs/reproduce[-quick])")
     g.add_argument("--report", help="where REPRODUCTION.md goes, figures in docs/reproduction/ beside it "
                                     "(default: DIR/REPRODUCTION.md)")
-    g.add_argument("--seeds", type=int, nargs="+", help="training seeds (plan default: quick 0; full 0 1 2)")
+    g.add_argument("--seeds", type=int, nargs="+", help="training seeds (plan default: quick 0; full 0 1)")
     g.add_argument("--steps", type=int, help="training steps per arm")
     g.add_argument("--eval-every", type=int, help="measure a checkpoint every this many steps")
     g.add_argument("--jobs", type=int, help="runs at once (cores are split between them)")

@@ -177,6 +177,8 @@ class TrainConfig:
     # VAE and discriminator convolutions in NHWC: toy VAE fwd+bwd 319 -> 291 ms per 64 images
     # in bf16 on this CPU; NHWC is also what cuDNN's bf16 tensor-core kernels want
     channels_last: bool = True
+    # recompute SiT blocks in the backward pass: less activation memory for ~1/3 more SiT compute
+    activation_checkpointing: bool = False
     tune_vae: bool = True  # False: REPA / vanilla SiT with a frozen VAE
     stop_grad: bool = True  # False: the "no stop-grad" ablation (diffusion loss reaches the VAE)
     use_reg_loss: bool = True  # False: the "no L_REG" ablation

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from repae.models.latent_norm import LatentNorm
 
@@ -232,6 +233,9 @@ class SiT(nn.Module):
         self.projectors = nn.ModuleList(build_projector(d, args.projector_dim, z) for z in args.z_dims)
         self.final_layer = FinalLayer(d, args.patch_size, args.in_channels)
         self.bn = LatentNorm(args.in_channels, momentum=args.bn_momentum, eps=args.bn_eps) if args.latent_norm else None
+        # a run-time choice, not architecture (train.activation_checkpointing): recompute each block
+        # in the backward pass instead of keeping its activations, trading compute for memory
+        self.activation_checkpointing = False
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -271,8 +275,15 @@ class SiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y)
         projected: List[torch.Tensor] = []
         hidden = None
+        # only in a pass that trains the blocks: the frozen alignment pass turns requires_grad off for
+        # its forward only, so a recomputation in backward would not match (torch refuses it)
+        recompute = (self.activation_checkpointing and torch.is_grad_enabled()
+                     and self.blocks[0].adaLN_modulation[-1].weight.requires_grad)
         for depth, block in enumerate(self.blocks, start=1):
-            tokens = block(tokens, c)
+            if recompute:
+                tokens = checkpoint(block, tokens, c, use_reentrant=False)
+            else:
+                tokens = block(tokens, c)
             if depth == self.encoder_depth:
                 hidden = tokens
                 projected = [projector(tokens) for projector in self.projectors]

@@ -28,6 +28,7 @@ def adamw(params: List[nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
 def make_trainables(cfg: RunConfig, sit: SiT, vae: nn.Module, encoders: Sequence[FeatureFn],
                     regulariser: Optional[VAERegulariser]) -> Trainables:
     """Freeze what the run does not train and give each trained set its own optimiser."""
+    sit.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.train.channels_last:  # the convolution nets only; the SiT's tokens are not images
         for module in (vae, regulariser):
             if module is not None:
