@@ -1,6 +1,7 @@
 """`repae bench reproduce`: verdicts from known numbers, and the whole command on a tiny toy world."""
 
 import json
+import math
 
 import pytest
 
@@ -10,7 +11,7 @@ from repae.reproduce import report as rep
 from test_train_loop import TINY
 
 
-def _results(fid, sv=None, cknna=None, failed=()):
+def _results(fid, sv=None, cknna=None, failed=(), reason="FloatingPointError: 10 non-finite steps in a row"):
     """A results dict with one seed and two measured steps per arm: fid[arm] = (step 1, step 2)."""
     sv, cknna = sv or {}, cknna or {}
     metrics = {arm: {"0": {str(step): {"toy_fid": values[step - 1], "class_accuracy": 0.5,
@@ -18,7 +19,7 @@ def _results(fid, sv=None, cknna=None, failed=()):
                                         "cknna": cknna.get(arm, (0.1, 0.1))[step - 1], "vae_psnr_db": 20.0}
                            for step in (1, 2)}}
                for arm, values in fid.items()}
-    runs = {f"{arm}-s0": {"arm": arm, "seed": 0, "train_seconds": 1.0, **({"failed": "non-finite"} if arm in failed else {})}
+    runs = {f"{arm}-s0": {"arm": arm, "seed": 0, "train_seconds": 1.0, **({"failed": reason} if arm in failed else {})}
             for arm in fid}
     return {"metrics": metrics, "runs": runs, "initial_vae": {"latent_spatial_variance": 1.0, "latent_total_variation": 10.0,
                                                              "vae_psnr_db": 20.0}}
@@ -45,8 +46,20 @@ def test_verdicts_say_when_a_claim_fails():
     assert rep.claim_b(r)[0] == "does not reproduce"
     assert rep.claim_c(r)[0] == "does not reproduce"
     assert rep.claim_d(r)[0] == "does not reproduce"
-    # a run that stopped (e.g. non-finite losses) is the paper's failure, whatever its last FID
+    # a run that diverged (non-finite losses) is the paper's failure, whatever its last FID
     assert rep.claim_b(_results({"repae": (30, 22), "no-stopgrad": (25, 21)}, failed=["no-stopgrad"]))[0] == "reproduces"
+    # a crash or Ctrl-C is not: the FIDs decide
+    crashed = _results({"repae": (30, 22), "no-stopgrad": (25, 21)}, failed=["no-stopgrad"], reason="Killed")
+    assert rep.claim_b(crashed)[0] == "does not reproduce"
+
+
+def test_an_arm_without_measurements_is_not_measured_rather_than_refuted():
+    r = _results({"repae": (15, 10), "repa": (40, 20), "no-stopgrad": (50, 25)})  # no e2e-diffusion, no stage 2
+    assert rep.claim_a(r)[0] == "not measured"
+    assert rep.claim_d(r)[0] == "not measured"
+    del r["metrics"]["repa"]
+    assert rep.claim_e(r, list(r["metrics"]))[0] == "not measured"
+    assert rep.claim_c(r)[0] == "not measured"
 
 
 def test_reach_step_and_mean_over_seeds():
@@ -69,15 +82,16 @@ def test_reproduce_command_runs_every_arm_measures_and_reports(tmp_path):
         steps = results["metrics"][arm]["0"]
         assert list(steps) == ["1", "2"], arm
         for value in steps["2"].values():
-            assert value == value, arm  # finite, not NaN
+            assert math.isfinite(value), arm
     # stage 2 trained on the VAE the REPA-E run exported, frozen
     stage2 = (out / "runs" / "stage2-e2e-vae-s0" / "config.yaml").read_text()
     assert str(out / "runs" / "repae-s0" / "e2e-vae" / "vae.safetensors") in stage2
     frozen = results["metrics"]["stage2-e2e-vae"]["0"]
     assert frozen["1"]["vae_psnr_db"] == frozen["2"]["vae_psnr_db"]
     # frozen-VAE arms keep the starting VAE's latents; REPA-E moves them
-    assert results["metrics"]["repa"]["0"]["2"]["latent_spatial_variance"] == pytest.approx(
-        results["initial_vae"]["latent_spatial_variance"], rel=1e-5)
+    start = results["initial_vae"]["latent_spatial_variance"]
+    assert results["metrics"]["repa"]["0"]["2"]["latent_spatial_variance"] == pytest.approx(start, rel=1e-5)
+    assert results["metrics"]["repae"]["0"]["2"]["latent_spatial_variance"] != pytest.approx(start, rel=1e-5)
     text = report.read_text()
     for claim in "abcde":
         assert f"| ({claim}) |" in text
@@ -89,6 +103,10 @@ def test_reproduce_command_runs_every_arm_measures_and_reports(tmp_path):
     before = {p: p.read_bytes() for p in files}
     assert main(argv) == 0
     assert {p: p.read_bytes() for p in files} == before
+    again = json.loads((out / "results.json").read_text())
+    assert len(again["invocations"]) == 2 and "over 2 invocations" in report.read_text()
+    for name, run in again["runs"].items():  # training time adds up over invocations
+        assert run["train_seconds"] >= results["runs"][name]["train_seconds"]
 
 
 def test_generation_verdicts_are_inconclusive_when_no_arm_beats_chance(tmp_path):

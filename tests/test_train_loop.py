@@ -55,6 +55,10 @@ def test_resume_refuses_a_different_recipe(tmp_path):
 
     with pytest.raises(ConfigError, match="different config"):
         train(tiny_cfg(tmp_path, "train.max_steps=4", "loss.proj_coeff=0.7"), progress=False)
+    # the train section holds recipe too (an ablation switch, the seed), not only the budget
+    for change in ("train.stop_grad=false", "train.seed=1", "train.tune_vae=false"):
+        with pytest.raises(ConfigError, match="different config"):
+            train(tiny_cfg(tmp_path, "train.max_steps=4", change), progress=False)
 
 
 def test_cli_train_leaves_checkpoint_samples_metrics_and_plot(tmp_path, capsys):

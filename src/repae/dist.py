@@ -7,6 +7,17 @@ import torch
 import torch.distributed as torch_dist
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity mask (what taskset, cgroups and schedulers
+    allow), not every core of the host as os.cpu_count() reports."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def is_distributed() -> bool:
     """True when a torch.distributed process group is initialised."""
     return torch_dist.is_available() and torch_dist.is_initialized()

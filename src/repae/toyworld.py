@@ -50,7 +50,7 @@ def _pool(path: Path, size: int, seed: int, desc: str) -> Tuple[torch.Tensor, to
         return torch.from_numpy(data["images"]), torch.from_numpy(data["labels"])
     # rendering is numpy on one core: one process per core halves the toy world's first build
     starts = range(0, size, 500)
-    with ProcessPoolExecutor(max_workers=min(len(starts), os.cpu_count() or 1)) as pool:
+    with ProcessPoolExecutor(max_workers=min(len(starts), dist.usable_cores())) as pool:
         jobs = pool.map(toy_arrays, [min(500, size - s) for s in starts], [seed] * len(starts), starts)
         chunks = list(tqdm(jobs, total=len(starts), desc=desc, unit="x500 img"))
     images, labels = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])

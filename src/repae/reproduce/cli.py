@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import platform
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+from repae.fileio import write_json_atomic
 from repae.reproduce.measure import CKNNA_T, HELDOUT_IMAGES
 from repae.reproduce.report import write_report
 from repae.reproduce.runner import FULL, QUICK, run_reproduction
@@ -47,9 +49,9 @@ def _commit() -> str:
 
 
 def _machine() -> str:
-    import os
-
     import torch
+
+    from repae.dist import usable_cores
 
     model = platform.processor() or platform.machine()
     try:
@@ -59,7 +61,7 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
+    return f"{model}, {usable_cores()} usable cores, torch {torch.__version__}"
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
@@ -67,13 +69,20 @@ def run_reproduce(args: argparse.Namespace) -> int:
     for name in ("seeds", "steps", "eval_every", "jobs", "samples"):
         if getattr(args, name, None):
             setattr(plan, name, getattr(args, name))
+    plan.seeds = list(dict.fromkeys(plan.seeds))  # a repeated seed would train twice into one directory
     if plan.steps % plan.eval_every:
         print(f"repae bench reproduce: error: --steps {plan.steps} is not a multiple of --eval-every {plan.eval_every}")
         return 2
     out = Path(args.dir or ("runs/reproduce-quick" if args.quick else "runs/reproduce"))
-    results = run_reproduction(out, plan, args.preset, args.overrides)
+    previous = out / "results.json"
+    earlier = json.loads(previous.read_text()).get("invocations", []) if previous.is_file() else []
     context = {"command": "repae " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "commit": _commit(),
                "machine": _machine(), "method_note": METHOD_NOTE}
+    results = run_reproduction(out, plan, args.preset, args.overrides, args.config)
+    # a resumed reproduction spans several invocations (and maybe commits): the report names them all
+    results["invocations"] = earlier + [{k: context[k] for k in ("command", "commit", "machine")}
+                                        | {"wall_seconds": results["wall_seconds"]}]
+    write_json_atomic(out / "results.json", results)
     report = write_report(results, out, Path(args.report) if args.report else out / "REPRODUCTION.md", context)
     print(f"wrote {report} ({results['wall_seconds'] / 60:.1f} min)")
     return 0

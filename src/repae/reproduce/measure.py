@@ -112,7 +112,10 @@ def measure_run(run_dir: Path, num_samples: int, judges: Optional[Judges] = None
             continue
         if judges is None:
             judges = judges_for(load_config(None, [ckpt / "config.yaml"], world_size=1))
-        done[step] = checkpoint_metrics(ckpt, judges, num_samples, run_dir / "reproduce-grids" / f"step-{step}.png")
+        try:
+            done[step] = checkpoint_metrics(ckpt, judges, num_samples, run_dir / "reproduce-grids" / f"step-{step}.png")
+        except Exception as err:  # e.g. a Frechet distance that cannot be computed on collapsed samples:
+            done[step] = {"error": f"{type(err).__name__}: {err}"}  # recorded, retried on the next run
         write_json_atomic(out, dict(sorted(done.items(), key=lambda kv: int(kv[0]))))
     return done
 

@@ -47,16 +47,33 @@ def mean(values: Optional[List[float]]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
+def _num(x: float, digits: int = 3) -> str:
+    return f"{x:.0f}" if abs(x) >= 10 ** digits else f"{x:.{digits}g}"
+
+
 def fmt(values: Optional[List[float]], digits: int = 3) -> str:
     """mean ± sample std over seeds (just the mean for one seed); — if missing."""
     if not values:
         return "—"
-    m = f"{statistics.fmean(values):.{digits}g}"
+    m = _num(statistics.fmean(values), digits)
     return f"{m} ± {statistics.stdev(values):.2g}" if len(values) > 1 else m
 
 
 def failed(results: dict, arm: str) -> List[str]:
+    """Why the arm's runs stopped early, if they did (any non-zero exit)."""
     return [r["failed"] for r in results["runs"].values() if r["arm"] == arm and r.get("failed")]
+
+
+def diverged(results: dict, arm: str) -> bool:
+    """Training failed the way the paper means: aborted on non-finite losses (not a crash or Ctrl-C)."""
+    return any("non-finite" in reason for reason in failed(results, arm))
+
+
+NOT_MEASURED = "not measured"
+
+
+def missing(*values) -> bool:
+    return any(v is None or (isinstance(v, float) and not np.isfinite(v)) for v in values)
 
 
 # --------------------------------------------------------------------------- verdicts
@@ -66,9 +83,12 @@ def claim_a(r: dict) -> Tuple[str, str]:
     init_sv, init_tv = r["initial_vae"]["latent_spatial_variance"], r["initial_vae"]["latent_total_variation"]
     sv, tv = mean(final(r, "e2e-diffusion", "latent_spatial_variance")), mean(final(r, "e2e-diffusion", "latent_total_variation"))
     sv_repae = mean(final(r, "repae", "latent_spatial_variance"))
+    if missing(sv, tv) or not init_sv or not init_tv:
+        return NOT_MEASURED, "the diffusion-loss-only arm has no measurement"
     ratio_sv, ratio_tv = sv / init_sv, tv / init_tv
-    evidence = (f"diffusion-loss-only E2E: spatial variance {init_sv:.3g} → {sv:.3g} (×{ratio_sv:.2g}), total "
-                f"variation {init_tv:.3g} → {tv:.3g} (×{ratio_tv:.2g}); REPA-E keeps spatial variance at {sv_repae:.3g}. "
+    evidence = (f"diffusion-loss-only E2E: spatial variance {_num(init_sv)} → {_num(sv)} (×{ratio_sv:.2g}), total "
+                f"variation {_num(init_tv)} → {_num(tv)} (×{ratio_tv:.2g}); REPA-E keeps spatial variance at "
+                f"{_num(sv_repae)}. "
                 "Criterion: both ratios < 0.1 reproduces; both < 0.7 partly.")
     if ratio_sv < 0.1 and ratio_tv < 0.1:
         return "reproduces", evidence
@@ -81,9 +101,12 @@ def claim_b(r: dict) -> Tuple[str, str]:
     stopped = failed(r, "no-stopgrad")
     evidence = (f"toy FID without stop-grad {fmt(fid_nsg)} vs REPA-E {fmt(fid_repae)}"
                 + (f"; the run stopped: {stopped[0]}" if stopped else "")
-                + ". Criterion: the run fails or its FID is > 2× REPA-E's.")
-    ok = bool(stopped) or mean(fid_nsg) > 2 * mean(fid_repae)
-    return ("reproduces" if ok else "does not reproduce"), evidence
+                + ". Criterion: training diverges (non-finite losses) or its FID is > 2× REPA-E's.")
+    if diverged(r, "no-stopgrad"):
+        return "reproduces", evidence
+    if missing(mean(fid_nsg), mean(fid_repae)):
+        return NOT_MEASURED, evidence
+    return ("reproduces" if mean(fid_nsg) > 2 * mean(fid_repae) else "does not reproduce"), evidence
 
 
 def steps_to_reach(r: dict, arm: str, target: float) -> Optional[int]:
@@ -114,6 +137,8 @@ def claim_d(r: dict) -> Tuple[str, str]:
     acc_e2e, acc_orig = final(r, "stage2-e2e-vae", "class_accuracy"), final(r, "repa", "class_accuracy")
     evidence = (f"a new REPA SiT on the frozen E2E-VAE: toy FID {fmt(e2e)}, class accuracy {fmt(acc_e2e)}; on the "
                 f"original toy VAE: {fmt(orig)}, {fmt(acc_orig)} (same steps, seeds, data). Criterion: lower mean FID.")
+    if missing(mean(e2e), mean(orig)):
+        return NOT_MEASURED, evidence
     return ("reproduces" if mean(e2e) < mean(orig) else "does not reproduce"), evidence
 
 
@@ -121,14 +146,17 @@ def claim_e(r: dict, arms: List[str]) -> Tuple[str, str]:
     from scipy.stats import spearmanr
 
     c_repae, c_repa = final(r, "repae", "cknna"), final(r, "repa", "cknna")
-    pairs = [(m["cknna"], m["toy_fid"]) for arm in arms if not failed(r, arm)
-             for per_step in r["metrics"].get(arm, {}).values() for m in per_step.values()
-             if np.isfinite(m.get("cknna", np.nan)) and np.isfinite(m.get("toy_fid", np.nan))]
+    # across arms at their last step: pooling all steps would mostly show that both improve with
+    # training time, whatever the arm
+    pairs = [(c, f) for arm in arms if not failed(r, arm)
+             for c, f in zip(final(r, arm, "cknna") or [], final(r, arm, "toy_fid") or [])]
     varies = len({p[0] for p in pairs}) > 1 and len({p[1] for p in pairs}) > 1
     rho = spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic if len(pairs) > 2 and varies else float("nan")
-    evidence = (f"final CKNNA: REPA-E {fmt(c_repae)}, REPA {fmt(c_repa)}; Spearman ρ(CKNNA, toy FID) over "
-                f"{len(pairs)} checkpoints of the arms that finished: {rho:.2f}. Criterion: REPA-E's CKNNA "
-                "higher and ρ < -0.5 reproduces; one of the two: partly.")
+    evidence = (f"final CKNNA: REPA-E {fmt(c_repae)}, REPA {fmt(c_repa)}; Spearman ρ(CKNNA, toy FID) across the "
+                f"{len(pairs)} finished runs at their last step: {rho:.2f}. Criterion: REPA-E's CKNNA higher "
+                "and ρ < -0.5 reproduces; one of the two: partly.")
+    if missing(mean(c_repae), mean(c_repa)):
+        return NOT_MEASURED, evidence
     higher, tracks = mean(c_repae) > mean(c_repa), rho < -0.5
     return ("reproduces" if higher and tracks else "partly" if higher or tracks else "does not reproduce"), evidence
 
@@ -138,7 +166,8 @@ def samples_carry_classes(r: dict) -> Tuple[bool, str]:
     Below that, FID differences between arms reflect colour and blur statistics, not the
     generation quality the claims (b)-(e) are about."""
     chance = 1.0 / r.get("num_classes", 10)
-    best = max((mean(final(r, arm, "class_accuracy")) for arm in r["metrics"]), default=float("nan"))
+    accs = [mean(final(r, arm, "class_accuracy")) for arm in r["metrics"]]
+    best = max((a for a in accs if np.isfinite(a)), default=float("nan"))
     ok = best >= 2 * chance
     return ok, (f"best final class accuracy of any arm {best:.3g} (chance {chance:.2g}); " +
                 ("samples carry class structure." if ok else "below 2x chance, so toy-FID differences at this "
@@ -202,6 +231,19 @@ def copy_grids(r: dict, arms: List[str], out: Path, fig_dir: Path) -> Dict[str, 
 # --------------------------------------------------------------------------- markdown
 
 
+def _invocation_lines(r: dict, context: dict) -> List[str]:
+    """Command, commit, machine and wall time of each invocation that produced the results."""
+    runs = r.get("invocations") or [{**context, "wall_seconds": r["wall_seconds"]}]
+    if len(runs) == 1:
+        one = runs[0]
+        return [f"- command: `{one['command']}`", f"- commit: `{one['commit']}`", f"- machine: {one['machine']}",
+                f"- wall time: {one['wall_seconds'] / 60:.1f} min"]
+    total = sum(x["wall_seconds"] for x in runs)
+    lines = [f"- wall time: {total / 60:.1f} min over {len(runs)} invocations (a re-run resumes):"]
+    lines += [f"  - `{x['command']}` at `{x['commit']}` on {x['machine']}: {x['wall_seconds'] / 60:.1f} min" for x in runs]
+    return lines
+
+
 def write_report(r: dict, out: Path, report: Path, context: dict) -> Path:
     """REPRODUCTION.md at `report`, its figures in docs/reproduction/ beside it."""
     fig_dir = report.parent / "docs" / "reproduction"
@@ -215,8 +257,10 @@ def write_report(r: dict, out: Path, report: Path, context: dict) -> Path:
     informative, budget_note = samples_carry_classes(r)
     if not informative:
         # (a) is about latents and a failed no-stop-grad run is (b)'s outcome: both stand either way
-        about_samples = ["c", "d", "e"] + ([] if failed(r, "no-stopgrad") else ["b"])
+        about_samples = ["c", "d", "e"] + ([] if diverged(r, "no-stopgrad") else ["b"])
         for k in about_samples:
+            if verdicts[k][0] == NOT_MEASURED:
+                continue
             verdicts[k] = (f"inconclusive at this budget (the numbers alone: {verdicts[k][0]})", verdicts[k][1])
     plan = r["plan"]
     lines = [
@@ -224,10 +268,8 @@ def write_report(r: dict, out: Path, report: Path, context: dict) -> Path:
         "",
         "Written by `repae bench reproduce` from its `results.json`; no number below was typed by hand.",
         "",
-        f"- command: `{context['command']}`",
-        f"- commit: `{context['commit']}`",
-        f"- machine: {context['machine']}; {r['threads_per_run']} thread(s) per run, {plan['jobs']} runs at once",
-        f"- wall time: {r['wall_seconds'] / 60:.1f} min (this invocation)",
+        *_invocation_lines(r, context),
+        f"- {r['threads_per_run']} thread(s) per run, {plan['jobs']} runs at once",
         f"- budget per arm: {plan['steps']} steps, measured every {plan['eval_every']}, seeds {plan['seeds']}, "
         f"{plan['samples']} class-balanced samples per measurement",
         f"- toy world: teacher held-out accuracy {r['toy_world'].get('teacher_heldout_accuracy', float('nan')):.3f}, "
@@ -246,8 +288,8 @@ def write_report(r: dict, out: Path, report: Path, context: dict) -> Path:
     lines += ["", "## Every arm at its last step", "",
               "| arm | " + " | ".join(HEADERS) + " | training s |", "| --- " * (len(HEADERS) + 2) + "|"]
     init = r["initial_vae"]
-    lines.append("| starting VAE (step 0) | — | — | " + f"{init['latent_spatial_variance']:.3g} | "
-                 f"{init['latent_total_variation']:.3g} | — | {init['vae_psnr_db']:.3g} | — |")
+    lines.append(f"| starting VAE (step 0) | — | — | {_num(init['latent_spatial_variance'])} | "
+                 f"{_num(init['latent_total_variation'])} | — | {_num(init['vae_psnr_db'])} | — |")
     for arm, label in labels.items():
         secs = [run["train_seconds"] for run in r["runs"].values() if run["arm"] == arm]
         note = " (stopped early)" if failed(r, arm) else ""

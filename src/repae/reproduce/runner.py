@@ -9,6 +9,7 @@ resume from their checkpoints) and measures only checkpoints not yet measured.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from repae import dist
 from repae.config import ConfigError, RunConfig, load_config
 from repae.fileio import write_json_atomic
 from repae.reproduce.arms import Arm, arms_for
@@ -47,8 +49,10 @@ def run_name(arm: Arm, seed: int) -> str:
     return f"{arm.name}-s{seed}"
 
 
-def train_command(arm: Arm, seed: int, plan: Plan, preset: str, overrides: Sequence[str], out: Path) -> List[str]:
-    cmd = [sys.executable, "-m", "repae.cli", "train", "--preset", preset, "--no-progress", *overrides,
+def train_command(arm: Arm, seed: int, plan: Plan, preset: str, overrides: Sequence[str], out: Path,
+                  config_files: Sequence[str] = ()) -> List[str]:
+    files = [a for f in config_files for a in ("--config", str(Path(f).resolve()))]
+    cmd = [sys.executable, "-m", "repae.cli", "train", "--preset", preset, *files, "--no-progress", *overrides,
            *arm.overrides, f"output_dir={out / 'runs'}", f"exp_name={run_name(arm, seed)}", f"train.seed={seed}",
            f"train.max_steps={plan.steps}", f"train.ckpt_every={plan.eval_every}", "train.keep_last=0",
            f"train.sample_every={plan.steps}", "eval.num_samples=0"]  # the runner measures; no end-of-run eval
@@ -59,11 +63,22 @@ def train_command(arm: Arm, seed: int, plan: Plan, preset: str, overrides: Seque
 
 
 class _Runner:
-    def __init__(self, plan: Plan, preset: str, overrides: Sequence[str], out: Path, threads: int):
-        self.plan, self.preset, self.overrides, self.out = plan, preset, list(overrides), out
+    def __init__(self, plan: Plan, preset: str, overrides: Sequence[str], config_files: Sequence[str], out: Path,
+                 threads: int, earlier_runs: Dict[str, dict]):
+        self.plan, self.preset, self.overrides, self.config_files, self.out = plan, preset, list(overrides), config_files, out
         self.env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         self.lock = threading.Lock()
         self.runs: Dict[str, dict] = {}
+        self.earlier = earlier_runs  # records of earlier invocations: training time adds up over resumes
+        self.children: set = set()
+        self.stopping = False
+
+    def stop(self) -> None:
+        """Ctrl-C or a failure: no new run starts, running ones are terminated."""
+        with self.lock:
+            self.stopping = True
+            for child in list(self.children):
+                child.terminate()
 
     def _log(self, msg: str) -> None:
         with self.lock:
@@ -74,7 +89,16 @@ class _Runner:
         with open(log, "a") as f:
             f.write(f"$ {' '.join(cmd)}\n")
             f.flush()
-            return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env).returncode
+            with self.lock:
+                if self.stopping:
+                    raise RuntimeError("reproduction stopped")
+                child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env)
+                self.children.add(child)
+            try:
+                return child.wait()
+            finally:
+                with self.lock:
+                    self.children.discard(child)
 
     def run(self, arm: Arm, seed: int, wait_for: Dict[str, Future]) -> dict:
         name = run_name(arm, seed)
@@ -84,9 +108,10 @@ class _Runner:
         log = self.out / "logs" / f"{name}.log"
         self._log(f"train {name}")
         start = time.perf_counter()
-        code = self._call(train_command(arm, seed, self.plan, self.preset, self.overrides, self.out), log)
-        record = {"arm": arm.name, "seed": seed, "train_seconds": round(time.perf_counter() - start, 1),
-                  "exit_code": code, "log": str(log)}
+        code = self._call(train_command(arm, seed, self.plan, self.preset, self.overrides, self.out,
+                                        self.config_files), log)
+        seconds = time.perf_counter() - start + self.earlier.get(name, {}).get("train_seconds", 0.0)
+        record = {"arm": arm.name, "seed": seed, "train_seconds": round(seconds, 1), "exit_code": code, "log": str(log)}
         if code != 0:  # e.g. the no-stop-grad arm aborting on non-finite losses: a result, not a crash
             record["failed"] = _last_line(log)
             self._log(f"{name} stopped with exit code {code}: {record['failed']}")
@@ -110,13 +135,14 @@ def _last_line(log: Path) -> str:
     return lines[-1][-300:] if lines else ""
 
 
-def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequence[str] = ()) -> dict:
+def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequence[str] = (),
+                     config_files: Sequence[str] = ()) -> dict:
     """Train and measure every arm x seed; returns (and writes to OUT/results.json) the results."""
     from repae.models.vae import AutoencoderKL  # noqa: F401  (import cost paid once, before the clock)
     from repae.weights import load_model
 
     start = time.perf_counter()
-    base: RunConfig = load_config(preset, [], list(overrides), world_size=1)
+    base: RunConfig = load_config(preset, list(config_files), list(overrides), world_size=1)
     if base.data.source != "toy":
         raise ConfigError("repae bench reproduce measures with the toy world's evaluator and teacher; "
                           f"data.source={base.data.source!r} is not supported yet")
@@ -124,16 +150,23 @@ def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequ
     out.mkdir(parents=True, exist_ok=True)
     judges = judges_for(base)  # builds the toy world and evaluator once, with every core
     initial = vae_metrics(load_model(judges.world.vae_path), judges)
-    threads = max(1, (os.cpu_count() or 1) // plan.jobs)
-    runner = _Runner(plan, preset, overrides, out, threads)
+    threads = max(1, dist.usable_cores() // plan.jobs)
+    earlier = json.loads((out / "results.json").read_text())["runs"] if (out / "results.json").is_file() else {}
+    runner = _Runner(plan, preset, overrides, config_files, out, threads, earlier)
     futures: Dict[str, Future] = {}
-    with ThreadPoolExecutor(max_workers=plan.jobs) as pool:
+    pool = ThreadPoolExecutor(max_workers=plan.jobs)
+    try:
         # stage-2 arms last: they wait for the REPA-E run whose VAE they use
         for arm in sorted(arms, key=lambda a: a.vae_from is not None):
             for seed in plan.seeds:
                 futures[run_name(arm, seed)] = pool.submit(runner.run, arm, seed, futures)
         for f in futures.values():
             f.result()
+    except BaseException:  # Ctrl-C or a failed measurement: stop everything now, keep what is done
+        runner.stop()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     metrics = {arm.name: {str(seed): measure_run(out / "runs" / run_name(arm, seed), plan.samples, judges)
                           for seed in plan.seeds} for arm in arms}
     results = {

@@ -186,6 +186,11 @@ def try_resume(run: Run) -> bool:
     return True
 
 
+# budget, cadence, logging and where it runs: changing these and re-running continues the same run
+RESUMABLE_TRAIN_KEYS = ("max_steps", "grad_accum_steps", "log_every", "ckpt_every", "keep_last", "sample_every", "log_to", "device",
+                        "max_nonfinite_in_a_row", "activation_checkpointing", "channels_last")
+
+
 def _check_same_config(cfg: RunConfig, saved: Path) -> None:
     """Resuming is only honest with the same recipe; the step budget and cadences may change."""
     import yaml
@@ -195,8 +200,10 @@ def _check_same_config(cfg: RunConfig, saved: Path) -> None:
         old = to_dict(from_dict(old))
     except Exception:  # a key the schema no longer has: compare as saved (and differ)
         pass
-    for section in ("train", "sample", "eval"):
+    for section in ("sample", "eval"):
         old.pop(section, None), new.pop(section, None)
+    for key in RESUMABLE_TRAIN_KEYS:  # train.* that may change between invocations; the rest is recipe
+        old.get("train", {}).pop(key, None), new.get("train", {}).pop(key, None)
     if old != new:
         diff = [k for k in new if old.get(k) != new[k]]
         raise ConfigError(f"{cfg.run_dir} holds a run with a different config (sections {diff}); "
