@@ -1,6 +1,5 @@
 """Gradient-flow invariants of the REPA-E step on tiny models."""
 
-import pytest
 import torch
 
 from repae.config import load_config

@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from repae.generate import sample_noise

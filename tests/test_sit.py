@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from repae.models.sit import SiT, SiTArgs, sincos_pos_embed_2d
-from repae.weights import CheckpointError, load_model, save_model
+from repae.weights import load_model, save_model
 from conftest import randomize, tiny_sit_args
 
 

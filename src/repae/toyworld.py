@@ -31,7 +31,7 @@ from repae.models.latent_norm import measure_latent_stats
 from repae.models.toy_teacher import ToyTeacher
 from repae.models.vae import AutoencoderKL, VAEArgs
 from repae.pixels import from_vae_range, to_vae_range
-from repae.weights import load_latent_stats, load_model, load_strict, read_file, save_latent_stats, save_model, save_weights
+from repae.weights import load_strict, read_file, save_latent_stats, save_model, save_weights
 
 VERSION = "v2"  # bump when the dataset or the recipes change, so old caches are not reused
 

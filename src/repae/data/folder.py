@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import random
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch

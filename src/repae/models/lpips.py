@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # VGG16 `features` layout: conv widths, "M" = max-pool. Indices match torchvision.

@@ -9,7 +9,6 @@ self-attention block then gives every token image-wide context, as a ViT's token
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from repae.models.sit import Mlp, sincos_pos_embed_2d

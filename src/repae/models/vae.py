@@ -234,10 +234,6 @@ class AutoencoderKL(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:  # [B,z,h,w] -> [B,3,h*f,w*f]
         return self.decoder(self.post_quant_conv(z))
 
-    @property
-    def z_channels(self) -> int:
-        return self.args.z_channels
-
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
                 decode: bool = True):
         """Returns (posterior, z sample, reconstruction or None). One call, so DDP sees the whole pass."""

@@ -138,7 +138,6 @@ def _last_line(log: Path) -> str:
 def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequence[str] = (),
                      config_files: Sequence[str] = ()) -> dict:
     """Train and measure every arm x seed; returns (and writes to OUT/results.json) the results."""
-    from repae.models.vae import AutoencoderKL  # noqa: F401  (import cost paid once, before the clock)
     from repae.weights import load_model
 
     start = time.perf_counter()
