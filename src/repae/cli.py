@@ -50,9 +50,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from repae import dist
     from repae.build import build_sit, build_vae
-    from repae.nn_utils import autocast_dtype
     from repae.config import load_config, save_config
-    from repae.generate import generate_images, generate_npz, sample_labels, save_image_grid
+    from repae.generate import generate_images, generate_npz, sample_labels, sampler_settings, save_image_grid
     from repae.stage2.latents import vae_files
     from repae.weights import load_latent_stats, load_model
 
@@ -87,10 +86,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     n = cfg.sample.num_samples
     labels = sample_labels(n, sit.num_classes, cfg.eval.label_sampling, cfg.sample.seed)  # balanced: i % C
     shown = min(n, 100)
-    sampler = dict(mode=cfg.sample.mode, num_steps=cfg.sample.num_steps, heun=cfg.sample.heun,
-                   cfg_scale=cfg.sample.cfg_scale, guidance_low=cfg.sample.guidance_low,
-                   guidance_high=cfg.sample.guidance_high, path_type=cfg.flow.path_type, seed=cfg.sample.seed,
-                   autocast_dtype=autocast_dtype(cfg.train.precision))
+    sampler = sampler_settings(cfg)
     start = time.perf_counter()
     if args.npz:  # every rank generates its batches; rank 0 assembles the .npz
         images = generate_npz(sit, vae, labels, args.npz, batch_size=cfg.sample.batch_size, keep=shown,

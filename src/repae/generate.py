@@ -39,6 +39,17 @@ def sample_noise(indices: Sequence[int], shape: Sequence[int], seed: int) -> tor
 
 
 @torch.no_grad()
+def sampler_settings(cfg, seed: Optional[int] = None) -> dict:
+    """generate_images/generate_npz keyword arguments from a run config's sampler, flow and
+    precision settings (seed: cfg.sample.seed unless given)."""
+    from repae.nn_utils import autocast_dtype
+
+    s = cfg.sample
+    return dict(mode=s.mode, num_steps=s.num_steps, heun=s.heun, cfg_scale=s.cfg_scale,
+                guidance_low=s.guidance_low, guidance_high=s.guidance_high, path_type=cfg.flow.path_type,
+                seed=s.seed if seed is None else seed, autocast_dtype=autocast_dtype(cfg.train.precision))
+
+
 def generate_images(
     sit: SiT,
     vae: AutoencoderKL,

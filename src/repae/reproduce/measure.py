@@ -30,8 +30,7 @@ from repae.evaluate.cknna import sit_encoder_alignment
 from repae.evaluate.latents import measure_latent_structure
 from repae.evaluate.toy import class_accuracy, evaluator_outputs, toy_fid
 from repae.fileio import write_json_atomic
-from repae.generate import generate_images, save_image_grid
-from repae.nn_utils import autocast_dtype
+from repae.generate import generate_images, sampler_settings, save_image_grid
 from repae.pixels import to_vae_range
 
 METRICS_FILE = "reproduce-metrics.json"
@@ -81,11 +80,8 @@ def checkpoint_metrics(ckpt: Path, judges: Judges, num_samples: int, grid_path: 
 
     cfg, sit, vae = load_for_sampling(ckpt)
     labels = torch.arange(num_samples) % cfg.model.num_classes
-    images = generate_images(sit, vae, labels, mode=cfg.sample.mode, num_steps=cfg.sample.num_steps,
-                             heun=cfg.sample.heun, cfg_scale=cfg.sample.cfg_scale,
-                             guidance_low=cfg.sample.guidance_low, guidance_high=cfg.sample.guidance_high,
-                             path_type=cfg.flow.path_type, seed=cfg.sample.seed + 1, batch_size=125,
-                             autocast_dtype=autocast_dtype(cfg.train.precision), progress=False)
+    images = generate_images(sit, vae, labels, batch_size=125, progress=False,
+                             **sampler_settings(cfg, seed=cfg.sample.seed + 1))
     if grid_path is not None:
         save_image_grid(images[: 4 * cfg.model.num_classes], grid_path, nrow=cfg.model.num_classes, upscale=2)
     feats, logits = evaluator_outputs(judges.evaluator, images)

@@ -18,12 +18,12 @@ import torch
 from tqdm.auto import tqdm
 
 from repae import dist
-from repae.nn_utils import autocast, autocast_dtype
+from repae.nn_utils import autocast
 from repae.build import build_sit, build_vae, uses_repa, vae_args
 from repae.models.vae import AutoencoderKL
 from repae.config import ConfigError, RunConfig, from_dict, save_config, to_dict
 from repae.data.sampler import TensorBatches
-from repae.generate import generate_images, save_image_grid
+from repae.generate import generate_images, sampler_settings, save_image_grid
 from repae.losses import VAERegulariser
 from repae.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from repae.train.setup import make_trainables
@@ -282,12 +282,8 @@ def write_samples(run: Run) -> Path:
     cfg, ema = run.cfg, run.m.ema.model
     n = cfg.sample.num_samples
     labels = torch.arange(n) % cfg.model.num_classes
-    images = generate_images(ema, run.m.vae, labels, mode=cfg.sample.mode, num_steps=cfg.sample.num_steps,
-                             heun=cfg.sample.heun, cfg_scale=cfg.sample.cfg_scale,
-                             guidance_low=cfg.sample.guidance_low, guidance_high=cfg.sample.guidance_high,
-                             path_type=cfg.flow.path_type, seed=cfg.sample.seed, batch_size=cfg.sample.batch_size,
-                             autocast_dtype=autocast_dtype(cfg.train.precision),
-                             progress=False)
+    images = generate_images(ema, run.m.vae, labels, batch_size=cfg.sample.batch_size, progress=False,
+                             **sampler_settings(cfg))
     path = cfg.run_dir / "samples" / f"step-{run.step:07d}.png"
     save_image_grid(images, path, nrow=min(cfg.model.num_classes, n), upscale=max(1, 96 // images.shape[-1]))
     return path
@@ -314,12 +310,8 @@ def toy_summary(run: Run) -> dict:
     if cfg.eval.num_samples <= 0:
         return summary
     labels = torch.arange(cfg.eval.num_samples) % cfg.model.num_classes
-    images = generate_images(run.m.ema.model, run.m.vae, labels, mode=cfg.sample.mode,
-                             num_steps=cfg.sample.num_steps, cfg_scale=cfg.sample.cfg_scale,
-                             guidance_low=cfg.sample.guidance_low, guidance_high=cfg.sample.guidance_high,
-                             path_type=cfg.flow.path_type, seed=cfg.sample.seed + 1, batch_size=100,
-                             autocast_dtype=autocast_dtype(cfg.train.precision),
-                             progress=False)
+    images = generate_images(run.m.ema.model, run.m.vae, labels, batch_size=100, progress=False,
+                             **sampler_settings(cfg, seed=cfg.sample.seed + 1))
     evaluator = run.toy.evaluator.to(run.device)  # built with the toy world (_toy_setup)
     feats, logits = evaluator_outputs(evaluator, images)
     reference, _ = evaluator_outputs(evaluator, run.toy.heldout_images)
