@@ -191,3 +191,30 @@ def test_ema_known_answers_with_and_without_warmup():
     assert torch.allclose(warm.model.weight, torch.full((1, 2), 0.9))
     assert warm.decay_at(10_000) == 0.99 and warm.decay_at(90) == 91 / 100
 
+
+def test_channels_last_auto_picks_the_measured_layout():
+    from repae.train.setup import uses_channels_last
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = load_config("toy")
+    assert uses_channels_last(auto, cpu) and not uses_channels_last(auto, cuda)
+    assert not uses_channels_last(load_config("toy", overrides=["train.channels_last=false"]), cpu)
+    assert uses_channels_last(load_config("toy", overrides=["train.channels_last=true"]), cuda)
+    _, m = make()  # built on the CPU: NHWC convolutions
+    assert m.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compiled_regions_keep_names_and_outputs():
+    from repae.nn_utils import compile_regions
+
+    torch.manual_seed(0)
+    sit = randomize(SiT(tiny_sit_args(z_dims=[32], num_classes=10)), 0.02).eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    names = list(sit.state_dict())
+    with torch.no_grad():
+        eager = sit(x, t, y).velocity
+        compile_regions(sit)
+        compiled = sit(x, t, y).velocity
+    assert list(sit.state_dict()) == names  # checkpoints load either way
+    assert all(block._compiled_call_impl is not None for block in sit.blocks)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

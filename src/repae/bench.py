@@ -230,9 +230,12 @@ def bench_sample(cfg: RunConfig, device: torch.device, num_samples: Optional[int
     out = {"preset": cfg.preset, "device": str(device), "samples": n, "images_per_s": {}}
     for mode, steps in (("ode", 50), ("sde", 250)):
         for scale in (1.0, guided):
+            # one untimed run first on a GPU, where a first call pays for cuDNN/cuBLAS set-up (an H100
+            # run that timed the first call gave SiT-XL/2 ODE-50 at 11 images/s, ~1/3 of what its FLOPs allow)
             seconds = median_seconds(lambda: generate_images(
                 sit, vae, labels, mode=mode, num_steps=steps, cfg_scale=scale, batch_size=n, progress=False,
-                autocast_dtype=autocast_dtype(cfg.train.precision)), device, iters=1, warmup=0)
+                autocast_dtype=autocast_dtype(cfg.train.precision)), device, iters=1,
+                warmup=int(device.type == "cuda"))
             out["images_per_s"][f"{mode}-{steps} cfg {scale:g}"] = n / seconds
     return out
 

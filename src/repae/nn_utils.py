@@ -37,3 +37,15 @@ def autocast(precision: str, device: torch.device) -> ContextManager:
     """bf16 autocast on `device` for precision 'bf16'; a no-op context for 'fp32'."""
     dtype = autocast_dtype(precision)
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def compile_regions(module: nn.Module) -> None:
+    """torch.compile `module` in place, region by region: each element of a `blocks` list on its
+    own (identical blocks share one compiled graph, so compiling a 28-block SiT costs one block),
+    else the module whole. Parameter names, hence checkpoints, do not change (nn.Module.compile)."""
+    blocks = getattr(module, "blocks", None)
+    if isinstance(blocks, nn.ModuleList):
+        for block in blocks:
+            block.compile()
+    else:
+        module.compile()

@@ -10,6 +10,7 @@ from torch import nn
 from repae.config import OptimConfig, RunConfig
 from repae.losses import VAERegulariser
 from repae.models.sit import SiT
+from repae.nn_utils import compile_regions
 from repae.train.ema import EMA
 from repae.build import uses_repa
 from repae.train.replicas import current_shard, wrap
@@ -25,14 +26,27 @@ def adamw(params: List[nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
+def uses_channels_last(cfg: RunConfig, device: torch.device) -> bool:
+    """train.channels_last, or where unset (null) the measured better layout: NHWC on a CPU, NCHW on a GPU."""
+    return device.type == "cpu" if cfg.train.channels_last is None else cfg.train.channels_last
+
+
 def make_trainables(cfg: RunConfig, sit: SiT, vae: nn.Module, encoders: Sequence[FeatureFn],
                     regulariser: Optional[VAERegulariser]) -> Trainables:
     """Freeze what the run does not train and give each trained set its own optimiser."""
     sit.activation_checkpointing = cfg.train.activation_checkpointing
-    if cfg.train.channels_last:  # the convolution nets only; the SiT's tokens are not images
+    if uses_channels_last(cfg, next(sit.parameters()).device):  # the convolution nets only: tokens are not images
         for module in (vae, regulariser):
             if module is not None:
                 module.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        regions = [sit, getattr(vae, "encoder", vae), getattr(vae, "decoder", None)]
+        regions += [getattr(e, "network", e) for e in encoders]
+        if regulariser is not None:
+            regions += [regulariser.discriminator, regulariser.lpips]
+        for region in regions:
+            if isinstance(region, nn.Module):
+                compile_regions(region)
     sit_params = [p for p in sit.parameters() if p.requires_grad]
     vae.requires_grad_(cfg.train.tune_vae)
     vae_params: List[nn.Parameter] = list(vae.parameters()) if cfg.train.tune_vae else []
