@@ -72,6 +72,8 @@ def test_cli_train_leaves_checkpoint_samples_metrics_and_plot(tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert 0 <= summary["toy"]["sample_class_accuracy"] <= 1
     assert (run / "config.yaml").is_file()
+    err = capsys.readouterr().err  # the toy world was built here: --no-progress covers its bars too
+    assert "toy teacher" not in err and "toy VAE" not in err and "render toy" not in err
 
 
 def test_sample_from_a_training_run(tmp_path):

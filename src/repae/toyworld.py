@@ -43,7 +43,7 @@ def cache_dir_for(spec: ToyWorldConfig, seed: int = 0) -> Path:
     return root / f"toyworld-{VERSION}-{key}"
 
 
-def _pool(path: Path, size: int, seed: int, desc: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def _pool(path: Path, size: int, seed: int, desc: str, progress: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rendered images [N,3,32,32] uint8 and labels [N], cached as .npz."""
     if path.is_file():
         data = np.load(path)
@@ -52,7 +52,7 @@ def _pool(path: Path, size: int, seed: int, desc: str) -> Tuple[torch.Tensor, to
     starts = range(0, size, 500)
     with ProcessPoolExecutor(max_workers=min(len(starts), dist.usable_cores())) as pool:
         jobs = pool.map(toy_arrays, [min(500, size - s) for s in starts], [seed] * len(starts), starts)
-        chunks = list(tqdm(jobs, total=len(starts), desc=desc, unit="x500 img"))
+        chunks = list(tqdm(jobs, total=len(starts), desc=desc, unit="x500 img", disable=not progress))
     images, labels = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, images=images, labels=labels)
@@ -67,12 +67,13 @@ def _batches(images: torch.Tensor, labels: torch.Tensor, batch: int, steps: int,
         yield images[idx], labels[idx]
 
 
-def train_teacher(images, labels, steps: int, batch: int, seed: int = 0, grid: int = 4) -> ToyTeacher:
+def train_teacher(images, labels, steps: int, batch: int, seed: int = 0, grid: int = 4,
+                  progress: bool = True) -> ToyTeacher:
     torch.manual_seed(seed)
     teacher = ToyTeacher(grid=grid)
     opt = torch.optim.AdamW(teacher.parameters(), lr=1e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
-    bar = tqdm(_batches(images, labels, batch, steps, seed), total=steps, desc="toy teacher")
+    bar = tqdm(_batches(images, labels, batch, steps, seed), total=steps, desc="toy teacher", disable=not progress)
     for x, y in bar:
         # flips and 90-degree turns keep every class its class: cheap augmentation
         if torch.rand(()) < 0.5:
@@ -94,12 +95,12 @@ def teacher_accuracy(teacher: ToyTeacher, images, labels) -> float:
     return (preds == labels).float().mean().item()
 
 
-def train_toy_vae(images, steps: int, batch: int, args: VAEArgs, seed: int = 0) -> AutoencoderKL:
+def train_toy_vae(images, steps: int, batch: int, args: VAEArgs, seed: int = 0, progress: bool = True) -> AutoencoderKL:
     torch.manual_seed(seed)
     vae = AutoencoderKL(args).to(memory_format=torch.channels_last)  # as in training: ~9% faster here
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
-    bar = tqdm(_batches(images, images, batch, steps, seed + 1), total=steps, desc="toy VAE")
+    bar = tqdm(_batches(images, images, batch, steps, seed + 1), total=steps, desc="toy VAE", disable=not progress)
     for x, _ in bar:
         x = to_vae_range(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -140,27 +141,29 @@ class ToyWorld:
     evaluator: Optional[ToyTeacher] = None  # set by ensure_toy_evaluator
 
 
-def ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig = ToyWorldConfig(), seed: int = 0) -> ToyWorld:
+def ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig = ToyWorldConfig(), seed: int = 0,
+                     progress: bool = True) -> ToyWorld:
     """Load the toy world from its cache directory, building whatever is missing (with progress bars).
     Under torchrun rank 0 builds first and the other ranks then only read the cache."""
     with dist.main_first():
-        return _ensure_toy_world(vae_args, spec, seed)
+        return _ensure_toy_world(vae_args, spec, seed, progress)
 
 
-def _ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig, seed: int) -> ToyWorld:
+def _ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig, seed: int, progress: bool) -> ToyWorld:
     cache = cache_dir_for(spec, seed)
     cache.mkdir(parents=True, exist_ok=True)
     report_path = cache / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {"spec": asdict(spec)}
-    train_x, train_y = _pool(cache / "train.npz", spec.train_size, seed, "render toy train set")
-    held_x, held_y = _pool(cache / "heldout.npz", spec.heldout_size, seed + 1000, "render toy held-out set")
+    train_x, train_y = _pool(cache / "train.npz", spec.train_size, seed, "render toy train set", progress)
+    held_x, held_y = _pool(cache / "heldout.npz", spec.heldout_size, seed + 1000, "render toy held-out set",
+                           progress)
 
     teacher_path = cache / "teacher.safetensors"
     if teacher_path.is_file():
         teacher = load_strict(ToyTeacher(), read_file(teacher_path), str(teacher_path)).eval().requires_grad_(False)
     else:
         start = time.perf_counter()
-        teacher = train_teacher(train_x, train_y, spec.teacher_steps, spec.batch_size, seed)
+        teacher = train_teacher(train_x, train_y, spec.teacher_steps, spec.batch_size, seed, progress=progress)
         report["teacher_heldout_accuracy"] = teacher_accuracy(teacher, held_x, held_y)
         report["teacher_train_seconds"] = round(time.perf_counter() - start, 1)
         save_weights(teacher, teacher_path)
@@ -170,7 +173,7 @@ def _ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig, seed: int) -> Toy
     vae_path, stats_path = cache / f"vae-{arch}.safetensors", cache / f"vae-{arch}-latent-stats.safetensors"
     if not (vae_path.is_file() and stats_path.is_file()):
         start = time.perf_counter()
-        vae = train_toy_vae(train_x, spec.vae_steps, spec.batch_size, vae_args, seed)
+        vae = train_toy_vae(train_x, spec.vae_steps, spec.batch_size, vae_args, seed, progress)
         report["vae_heldout_psnr_db"] = report[f"vae_{arch}_heldout_psnr_db"] = psnr(vae, held_x)
         report["vae_train_seconds"] = round(time.perf_counter() - start, 1)
         batches = [train_x[i : i + 500] for i in range(0, min(5000, len(train_x)), 500)]
@@ -186,7 +189,8 @@ def _ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig, seed: int) -> Toy
 EVALUATOR_GRID, EVALUATOR_SEED_OFFSET = 8, 17
 
 
-def ensure_toy_evaluator(world: ToyWorld, spec: ToyWorldConfig = ToyWorldConfig(), seed: int = 0) -> ToyTeacher:
+def ensure_toy_evaluator(world: ToyWorld, spec: ToyWorldConfig = ToyWorldConfig(), seed: int = 0,
+                         progress: bool = True) -> ToyTeacher:
     """The toy world's stand-in for Inception (DESIGN.md section 4): a classifier trained on its own,
     whose mean-pooled tokens give "toy FID" and whose argmax scores class-conditional samples.
     Built on first use, cached beside the teacher; held-out accuracy in report.json."""
@@ -197,7 +201,7 @@ def ensure_toy_evaluator(world: ToyWorld, spec: ToyWorldConfig = ToyWorldConfig(
             return world.evaluator.eval().requires_grad_(False)
         start = time.perf_counter()
         evaluator = train_teacher(world.train_images, world.train_labels, spec.teacher_steps, spec.batch_size,
-                                  seed + EVALUATOR_SEED_OFFSET, grid=EVALUATOR_GRID)
+                                  seed + EVALUATOR_SEED_OFFSET, grid=EVALUATOR_GRID, progress=progress)
         world.report["evaluator_heldout_accuracy"] = teacher_accuracy(evaluator, world.heldout_images,
                                                                       world.heldout_labels)
         world.report["evaluator_train_seconds"] = round(time.perf_counter() - start, 1)

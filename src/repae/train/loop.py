@@ -48,13 +48,13 @@ def resolve_device(name: str) -> torch.device:
     return dist.init_from_env(name)
 
 
-def _toy_setup(cfg: RunConfig):
+def _toy_setup(cfg: RunConfig, progress: bool = True):
     """Build/load the toy world and point the config's VAE, stats and encoder at it."""
     from repae.toyworld import ensure_toy_evaluator, ensure_toy_world
 
-    world = ensure_toy_world(vae_args(cfg), cfg.toy)  # under torchrun rank 0 builds, the others read
+    world = ensure_toy_world(vae_args(cfg), cfg.toy, progress=progress)  # under torchrun rank 0 builds, the others read
     if cfg.eval.num_samples > 0:  # it scores the run's samples at the end: built now, not after training
-        ensure_toy_evaluator(world, cfg.toy)
+        ensure_toy_evaluator(world, cfg.toy, progress=progress)
     if not cfg.vae.from_scratch:
         cfg.vae.path = cfg.vae.path or str(world.vae_path)
         cfg.vae.latent_stats_path = cfg.vae.latent_stats_path or str(world.latent_stats_path)
@@ -112,13 +112,13 @@ def _data_source(cfg: RunConfig, toy):
                           world=dist.world_size())
 
 
-def setup_run(cfg: RunConfig) -> Run:
+def setup_run(cfg: RunConfig, progress: bool = True) -> Run:
     device = resolve_device(cfg.train.device)
     if cfg.latents.path:  # the frozen VAE and its statistics default to those the latents came from
         from repae.stage2.latents import resolve_latents
 
         resolve_latents(cfg)
-    toy = _toy_setup(cfg) if cfg.data.source == "toy" else None
+    toy = _toy_setup(cfg, progress) if cfg.data.source == "toy" else None
     data = _data_source(cfg, toy)
     encoders = [e.to(device) for e in _encoders(cfg, toy)]  # early: a missing weight file fails fast
     # seed after the toy world is built or loaded, so initial weights do not depend on which happened
@@ -330,7 +330,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     from repae.train.report import MetricsLog, extra_sinks, plot_losses
 
     start = time.perf_counter()
-    run = setup_run(cfg)
+    run = setup_run(cfg, progress and dist.is_main())
     resumed = try_resume(run)
     main = dist.is_main()  # only rank 0 writes files; every rank trains
     sinks: list = []
