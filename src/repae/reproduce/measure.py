@@ -27,11 +27,12 @@ import numpy as np
 import torch
 
 from repae.evaluate.cknna import sit_encoder_alignment
-from repae.evaluate.latents import measure_latent_structure
+from repae.evaluate.latents import latent_structure
+from repae.evaluate.loading import checkpoint_step
 from repae.evaluate.toy import class_accuracy, evaluator_outputs, toy_fid
 from repae.fileio import write_json_atomic
 from repae.generate import generate_images, sampler_settings, save_image_grid
-from repae.pixels import to_vae_range
+from repae.pixels import from_vae_range, to_vae_range
 
 METRICS_FILE = "reproduce-metrics.json"
 HELDOUT_IMAGES = 1000  # for latent structure, CKNNA and PSNR
@@ -62,16 +63,25 @@ def judges_for(cfg) -> Judges:
 
 
 @torch.no_grad()
-def vae_metrics(vae, judges: Judges) -> Dict[str, float]:
-    """Latent structure and PSNR of a VAE on the held-out images."""
-    from repae.toyworld import psnr
-
+def heldout_latents(vae, judges: Judges) -> torch.Tensor:
+    """Posterior means of the first HELDOUT_IMAGES held-out images: [N,C,h,w] fp32, encoded once
+    for the latent structure, the PSNR and CKNNA."""
     vae.eval()
     held = judges.world.heldout_images[:HELDOUT_IMAGES]
-    structure = measure_latent_structure(vae, (held[i : i + 250] for i in range(0, len(held), 250)))
+    return torch.cat([vae.encode(to_vae_range(held[i : i + 250])).mode().float() for i in range(0, len(held), 250)])
+
+
+@torch.no_grad()
+def vae_metrics(vae, judges: Judges, z: Optional[torch.Tensor] = None) -> Dict[str, float]:
+    """Latent structure and PSNR of a VAE on the held-out images (z: their latents, if already encoded)."""
+    z = heldout_latents(vae, judges) if z is None else z
+    held = judges.world.heldout_images[: len(z)]
+    recon = torch.cat([from_vae_range(vae.decode(z[i : i + 250])).float() for i in range(0, len(z), 250)])
+    mse = (recon - held.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    structure = latent_structure(z)
     return {"latent_spatial_variance": structure["raw/spatial_variance"],
             "latent_total_variation": structure["raw/total_variation"],
-            "vae_psnr_db": psnr(vae, held)}
+            "vae_psnr_db": (10 * torch.log10(255.0**2 / mse)).mean().item()}
 
 
 @torch.no_grad()
@@ -85,13 +95,12 @@ def checkpoint_metrics(ckpt: Path, judges: Judges, num_samples: int, grid_path: 
     if grid_path is not None:
         save_image_grid(images[: 4 * cfg.model.num_classes], grid_path, nrow=cfg.model.num_classes, upscale=2)
     feats, logits = evaluator_outputs(judges.evaluator, images)
-    held = judges.world.heldout_images[:HELDOUT_IMAGES]
-    z = torch.cat([vae.encode(to_vae_range(held[i : i + 250])).mode().float() for i in range(0, len(held), 250)])
-    z = sit.bn.normalize(z) if sit.bn is not None else z
-    alignment = sit_encoder_alignment(sit, z, judges.world.heldout_labels[:HELDOUT_IMAGES], judges.teacher_tokens,
+    z = heldout_latents(vae, judges)
+    z_norm = sit.bn.normalize(z) if sit.bn is not None else z
+    alignment = sit_encoder_alignment(sit, z_norm, judges.world.heldout_labels[: len(z)], judges.teacher_tokens,
                                       t=CKNNA_T, depth=cfg.model.encoder_depth, path_type=cfg.flow.path_type)
     return {"toy_fid": toy_fid(feats, judges.reference_features), "class_accuracy": class_accuracy(logits, labels),
-            "cknna": alignment, **vae_metrics(vae, judges), "num_samples": num_samples}
+            "cknna": alignment, **vae_metrics(vae, judges, z), "num_samples": num_samples}
 
 
 def measure_run(run_dir: Path, num_samples: int, judges: Optional[Judges] = None) -> Dict[str, dict]:
@@ -103,7 +112,7 @@ def measure_run(run_dir: Path, num_samples: int, judges: Optional[Judges] = None
     done: Dict[str, dict] = json.loads(out.read_text()) if out.is_file() else {}
     ckpts = sorted(p for p in checkpoint_dir(run_dir).glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
     for ckpt in ckpts:
-        step = str(int(ckpt.name.split("-")[1]))
+        step = str(checkpoint_step(ckpt))
         if step in done and done[step].get("num_samples") == num_samples:
             continue
         if judges is None:
