@@ -338,8 +338,13 @@ def _toy() -> RunConfig:
     # while without it REPA-E raised the PSNR to 24.2 dB in 600 steps
     cfg.loss.gan_weight = 0.0
     # a 5M-parameter SiT learns far faster at 1e-3 than at the paper's 1e-4 (batch 64, 600 steps:
-    # teacher accuracy of samples 19.5% vs 13% at 5e-4 and 400 steps)
-    cfg.optim_sit.lr = 1e-3
+    # teacher accuracy of samples 19.5% vs 13% at 5e-4 and 400 steps), and faster still at 2e-3 with
+    # lognormal t (for the linear path t = sigmoid(N(0,1)): the mid-range t where shapes form come
+    # up more often). Measured at 1200 steps, toy-evaluator accuracy of 300 samples / toy FID:
+    # uniform, 1e-3: 39.3% / 17.1; lognormal, 1e-3: 40.7% / 14.3; lognormal, 2e-3: 49.0% / 13.3
+    # (one seed each). The paper presets keep its uniform t.
+    cfg.optim_sit.lr = 2e-3
+    cfg.flow.time_sampling = "lognormal"
     cfg.train = TrainConfig(
         # ~150 images/s on 2 cores (SiT-T/2: 16 tokens): 1200 steps and the toy world's build fit
         # 15 minutes. Measured at 1200 steps: a 2x wider/deeper SiT (hidden 256, depth 8) did not score
