@@ -215,8 +215,10 @@ def test_cached_latents_train_like_images_through_the_same_frozen_vae(world):
 
 def test_diffusion_loss_falls_on_cached_latents(world):
     # vanilla SiT (no teacher grid to match), so patch 1: 64 tokens learn the tiny model's latents
-    # within 100 steps, where patch 2's 16 tokens at hidden 48 need far more
+    # within 100 steps, where patch 2's 16 tokens at hidden 48 need far more. Uniform t, as the
+    # 10% threshold was set with: under the toy preset's lognormal t it fell 9% (1.986 -> 1.810)
     cfg = _ldm(world, "exp_name=vanilla", "loss.proj_coeff=0", "train.global_batch_size=16", "train.max_steps=100",
+               "flow.time_sampling=uniform",
                "optim_sit.lr=3e-3", "train.log_every=20", "train.ckpt_every=1000", "train.precision=fp32", "model.arch=SiT-T/1")
     train(cfg, progress=False)
     records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
