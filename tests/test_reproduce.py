@@ -124,3 +124,41 @@ def test_generation_verdicts_are_inconclusive_when_no_arm_beats_chance(tmp_path)
     for claim in "bcde":
         assert "inconclusive at this budget" in rows[f"| ({claim})"], claim
     assert "below 2x chance" in text
+
+
+def test_a_stopped_reproduction_keeps_its_training_and_wall_time(tmp_path, monkeypatch):
+    # a crash or Ctrl-C mid-way used to lose the finished runs' training time and the invocation
+    # itself from results.json: the next invocation's report under-counted both
+    import sys
+    import types
+
+    from repae.reproduce import runner as rr
+
+    world = types.SimpleNamespace(vae_path=None, report={})
+    monkeypatch.setattr(rr, "judges_for", lambda cfg: types.SimpleNamespace(world=world))
+    monkeypatch.setattr(rr, "vae_metrics", lambda vae, judges: {})
+    monkeypatch.setattr(rr, "measure_run", lambda run_dir, samples, judges: {})
+    monkeypatch.setattr("repae.weights.load_model", lambda path: None)
+    monkeypatch.setattr(rr, "train_command", lambda arm, *a: [sys.executable, "-c", "import time; time.sleep(0.2)"])
+    plan = rr.Plan(steps=2, eval_every=1, seeds=[0], samples=1, jobs=1)
+    first = {"command": "repae bench reproduce", "commit": "abc", "machine": "here"}
+    real_run = rr._Runner.run
+
+    def stop_at_the_second_arm(self, arm, seed, wait_for):
+        if self.runs:
+            raise KeyboardInterrupt
+        return real_run(self, arm, seed, wait_for)
+
+    monkeypatch.setattr(rr._Runner, "run", stop_at_the_second_arm)
+    with pytest.raises(KeyboardInterrupt):
+        rr.run_reproduction(tmp_path, plan, invocation=first)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["partial"] and list(saved["runs"]) == ["repae-s0"] and saved["runs"]["repae-s0"]["train_seconds"] >= 0.2
+    assert saved["invocations"][0]["interrupted"] and saved["invocations"][0]["wall_seconds"] >= 0.2
+
+    monkeypatch.setattr(rr._Runner, "run", real_run)
+    results = rr.run_reproduction(tmp_path, plan, invocation={**first, "commit": "def"})
+    assert [x["commit"] for x in results["invocations"]] == ["abc", "def"] and "partial" not in results
+    assert not results["invocations"][1].get("interrupted")
+    assert results["runs"]["repae-s0"]["train_seconds"] >= 0.4  # both invocations' training counted
+    assert json.loads((tmp_path / "results.json").read_text())["invocations"] == results["invocations"]

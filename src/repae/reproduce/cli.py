@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-from repae.fileio import write_json_atomic
 from repae.reproduce.measure import CKNNA_T, HELDOUT_IMAGES
 from repae.reproduce.report import write_report
 from repae.reproduce.runner import FULL, QUICK, run_reproduction
@@ -74,15 +72,11 @@ def run_reproduce(args: argparse.Namespace) -> int:
         print(f"repae bench reproduce: error: --steps {plan.steps} is not a multiple of --eval-every {plan.eval_every}")
         return 2
     out = Path(args.dir or ("runs/reproduce-quick" if args.quick else "runs/reproduce"))
-    previous = out / "results.json"
-    earlier = json.loads(previous.read_text()).get("invocations", []) if previous.is_file() else []
     context = {"command": "repae " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "commit": _commit(),
                "machine": _machine(), "method_note": METHOD_NOTE}
-    results = run_reproduction(out, plan, args.preset, args.overrides, args.config)
     # a resumed reproduction spans several invocations (and maybe commits): the report names them all
-    results["invocations"] = earlier + [{k: context[k] for k in ("command", "commit", "machine")}
-                                        | {"wall_seconds": results["wall_seconds"]}]
-    write_json_atomic(out / "results.json", results)
+    results = run_reproduction(out, plan, args.preset, args.overrides, args.config,
+                               invocation={k: context[k] for k in ("command", "commit", "machine")})
     report = write_report(results, out, Path(args.report) if args.report else out / "REPRODUCTION.md", context)
     print(f"wrote {report} ({results['wall_seconds'] / 60:.1f} min)")
     return 0

@@ -240,7 +240,8 @@ def _invocation_lines(r: dict, context: dict) -> List[str]:
                 f"- wall time: {one['wall_seconds'] / 60:.1f} min"]
     total = sum(x["wall_seconds"] for x in runs)
     lines = [f"- wall time: {total / 60:.1f} min over {len(runs)} invocations (a re-run resumes):"]
-    lines += [f"  - `{x['command']}` at `{x['commit']}` on {x['machine']}: {x['wall_seconds'] / 60:.1f} min" for x in runs]
+    lines += [f"  - `{x['command']}` at `{x['commit']}` on {x['machine']}: {x['wall_seconds'] / 60:.1f} min"
+              + (" (stopped before the end)" if x.get("interrupted") else "") for x in runs]
     return lines
 
 

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from repae import dist
 from repae.config import ConfigError, RunConfig, load_config
@@ -64,7 +64,7 @@ def train_command(arm: Arm, seed: int, plan: Plan, preset: str, overrides: Seque
 
 class _Runner:
     def __init__(self, plan: Plan, preset: str, overrides: Sequence[str], config_files: Sequence[str], out: Path,
-                 threads: int, earlier_runs: Dict[str, dict]):
+                 threads: int, earlier_runs: Dict[str, dict], on_record: Callable[[], None] = lambda: None):
         self.plan, self.preset, self.overrides, self.config_files, self.out = plan, preset, list(overrides), config_files, out
         self.env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         self.lock = threading.Lock()
@@ -72,6 +72,7 @@ class _Runner:
         self.earlier = earlier_runs  # records of earlier invocations: training time adds up over resumes
         self.children: set = set()
         self.stopping = False
+        self.on_record = on_record  # called (under the lock) after each finished run
 
     def stop(self) -> None:
         """Ctrl-C or a failure: no new run starts, running ones are terminated."""
@@ -127,6 +128,7 @@ class _Runner:
         self._log(f"done {name} ({record['train_seconds']:.0f} s training)")
         with self.lock:
             self.runs[name] = record
+            self.on_record()
         return record
 
 
@@ -136,8 +138,12 @@ def _last_line(log: Path) -> str:
 
 
 def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequence[str] = (),
-                     config_files: Sequence[str] = ()) -> dict:
-    """Train and measure every arm x seed; returns (and writes to OUT/results.json) the results."""
+                     config_files: Sequence[str] = (), invocation: Optional[dict] = None) -> dict:
+    """Train and measure every arm x seed; returns (and writes to OUT/results.json) the results.
+
+    `invocation` (command, commit, machine) is appended to the invocations that results.json lists.
+    After each finished run results.json is rewritten as partial, so an invocation that stops
+    (Ctrl-C, a crash) still counts its training time and wall time in the next one's report."""
     from repae.weights import load_model
 
     start = time.perf_counter()
@@ -150,8 +156,17 @@ def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequ
     judges = judges_for(base)  # builds the toy world and evaluator once, with every core
     initial = vae_metrics(load_model(judges.world.vae_path), judges)
     threads = max(1, dist.usable_cores() // plan.jobs)
-    earlier = json.loads((out / "results.json").read_text())["runs"] if (out / "results.json").is_file() else {}
-    runner = _Runner(plan, preset, overrides, config_files, out, threads, earlier)
+    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+    earlier, invocations = previous.get("runs", {}), previous.get("invocations", [])
+
+    def this_invocation(**extra) -> list:
+        return [{**invocation, "wall_seconds": round(time.perf_counter() - start, 1), **extra}] if invocation else []
+
+    def save_progress() -> None:
+        write_json_atomic(out / "results.json", {**previous, "partial": True, "runs": {**earlier, **runner.runs},
+                                                 "invocations": invocations + this_invocation(interrupted=True)})
+
+    runner = _Runner(plan, preset, overrides, config_files, out, threads, earlier, save_progress)
     futures: Dict[str, Future] = {}
     pool = ThreadPoolExecutor(max_workers=plan.jobs)
     try:
@@ -172,7 +187,7 @@ def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequ
         "plan": asdict(plan), "preset": preset, "overrides": list(overrides), "num_classes": base.model.num_classes,
         "arms": [asdict(a) for a in arms], "initial_vae": initial, "toy_world": judges.world.report,
         "runs": runner.runs, "metrics": metrics, "threads_per_run": threads,
-        "wall_seconds": round(time.perf_counter() - start, 1),
+        "wall_seconds": round(time.perf_counter() - start, 1), "invocations": invocations + this_invocation(),
     }
     write_json_atomic(out / "results.json", results)
     return results
