@@ -156,9 +156,21 @@ def test_a_stopped_reproduction_keeps_its_training_and_wall_time(tmp_path, monke
     assert saved["partial"] and list(saved["runs"]) == ["repae-s0"] and saved["runs"]["repae-s0"]["train_seconds"] >= 0.2
     assert saved["invocations"][0]["interrupted"] and saved["invocations"][0]["wall_seconds"] >= 0.2
 
+    # a measurement that fails (as in a broken environment) stops the plan but keeps the training
+    (tmp_path / "runs" / "repa-s0" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "repa-s0" / "checkpoints" / "latest").write_text("step-0000002")
     monkeypatch.setattr(rr._Runner, "run", real_run)
+    real_call = rr._Runner._call
+    monkeypatch.setattr(rr._Runner, "_call", lambda self, cmd, log: 1 if "repae.reproduce.measure" in cmd
+                        else real_call(self, cmd, log))
+    with pytest.raises(RuntimeError, match="measuring"):
+        rr.run_reproduction(tmp_path, plan, invocation={**first, "commit": "abd"})
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["runs"]["repa-s0"]["train_seconds"] >= 0.2 and len(saved["invocations"]) == 2
+    (tmp_path / "runs" / "repa-s0" / "checkpoints" / "latest").unlink()
+    monkeypatch.setattr(rr._Runner, "_call", real_call)
     results = rr.run_reproduction(tmp_path, plan, invocation={**first, "commit": "def"})
-    assert [x["commit"] for x in results["invocations"]] == ["abc", "def"] and "partial" not in results
-    assert not results["invocations"][1].get("interrupted")
-    assert results["runs"]["repae-s0"]["train_seconds"] >= 0.4  # both invocations' training counted
+    assert [x["commit"] for x in results["invocations"]] == ["abc", "abd", "def"] and "partial" not in results
+    assert results["invocations"][1]["interrupted"] and not results["invocations"][2].get("interrupted")
+    assert results["runs"]["repae-s0"]["train_seconds"] >= 0.6  # every invocation's training counted
     assert json.loads((tmp_path / "results.json").read_text())["invocations"] == results["invocations"]

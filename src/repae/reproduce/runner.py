@@ -116,6 +116,9 @@ class _Runner:
         if code != 0:  # e.g. the no-stop-grad arm aborting on non-finite losses: a result, not a crash
             record["failed"] = _last_line(log)
             self._log(f"{name} stopped with exit code {code}: {record['failed']}")
+        with self.lock:  # the training is recorded before measuring: a failed measurement keeps it
+            self.runs[name] = record
+            self.on_record()
         if (run_dir / "checkpoints" / "latest").is_file():
             if arm.name == "repae":  # its tuned VAE is stage 2's frozen VAE
                 from repae.stage2.export import export_vae
@@ -126,9 +129,6 @@ class _Runner:
             if self._call(measure, log) != 0:
                 raise RuntimeError(f"measuring {run_dir} failed; see {log}")
         self._log(f"done {name} ({record['train_seconds']:.0f} s training)")
-        with self.lock:
-            self.runs[name] = record
-            self.on_record()
         return record
 
 
@@ -179,6 +179,8 @@ def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequ
     except BaseException:  # Ctrl-C or a failed measurement: stop everything now, keep what is done
         runner.stop()
         pool.shutdown(wait=True, cancel_futures=True)
+        with runner.lock:
+            save_progress()  # this invocation's wall time up to the stop
         raise
     pool.shutdown()
     metrics = {arm.name: {str(seed): measure_run(out / "runs" / run_name(arm, seed), plan.samples, judges)

@@ -40,6 +40,11 @@ def make_trainables(cfg: RunConfig, sit: SiT, vae: nn.Module, encoders: Sequence
             if module is not None:
                 module.to(memory_format=torch.channels_last)
     if cfg.train.compile:
+        # every region compiles Module._call_impl, and each sees several variants (training, the
+        # frozen alignment pass, no-grad sampling): dynamo's default of 8 recompiles per code object
+        # would silently fall back to eager (the reference implementation raises it to 64 too)
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
         regions = [sit, getattr(vae, "encoder", vae), getattr(vae, "decoder", None)]
         regions += [getattr(e, "network", e) for e in encoders]
         if regulariser is not None:
