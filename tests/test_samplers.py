@@ -113,3 +113,19 @@ def test_sde_sample_does_not_depend_on_its_batch():
     torch.testing.assert_close(whole, parts, rtol=0, atol=1e-12)
     other = euler_maruyama(model, noise, y, num_steps=20, generator=gens(range(10, 14)))
     assert not torch.allclose(whole, other)
+
+
+def test_generate_images_builds_no_autograd_graph_inside_training():
+    # the training loop samples grids with grad enabled: the VAE decode must not record a graph
+    from conftest import tiny_sit_args, tiny_vae_args
+    from repae.generate import generate_images
+    from repae.models.sit import SiT
+    from repae.models.vae import AutoencoderKL
+
+    torch.manual_seed(0)
+    sit, vae = SiT(tiny_sit_args(num_classes=10)), AutoencoderKL(tiny_vae_args())
+    seen = []
+    vae.decoder.register_forward_hook(lambda mod, args, out: seen.append(out.requires_grad))
+    with torch.enable_grad():
+        images = generate_images(sit, vae, torch.tensor([0, 1]), num_steps=2, batch_size=2, progress=False)
+    assert images.dtype == torch.uint8 and seen == [False]

@@ -38,7 +38,6 @@ def sample_noise(indices: Sequence[int], shape: Sequence[int], seed: int) -> tor
     return torch.stack(rows)
 
 
-@torch.no_grad()
 def sampler_settings(cfg, seed: Optional[int] = None) -> dict:
     """generate_images/generate_npz keyword arguments from a run config's sampler, flow and
     precision settings (seed: cfg.sample.seed unless given)."""
@@ -50,6 +49,7 @@ def sampler_settings(cfg, seed: Optional[int] = None) -> dict:
                 seed=s.seed if seed is None else seed, autocast_dtype=autocast_dtype(cfg.train.precision))
 
 
+@torch.no_grad()
 def generate_images(
     sit: SiT,
     vae: AutoencoderKL,
