@@ -32,7 +32,7 @@ from repae.evaluate.loading import checkpoint_step
 from repae.evaluate.toy import class_accuracy, evaluator_outputs, toy_fid
 from repae.fileio import write_json_atomic
 from repae.generate import generate_images, sampler_settings, save_image_grid
-from repae.pixels import from_vae_range, to_vae_range
+from repae.pixels import to_vae_range
 
 METRICS_FILE = "reproduce-metrics.json"
 HELDOUT_IMAGES = 1000  # for latent structure, CKNNA and PSNR
@@ -74,14 +74,13 @@ def heldout_latents(vae, judges: Judges) -> torch.Tensor:
 @torch.no_grad()
 def vae_metrics(vae, judges: Judges, z: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """Latent structure and PSNR of a VAE on the held-out images (z: their latents, if already encoded)."""
+    from repae.toyworld import psnr
+
     z = heldout_latents(vae, judges) if z is None else z
-    held = judges.world.heldout_images[: len(z)]
-    recon = torch.cat([from_vae_range(vae.decode(z[i : i + 250])).float() for i in range(0, len(z), 250)])
-    mse = (recon - held.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
     structure = latent_structure(z)
     return {"latent_spatial_variance": structure["raw/spatial_variance"],
             "latent_total_variation": structure["raw/total_variation"],
-            "vae_psnr_db": (10 * torch.log10(255.0**2 / mse)).mean().item()}
+            "vae_psnr_db": psnr(vae, judges.world.heldout_images[: len(z)], z)}
 
 
 @torch.no_grad()

@@ -72,7 +72,7 @@ class _Runner:
         self.earlier = earlier_runs  # records of earlier invocations: training time adds up over resumes
         self.children: set = set()
         self.stopping = False
-        self.on_record = on_record  # called (under the lock) after each finished run
+        self.on_record = on_record  # called (under the lock) after each run's training
 
     def stop(self) -> None:
         """Ctrl-C or a failure: no new run starts, running ones are terminated."""
