@@ -67,7 +67,7 @@ class GroupNorm(nn.GroupNorm):
     Autocast runs group_norm in fp32: it saves an fp32 copy of the bf16 conv output for backward
     and hands the following SiLU an fp32 tensor to save too, 10 bytes per element for each
     norm-SiLU-conv with the conv's bf16 input, against 6 this way. The VAE's activations are the
-    largest memory of the REPA-E step (f8d4 at 256 px: ~1.25 GB per image before this change), and
+    largest memory of the REPA-E step (f8d4 at 256 px: ~1.25 GB per image even all in bf16), and
     PyTorch's bf16 group_norm kernels accumulate the statistics in fp32 anyway."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
