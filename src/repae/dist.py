@@ -57,13 +57,15 @@ def local_rank() -> int:
 def init_from_env(device_name: str = "auto") -> torch.device:
     """Join the process group torchrun describes (WORLD_SIZE > 1) and pick this rank's device.
 
-    NCCL on CUDA, gloo on CPU. In a single process nothing is initialised and the device is
+    NCCL for CUDA tensors, gloo for CPU tensors. In a single process nothing is initialised and the device is
     `device_name` (auto: cuda if available)."""
     import os
 
     want_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
-        torch_dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+        # CUDA runs still all-reduce a few CPU tensors (log means, counts of bad images): gloo
+        # carries those, NCCL the CUDA ones (NCCL alone rejects CPU tensors)
+        torch_dist.init_process_group(backend="cpu:gloo,cuda:nccl" if want_cuda else "gloo")
     if want_cuda:
         named = torch.device(device_name) if device_name.startswith("cuda") else torch.device("cuda")
         device = torch.device("cuda", local_rank() if is_distributed() else (named.index or 0))

@@ -215,7 +215,7 @@ def repae_step(m: Trainables, batches: Sequence[Tuple[torch.Tensor, torch.Tensor
     nonfinite = (~torch.isfinite(torch.stack([v.float() for v in logs.values()]))).any().float().reshape(1)
     if dist.all_reduce_sum(nonfinite).item() > 0:
         _zero(m.sit_opt, m.vae_opt, m.disc_opt)
-        return {**logs, "skipped": torch.ones(())}
+        return {**logs, "skipped": torch.ones((), device=nonfinite.device)}
 
     if m.vae_opt is not None:                                                              # VAE update
         logs["grad_norm_vae"] = _clip_and_step(m.vae_opt, m.vae_params, cfg.optim_vae.max_grad_norm)
@@ -232,5 +232,5 @@ def repae_step(m: Trainables, batches: Sequence[Tuple[torch.Tensor, torch.Tensor
         logs["grad_norm_disc"] = _clip_and_step(m.disc_opt, list(reg.discriminator.parameters()),
                                                 cfg.optim_disc.max_grad_norm)
     m.ema.update(m.sit, step)                                                             # EMA of SiT + BN
-    logs["skipped"] = torch.zeros(())
+    logs["skipped"] = torch.zeros((), device=nonfinite.device)  # beside the losses: the loop stacks them
     return logs
