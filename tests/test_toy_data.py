@@ -38,3 +38,22 @@ def test_out_of_range_index_raises():
     except IndexError:
         return
     raise AssertionError("index 5 of a 5-image dataset must raise IndexError")
+
+
+def test_bars_are_tilted_within_the_limit_and_by_varying_angles():
+    # the bar (3:1) gives its tilt away: the principal axis of its pixels. Foreground = pixels far
+    # from the corner colour (the same mask as above); image y grows downwards, hence the minus.
+    from repae.data.toy import MAX_TILT_DEG
+
+    x, y = toy_tensor(400)
+    bars = x[y == CLASSES.index("bar")].float()
+    corner = bars[:, :, :2, :2].mean(dim=(2, 3), keepdim=True)
+    angles = []
+    for fg in (bars - corner).abs().sum(1) > 120:
+        rows, cols = torch.nonzero(fg, as_tuple=True)
+        u, v = cols.float() - cols.float().mean(), -(rows.float() - rows.float().mean())
+        angle = 0.5 * torch.atan2(2 * (u * v).mean(), (u * u).mean() - (v * v).mean())
+        angles.append(float(torch.rad2deg(angle)))
+    angles = torch.tensor(angles)
+    assert angles.abs().max() < MAX_TILT_DEG + 4  # anti-aliased edges: a few degrees of slack
+    assert angles.std() > MAX_TILT_DEG / 3  # uniform in +-20 degrees has std 11.5
