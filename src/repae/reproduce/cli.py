@@ -59,7 +59,8 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {usable_cores()} usable cores, torch {torch.__version__}"
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{model}, {usable_cores()} usable cores{gpu}, torch {torch.__version__}"
 
 
 def run_reproduce(args: argparse.Namespace) -> int:

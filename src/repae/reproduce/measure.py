@@ -55,20 +55,27 @@ def judges_for(cfg) -> Judges:
     from repae.toyworld import ensure_toy_evaluator, ensure_toy_world
 
     world = ensure_toy_world(vae_args(cfg), cfg.toy, seed=0)
-    evaluator = ensure_toy_evaluator(world, cfg.toy)
+    evaluator = ensure_toy_evaluator(world, cfg.toy).to(measuring_device())
     reference, _ = evaluator_outputs(evaluator, world.heldout_images)
     with torch.no_grad():
         tokens = world.teacher(world.heldout_images[:HELDOUT_IMAGES]).float()
     return Judges(world, evaluator, reference, tokens)
 
 
+def measuring_device() -> torch.device:
+    """A GPU when there is one: sampling 500 images per checkpoint is most of a measurement."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @torch.no_grad()
 def heldout_latents(vae, judges: Judges) -> torch.Tensor:
-    """Posterior means of the first HELDOUT_IMAGES held-out images: [N,C,h,w] fp32, encoded once
-    for the latent structure, the PSNR and CKNNA."""
+    """Posterior means of the first HELDOUT_IMAGES held-out images: [N,C,h,w] fp32 on the CPU,
+    encoded once (on the VAE's device) for the latent structure, the PSNR and CKNNA."""
     vae.eval()
+    device = next(vae.parameters()).device
     held = judges.world.heldout_images[:HELDOUT_IMAGES]
-    return torch.cat([vae.encode(to_vae_range(held[i : i + 250])).mode().float() for i in range(0, len(held), 250)])
+    return torch.cat([vae.encode(to_vae_range(held[i : i + 250].to(device))).mode().float().cpu()
+                      for i in range(0, len(held), 250)])
 
 
 @torch.no_grad()
@@ -88,6 +95,8 @@ def checkpoint_metrics(ckpt: Path, judges: Judges, num_samples: int, grid_path: 
     from repae.train.checkpoint import load_for_sampling
 
     cfg, sit, vae = load_for_sampling(ckpt)
+    device = measuring_device()
+    sit, vae = sit.to(device), vae.to(device)
     labels = torch.arange(num_samples) % cfg.model.num_classes
     images = generate_images(sit, vae, labels, batch_size=125, progress=False,
                              **sampler_settings(cfg, seed=cfg.sample.seed + 1))
@@ -95,7 +104,7 @@ def checkpoint_metrics(ckpt: Path, judges: Judges, num_samples: int, grid_path: 
         save_image_grid(images[: 4 * cfg.model.num_classes], grid_path, nrow=cfg.model.num_classes, upscale=2)
     feats, logits = evaluator_outputs(judges.evaluator, images)
     z = heldout_latents(vae, judges)
-    z_norm = sit.bn.normalize(z) if sit.bn is not None else z
+    z_norm = sit.bn.normalize(z.to(device)).cpu() if sit.bn is not None else z
     alignment = sit_encoder_alignment(sit, z_norm, judges.world.heldout_labels[: len(z)], judges.teacher_tokens,
                                       t=CKNNA_T, depth=cfg.model.encoder_depth, path_type=cfg.flow.path_type)
     return {"toy_fid": toy_fid(feats, judges.reference_features), "class_accuracy": class_accuracy(logits, labels),
