@@ -88,3 +88,12 @@ def test_resume_under_two_processes_continues_exactly(tmp_path):
     for name in a:
         for key in a[name]:
             assert torch.equal(a[name][key], b[name][key]), f"{name}.{key}"
+
+
+def test_device_named_resolves_auto_and_keeps_explicit_names_without_a_process_group():
+    from repae import dist
+
+    assert dist.device_named("cpu") == torch.device("cpu")
+    assert dist.device_named("cuda:1") == torch.device("cuda", 1)  # named, not checked for existence
+    assert dist.device_named("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert dist.device_named() == dist.device_named("auto") and not dist.is_distributed()

@@ -54,11 +54,19 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def device_named(name: str = "auto") -> torch.device:
+    """The device `name` names, for work in this process alone (no process group): auto is the
+    current GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def init_from_env(device_name: str = "auto") -> torch.device:
     """Join the process group torchrun describes (WORLD_SIZE > 1) and pick this rank's device.
 
-    NCCL for CUDA tensors, gloo for CPU tensors. In a single process nothing is initialised and the device is
-    `device_name` (auto: cuda if available)."""
+    NCCL for CUDA tensors, gloo for CPU tensors. In a single process nothing is initialised and the
+    device is `device_name` (auto: cuda if available)."""
     import os
 
     want_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())

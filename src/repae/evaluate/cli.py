@@ -50,15 +50,9 @@ def load_inception(path: Optional[str], device):
 
 def _device(name: str, distributed: bool):
     """Join torchrun's process group (distributed commands) and pick this rank's device."""
-    import torch
-
     from repae import dist
 
-    if distributed:
-        return dist.init_from_env(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return dist.init_from_env(name) if distributed else dist.device_named(name)
 
 
 def _skipped(source) -> Dict[str, object]:

@@ -26,6 +26,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from repae.dist import device_named
 from repae.evaluate.cknna import sit_encoder_alignment
 from repae.evaluate.latents import latent_structure
 from repae.evaluate.loading import checkpoint_step
@@ -55,16 +56,11 @@ def judges_for(cfg) -> Judges:
     from repae.toyworld import ensure_toy_evaluator, ensure_toy_world
 
     world = ensure_toy_world(vae_args(cfg), cfg.toy, seed=0)
-    evaluator = ensure_toy_evaluator(world, cfg.toy).to(measuring_device())
+    evaluator = ensure_toy_evaluator(world, cfg.toy).to(device_named(cfg.train.device))
     reference, _ = evaluator_outputs(evaluator, world.heldout_images)
     with torch.no_grad():
         tokens = world.teacher(world.heldout_images[:HELDOUT_IMAGES]).float()
     return Judges(world, evaluator, reference, tokens)
-
-
-def measuring_device() -> torch.device:
-    """A GPU when there is one: sampling 500 images per checkpoint is most of a measurement."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @torch.no_grad()
@@ -95,7 +91,7 @@ def checkpoint_metrics(ckpt: Path, judges: Judges, num_samples: int, grid_path: 
     from repae.train.checkpoint import load_for_sampling
 
     cfg, sit, vae = load_for_sampling(ckpt)
-    device = measuring_device()
+    device = device_named(cfg.train.device)  # as the run trained: sampling is most of a measurement
     sit, vae = sit.to(device), vae.to(device)
     labels = torch.arange(num_samples) % cfg.model.num_classes
     images = generate_images(sit, vae, labels, batch_size=125, progress=False,
