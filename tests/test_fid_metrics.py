@@ -12,7 +12,7 @@ from repae.evaluate.fid import (
     InceptionScoreAccumulator, NpzImages, Reference, compute_fid_family, inception_score, load_reference,
 )
 from repae.evaluate.manifold import precision_recall, squared_distances
-from repae.evaluate.stats import FeatureStats, frechet_distance, load_stats, save_stats
+from repae.evaluate.stats import FeatureStats, frechet_distance, frechet_distance_to_features, load_stats, save_stats
 from repae.models.inception import InceptionOutput
 
 # ----------------------------------------------------------------------------- brute force (test-side)
@@ -100,6 +100,30 @@ def test_frechet_singular_covariances_stay_finite():
 
 
 # ----------------------------------------------------------------------------- streaming statistics
+
+
+@pytest.mark.parametrize("n", [5, 40, 64, 200])  # fewer samples than dimensions (the low-rank path), equal, more
+def test_frechet_distance_from_features_equals_the_matrix_square_root_formulas(n):
+    rng = np.random.default_rng(n)
+    d = 64
+    feats = rng.normal(size=(n, d)) * rng.uniform(0.5, 2.0, size=d) + 0.3
+    ref = rng.normal(size=(300, d)) @ rng.normal(size=(d, d)) / 8
+    mu2, sigma2 = ref.mean(0), np.cov(ref, rowvar=False)
+    mu1, sigma1 = feats.mean(0), np.cov(feats, rowvar=False)
+    # Tr sqrt(sigma1 sigma2) from the symmetric sigma1^1/2 sigma2 sigma1^1/2 (same eigenvalues)
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ sigma2 @ root1), 0, None)).sum()
+    exact = (mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt
+    got = frechet_distance_to_features(feats, mu2, sigma2)
+    # sqrt of round-off-sized eigenvalues (rank-deficient sigma1) costs each route ~1e-8 relative
+    assert got == pytest.approx(exact, rel=1e-7)
+    assert got == pytest.approx(frechet_distance(mu1, sigma1, mu2, sigma2), rel=1e-7)  # ADM's sqrtm formula
+    # the same set against its own statistics: zero
+    own = feats.mean(0), np.cov(feats, rowvar=False)
+    assert abs(frechet_distance_to_features(feats, *own)) < 1e-7 * np.trace(own[1])  # scipy sqrtm: 1e-7 at n=5
+    with pytest.raises(ValueError, match="at least 2"):
+        frechet_distance_to_features(feats[:1], mu2, sigma2)
 
 
 def test_streaming_stats_equal_numpy_in_uneven_batches():

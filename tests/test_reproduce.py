@@ -14,7 +14,7 @@ from test_train_loop import TINY
 def _results(fid, sv=None, cknna=None, failed=(), reason="FloatingPointError: 10 non-finite steps in a row"):
     """A results dict with one seed and two measured steps per arm: fid[arm] = (step 1, step 2)."""
     sv, cknna = sv or {}, cknna or {}
-    metrics = {arm: {"0": {str(step): {"toy_fid": values[step - 1], "class_accuracy": 0.5,
+    metrics = {arm: {"0": {str(step): {"fid": values[step - 1], "class_accuracy": 0.5,
                                         "latent_spatial_variance": sv.get(arm, 1.0), "latent_total_variation": sv.get(arm, 1.0) * 10,
                                         "cknna": cknna.get(arm, (0.1, 0.1))[step - 1], "vae_psnr_db": 20.0}
                            for step in (1, 2)}}
@@ -64,8 +64,8 @@ def test_an_arm_without_measurements_is_not_measured_rather_than_refuted():
 
 def test_reach_step_and_mean_over_seeds():
     r = _results({"repae": (30, 10), "repa": (40, 20)})
-    r["metrics"]["repae"]["1"] = {"1": {"toy_fid": 10.0}, "2": {"toy_fid": 14.0}}
-    assert rep.final(r, "repae", "toy_fid") == [10.0, 14.0]
+    r["metrics"]["repae"]["1"] = {"1": {"fid": 10.0}, "2": {"fid": 14.0}}
+    assert rep.final(r, "repae", "fid") == [10.0, 14.0]
     assert rep.fmt([10.0, 14.0]) == "12 ± 2.8"
     assert rep.steps_to_reach(r, "repae", 20.0) == 1  # mean of (30, 10) at step 1 is 20
 
@@ -116,7 +116,7 @@ def test_generation_verdicts_are_inconclusive_when_no_arm_beats_chance(tmp_path)
         for m in per_seed["0"].values():
             m["class_accuracy"] = 0.1
     r.update(arms=[{"name": a, "label": a} for a in r["metrics"]], plan={"seeds": [0], "jobs": 1, "steps": 2,
-             "eval_every": 1, "samples": 10}, threads_per_run=1, wall_seconds=60.0, toy_world={}, num_classes=10)
+             "eval_every": 1, "samples": 10}, threads_per_run=1, wall_seconds=60.0, judges={"kind": "toy"}, num_classes=10)
     context = {"command": "repae bench reproduce", "commit": "abc", "machine": "m", "method_note": ""}
     text = rep.write_report(r, tmp_path, tmp_path / "R.md", context).read_text()
     rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| (")}
@@ -134,11 +134,10 @@ def test_a_stopped_reproduction_keeps_its_training_and_wall_time(tmp_path, monke
 
     from repae.reproduce import runner as rr
 
-    world = types.SimpleNamespace(vae_path=None, report={})
-    monkeypatch.setattr(rr, "judges_for", lambda cfg: types.SimpleNamespace(world=world))
+    monkeypatch.setattr(rr, "judges_for_plan", lambda cfg, out, heldout, n: (types.SimpleNamespace(info={}), None))
+    monkeypatch.setattr(rr, "starting_vae", lambda cfg, judges: None)
     monkeypatch.setattr(rr, "vae_metrics", lambda vae, judges: {})
     monkeypatch.setattr(rr, "measure_run", lambda run_dir, samples, judges: {})
-    monkeypatch.setattr("repae.weights.load_model", lambda path: None)
     monkeypatch.setattr(rr, "train_command", lambda arm, *a: [sys.executable, "-c", "import time; time.sleep(0.2)"])
     plan = rr.Plan(steps=2, eval_every=1, seeds=[0], samples=1, jobs=1)
     first = {"command": "repae bench reproduce", "commit": "abc", "machine": "here"}

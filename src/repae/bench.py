@@ -260,7 +260,7 @@ def bench_evaluate(device: torch.device, batch: int = 50, size: int = 256, iters
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="throughput benchmarks: step | sample | evaluate; reproduce: the paper's "
-                                     "claims at toy scale (REPRODUCTION.md)")
+                                     "claims on the toy world or your data and weights (REPRODUCTION.md)")
     p.add_argument("what", choices=["step", "sample", "evaluate", "reproduce"])
     p.add_argument("--preset", default="toy")
     p.add_argument("--config", action="append", default=[], metavar="FILE")
@@ -280,6 +280,10 @@ def add_parser(sub) -> None:
     g.add_argument("--steps", type=int, help="training steps per arm")
     g.add_argument("--eval-every", type=int, help="measure a checkpoint every this many steps")
     g.add_argument("--jobs", type=int, help="runs at once (cores are split between them)")
+    g.add_argument("--heldout", metavar="DIR", help="real data only: labelled images (class sub-folders) to measure "
+                                                    "against (default: the training data, data.path)")
+    g.add_argument("--heldout-images", type=int, default=None, metavar="N",
+                   help="real data only: how many held-out images, spread evenly over the folder (default 1000)")
     p.set_defaults(func=run_bench)
 
 

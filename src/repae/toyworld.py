@@ -116,15 +116,16 @@ def train_toy_vae(images, steps: int, batch: int, args: VAEArgs, seed: int = 0, 
 
 
 @torch.no_grad()
-def psnr(vae: AutoencoderKL, images: torch.Tensor, latents: Optional[torch.Tensor] = None) -> float:
+def psnr(vae: AutoencoderKL, images: torch.Tensor, latents: Optional[torch.Tensor] = None,
+         batch_size: int = 250) -> float:
     """Mean PSNR (dB) of posterior-mean reconstructions, on uint8 pixels [N,3,H,W], computed on
     the VAE's device. latents: the images' posterior means [N,C,h,w] if already encoded (then only
     decoded here)."""
     device = next(vae.parameters()).device
     values = []
-    for i in range(0, len(images), 250):
-        x = images[i : i + 250].to(device)
-        z = vae.encode(to_vae_range(x)).mode() if latents is None else latents[i : i + 250].to(device)
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(device)
+        z = vae.encode(to_vae_range(x)).mode() if latents is None else latents[i : i + batch_size].to(device)
         recon = from_vae_range(vae.decode(z)).float()
         mse = (recon - x.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
         values.append(10 * torch.log10(255.0**2 / mse))

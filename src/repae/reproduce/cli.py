@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from repae.reproduce.measure import CKNNA_T, HELDOUT_IMAGES
+from repae.reproduce.judges import HELDOUT_IMAGES
+from repae.reproduce.measure import CKNNA_T
 from repae.reproduce.report import write_report
 from repae.reproduce.runner import FULL, QUICK, run_reproduction
 
@@ -33,6 +34,27 @@ METHOD_NOTE = f"""\
   and compares it with REPA on the original VAE.
 - Toy scale is not ImageNet scale: a claim that does not reproduce here is evidence about small
   models and short budgets, not a refutation of the paper."""
+
+
+def real_method_note(judges: dict) -> str:
+    """The method note of a reproduction on real data, from the judges it was measured with."""
+    return f"""\
+- **Data and weights**: the user's — every arm trains with the config given to `repae bench reproduce`
+  (preset, files, overrides), starting from the VAE `{judges['starting_vae']}`.
+- **Held-out images**: {judges['heldout_images']} images spread evenly over `{judges['data']}`
+  ({judges['classes_in_heldout']} classes), centre-cropped as in training.
+- **FID**: Fréchet distance between Gaussians of Inception pool_3 features (`{judges['inception']}`,
+  the ADM evaluator's network) of the samples and of {judges['reference']}. With a few hundred samples it
+  is far above a 50K-sample FID: compare arms only with each other, not with the paper's numbers.
+  **class accuracy**: a sample counts as right when the nearest class mean (cosine) of the held-out
+  images' Inception features is the class it was generated for (chance {judges['chance_accuracy']:.3g}).
+  Inception judges every arm; the alignment encoder does not, so no arm is scored by the network it aligned to.
+- **latent spatial variance / total variation**: of the VAE's raw posterior means on the held-out images
+  (definitions in `src/repae/evaluate/latents.py`).
+- **CKNNA**: SiT tokens after block `encoder_depth` at t={CKNNA_T} (mean-pooled) vs {judges['partner']}'s
+  mean-pooled tokens of the same held-out images, topk 10 (`src/repae/evaluate/cknna.py`).
+- **Arms**: the overrides in `src/repae/reproduce/arms.py` on the same config, seeds, steps and data order;
+  stage 2 trains a new REPA SiT on the VAE exported from the REPA-E run of the same seed."""
 
 
 def _commit() -> str:
@@ -77,7 +99,10 @@ def run_reproduce(args: argparse.Namespace) -> int:
                "machine": _machine(), "method_note": METHOD_NOTE}
     # a resumed reproduction spans several invocations (and maybe commits): the report names them all
     results = run_reproduction(out, plan, args.preset, args.overrides, args.config,
-                               invocation={k: context[k] for k in ("command", "commit", "machine")})
+                               invocation={k: context[k] for k in ("command", "commit", "machine")},
+                               heldout=getattr(args, "heldout", None), heldout_images=getattr(args, "heldout_images", None))
+    if results["judges"]["kind"] == "real":
+        context["method_note"] = real_method_note(results["judges"])
     report = write_report(results, out, Path(args.report) if args.report else out / "REPRODUCTION.md", context)
     print(f"wrote {report} ({results['wall_seconds'] / 60:.1f} min)")
     return 0

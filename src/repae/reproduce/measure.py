@@ -1,77 +1,75 @@
-"""The metrics of one training checkpoint on the toy world, and of the VAE a run starts from.
+"""The metrics of one training checkpoint, and of the VAE a run starts from, against the
+reproduction's judges (`repae.reproduce.judges`: the toy world's, or real data and weights).
 
 Per checkpoint (EMA SiT, the checkpoint's VAE):
-- toy FID and class accuracy of `num_samples` class-balanced samples (the run's sampler
-  settings), both from the toy evaluator (`repae.evaluate.toy`) against the held-out set;
+- FID and class accuracy of `num_samples` class-balanced samples (the run's sampler settings):
+  the toy evaluator's features and class on the toy world; on real data Inception's pool_3
+  features and the nearest held-out class mean in that space;
 - latent spatial variance and total variation of the VAE's posterior means on held-out images
   (raw latents, as the paper's Table 1; definitions in `repae.evaluate.latents`);
-- CKNNA between the SiT's tokens after block `encoder_depth` at t=0.5 and the toy teacher's
-  tokens of the same held-out images (`repae.evaluate.cknna.sit_encoder_alignment`);
+- CKNNA between the SiT's tokens after block `encoder_depth` at t=0.5 and the judges' partner
+  encoder (toy teacher, or the run's alignment encoder) on the same held-out images
+  (`repae.evaluate.cknna.sit_encoder_alignment`);
 - VAE PSNR on held-out images.
 
 Run as a module in its own process (the runner runs several at once):
-    python -m repae.reproduce.measure RUN_DIR --samples 250
+    python -m repae.reproduce.measure RUN_DIR --samples 250 [--judges DIR]
 It measures each checkpoint of RUN_DIR not yet in RUN_DIR/reproduce-metrics.json and writes
-that file after each one, so a crash loses at most the checkpoint being measured.
+that file after each one, so a crash loses at most the checkpoint being measured. Without
+--judges (saved real-data judges) it uses the toy world of the run's config.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
-import numpy as np
 import torch
 
 from repae.dist import device_named
 from repae.evaluate.cknna import sit_encoder_alignment
 from repae.evaluate.latents import latent_structure
 from repae.evaluate.loading import checkpoint_step
-from repae.evaluate.toy import class_accuracy, evaluator_outputs, toy_fid
+from repae.evaluate.stats import frechet_distance_to_features
 from repae.fileio import write_json_atomic
 from repae.generate import generate_images, sampler_settings, save_image_grid
 from repae.pixels import to_vae_range
+from repae.reproduce.judges import Judges, load_real_judges, toy_judges
 
 METRICS_FILE = "reproduce-metrics.json"
-HELDOUT_IMAGES = 1000  # for latent structure, CKNNA and PSNR
 CKNNA_T = 0.5
+GRID_CLASSES = 10
 
 
-@dataclass
-class Judges:
-    """What every measurement compares against: the toy world's held-out images, the evaluator
-    and its features of those images, the teacher's tokens of them."""
+def judges_for(cfg, judges_dir: Optional[Path] = None) -> Judges:
+    """Saved real-data judges when `judges_dir` is given, else the toy world's."""
+    from repae.config import ConfigError
 
-    world: object  # repae.toyworld.ToyWorld
-    evaluator: torch.nn.Module
-    reference_features: np.ndarray  # [M,D] evaluator features of all held-out images
-    teacher_tokens: torch.Tensor  # [HELDOUT_IMAGES,N,D]
+    if judges_dir is not None:
+        return load_real_judges(Path(judges_dir), cfg.train.device)
+    if cfg.data.source != "toy":
+        raise ConfigError(f"data.source={cfg.data.source!r}: measuring needs the judges the reproduction saved "
+                          "(python -m repae.reproduce.measure RUN --judges OUT/judges)")
+    return toy_judges(cfg)
 
 
-def judges_for(cfg) -> Judges:
-    from repae.build import vae_args
-    from repae.toyworld import ensure_toy_evaluator, ensure_toy_world
-
-    world = ensure_toy_world(vae_args(cfg), cfg.toy, seed=0)
-    evaluator = ensure_toy_evaluator(world, cfg.toy).to(device_named(cfg.train.device))
-    reference, _ = evaluator_outputs(evaluator, world.heldout_images)
-    with torch.no_grad():
-        tokens = world.teacher(world.heldout_images[:HELDOUT_IMAGES]).float()
-    return Judges(world, evaluator, reference, tokens)
+def vae_batch(images: torch.Tensor) -> int:
+    """Images per VAE call: 250 at 64x64 px or smaller, fewer for larger images (the activations
+    of an SD-VAE at 256 px take ~16x the memory per image)."""
+    return max(8, 250 * 64 * 64 // (images.shape[-1] * images.shape[-2]))
 
 
 @torch.no_grad()
 def heldout_latents(vae, judges: Judges) -> torch.Tensor:
-    """Posterior means of the first HELDOUT_IMAGES held-out images: [N,C,h,w] fp32 on the CPU,
+    """Posterior means of the judges' held-out images: [N,C,h,w] fp32 on the CPU,
     encoded once (on the VAE's device) for the latent structure, the PSNR and CKNNA."""
     vae.eval()
     device = next(vae.parameters()).device
-    held = judges.world.heldout_images[:HELDOUT_IMAGES]
-    return torch.cat([vae.encode(to_vae_range(held[i : i + 250].to(device))).mode().float().cpu()
-                      for i in range(0, len(held), 250)])
+    held, step = judges.heldout_images, vae_batch(judges.heldout_images)
+    return torch.cat([vae.encode(to_vae_range(held[i : i + step].to(device))).mode().float().cpu()
+                      for i in range(0, len(held), step)])
 
 
 @torch.no_grad()
@@ -83,7 +81,7 @@ def vae_metrics(vae, judges: Judges, z: Optional[torch.Tensor] = None) -> Dict[s
     structure = latent_structure(z)
     return {"latent_spatial_variance": structure["raw/spatial_variance"],
             "latent_total_variation": structure["raw/total_variation"],
-            "vae_psnr_db": psnr(vae, judges.world.heldout_images[: len(z)], z)}
+            "vae_psnr_db": psnr(vae, judges.heldout_images[: len(z)], z, batch_size=vae_batch(judges.heldout_images))}
 
 
 @torch.no_grad()
@@ -96,31 +94,42 @@ def checkpoint_metrics(ckpt: Path, judges: Judges, num_samples: int, grid_path: 
     labels = torch.arange(num_samples) % cfg.model.num_classes
     images = generate_images(sit, vae, labels, batch_size=125, progress=False,
                              **sampler_settings(cfg, seed=cfg.sample.seed + 1))
-    if grid_path is not None:
-        save_image_grid(images[: 4 * cfg.model.num_classes], grid_path, nrow=cfg.model.num_classes, upscale=2)
-    feats, logits = evaluator_outputs(judges.evaluator, images)
+    if grid_path is not None:  # four rows of the first (up to) ten classes
+        classes = cfg.model.num_classes
+        cols = min(classes, GRID_CLASSES)
+        shown = [r * classes + c for r in range(4) for c in range(cols) if r * classes + c < num_samples]
+        save_image_grid(images[shown], grid_path, nrow=cols, upscale=max(1, 64 // images.shape[-1]))
+    feats, predicted = judges.score(images)
+    # a class the held-out images lack has no class mean to be recognised by: not counted
+    known = torch.isin(labels, judges.class_means[1]) if judges.class_means is not None else torch.ones_like(labels, dtype=torch.bool)
     z = heldout_latents(vae, judges)
     z_norm = sit.bn.normalize(z.to(device)).cpu() if sit.bn is not None else z
-    alignment = sit_encoder_alignment(sit, z_norm, judges.world.heldout_labels[: len(z)], judges.teacher_tokens,
+    alignment = sit_encoder_alignment(sit, z_norm, judges.heldout_labels, judges.alignment_feats,
                                       t=CKNNA_T, depth=cfg.model.encoder_depth, path_type=cfg.flow.path_type)
-    return {"toy_fid": toy_fid(feats, judges.reference_features), "class_accuracy": class_accuracy(logits, labels),
+    return {"fid": frechet_distance_to_features(feats, *judges.reference),
+            "class_accuracy": (predicted.cpu() == labels)[known].float().mean().item(),
             "cknna": alignment, **vae_metrics(vae, judges, z), "num_samples": num_samples}
 
 
-def measure_run(run_dir: Path, num_samples: int, judges: Optional[Judges] = None) -> Dict[str, dict]:
-    """{step: metrics} for every checkpoint of a run, reusing what RUN/reproduce-metrics.json holds."""
+def measure_run(run_dir: Path, num_samples: int, judges: Optional[Judges] = None,
+                judges_dir: Optional[Path] = None) -> Dict[str, dict]:
+    """{step: metrics} for every checkpoint of a run, reusing what RUN/reproduce-metrics.json holds
+    (judges: built from the first checkpoint's config, or loaded from `judges_dir`, when not given)."""
     from repae.config import load_config
     from repae.train.checkpoint import checkpoint_dir
 
     out = run_dir / METRICS_FILE
     done: Dict[str, dict] = json.loads(out.read_text()) if out.is_file() else {}
+    for m in done.values():  # files written before the real-data judges called the FID "toy_fid"
+        if "toy_fid" in m:
+            m["fid"] = m.pop("toy_fid")
     ckpts = sorted(p for p in checkpoint_dir(run_dir).glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
     for ckpt in ckpts:
         step = str(checkpoint_step(ckpt))
         if step in done and done[step].get("num_samples") == num_samples:
             continue
         if judges is None:
-            judges = judges_for(load_config(None, [ckpt / "config.yaml"], world_size=1))
+            judges = judges_for(load_config(None, [ckpt / "config.yaml"], world_size=1), judges_dir)
         try:
             done[step] = checkpoint_metrics(ckpt, judges, num_samples, run_dir / "reproduce-grids" / f"step-{step}.png")
         except Exception as err:  # e.g. a Frechet distance that cannot be computed on collapsed samples:
@@ -133,8 +142,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m repae.reproduce.measure", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("--samples", type=int, default=250, help="class-balanced samples per checkpoint")
+    p.add_argument("--judges", type=Path, default=None, help="real-data judges saved by the runner (default: toy world)")
     args = p.parse_args(argv)
-    measure_run(args.run_dir, args.samples)
+    measure_run(args.run_dir, args.samples, judges_dir=args.judges)
     return 0
 
 

@@ -20,8 +20,17 @@ PAPER = {
     "d": "The E2E-VAE is a better frozen VAE for training a new LDM than the VAE it started from.",
     "e": "Alignment (CKNNA) rises further under REPA-E than under REPA, and tracks FID.",
 }
-KEYS = ("toy_fid", "class_accuracy", "latent_spatial_variance", "latent_total_variation", "cknna", "vae_psnr_db")
-HEADERS = ("toy FID ↓", "class acc. ↑", "latent spatial var.", "latent TV", "CKNNA ↑", "VAE PSNR dB")
+KEYS = ("fid", "class_accuracy", "latent_spatial_variance", "latent_total_variation", "cknna", "vae_psnr_db")
+HEADERS = ("{fid} ↓", "class acc. ↑", "latent spatial var.", "latent TV", "CKNNA ↑", "VAE PSNR dB")
+
+
+def judges(results: dict) -> dict:
+    """What measured the runs (the toy world's judges where results do not say)."""
+    return results.get("judges") or {"kind": "toy", "fid_label": "toy FID", **results.get("toy_world", {})}
+
+
+def fid_label(results: dict) -> str:
+    return judges(results).get("fid_label", "FID")
 
 
 # --------------------------------------------------------------------------- numbers
@@ -97,9 +106,9 @@ def claim_a(r: dict) -> Tuple[str, str]:
 
 
 def claim_b(r: dict) -> Tuple[str, str]:
-    fid_nsg, fid_repae = final(r, "no-stopgrad", "toy_fid"), final(r, "repae", "toy_fid")
+    fid_nsg, fid_repae = final(r, "no-stopgrad", "fid"), final(r, "repae", "fid")
     stopped = failed(r, "no-stopgrad")
-    evidence = (f"toy FID without stop-grad {fmt(fid_nsg)} vs REPA-E {fmt(fid_repae)}"
+    evidence = (f"{fid_label(r)} without stop-grad {fmt(fid_nsg)} vs REPA-E {fmt(fid_repae)}"
                 + (f"; the run stopped: {stopped[0]}" if stopped else "")
                 + ". Criterion: training diverges (non-finite losses) or its FID is > 2× REPA-E's.")
     if diverged(r, "no-stopgrad"):
@@ -111,20 +120,20 @@ def claim_b(r: dict) -> Tuple[str, str]:
 
 def steps_to_reach(r: dict, arm: str, target: float) -> Optional[int]:
     """First measured step at which the arm's mean FID is <= target."""
-    for step, values in series(r, arm, "toy_fid").items():
+    for step, values in series(r, arm, "fid").items():
         if statistics.fmean(values) <= target:
             return step
     return None
 
 
 def claim_c(r: dict) -> Tuple[str, str]:
-    repa, repae = final(r, "repa", "toy_fid"), final(r, "repae", "toy_fid")
+    repa, repae = final(r, "repa", "fid"), final(r, "repae", "fid")
     if not repa or not repae:
         return "not measured", "REPA or REPA-E has no measurement"
-    repa_steps = max(series(r, "repa", "toy_fid"))
+    repa_steps = max(series(r, "repa", "fid"))
     reach = steps_to_reach(r, "repae", mean(repa))
     wins = sum(a < b for a, b in zip(repae, repa))
-    evidence = (f"toy FID at step {repa_steps}: REPA {fmt(repa)}, REPA-E {fmt(repae)}; REPA-E lower in {wins} of "
+    evidence = (f"{fid_label(r)} at step {repa_steps}: REPA {fmt(repa)}, REPA-E {fmt(repae)}; REPA-E lower in {wins} of "
                 f"{len(repa)} seeds. REPA-E reached REPA's final FID "
                 + (f"at step {reach} ({repa_steps / reach:.2g}× fewer steps)" if reach else "at no measured step")
                 + ". Criterion: lower mean FID and lower in every seed.")
@@ -133,10 +142,10 @@ def claim_c(r: dict) -> Tuple[str, str]:
 
 
 def claim_d(r: dict) -> Tuple[str, str]:
-    e2e, orig = final(r, "stage2-e2e-vae", "toy_fid"), final(r, "repa", "toy_fid")
+    e2e, orig = final(r, "stage2-e2e-vae", "fid"), final(r, "repa", "fid")
     acc_e2e, acc_orig = final(r, "stage2-e2e-vae", "class_accuracy"), final(r, "repa", "class_accuracy")
-    evidence = (f"a new REPA SiT on the frozen E2E-VAE: toy FID {fmt(e2e)}, class accuracy {fmt(acc_e2e)}; on the "
-                f"original toy VAE: {fmt(orig)}, {fmt(acc_orig)} (same steps, seeds, data). Criterion: lower mean FID.")
+    evidence = (f"a new REPA SiT on the frozen E2E-VAE: {fid_label(r)} {fmt(e2e)}, class accuracy {fmt(acc_e2e)}; "
+                f"on the original VAE: {fmt(orig)}, {fmt(acc_orig)} (same steps, seeds, data). Criterion: lower mean FID.")
     if missing(mean(e2e), mean(orig)):
         return NOT_MEASURED, evidence
     return ("reproduces" if mean(e2e) < mean(orig) else "does not reproduce"), evidence
@@ -149,10 +158,10 @@ def claim_e(r: dict, arms: List[str]) -> Tuple[str, str]:
     # across arms at their last step: pooling all steps would mostly show that both improve with
     # training time, whatever the arm
     pairs = [(c, f) for arm in arms if not failed(r, arm)
-             for c, f in zip(final(r, arm, "cknna") or [], final(r, arm, "toy_fid") or [])]
+             for c, f in zip(final(r, arm, "cknna") or [], final(r, arm, "fid") or [])]
     varies = len({p[0] for p in pairs}) > 1 and len({p[1] for p in pairs}) > 1
     rho = spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic if len(pairs) > 2 and varies else float("nan")
-    evidence = (f"final CKNNA: REPA-E {fmt(c_repae)}, REPA {fmt(c_repa)}; Spearman ρ(CKNNA, toy FID) across the "
+    evidence = (f"final CKNNA: REPA-E {fmt(c_repae)}, REPA {fmt(c_repa)}; Spearman ρ(CKNNA, {fid_label(r)}) across the "
                 f"{len(pairs)} finished runs at their last step: {rho:.2f}. Criterion: REPA-E's CKNNA higher "
                 "and ρ < -0.5 reproduces; one of the two: partly.")
     if missing(mean(c_repae), mean(c_repa)):
@@ -165,12 +174,12 @@ def samples_carry_classes(r: dict) -> Tuple[bool, str]:
     """Whether any arm's final samples show class structure: best class accuracy >= 2x chance.
     Below that, FID differences between arms reflect colour and blur statistics, not the
     generation quality the claims (b)-(e) are about."""
-    chance = 1.0 / r.get("num_classes", 10)
+    chance = judges(r).get("chance_accuracy") or 1.0 / r.get("num_classes", 10)
     accs = [mean(final(r, arm, "class_accuracy")) for arm in r["metrics"]]
     best = max((a for a in accs if np.isfinite(a)), default=float("nan"))
     ok = best >= 2 * chance
     return ok, (f"best final class accuracy of any arm {best:.3g} (chance {chance:.2g}); " +
-                ("samples carry class structure." if ok else "below 2x chance, so toy-FID differences at this "
+                ("samples carry class structure." if ok else "below 2x chance, so FID differences at this "
                  "budget say little about the generation claims (b)-(e): run a longer plan."))
 
 
@@ -183,8 +192,11 @@ def plot_metrics(r: dict, labels: Dict[str, str], fig_dir: Path) -> List[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("toy_fid", "toy FID (lower is better)", False), ("class_accuracy", "class accuracy of samples", False),
-              ("latent_spatial_variance", "latent spatial variance (log)", True), ("cknna", "CKNNA (SiT vs teacher)", False)]
+    who = judges(r)
+    panels = [("fid", f"{who.get('fid_label', 'FID')} (lower is better)", False),
+              ("class_accuracy", "class accuracy of samples", False),
+              ("latent_spatial_variance", "latent spatial variance (log)", True),
+              ("cknna", f"CKNNA (SiT vs {who.get('partner', 'encoder')})", False)]
     paths = []
     for name, chosen in (("fid_vs_steps.png", panels[:1]), ("metrics_vs_steps.png", panels)):
         cols = min(2, len(chosen))
@@ -245,6 +257,16 @@ def _invocation_lines(r: dict, context: dict) -> List[str]:
     return lines
 
 
+def _judges_line(who: dict, initial_vae: dict) -> str:
+    start = f"starting VAE held-out PSNR {initial_vae['vae_psnr_db']:.2f} dB"
+    if who["kind"] == "toy":
+        return (f"- toy world: teacher held-out accuracy {who.get('teacher_heldout_accuracy', float('nan')):.3f}, "
+                f"evaluator held-out accuracy {who.get('evaluator_heldout_accuracy', float('nan')):.3f}, {start}")
+    return (f"- judges: {who['heldout_images']} held-out images of {who['classes_in_heldout']} classes from "
+            f"`{who['data']}`; FID reference: {who['reference']}; Inception `{who['inception']}`; CKNNA partner "
+            f"{who['partner']} (`{who['encoder_file']}`); starting VAE `{who['starting_vae']}`, {start}")
+
+
 def write_report(r: dict, out: Path, report: Path, context: dict) -> Path:
     """REPRODUCTION.md at `report`, its figures in docs/reproduction/ beside it."""
     fig_dir = report.parent / "docs" / "reproduction"
@@ -263,9 +285,9 @@ def write_report(r: dict, out: Path, report: Path, context: dict) -> Path:
             if verdicts[k][0] == NOT_MEASURED:
                 continue
             verdicts[k] = (f"inconclusive at this budget (the numbers alone: {verdicts[k][0]})", verdicts[k][1])
-    plan = r["plan"]
+    plan, who = r["plan"], judges(r)
     lines = [
-        "# Reproducing REPA-E's claims at toy scale",
+        "# Reproducing REPA-E's claims " + ("at toy scale" if who["kind"] == "toy" else f"on {who.get('data')}"),
         "",
         "Written by `repae bench reproduce` from its `results.json`; no number below was typed by hand.",
         "",
@@ -273,9 +295,7 @@ def write_report(r: dict, out: Path, report: Path, context: dict) -> Path:
         f"- {r['threads_per_run']} thread(s) per run, {plan['jobs']} runs at once",
         f"- budget per arm: {plan['steps']} steps, measured every {plan['eval_every']}, seeds {plan['seeds']}, "
         f"{plan['samples']} class-balanced samples per measurement",
-        f"- toy world: teacher held-out accuracy {r['toy_world'].get('teacher_heldout_accuracy', float('nan')):.3f}, "
-        f"evaluator held-out accuracy {r['toy_world'].get('evaluator_heldout_accuracy', float('nan')):.3f}, "
-        f"starting VAE held-out PSNR {r['initial_vae']['vae_psnr_db']:.2f} dB",
+        _judges_line(who, r["initial_vae"]),
         "",
         "## The claims",
         "",
@@ -287,7 +307,7 @@ def write_report(r: dict, out: Path, report: Path, context: dict) -> Path:
     for key, (verdict, evidence) in verdicts.items():
         lines.append(f"| ({key}) | {PAPER[key]} | {evidence} | **{verdict}** |")
     lines += ["", "## Every arm at its last step", "",
-              "| arm | " + " | ".join(HEADERS) + " | training s |", "| --- " * (len(HEADERS) + 2) + "|"]
+              "| arm | " + " | ".join(HEADERS).format(fid=fid_label(r)) + " | training s |", "| --- " * (len(HEADERS) + 2) + "|"]
     init = r["initial_vae"]
     lines.append(f"| starting VAE (step 0) | — | — | {_num(init['latent_spatial_variance'])} | "
                  f"{_num(init['latent_total_variation'])} | — | {_num(init['vae_psnr_db'])} | — |")
@@ -296,8 +316,9 @@ def write_report(r: dict, out: Path, report: Path, context: dict) -> Path:
         note = " (stopped early)" if failed(r, arm) else ""
         lines.append(f"| {label}{note} | " + " | ".join(fmt(final(r, arm, k)) for k in KEYS) + f" | {fmt(secs)} |")
     lines += ["", "Values are mean ± standard deviation over seeds (the mean alone for one seed).", "",
-              "## Over training", "", f"![toy FID vs steps]({rel(plots[0])})", "", f"![metrics vs steps]({rel(plots[1])})",
-              "", "## Samples at the last step (seed " + str(plan["seeds"][0]) + "; a column per class)", ""]
+              "## Over training", "", f"![{fid_label(r)} vs steps]({rel(plots[0])})", "", f"![metrics vs steps]({rel(plots[1])})",
+              "", "## Samples at the last step (seed " + str(plan["seeds"][0]) + "; a column per class"
+              + (", the first ten classes" if r.get("num_classes", 10) > 10 else "") + ")", ""]
     for arm, path in grids.items():
         lines += [f"**{labels[arm]}**", "", f"![{arm}]({rel(path)})", ""]
     lines += ["## How the numbers are made", "", context["method_note"], ""]

@@ -18,13 +18,14 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from repae import dist
 from repae.config import ConfigError, RunConfig, load_config
 from repae.fileio import write_json_atomic
 from repae.reproduce.arms import Arm, arms_for
-from repae.reproduce.measure import judges_for, measure_run, vae_metrics
+from repae.reproduce.judges import HELDOUT_IMAGES, Judges, build_real_judges, load_real_judges, save_real_judges, toy_judges
+from repae.reproduce.measure import measure_run, vae_metrics
 
 
 @dataclass
@@ -64,8 +65,10 @@ def train_command(arm: Arm, seed: int, plan: Plan, preset: str, overrides: Seque
 
 class _Runner:
     def __init__(self, plan: Plan, preset: str, overrides: Sequence[str], config_files: Sequence[str], out: Path,
-                 threads: int, earlier_runs: Dict[str, dict], on_record: Callable[[], None] = lambda: None):
+                 threads: int, earlier_runs: Dict[str, dict], on_record: Callable[[], None] = lambda: None,
+                 judges_dir: Optional[Path] = None):
         self.plan, self.preset, self.overrides, self.config_files, self.out = plan, preset, list(overrides), config_files, out
+        self.judges_dir = judges_dir  # real-data judges saved for the measuring processes (None: the toy world's)
         self.env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         self.lock = threading.Lock()
         self.runs: Dict[str, dict] = {}
@@ -126,6 +129,8 @@ class _Runner:
                 export_vae(run_dir)
             self._log(f"measure {name}")
             measure = [sys.executable, "-m", "repae.reproduce.measure", str(run_dir), "--samples", str(self.plan.samples)]
+            if self.judges_dir is not None:
+                measure += ["--judges", str(self.judges_dir)]
             if self._call(measure, log) != 0:
                 raise RuntimeError(f"measuring {run_dir} failed; see {log}")
         self._log(f"done {name} ({record['train_seconds']:.0f} s training)")
@@ -137,24 +142,67 @@ def _last_line(log: Path) -> str:
     return lines[-1][-300:] if lines else ""
 
 
-def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequence[str] = (),
-                     config_files: Sequence[str] = (), invocation: Optional[dict] = None) -> dict:
-    """Train and measure every arm x seed; returns (and writes to OUT/results.json) the results.
+def judges_for_plan(base: RunConfig, out: Path, heldout: Optional[str] = None,
+                    heldout_images: Optional[int] = None) -> Tuple[Judges, Optional[Path]]:
+    """(judges, the directory they are saved in for the measuring processes, None for the toy world's).
 
-    `invocation` (command, commit, machine) is appended to the invocations that results.json lists.
-    After each finished run results.json is rewritten as partial, so an invocation that stops
-    (Ctrl-C, a crash) still counts its training time and wall time in the next one's report."""
+    Real-data judges are built once per output directory and reused when the command is re-run:
+    the measurements already made there were made against them."""
+    check_named_files(base)
+    if base.data.source == "toy":
+        if heldout or heldout_images:
+            raise ConfigError("--heldout and --heldout-images are for real data: the toy world has its own held-out set")
+        return toy_judges(base), None  # builds the toy world and evaluator once, with every core
+    if heldout_images is not None and heldout_images < 2:
+        raise ConfigError(f"--heldout-images {heldout_images}: FID and CKNNA need at least 2 images")
+    saved = out / "judges"
+    if (saved / "judges.json").is_file():
+        judges = load_real_judges(saved, base.train.device)
+        wanted, had = str(heldout or base.data.path), judges.info.get("data")
+        if had != wanted or heldout_images not in (None, judges.info.get("heldout_images")):
+            raise ConfigError(f"{out} was measured against {judges.info.get('heldout_images')} held-out images from "
+                              f"{had}: use another --dir (or delete {saved} and every run's reproduce-metrics.json)")
+        return judges, saved
+    judges = build_real_judges(base, heldout, heldout_images or HELDOUT_IMAGES)
+    return judges, save_real_judges(judges, saved)
+
+
+def check_named_files(cfg: RunConfig) -> None:
+    """Every local file the config names must exist: a wrong path fails here, not in each arm's process."""
+    named = {"vae.path": cfg.vae.path, "vae.latent_stats_path": cfg.vae.latent_stats_path,
+             "loss.lpips_path": cfg.loss.lpips_path, "loss.vgg_path": cfg.loss.vgg_path,
+             "loss.discriminator_path": cfg.loss.discriminator_path, "eval.inception_path": cfg.eval.inception_path,
+             "eval.ref_batch": cfg.eval.ref_batch, "data.path": cfg.data.path,
+             **{f"encoder.paths[{i}]": p for i, p in enumerate(cfg.encoder.paths)}}
+    missing = [f"{key}={path}" for key, path in named.items() if path and not Path(path).exists()]
+    if missing:
+        raise ConfigError("not found: " + ", ".join(missing))
+
+
+def starting_vae(base: RunConfig, judges: Judges):
+    """The VAE every arm starts from, on the device the runs use."""
+    from repae.build import vae_args
     from repae.weights import load_model
 
+    return load_model(judges.starting_vae, kind="vae", args=vae_args(base)).to(dist.device_named(base.train.device))
+
+
+def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequence[str] = (),
+                     config_files: Sequence[str] = (), invocation: Optional[dict] = None,
+                     heldout: Optional[str] = None, heldout_images: Optional[int] = None) -> dict:
+    """Train and measure every arm x seed; returns (and writes to OUT/results.json) the results.
+
+    `heldout`, `heldout_images`: real data only, a folder of labelled images to measure against
+    (default: the training data) and how many of its images (spread evenly; default 1000).
+    `invocation` (command, commit, machine) is appended to the invocations that results.json
+    lists. After each finished run results.json is rewritten as partial, so an invocation that
+    stops (Ctrl-C, a crash) still counts its training time and wall time in the next one's report."""
     start = time.perf_counter()
     base: RunConfig = load_config(preset, list(config_files), list(overrides), world_size=1)
-    if base.data.source != "toy":
-        raise ConfigError("repae bench reproduce measures with the toy world's evaluator and teacher; "
-                          f"data.source={base.data.source!r} is not supported yet")
     arms = arms_for(base)
     out.mkdir(parents=True, exist_ok=True)
-    judges = judges_for(base)  # builds the toy world and evaluator once, with every core
-    initial = vae_metrics(load_model(judges.world.vae_path), judges)
+    judges, judges_dir = judges_for_plan(base, out, heldout, heldout_images)
+    initial = vae_metrics(starting_vae(base, judges), judges)
     threads = max(1, dist.usable_cores() // plan.jobs)
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     earlier, invocations = previous.get("runs", {}), previous.get("invocations", [])
@@ -166,7 +214,7 @@ def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequ
         write_json_atomic(out / "results.json", {**previous, "partial": True, "runs": {**earlier, **runner.runs},
                                                  "invocations": invocations + this_invocation(interrupted=True)})
 
-    runner = _Runner(plan, preset, overrides, config_files, out, threads, earlier, save_progress)
+    runner = _Runner(plan, preset, overrides, config_files, out, threads, earlier, save_progress, judges_dir)
     futures: Dict[str, Future] = {}
     pool = ThreadPoolExecutor(max_workers=plan.jobs)
     try:
@@ -187,7 +235,7 @@ def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequ
                           for seed in plan.seeds} for arm in arms}
     results = {
         "plan": asdict(plan), "preset": preset, "overrides": list(overrides), "num_classes": base.model.num_classes,
-        "arms": [asdict(a) for a in arms], "initial_vae": initial, "toy_world": judges.world.report,
+        "arms": [asdict(a) for a in arms], "initial_vae": initial, "judges": judges.info,
         "runs": runner.runs, "metrics": metrics, "threads_per_run": threads,
         "wall_seconds": round(time.perf_counter() - start, 1), "invocations": invocations + this_invocation(),
     }
