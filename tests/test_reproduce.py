@@ -53,6 +53,13 @@ def test_verdicts_say_when_a_claim_fails():
     assert rep.claim_b(crashed)[0] == "does not reproduce"
 
 
+def test_claim_a_judges_the_last_step_and_names_an_earlier_collapse():
+    r = _results({"repae": (15, 10), "e2e-diffusion": (90, 80)}, sv={"e2e-diffusion": 1.5})
+    r["metrics"]["e2e-diffusion"]["0"]["1"]["latent_spatial_variance"] = 0.3  # shrank, then grew back
+    verdict, evidence = rep.claim_a(r)
+    assert verdict == "does not reproduce" and "lowest at step 1: 0.3, ×0.3" in evidence
+
+
 def test_an_arm_without_measurements_is_not_measured_rather_than_refuted():
     r = _results({"repae": (15, 10), "repa": (40, 20), "no-stopgrad": (50, 25)})  # no e2e-diffusion, no stage 2
     assert rep.claim_a(r)[0] == "not measured"
