@@ -88,29 +88,16 @@ def toy_judges(cfg: RunConfig) -> Judges:
 def heldout_set(cfg: RunConfig, folder: Optional[str], n: int) -> Tuple[torch.Tensor, torch.Tensor, str]:
     """(uint8 [m,3,S,S], labels [m], where from): m <= n images spread evenly over `folder` (class
     sub-folders; ADM centre crop to data.image_size) or, without one, over the training data."""
-    from repae.data.folder import ImageFolder
+    from repae.train.loop import image_dataset
 
     where = folder or cfg.data.path
-    if not where:
-        raise ConfigError(f"data.source={cfg.data.source} needs data.path (or --heldout DIR) for the held-out images")
-    try:
-        if folder is None and cfg.data.source == "packed":
-            from repae.data.packed import PackedDataset
-
-            dataset = PackedDataset(where, False, 0)
-        else:
-            dataset = ImageFolder(where, cfg.data.image_size)
-    except (FileNotFoundError, ValueError) as err:  # PackedDataError is a ValueError
-        raise ConfigError(f"held-out images: {err}") from None
+    dataset = image_dataset(cfg, folder)  # the training data's Dataset (no flips) when no folder is given
     if len(dataset) == 0:
         raise ConfigError(f"held-out images: no images in {where}")
     # evenly spaced indices over a class-sorted listing: every class in proportion
     idx = np.unique(np.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().astype(int))
     items = [dataset[int(i)] for i in idx]  # an unreadable file is replaced by the next readable one
     images = torch.stack([x for x, _, _ in items])
-    if images.shape[-1] != cfg.data.image_size:
-        raise ConfigError(f"held-out images are {images.shape[-1]}px; the runs train at data.image_size="
-                          f"{cfg.data.image_size}")
     return images, torch.tensor([y for _, y, _ in items]), str(where)
 
 
@@ -147,14 +134,14 @@ def encoder_feats(encoder, images: torch.Tensor, batch_size: int = 100) -> torch
 
 
 def _inception(cfg: RunConfig, device):
-    from repae.evaluate.loading import inception_path
-    from repae.models.inception import InceptionV3, InceptionWeightsError
+    from repae.evaluate.errors import EvaluationError
+    from repae.evaluate.loading import inception_path, load_inception
 
     path = inception_path(None, cfg)
     try:
-        return InceptionV3.from_file(path).to(device).eval(), path
-    except InceptionWeightsError as err:
-        raise ConfigError(f"{err} (set eval.inception_path)") from None
+        return load_inception(path, device).eval(), path
+    except EvaluationError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _alignment_encoder(cfg: RunConfig, device):

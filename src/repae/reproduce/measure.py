@@ -101,7 +101,8 @@ def checkpoint_metrics(ckpt: Path, judges: Judges, num_samples: int, grid_path: 
         save_image_grid(images[shown], grid_path, nrow=cols, upscale=max(1, 64 // images.shape[-1]))
     feats, predicted = judges.score(images)
     # a class the held-out images lack has no class mean to be recognised by: not counted
-    known = torch.isin(labels, judges.class_means[1]) if judges.class_means is not None else torch.ones_like(labels, dtype=torch.bool)
+    known = (torch.isin(labels, judges.class_means[1]) if judges.class_means is not None
+             else torch.ones_like(labels, dtype=torch.bool))
     z = heldout_latents(vae, judges)
     z_norm = sit.bn.normalize(z.to(device)).cpu() if sit.bn is not None else z
     alignment = sit_encoder_alignment(sit, z_norm, judges.heldout_labels, judges.alignment_feats,

@@ -79,9 +79,31 @@ def _encoders(cfg: RunConfig, toy) -> List:
     return encoders
 
 
+def image_dataset(cfg: RunConfig, folder: Optional[str] = None, hflip: bool = False):
+    """The Dataset of cfg.data (an image folder, or a packed store for data.source=packed) at
+    data.image_size; `folder`: another image folder instead of data.path. ConfigError if unusable."""
+    from repae.data.folder import ImageFolder
+
+    root = folder or cfg.data.path
+    if not root:
+        raise ConfigError(f"data.source={cfg.data.source} needs data.path (a folder of class sub-folders, "
+                          "or a `repae prepare-data` output for data.source=packed)")
+    try:
+        if folder is None and cfg.data.source == "packed":
+            from repae.data.packed import PackedDataset
+
+            dataset = PackedDataset(root, hflip, cfg.train.seed)
+            if dataset.image_size != cfg.data.image_size:
+                raise ValueError(f"{root} holds {dataset.image_size}px crops, data.image_size={cfg.data.image_size}")
+            return dataset
+        return ImageFolder(root, cfg.data.image_size, hflip, cfg.train.seed)
+    except (FileNotFoundError, ValueError) as err:  # PackedDataError is a ValueError
+        raise ConfigError(f"{'data.path' if folder is None else folder}: {err}") from None
+
+
 def _data_source(cfg: RunConfig, toy):
     """The batch source for cfg.data: the toy world's tensors, an image folder or a packed store."""
-    from repae.data.folder import DatasetBatches, ImageFolder
+    from repae.data.folder import DatasetBatches
 
     if cfg.latents.path:  # stage 2: cached posterior moments of a frozen VAE (+ images for REPA)
         from repae.stage2.latents import latent_batches
@@ -90,21 +112,7 @@ def _data_source(cfg: RunConfig, toy):
     if toy is not None:
         return TensorBatches(toy.train_images, toy.train_labels, seed=cfg.train.seed, rank=dist.rank(),
                              world=dist.world_size())
-    if not cfg.data.path:
-        raise ConfigError(f"data.source={cfg.data.source} needs data.path (a folder of class sub-folders, "
-                          "or a `repae prepare-data` output for data.source=packed)")
-    try:
-        if cfg.data.source == "packed":
-            from repae.data.packed import PackedDataset
-
-            dataset = PackedDataset(cfg.data.path, cfg.data.hflip, cfg.train.seed)
-            if dataset.image_size != cfg.data.image_size:
-                raise ValueError(f"{cfg.data.path} holds {dataset.image_size}px crops, data.image_size="
-                                 f"{cfg.data.image_size}")
-        else:
-            dataset = ImageFolder(cfg.data.path, cfg.data.image_size, cfg.data.hflip, cfg.train.seed)
-    except (FileNotFoundError, ValueError) as err:  # PackedDataError is a ValueError
-        raise ConfigError(f"data.path: {err}") from None
+    dataset = image_dataset(cfg, hflip=cfg.data.hflip)
     if len(dataset.classes) > cfg.model.num_classes:
         raise ConfigError(f"{cfg.data.path} has {len(dataset.classes)} classes but model.num_classes="
                           f"{cfg.model.num_classes}")
