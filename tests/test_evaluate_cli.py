@@ -312,6 +312,13 @@ def test_vae_latents_cknna_on_the_toy_world(tmp_path, tiny_run, tiny_inception):
             "normalized/total_variation"} <= m.keys()
     assert Image.open(fig).size[0] > 0 and m["pca_figure"] == str(fig)
 
+    # spectrum: the toy world's starting VAE (its latent statistics) against the run's VAE (its SiT's BatchNorm)
+    assert run_cli("spectrum", "--vae", "toy", "--vae", run, "--label", "start", "--label", "e2e", "--num-images", 8,
+                   "--out", tmp_path / "spec.json", "--no-progress") == 0
+    rec = json.loads((tmp_path / "spec.json").read_text())
+    assert set(rec["metrics"]["spectra"]) == {"images", "start/raw", "start/normalized", "e2e/raw", "e2e/normalized"}
+    assert rec["files"]["start/latent_stats"]["sha256"] and rec["files"]["e2e/sit"]["sha256"]
+
     assert run_cli("cknna", "--ckpt", run, "--num-images", 24, "--topk", 3, "--out", tmp_path / "ck.json",
                    "--no-progress") == 0
     rec = json.loads((tmp_path / "ck.json").read_text())

@@ -55,6 +55,8 @@ def test_a_constant_is_all_dc_and_vanishes_once_the_mean_is_removed():
     assert s.dc_fraction > 1 - 1e-12 and s.high_frequency_fraction < 1e-12
     gone = energy_spectrum(x, 8, remove_mean=True)
     assert all(math.isnan(f) for f in gone.fractions)
+    assert energy_spectrum(torch.randn(2, 3, 8, 8), 8).dc_fraction == 0.0  # one block: DC is the removed mean
+    assert energy_spectrum(torch.randn(2, 3, 16, 16), 8).dc_fraction > 0  # block means still vary
     # a constant offset on top of a cosine changes nothing once means are removed
     cos = block_cosine(2, 1, 8)
     assert np.allclose(energy_spectrum(cos + 5.0, 8).fractions, energy_spectrum(cos, 8).fractions, atol=1e-12)
@@ -118,3 +120,46 @@ def test_plot_spectra_writes_a_png(tmp_path):
     s = energy_spectrum(torch.randn(2, 3, 16, 16), 8)
     path = plot_spectra({"noise": s, "list": s.fractions}, tmp_path / "sub" / "s.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- repae evaluate spectrum
+
+
+def test_evaluate_spectrum_cli_compares_two_vaes(tmp_path):
+    from PIL import Image
+
+    from conftest import tiny_vae_args
+    from repae.evaluate import cli as evaluate_cli
+    from repae.models.vae import AutoencoderKL
+    from repae.weights import save_latent_stats, save_model
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "png").mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "png" / f"{i}.png")
+    torch.manual_seed(0)
+    save_model(AutoencoderKL(tiny_vae_args()), tmp_path / "start.safetensors")
+    (tmp_path / "e2e").mkdir()  # an export-vae directory: the VAE and its latent statistics
+    save_model(AutoencoderKL(tiny_vae_args()), tmp_path / "e2e" / "vae.safetensors")
+    save_latent_stats(torch.zeros(4), torch.tensor([1.0, 4.0, 9.0, 16.0]),
+                      tmp_path / "e2e" / "latent_stats.safetensors")
+
+    out, fig = tmp_path / "spectrum.json", tmp_path / "spectrum.png"
+    argv = ["evaluate", "spectrum", "--vae", tmp_path / "start.safetensors", "--vae", tmp_path / "e2e",
+            "--label", "start", "--label", "e2e", "--data", tmp_path / "png", "--image-size", 32,
+            "--num-images", 5, "--batch-size", 2, "--block", 4, "--figure", fig, "--out", out, "--no-progress"]
+    assert evaluate_cli.main([str(a) for a in argv]) == 0
+    rec = json.loads(out.read_text())
+    spectra = rec["metrics"]["spectra"]
+    assert set(spectra) == {"images", "start/raw", "e2e/raw", "e2e/normalized"}
+    for s in spectra.values():
+        assert len(s["band_fractions"]) == 7 and math.isclose(sum(s["band_fractions"]), 1.0, rel_tol=1e-9)
+        assert s["num_images"] == 5 and s["high_frequency_fraction"] == pytest.approx(sum(s["band_fractions"][4:]))
+    assert spectra["images"]["analysed_shape"] == [3, 32, 32] and spectra["e2e/raw"]["analysed_shape"] == [4, 8, 8]
+    assert spectra["e2e/normalized"]["band_fractions"] != spectra["e2e/raw"]["band_fractions"]  # channels reweighted
+    assert rec["settings"]["vaes"] == ["start", "e2e"] and rec["files"]["e2e/latent_stats"]["sha256"]
+    assert fig.read_bytes()[:4] == b"\x89PNG" and rec["metrics"]["figure"] == str(fig)
+
+    bad = ["evaluate", "spectrum", "--vae", str(tmp_path / "start.safetensors"), "--label", "a", "--label", "b",
+           "--data", str(tmp_path / "png"), "--out", str(tmp_path / "x.json")]
+    assert evaluate_cli.main(bad) == 2 and not (tmp_path / "x.json").exists()

@@ -4,11 +4,12 @@
     repae evaluate ref-stats SOURCE --out stats.npz [--inception PATH] [--image-size S] [--with-images]
     repae evaluate vae --vae PATH --data FOLDER|toy [--inception PATH] [--lpips-vgg F --lpips-heads F]
     repae evaluate latents [--vae PATH] --data FOLDER|toy [--ckpt RUN_OR_SIT] [--pca-figure out.png]
+    repae evaluate spectrum [--vae toy|RUN|PATH ...] [--data FOLDER|toy] [--block 8] [--figure out.png]
     repae evaluate cknna --ckpt RUN_OR_SIT [--vae PATH] [--data FOLDER|toy] [--encoder NAME] [--depth D] [--t 0.5]
 
 `samples` and `ref-stats` and `vae` run under torchrun: each rank takes a contiguous block of
 the indices (`repae.evaluate.sources.shard_range`), statistics are all-reduced, IS logits and
-precision/recall features are gathered on rank 0, and only rank 0 writes. `latents` and `cknna`
+precision/recall features are gathered on rank 0, and only rank 0 writes. `latents`, `spectrum` and `cknna`
 are small: under torchrun only rank 0 computes them. Every record holds the metric values, the
 sha256 of every file read, the settings, versions, date and command line (`report.py`).
 """
@@ -373,6 +374,95 @@ def cmd_latents(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- spectrum
+
+
+def _one_spectrum_vae(path: str, toy_cfg):
+    """(VAE, latent normaliser or (mean, var) or None, files, run or None) for one --vae value:
+    'toy' (the toy world's pre-trained VAE and its latent statistics), a training run or checkpoint
+    (its tuned VAE; the SiT's latent BatchNorm), an `export-vae` directory (latent_stats.safetensors
+    beside the VAE), or a VAE weight file / diffusers directory (raw latents only)."""
+    from repae.evaluate.loading import load_run, toy_world
+    from repae.evaluate.sources import is_run_or_checkpoint_dir
+    from repae.stage2.latents import vae_files
+    from repae.weights import load_latent_stats, load_model
+
+    if path == "toy":
+        tw = toy_world(toy_cfg())
+        return (load_model(tw.vae_path, kind="vae"), load_latent_stats(tw.latent_stats_path),
+                {"vae": str(tw.vae_path), "latent_stats": str(tw.latent_stats_path)}, None)
+    if is_run_or_checkpoint_dir(path):
+        run = load_run(path)
+        return run.vae, run.sit.bn, {"vae": run.files["vae"], "sit": run.files["sit"]}, run
+    if not Path(path).exists():
+        raise EvaluationError(f"VAE not found: {path}")
+    load_path, _, stats = vae_files(path)
+    norm = load_latent_stats(stats) if stats else None
+    return load_model(load_path, kind="vae"), norm, {"vae": str(load_path), "latent_stats": stats}, None
+
+
+def _spectrum_vaes(args):
+    """([(label, vae, norm, files)] in --vae order, the first training run among them or None)."""
+    from repae.evaluate.loading import load_cfg
+
+    paths = args.vae or ["toy"]
+    labels = args.label or paths
+    if len(labels) != len(paths):
+        raise EvaluationError(f"{len(labels)} --label for {len(paths)} --vae: give one label per VAE, or none")
+    if len(set(labels)) != len(labels):
+        raise EvaluationError(f"labels must differ: {labels}")
+    loaded, run = [None] * len(paths), None
+    for i in sorted(range(len(paths)), key=lambda i: paths[i] == "toy"):  # runs first: they describe the toy world
+        toy_cfg = (lambda: run.cfg) if run is not None else (lambda: load_cfg(args.preset, args.config, args.overrides))
+        vae, norm, files, vae_run = _one_spectrum_vae(paths[i], toy_cfg)
+        run = run or vae_run
+        loaded[i] = (labels[i], vae, norm, files)
+    return loaded, run
+
+
+def cmd_spectrum(args) -> int:
+    if _only_rank0():
+        return 0
+    import torch
+
+    from repae.evaluate.loading import first_images, open_data
+    from repae.evaluate.spectrum import latent_spectra, plot_spectra
+
+    device = _device(args.device, distributed=False)
+    vaes, run = _spectrum_vaes(args)
+    data = open_data(args.data, _data_cfg(args, run), image_size=args.image_size, batch_size=args.batch_size,
+                     limit=args.num_images, workers=args.workers)
+    images, _ = first_images(data.source, args.num_images)
+    dtype = autocast_dtype(args.precision)
+    spectra, files = {}, {}
+    for label, vae, norm, vae_files in vaes:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            got = latent_spectra(vae.to(device).eval(), images, norm, block=args.block, image_block=args.image_block,
+                                 remove_mean=not args.keep_mean, use_mean=not args.sample_posterior,
+                                 batch_size=args.batch_size)
+        spectra.setdefault("images", got.pop("images"))
+        spectra.update({f"{label}/{kind}": s for kind, s in got.items()})
+        files.update({f"{label}/{role}": p for role, p in vae_files.items()})
+    figure = str(plot_spectra(spectra, args.figure, block=args.block)) if args.figure else None
+    metrics = {"num_images": len(images), "spectra": {k: s.to_dict() for k, s in spectra.items()},
+               "figure": figure, **_skipped(data.source)}
+    settings = {**{k: v for k, v in data.info.items() if k != "labelled"}, "vaes": [v[0] for v in vaes],
+                "block": args.block, "image_block": args.image_block or args.block, "remove_mean": not args.keep_mean,
+                "latent": "posterior sample" if args.sample_posterior else "posterior mean",
+                "precision": args.precision, "images_range": "[-1,1] (the VAE's input)"}
+    _finish(args, "spectrum", metrics, settings, {**files, **data.files},
+            _default_out(args, "spectrum", *_run_place(run)), device,
+            notes={"bands": "orthonormal 2D DCT-II of each block of each channel; band of coefficient (u,v) = u+v, "
+                            "0 (DC) .. 2(block-1); fractions: energy per band over all blocks, channels and images, "
+                            "normalised to sum 1",
+                   "high_frequency_fraction": "fraction of all energy in bands u+v >= block",
+                   "remove_mean": "each channel's per-image mean subtracted before the DCT (offsets are not "
+                                  "spatial structure); H,W centre-cropped to multiples of the block",
+                   "normalized": "latents through the run's SiT latent BatchNorm running statistics, or the "
+                                 "latent statistics exported with the VAE (toy world / export-vae)"})
+    return 0
+
+
 # ----------------------------------------------------------------------------- cknna
 
 
@@ -582,6 +672,24 @@ def _add_cknna(sub) -> None:
     p.set_defaults(func=_guarded(cmd_cknna))
 
 
+def _add_spectrum(sub) -> None:
+    p = sub.add_parser("spectrum", help="blockwise DCT energy per frequency band of latents (raw, normalised) "
+                                        "and images; compares VAEs")
+    p.add_argument("--vae", action="append", help="a VAE to analyse (repeat to compare): 'toy' (the toy world's "
+                   "pre-trained VAE, the default), a training run (its tuned VAE, normalised by its SiT's "
+                   "BatchNorm), an export-vae directory, a weight file or diffusers directory")
+    p.add_argument("--label", action="append", help="a name per --vae, in order (default: the --vae value)")
+    _data_args(p)
+    p.add_argument("--num-images", type=int, default=1000, help="images encoded (default 1000)")
+    p.add_argument("--block", type=int, default=8, help="DCT block size for latents (default 8)")
+    p.add_argument("--image-block", type=int, help="DCT block size for the images (default: --block)")
+    p.add_argument("--keep-mean", action="store_true", help="keep each channel's per-image mean (in DC)")
+    p.add_argument("--figure", help="PNG: energy fraction per band (log) of every series")
+    _common(p, "JSON result (default: RUN/eval/spectrum-stepN.json for a run, else eval-spectrum.json)")
+    _config_args(p)
+    p.set_defaults(func=_guarded(cmd_spectrum))
+
+
 class _Parser(argparse.ArgumentParser):
     """Also takes key=value overrides after options (`samples RUN --ref R sample.cfg_scale=2`), which
     plain argparse refuses once an option has split the positionals."""
@@ -597,11 +705,13 @@ class _Parser(argparse.ArgumentParser):
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add `evaluate` and its sub-commands to the `repae` command's sub-parsers."""
-    p = subparsers.add_parser("evaluate", help="metrics: FID family, VAE reconstructions, latents, CKNNA (JSON)",
+    p = subparsers.add_parser("evaluate",
+                              help="metrics: FID family, VAE reconstructions, latents, spectra, CKNNA (JSON)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="evaluation", required=True, metavar="{samples,ref-stats,vae,latents,cknna}",
+    sub = p.add_subparsers(dest="evaluation", required=True,
+                           metavar="{samples,ref-stats,vae,latents,spectrum,cknna}",
                            parser_class=_Parser)
-    for add in (_add_samples, _add_ref_stats, _add_vae, _add_latents, _add_cknna):
+    for add in (_add_samples, _add_ref_stats, _add_vae, _add_latents, _add_spectrum, _add_cknna):
         add(sub)
     return p
 

@@ -101,6 +101,8 @@ def band_energy_sums(x: torch.Tensor, block: int = DEFAULT_BLOCK, remove_mean: b
     if remove_mean:
         x = x - x.mean(dim=(-2, -1), keepdim=True)
     energy = blockwise_dct(x, block).pow(2).sum(dim=(0, 1, 2, 3)).cpu()  # [block, block]
+    if remove_mean and x.shape[-2:] == (block, block):
+        energy[0, 0] = 0.0  # one block: its DC is the removed mean, zero but for rounding (~1e-33)
     sums = torch.zeros(num_bands(block), dtype=torch.float64)
     sums.index_add_(0, band_index(block).flatten(), energy.flatten())
     count = x.shape[0] * x.shape[1] * (x.shape[2] // block) * (x.shape[3] // block)
@@ -228,7 +230,7 @@ def plot_spectra(series: Mapping[str, Union[Spectrum, Sequence[float]]], path: U
     for label, s in series.items():
         fractions = s.fractions if isinstance(s, Spectrum) else list(s)
         block = block or (s.block if isinstance(s, Spectrum) else None)
-        ys = [f if f > 0 else math.nan for f in fractions]
+        ys = [f if f > 0 else math.nan for f in fractions]  # log axis: zero bands are not drawn
         ax.plot(range(len(ys)), ys, marker="o", label=label)
     if block:
         ax.axvspan(block - 0.5, 2 * block - 1.5, color="grey", alpha=0.12, label=f"high frequency (u+v >= {block})")
