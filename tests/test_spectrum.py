@@ -163,3 +163,4 @@ def test_evaluate_spectrum_cli_compares_two_vaes(tmp_path):
     bad = ["evaluate", "spectrum", "--vae", str(tmp_path / "start.safetensors"), "--label", "a", "--label", "b",
            "--data", str(tmp_path / "png"), "--out", str(tmp_path / "x.json")]
     assert evaluate_cli.main(bad) == 2 and not (tmp_path / "x.json").exists()
+    assert evaluate_cli.main(["evaluate", "spectrum", "--data", str(tmp_path / "png")]) == 2  # which VAE?

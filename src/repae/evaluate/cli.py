@@ -405,6 +405,9 @@ def _spectrum_vaes(args):
     """([(label, vae, norm, files)] in --vae order, the first training run among them or None)."""
     from repae.evaluate.loading import load_cfg
 
+    if not args.vae and args.data != "toy":
+        raise EvaluationError("--vae is required (or --data toy, whose VAE is the default): a run, an export-vae "
+                              "directory, a VAE weight file or diffusers directory, or 'toy'")
     paths = args.vae or ["toy"]
     labels = args.label or paths
     if len(labels) != len(paths):
@@ -676,7 +679,7 @@ def _add_spectrum(sub) -> None:
     p = sub.add_parser("spectrum", help="blockwise DCT energy per frequency band of latents (raw, normalised) "
                                         "and images; compares VAEs")
     p.add_argument("--vae", action="append", help="a VAE to analyse (repeat to compare): 'toy' (the toy world's "
-                   "pre-trained VAE, the default), a training run (its tuned VAE, normalised by its SiT's "
+                   "pre-trained VAE; the default with --data toy), a run (its tuned VAE, normalised by its SiT's "
                    "BatchNorm), an export-vae directory, a weight file or diffusers directory")
     p.add_argument("--label", action="append", help="a name per --vae, in order (default: the --vae value)")
     _data_args(p)
