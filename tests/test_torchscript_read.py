@@ -168,6 +168,23 @@ def test_forbidden_global_is_refused_and_not_called(tmp_path):
     assert not marker.exists()
 
 
+def test_copyreg_extension_codes_are_refused(tmp_path):
+    """EXT opcodes resolve through copyreg's process-wide cache, not through find_class."""
+    import copyreg
+
+    marker = tmp_path / "marker"
+    copyreg.add_extension("os", "system", 0x7FFFFF01)
+    try:
+        pickle.loads(b"\x80\x02\x84\x01\xff\xff\x7f.")  # resolve once, as another unpickler in the process might
+        evil = b"\x80\x02\x84\x01\xff\xff\x7f" + _op(f"touch {marker}") + b"\x85R."
+        with pytest.raises(CheckpointError, match="extension code"):
+            read_torchscript_state(_archive(tmp_path / "ext.pt", evil))
+    finally:
+        copyreg.remove_extension("os", "system", 0x7FFFFF01)
+        copyreg.clear_extension_cache()
+    assert not marker.exists()
+
+
 def test_build_on_anything_but_a_stand_in_is_refused(tmp_path):
     """BUILD on an allowed function would set its attributes (e.g. __defaults__) for later loads."""
     pkl = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n}" + _op("__defaults__") + _op((1, 2)) + b"sb."

@@ -228,6 +228,11 @@ class _ArchiveUnpickler(pickle._Unpickler):  # the pure-Python one: its BUILD ca
             return _ALLOWED[(module, name)]
         raise _Refused(f"{module}.{name}")
 
+    def get_extension(self, code: int):
+        # EXT1/2/4 name a global through copyreg's registry and a process-wide cache that
+        # bypasses find_class; torch never writes them
+        raise pickle.UnpicklingError(f"extension code {code} (copyreg registry) is not allowed")
+
     def persistent_load(self, pid) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
                 and isinstance(pid[2], str) and isinstance(pid[3], str) and _is_int(pid[4]) and pid[4] >= 0):
