@@ -197,11 +197,28 @@ def _hf_to_openai(state):
     return out
 
 
-@pytest.mark.parametrize("layout", ["openai", "huggingface"])
-def test_clip_equals_transformers_clip_vision(layout, tmp_path):
+def _torchscript_archive(state, path):
+    """A TorchScript archive (as OpenAI ships CLIP) holding `state` under the same dotted names."""
+    root = torch.nn.Module()
+    for key, value in state.items():
+        module = root
+        for part in key.split(".")[:-1]:
+            if part not in module._modules:
+                module.add_module(part, torch.nn.Module())
+            module = module._modules[part]
+        module.register_parameter(key.rsplit(".", 1)[-1], torch.nn.Parameter(value.clone()))
+    torch.jit.save(torch.jit.script(root), path)
+
+
+@pytest.mark.parametrize("layout", ["openai", "openai-torchscript", "huggingface"])
+def test_clip_equals_transformers_clip_vision(layout, tmp_path, monkeypatch):
     hf = _hf_clip_vision()
-    state = _hf_to_openai(hf.state_dict()) if layout == "openai" else hf.state_dict()
-    torch.save(state, tmp_path / "clip.pt")
+    state = _hf_to_openai(hf.state_dict()) if layout.startswith("openai") else hf.state_dict()
+    if layout == "openai-torchscript":  # read for its tensors only: torch.jit.load would run its code
+        _torchscript_archive(state, tmp_path / "clip.pt")
+        monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load called"))
+    else:
+        torch.save(state, tmp_path / "clip.pt")
     enc = load_encoder_from_spec(tiny("clip-vit-L"), str(tmp_path / "clip.pt"), image_size=64)  # 56px, 4x4
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():

@@ -13,19 +13,20 @@ Formats:
 - MoCo v3: `vit-{s,b,l}-300ep.pth.tar` (`state_dict`, `module.base_encoder.` prefix).
 - MAE: `mae_pretrain_vit_{base,large,huge}.pth` (`model` entry).
 - I-JEPA: `IN1K-vit.h.14-300e.pth.tar` (`encoder` entry, `module.` prefix), as REPA loads it.
-- CLIP: OpenAI `ViT-L-14.pt` (a TorchScript archive, or its state dict), `visual.*` keys; or a
+- CLIP: OpenAI `ViT-L-14.pt` (a TorchScript archive, read for its tensors
+  only by `repae.torchscript_archive`, never run; or its state dict), `visual.*` keys; or a
   Hugging Face `openai/clip-vit-large-patch14` export (`vision_model.*`).
 """
 
 from __future__ import annotations
 
 import re
-import zipfile
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List
 
 import torch
 
+from repae.torchscript_archive import is_torchscript_archive, read_torchscript_state
 from repae.weights import CheckpointError, StateDict, read_file
 
 # ------------------------------------------------------------------------ reading
@@ -39,21 +40,11 @@ def read_encoder_file(path: Path) -> dict:
             if (path / name).is_file():
                 return read_file(path / name)
         raise CheckpointError(f"{path} is a directory without model.safetensors or pytorch_model.bin")
-    if _is_torchscript(path):
-        # OpenAI's CLIP files are TorchScript archives; torch.jit.load reads TorchScript IR,
-        # not arbitrary pickled Python, so this stays within "no code execution from files".
-        try:
-            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-        except Exception as err:
-            raise CheckpointError(f"cannot read TorchScript archive {path}: {err}") from None
+    if is_torchscript_archive(path):
+        # OpenAI's CLIP files are TorchScript archives. torch.jit.load would compile and run the
+        # archive's code (a crafted __setstate__ runs on load), so only its tensors are read.
+        return read_torchscript_state(path)
     return read_file(path)
-
-
-def _is_torchscript(path: Path) -> bool:
-    if path.suffix == ".safetensors" or not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
 
 
 def _entry(obj: dict, names: Iterable[str], source: str) -> dict:
