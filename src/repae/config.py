@@ -545,7 +545,7 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 
 @dataclass(frozen=True)
-class _Range:
+class Range:
     """A numeric rule: integer or finite real in [lo, hi] (an open end when lo_open / hi_open);
     `each` applies it to every item of a list whose length lies in [min_len, max_len]."""
 
@@ -599,16 +599,16 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _int(lo: int, hi: Optional[int] = None) -> _Range:
-    return _Range(lo, hi, integer=True)
+def _int(lo: int, hi: Optional[int] = None) -> Range:
+    return Range(lo, hi, integer=True)
 
 
-def _real(lo: Optional[float], hi: Optional[float] = None, lo_open: bool = False, hi_open: bool = False) -> _Range:
-    return _Range(lo, hi, lo_open=lo_open, hi_open=hi_open)
+def _real(lo: Optional[float], hi: Optional[float] = None, lo_open: bool = False, hi_open: bool = False) -> Range:
+    return Range(lo, hi, lo_open=lo_open, hi_open=hi_open)
 
 
-def _ints(lo: int, hi: int, min_len: int = 0, max_len: int = 64) -> _Range:
-    return _Range(lo, hi, integer=True, each=True, min_len=min_len, max_len=max_len)
+def _ints(lo: int, hi: int, min_len: int = 0, max_len: int = 64) -> Range:
+    return Range(lo, hi, integer=True, each=True, min_len=min_len, max_len=max_len)
 
 
 _PROB = _real(0.0, 1.0)
@@ -617,7 +617,7 @@ _SEED = _int(0, 2**32 - 1)  # numpy's seed range; torch and random accept it too
 _COUNT = _int(1)
 _OPTIM = {
     "lr": _real(0.0, 1.0, lo_open=True),  # Adam's step is ~lr per weight: above 1 is never a learning rate
-    "betas": _Range(0.0, 1.0, hi_open=True, each=True, min_len=2, max_len=2),  # beta=1: the moment never moves
+    "betas": Range(0.0, 1.0, hi_open=True, each=True, min_len=2, max_len=2),  # beta=1: the moment never moves
     "weight_decay": _real(0.0),
     "eps": _real(0.0, 1.0, lo_open=True),
     "max_grad_norm": _real(0.0),  # 0 = no clipping
