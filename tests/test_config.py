@@ -40,11 +40,14 @@ def test_overrides_are_typed():
     ("flow.path_type=edm", "flow.path_type='edm' must be one of"),
     ("encoder.names=[dinov7]", "unknown encoder 'dinov7'"),
     ("model.arch=ViT-B/2", "not a SiT architecture"),
-    ("sample.guidance_low=-0.1", "guidance_low <= sample.guidance_high"),
+    ("sample.guidance_low=-0.1", r"sample.guidance_low=-0.1 must be a finite number in \[0, 1\]"),
+    ("sample.guidance_low=0.9", "guidance_low <= sample.guidance_high"),
+    ("vae.norm_groups=3", r"vae.norm_groups=3 must divide every VAE width \[32, 64\]"),
     ("sample.cfg_scale=2", "needs a null class"),
 ])
 def test_impossible_configs_are_clear_errors(override, message):
     extra = ["model.class_dropout_prob=0"] if "cfg_scale" in override else []
+    extra += ["sample.guidance_high=0.5"] if "guidance_low=0.9" in override else []
     with pytest.raises(ConfigError, match=message):
         load_config("toy", overrides=[override] + extra)
 

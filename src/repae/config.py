@@ -10,6 +10,7 @@ vs encoder patch grid, ...) before anything is built.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -379,6 +380,96 @@ def preset(name: str) -> RunConfig:
 
 # ------------------------------------------------------------------- load and merge
 
+# A config file is a few hundred lines: 1 MiB is far beyond any real one and keeps parsing cheap.
+MAX_CONFIG_BYTES = 1 << 20
+# Bounds on the YAML *tree*: a config has ~150 leaves and is 3 levels deep. Anchors and aliases are
+# allowed (`<<: *defaults` is a fair use), but the tree they expand to is measured before anything
+# walks it, so a "billion laughs" file (a few hundred bytes whose aliases expand to 10^9 nodes) is
+# refused at parse time instead of exhausting memory in the merge.
+MAX_YAML_NODES = 20_000
+MAX_YAML_DEPTH = 32
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader (no Python object tags) that refuses trees over MAX_YAML_NODES expanded nodes or
+    MAX_YAML_DEPTH levels, and cyclic aliases. The composer already shares an aliased node instead of
+    copying it, so parsing stays small; the expanded size is counted on that shared graph (each node
+    once, memoised) before the constructor or OmegaConf could expand it."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        _check_yaml_tree(node)
+        return node
+
+
+def _check_yaml_tree(root: yaml.Node) -> None:
+    sizes: dict = {}  # id(node) -> (expanded node count, depth)
+    stack: list = [(root, False)]
+    on_path: set = set()
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            children = _yaml_children(node)
+            size = 1 + sum(sizes[id(c)][0] for c in children)
+            depth = 1 + max((sizes[id(c)][1] for c in children), default=0)
+            if size > MAX_YAML_NODES:
+                raise yaml.YAMLError(f"expands to more than {MAX_YAML_NODES} nodes (aliases included); "
+                                     "a config needs a few hundred")
+            if depth > MAX_YAML_DEPTH:
+                raise yaml.YAMLError(f"nests deeper than {MAX_YAML_DEPTH} levels")
+            sizes[key] = (size, depth)
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise yaml.YAMLError("an alias refers to a node that contains it (a cyclic structure)")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _yaml_children(node) if id(c) not in sizes)
+
+
+def _yaml_children(node: yaml.Node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
+    """The mapping in a YAML file, read with bounded size, tree size and depth.
+
+    ConfigError naming the file for anything else: missing, too large, not UTF-8 text, not YAML,
+    empty, or not a mapping. Used for user config files and for the config.yaml of a run."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{what} {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a few KiB")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.start}): is it a binary file?") from None
+    try:
+        data = yaml.load(text, Loader=_BoundedLoader)
+    except yaml.YAMLError as err:
+        reason = " ".join(str(err).split())[:300]
+        raise ConfigError(f"{what} {path} is not valid YAML or is refused: {reason}") from None
+    except (ValueError, RecursionError, OverflowError) as err:  # e.g. an integer of 10^5 digits
+        raise ConfigError(f"{what} {path} holds a value that cannot be read: {str(err)[:200]}") from None
+    if data is None:
+        raise ConfigError(f"{what} {path} is empty; expected a mapping of config sections")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping at top level, not a {type(data).__name__}")
+    return data
+
 
 def load_config(
     preset_name: Optional[str] = "toy",
@@ -393,28 +484,20 @@ def load_config(
     base = preset(preset_name) if preset_name else RunConfig()
     merged = OmegaConf.structured(base)
     for path in files:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at top level")
-        merged = _merge(merged, OmegaConf.create(data), f"file {path}")
+        data = read_yaml(path)
+        merged = _merge(merged, lambda d=data: OmegaConf.create(d), f"file {path}")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
-        merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override {item!r}")
+        merged = _merge(merged, lambda i=item: OmegaConf.from_dotlist([i]), f"override {item!r}")
     cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(cfg, world_size=world_size)
     return cfg
 
 
-def _merge(base, other, where: str):
+def _merge(base, make_other, where: str):
     try:
-        return OmegaConf.merge(base, other)
+        return OmegaConf.merge(base, make_other())
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         reason = str(err).splitlines()[0]
@@ -461,23 +544,202 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
+@dataclass(frozen=True)
+class Range:
+    """A numeric rule: integer or finite real in [lo, hi] (an open end when lo_open / hi_open);
+    `each` applies it to every item of a list whose length lies in [min_len, max_len]."""
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    integer: bool = False
+    lo_open: bool = False
+    hi_open: bool = False
+    each: bool = False
+    min_len: int = 0
+    max_len: int = 64
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        if self.hi is None:
+            bound = f"{'>' if self.lo_open else '>='} {_num(self.lo)}" if self.lo is not None else ""
+        else:
+            bound = (f"in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}"
+                     f"{')' if self.hi_open else ']'}")
+        return f"{kind} {bound}".strip()
+
+    def check(self, key: str, value: Any) -> Optional[str]:
+        if self.each:
+            if value is None:
+                return None
+            if not isinstance(value, (list, tuple)) or not self.min_len <= len(value) <= self.max_len:
+                n = f"exactly {self.min_len}" if self.min_len == self.max_len else f"{self.min_len} to {self.max_len}"
+                return f"{key}={_short(value)} must be a list of {n} items, each {self.describe()}"
+            bad = [v for v in value if not self._ok(v)]
+            return f"{key}={_short(value)}: every item must be {self.describe()}" if bad else None
+        return None if self._ok(value) else f"{key}={_short(value)} must be {self.describe()}"
+
+    def _ok(self, v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        if self.integer and not isinstance(v, int):
+            return False
+        if not math.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+
+def _num(x: Optional[float]) -> str:
+    return f"{int(x)}" if x is not None and float(x).is_integer() and abs(x) < 1e15 else f"{x}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _int(lo: int, hi: Optional[int] = None) -> Range:
+    return Range(lo, hi, integer=True)
+
+
+def _real(lo: Optional[float], hi: Optional[float] = None, lo_open: bool = False, hi_open: bool = False) -> Range:
+    return Range(lo, hi, lo_open=lo_open, hi_open=hi_open)
+
+
+def _ints(lo: int, hi: int, min_len: int = 0, max_len: int = 64) -> Range:
+    return Range(lo, hi, integer=True, each=True, min_len=min_len, max_len=max_len)
+
+
+_PROB = _real(0.0, 1.0)
+_WEIGHT = _real(0.0)  # a loss weight: finite, >= 0 (0 switches the term off)
+_SEED = _int(0, 2**32 - 1)  # numpy's seed range; torch and random accept it too
+_COUNT = _int(1)
+_OPTIM = {
+    "lr": _real(0.0, 1.0, lo_open=True),  # Adam's step is ~lr per weight: above 1 is never a learning rate
+    "betas": Range(0.0, 1.0, hi_open=True, each=True, min_len=2, max_len=2),  # beta=1: the moment never moves
+    "weight_decay": _real(0.0),
+    "eps": _real(0.0, 1.0, lo_open=True),
+    "max_grad_norm": _real(0.0),  # 0 = no clipping
+}
+
+# Every int / float (or list of them) field of RunConfig has a rule here: tests/test_config_ranges.py
+# walks the schema and fails on a field without one. Upper bounds are sanity caps, far above any
+# published setting but low enough that a typo cannot ask for terabytes: e.g. data.image_size <= 4096
+# (REPA-E trains at 256 and 512; 4096 is 4x the largest latent-diffusion resolutions in use, while a
+# 4096^2 uint8 image is still 48 MB), SiT/VAE widths <= 16384 / 4096 (SiT-XL: 1152, SD-VAE: 512).
+RANGES: dict = {
+    "model.depth": _int(0, 256),  # 0 = from model.arch
+    "model.hidden_size": _int(0, 16384),
+    "model.num_heads": _int(0, 1024),
+    "model.mlp_ratio": _real(0.0, 64.0, lo_open=True),
+    "model.encoder_depth": _int(1, 256),
+    "model.projector_dim": _int(1, 65536),
+    "model.num_classes": _int(1, 1_000_000),
+    "model.class_dropout_prob": _real(0.0, 1.0, hi_open=True),  # 1 would never show a label
+    "model.time_scale": _real(0.0, 1e6, lo_open=True),
+    "vae.ch": _int(0, 4096),  # 0 = from vae.arch
+    "vae.ch_mult": _ints(1, 64, max_len=8),  # [] = from vae.arch; 8 levels = f128
+    "vae.num_res_blocks": _int(0, 64),
+    "vae.z_channels": _int(0, 4096),
+    "vae.attn_resolutions": _ints(1, 65536, max_len=16),
+    "vae.resolution": _int(1, 65536),
+    "vae.norm_groups": _int(1, 4096),
+    "latent_norm.momentum": _PROB,
+    "latent_norm.eps": _real(0.0, 1.0, lo_open=True),
+    "flow.lognormal_mean": _real(-10.0, 10.0),  # t = sigmoid(N(m, s)): |m| > 10 puts every t at 0 or 1
+    "flow.lognormal_std": _real(0.0, 10.0, lo_open=True),
+    "loss.proj_coeff": _WEIGHT,
+    "loss.vae_align_proj_coeff": _WEIGHT,
+    "loss.recon_weight": _WEIGHT,
+    "loss.lpips_weight": _WEIGHT,
+    "loss.kl_weight": _WEIGHT,
+    "loss.gan_weight": _WEIGHT,
+    "loss.gan_start_step": _int(0),
+    "loss.disc_ndf": _int(1, 4096),
+    "loss.disc_layers": _int(1, 8),  # each layer halves the patch grid: 8 = 256x smaller
+    "loss.lecam_weight": _WEIGHT,
+    "loss.lecam_ema_decay": _PROB,
+    "loss.vf_weight": _WEIGHT,
+    "loss.vf_margin_cos": _real(0.0, 2.0),  # relu(1 - m1 - cos): m1 >= 2 turns the term off entirely
+    "loss.vf_margin_dist": _real(0.0, 2.0),  # |cos - cos| <= 2
+    "loss.eq_weight": _WEIGHT,
+    "loss.scale_eq_weight": _WEIGHT,
+    "loss.scale_eq_factors": _ints(2, 64, max_len=8),  # 1 would compare an image with itself
+    **{f"optim_{part}.{k}": rule for part in ("sit", "vae", "disc") for k, rule in _OPTIM.items()},
+    "data.image_size": _int(1, 4096),
+    "data.num_workers": _int(0, 256),
+    "toy.train_size": _int(1, 1_000_000),  # held in memory: 3 KB per 32x32 image
+    "toy.heldout_size": _int(1, 1_000_000),
+    "toy.teacher_steps": _int(1, 10_000_000),
+    "toy.vae_steps": _int(1, 10_000_000),
+    "toy.batch_size": _int(1, 65536),
+    "train.global_batch_size": _int(1, 1 << 20),
+    "train.grad_accum_steps": _int(1, 1 << 20),
+    "train.max_steps": _int(1, 10**10),
+    "train.ema_decay": _PROB,
+    "train.seed": _SEED,
+    "train.log_every": _COUNT,
+    "train.ckpt_every": _COUNT,
+    "train.keep_last": _int(0),  # 0 = keep every checkpoint
+    "train.sample_every": _COUNT,
+    "train.max_nonfinite_in_a_row": _COUNT,
+    "sample.num_steps": _int(1, 100_000),
+    "sample.cfg_scale": _real(0.0, 1000.0),
+    "sample.guidance_low": _PROB,
+    "sample.guidance_high": _PROB,
+    "sample.num_samples": _int(1, 10**8),
+    "sample.batch_size": _int(1, 65536),
+    "sample.seed": _SEED,
+    "eval.num_samples": _int(0, 10**8),  # 0 = no end-of-run evaluation
+}
+
+
+def _check_names(cfg: RunConfig) -> List[str]:
+    """exp_name is one directory name inside output_dir: no separators, no '..', nothing odd."""
+    errors = []
+    name = cfg.exp_name
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or len(name) > 200 or any(ord(c) < 32 for c in name)):
+        errors.append(f"exp_name={_short(name)} must be a plain directory name (1-200 characters, no '/', "
+                      "'\\', control characters, and not '.' or '..')")
+    out = cfg.output_dir
+    if not isinstance(out, str) or not out or "\x00" in out or len(out) > 4096:
+        errors.append(f"output_dir={_short(out)} must be a non-empty path of at most 4096 characters")
+    return errors
+
+
+def range_errors(cfg: RunConfig) -> List[str]:
+    """One message per field outside its RANGES rule (dotted key, value, allowed range)."""
+    errors = [msg for key, rule in RANGES.items() for msg in [rule.check(key, _get(cfg, key))] if msg]
+    return errors + _check_names(cfg)
+
+
 def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
-    """Reject impossible combinations before anything runs. Raises ConfigError."""
+    """Reject impossible combinations before anything runs. Raises ConfigError.
+
+    Field ranges are checked first, all at once; the combinations (which divide by these fields)
+    are only checked once every field is in range."""
     from repae.models.encoders import encoder_spec  # late: encoders import config
 
-    errors: List[str] = []
+    errors: List[str] = range_errors(cfg)
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             errors.append(f"{key}={_get(cfg, key)!r} must be one of {choices}")
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 
     depth, hidden, heads, patch = sit_dims(cfg.model)
     if hidden % heads:
         errors.append(f"model: hidden_size {hidden} is not divisible by num_heads {heads}")
     if not 1 <= cfg.model.encoder_depth <= depth:
         errors.append(f"model.encoder_depth={cfg.model.encoder_depth} must be in [1, SiT depth {depth}]")
-    if cfg.model.num_classes < 1:
-        errors.append("model.num_classes must be >= 1")
 
+    layout = vae_layout(cfg.vae)
+    groups = layout["norm_groups"]
+    widths = sorted({layout["ch"] * m for m in [1, *layout["ch_mult"]]})
+    if any(w % groups for w in widths):
+        errors.append(f"vae.norm_groups={groups} must divide every VAE width {widths} (GroupNorm)")
     factor = vae_downsample_factor(cfg.vae)
     size = cfg.data.image_size
     if size % factor:
@@ -503,7 +765,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
                         f"!= encoder {name!r} patch grid {enc_grid}x{enc_grid}"
                     )
 
-    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size or _env_world_size()
     per_step = world * cfg.train.grad_accum_steps
     if cfg.train.global_batch_size % per_step:
         errors.append(
@@ -512,10 +774,6 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         )
     if not 0 <= cfg.sample.guidance_low <= cfg.sample.guidance_high <= 1:
         errors.append("need 0 <= sample.guidance_low <= sample.guidance_high <= 1")
-    if cfg.sample.num_steps < 1:
-        errors.append("sample.num_steps must be >= 1")
-    if not 0 <= cfg.model.class_dropout_prob < 1:
-        errors.append("model.class_dropout_prob must be in [0, 1)")
     if cfg.sample.cfg_scale != 1.0 and cfg.model.class_dropout_prob == 0:
         errors.append("sample.cfg_scale != 1 needs a null class: model.class_dropout_prob > 0")
     if cfg.latents.path and (cfg.train.tune_vae or cfg.vae.from_scratch):
@@ -526,3 +784,14 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
                       "use the source the latents were cached from (toy, folder or imagenet)")
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _env_world_size() -> int:
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(raw)
+    except ValueError:
+        world = 0
+    if world < 1:
+        raise ConfigError(f"environment variable WORLD_SIZE={raw!r} must be an integer >= 1")
+    return world

@@ -219,19 +219,125 @@ def load_model(path: Union[str, os.PathLike], kind: Optional[str] = None, args=N
     obj = read_file(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint")
-    kind = kind or meta.get("repae_kind") or _guess_kind(obj)
+    saved_kind = meta.get("repae_kind")
+    if saved_kind is not None and saved_kind not in ("sit", "vae"):
+        raise CheckpointError(f"{path}: metadata repae_kind={saved_kind[:40]!r} must be 'sit' or 'vae'")
+    if kind and saved_kind and kind != saved_kind and "repae_args" in meta:
+        raise CheckpointError(f"{path} holds a {saved_kind}, not a {kind} (metadata repae_kind)")
+    kind = kind or saved_kind or _guess_kind(obj)
+    if kind not in ("sit", "vae"):
+        raise CheckpointError(f"kind must be 'sit' or 'vae', got {kind!r}")
     state, where = _pick(obj, kind, prefer_ema)
     if args is None and "repae_args" in meta:
-        fields = json.loads(meta["repae_args"])
-        args = SiTArgs(**fields) if kind == "sit" else VAEArgs(**fields)
+        # checked against caps and against the tensors in the file before anything is allocated:
+        # a small file must not make us build the huge model its metadata claims
+        args = args_from_metadata(path, kind, meta["repae_args"])
+        check_args_match_weights(path, args, state)
     if kind == "sit":
         args = args or sit_args_from_state(state, **sit_overrides)
         model: nn.Module = SiT(args)
-    elif kind == "vae":
-        model = AutoencoderKL(args or vae_args_from_state(state))
     else:
-        raise CheckpointError(f"kind must be 'sit' or 'vae', got {kind!r}")
+        model = AutoencoderKL(args or vae_args_from_state(state))
     return load_strict(model, state, f"{path}{where}")
+
+
+# Caps on the architecture a weight file's metadata may describe: far above any published model
+# (SiT-XL: depth 28, hidden 1152; SD-VAE: ch 128, ch_mult of 4, z 4) yet small enough that a
+# typo or a hostile file cannot ask for terabytes before the tensors are compared.
+def _metadata_rules() -> Dict[str, Dict[str, "Range"]]:
+    from repae.config import Range
+
+    def i(lo: int, hi: int) -> Range:
+        return Range(lo, hi, integer=True)
+
+    def ints(lo: int, hi: int, min_len: int, max_len: int) -> Range:
+        return Range(lo, hi, integer=True, each=True, min_len=min_len, max_len=max_len)
+
+    return {
+        "sit": {"input_size": i(1, 1024), "patch_size": i(1, 16), "in_channels": i(1, 4096),
+                "hidden_size": i(1, 16384), "depth": i(1, 256), "num_heads": i(1, 1024),
+                "mlp_ratio": Range(0, 64, lo_open=True), "num_classes": i(1, 1_000_000),
+                "z_dims": ints(1, 65536, 0, 16), "projector_dim": i(1, 65536), "encoder_depth": i(1, 256),
+                "bn_momentum": Range(0, 1), "bn_eps": Range(0, 1, lo_open=True),
+                "time_scale": Range(0, 1e6, lo_open=True)},
+        "vae": {"ch": i(1, 4096), "ch_mult": ints(1, 64, 1, 8), "num_res_blocks": i(1, 64),
+                "z_channels": i(1, 4096), "attn_resolutions": ints(1, 65536, 0, 16),
+                "resolution": i(1, 65536), "norm_groups": i(1, 4096), "in_channels": i(1, 64)},
+    }
+
+
+_METADATA_BOOLS = {"with_null_class", "qk_norm", "latent_norm"}
+_METADATA_CHOICES = {"attention": ("auto", "sdpa", "math")}
+MAX_METADATA_CHARS = 1 << 16  # the JSON of an args dataclass is a few hundred characters
+
+
+def args_from_metadata(path: Union[str, os.PathLike], kind: str, text: str) -> Union[SiTArgs, VAEArgs]:
+    """SiTArgs / VAEArgs from a file's `repae_args` JSON: known fields only, right types, within caps.
+    CheckpointError naming the file and the field otherwise."""
+    cls = SiTArgs if kind == "sit" else VAEArgs
+    where = f"{path}: metadata repae_args"
+    if len(text) > MAX_METADATA_CHARS:
+        raise CheckpointError(f"{where} is {len(text)} characters; architecture arguments are a few hundred")
+    try:
+        fields = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise CheckpointError(f"{where} is not valid JSON ({str(err)[:120]})") from None
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{where} must be a JSON object of {cls.__name__} fields")
+    known = {f.name for f in dataclasses.fields(cls)}
+    rules = _metadata_rules()[kind]
+    errors = [f"unknown field {k[:40]!r} for a {kind}" for k in fields if k not in known]
+    for key, value in fields.items():
+        if key in rules:
+            msg = rules[key].check(key, value)
+            errors += [msg] if msg else []
+        elif key in _METADATA_BOOLS and not isinstance(value, bool):
+            errors.append(f"{key}={str(value)[:40]} must be true or false")
+        elif key in _METADATA_CHOICES and value not in _METADATA_CHOICES[key]:
+            errors.append(f"{key}={str(value)[:40]!r} must be one of {_METADATA_CHOICES[key]}")
+    if errors:
+        raise CheckpointError(f"{where}: " + "; ".join(errors[:10]))
+    return cls(**fields)
+
+
+def check_args_match_weights(path: Union[str, os.PathLike], args: Union[SiTArgs, VAEArgs], state: StateDict) -> None:
+    """The architecture fields of `args` against what the file's tensor shapes imply, before building:
+    CheckpointError naming the file and each field that differs."""
+    try:
+        if isinstance(args, SiTArgs):
+            found = sit_args_from_state(state, num_classes=args.num_classes)
+            pairs = {f: (getattr(args, f), getattr(found, f)) for f in (
+                "input_size", "patch_size", "in_channels", "hidden_size", "depth", "qk_norm", "latent_norm",
+                "with_null_class")}
+            pairs["z_dims"] = (list(args.z_dims), list(found.z_dims))
+            if args.z_dims:
+                pairs["projector_dim"] = (args.projector_dim, found.projector_dim)
+            pairs["mlp_ratio"] = (int(args.hidden_size * args.mlp_ratio), round(found.mlp_ratio * found.hidden_size))
+            if args.qk_norm:
+                pairs["num_heads"] = (args.num_heads, found.num_heads)
+        else:
+            found = vae_args_from_state(state)
+            pairs = {f: (getattr(args, f), getattr(found, f)) for f in ("ch", "z_channels", "num_res_blocks")}
+            pairs["ch_mult"] = (list(args.ch_mult), list(found.ch_mult))
+            pairs["in_channels"] = (args.in_channels, state["encoder.conv_in.weight"].shape[1])
+            if pairs["ch_mult"][0] == pairs["ch_mult"][1]:
+                pairs["attn_resolutions"] = (args.attn_levels(), found.attn_levels())
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: metadata describes a {type(args).__name__[:-4]}, but {err}") from None
+    except (KeyError, IndexError, ZeroDivisionError) as err:
+        raise CheckpointError(f"{path}: the tensors do not form the model its metadata describes ({err!r})") from None
+    wrong = [f"{k}={a} (tensors: {b})" for k, (a, b) in pairs.items() if a != b]
+    if wrong:
+        raise CheckpointError(f"{path}: metadata repae_args does not match the tensors in the file: " + ", ".join(wrong))
+    if isinstance(args, SiTArgs) and args.encoder_depth > args.depth:
+        raise CheckpointError(f"{path}: metadata repae_args encoder_depth={args.encoder_depth} is deeper than "
+                              f"depth={args.depth}")
+    if isinstance(args, SiTArgs) and args.hidden_size % args.num_heads:
+        raise CheckpointError(f"{path}: metadata repae_args hidden_size={args.hidden_size} is not divisible by "
+                              f"num_heads={args.num_heads}")
+    if isinstance(args, VAEArgs) and any((args.ch * m) % args.norm_groups for m in [1, *args.ch_mult]):
+        raise CheckpointError(f"{path}: metadata repae_args norm_groups={args.norm_groups} does not divide the "
+                              f"VAE widths (ch={args.ch}, ch_mult={list(args.ch_mult)})")
 
 
 def _load_diffusers_dir(path: Path, args: Optional[VAEArgs]) -> AutoencoderKL:

@@ -21,7 +21,7 @@ from repae import dist
 from repae.nn_utils import autocast
 from repae.build import build_sit, build_vae, uses_repa, vae_args
 from repae.models.vae import AutoencoderKL
-from repae.config import ConfigError, RunConfig, from_dict, save_config, to_dict
+from repae.config import ConfigError, RunConfig, from_dict, read_yaml, save_config, to_dict
 from repae.data.sampler import TensorBatches
 from repae.generate import generate_images, sampler_settings, save_image_grid
 from repae.losses import VAERegulariser
@@ -201,9 +201,7 @@ RESUMABLE_TRAIN_KEYS = ("max_steps", "grad_accum_steps", "log_every", "ckpt_ever
 
 def _check_same_config(cfg: RunConfig, saved: Path) -> None:
     """Resuming is only honest with the same recipe; the step budget and cadences may change."""
-    import yaml
-
-    old, new = yaml.safe_load(saved.read_text()), to_dict(cfg)
+    old, new = read_yaml(saved, "the saved config of the run"), to_dict(cfg)
     try:  # through the schema, so a section or field added since the run was saved reads as its default
         old = to_dict(from_dict(old))
     except Exception:  # a key the schema no longer has: compare as saved (and differ)
