@@ -20,6 +20,7 @@ from torch import nn
 from repae.evaluate import cli as evaluate_cli
 from repae.evaluate.fid import compute_fid_family, load_reference
 from repae.evaluate.pipeline import fid_family, vae_metrics
+from repae.nn_utils import resolve_precision
 from repae.evaluate.sources import (
     EvaluationError, TensorImages, class_labels, open_folder, open_npz, shard_range,
 )
@@ -178,7 +179,7 @@ def test_three_sources_holding_the_same_images_give_the_same_fid(tmp_path, tiny_
     assert rec["settings"]["sampler"] == {"mode": "ode", "num_steps": 2, "heun": False, "cfg_scale": 4.0,
                                           "guidance_low": 0.0, "guidance_high": 1.0, "seed": 0,
                                           "path_type": "linear", "use_ema": True, "batch_size": 7,
-                                          "precision": "bf16"}
+                                          "precision": resolve_precision("auto", "cpu")}
     assert rec["settings"]["labels"]["sampling"] == "balanced"
     assert rec["settings"]["labels"]["min_per_class"] == rec["settings"]["labels"]["max_per_class"] == 2
     assert rec["settings"]["num_samples"] == 20 and rec["settings"]["image_size"] == 32

@@ -23,7 +23,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from repae.config import RunConfig
-from repae.nn_utils import autocast, autocast_dtype
+from repae.nn_utils import autocast, autocast_dtype, resolve_precision
 
 
 # ------------------------------------------------------------------------------ timing
@@ -184,11 +184,11 @@ def bench_step(cfg: RunConfig, device: torch.device, iters: int = 5, warmup: int
             torch.cuda.reset_peak_memory_stats(device)
         seconds = median_seconds(full_step, device, iters, warmup)
         flops = count_flops(full_step)
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    peak = matmul_peak(device, dtype)
+    precision = resolve_precision(cfg.train.precision, device)
+    peak = matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     achieved = flops / seconds
     return {
-        "preset": cfg.preset, "device": str(device), "precision": cfg.train.precision,
+        "preset": cfg.preset, "device": str(device), "precision": precision,
         "threads": torch.get_num_threads(), "global_batch": n, "grad_accum_steps": cfg.train.grad_accum_steps,
         "step_seconds": seconds, "images_per_s": n / seconds,
         "parts_seconds_per_micro_batch": part_seconds,
@@ -234,7 +234,7 @@ def bench_sample(cfg: RunConfig, device: torch.device, num_samples: Optional[int
             # run that timed the first call gave SiT-XL/2 ODE-50 at 11 images/s, ~1/3 of what its FLOPs allow)
             seconds = median_seconds(lambda: generate_images(
                 sit, vae, labels, mode=mode, num_steps=steps, cfg_scale=scale, batch_size=n, progress=False,
-                autocast_dtype=autocast_dtype(cfg.train.precision)), device, iters=1,
+                autocast_dtype=autocast_dtype(cfg.train.precision, device)), device, iters=1,
                 warmup=int(device.type == "cuda"))
             out["images_per_s"][f"{mode}-{steps} cfg {scale:g}"] = n / seconds
     return out

@@ -86,7 +86,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     n = cfg.sample.num_samples
     labels = sample_labels(n, sit.num_classes, cfg.eval.label_sampling, cfg.sample.seed)  # balanced: i % C
     shown = min(n, 100)
-    sampler = sampler_settings(cfg)
+    sampler = sampler_settings(cfg, device=device)
     start = time.perf_counter()
     if args.npz:  # every rank generates its batches; rank 0 assembles the .npz
         images = generate_npz(sit, vae, labels, args.npz, batch_size=cfg.sample.batch_size, keep=shown,

@@ -38,15 +38,16 @@ def sample_noise(indices: Sequence[int], shape: Sequence[int], seed: int) -> tor
     return torch.stack(rows)
 
 
-def sampler_settings(cfg, seed: Optional[int] = None) -> dict:
+def sampler_settings(cfg, seed: Optional[int] = None, device: torch.device | str = "cpu") -> dict:
     """generate_images/generate_npz keyword arguments from a run config's sampler, flow and
-    precision settings (seed: cfg.sample.seed unless given)."""
+    precision settings (seed: cfg.sample.seed unless given; device: where the sampler runs, which
+    decides what precision 'auto' means)."""
     from repae.nn_utils import autocast_dtype
 
     s = cfg.sample
     return dict(mode=s.mode, num_steps=s.num_steps, heun=s.heun, cfg_scale=s.cfg_scale,
                 guidance_low=s.guidance_low, guidance_high=s.guidance_high, path_type=cfg.flow.path_type,
-                seed=s.seed if seed is None else seed, autocast_dtype=autocast_dtype(cfg.train.precision))
+                seed=s.seed if seed is None else seed, autocast_dtype=autocast_dtype(cfg.train.precision, device))
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from repae.losses import kl_loss, reconstruction_loss
 from repae.models.latent_norm import measure_latent_stats
 from repae.models.toy_teacher import ToyTeacher
 from repae.models.vae import AutoencoderKL, VAEArgs
+from repae.nn_utils import autocast
 from repae.pixels import from_vae_range, to_vae_range
 from repae.weights import load_strict, read_file, save_latent_stats, save_model, save_weights
 
@@ -79,7 +80,7 @@ def train_teacher(images, labels, steps: int, batch: int, seed: int = 0, grid: i
         if torch.rand(()) < 0.5:
             x = x.flip(3)
         x = torch.rot90(x, int(torch.randint(0, 4, ())), dims=(2, 3))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast("auto", torch.device("cpu")):
             loss = F.cross_entropy(teacher.logits(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -103,7 +104,7 @@ def train_toy_vae(images, steps: int, batch: int, args: VAEArgs, seed: int = 0, 
     bar = tqdm(_batches(images, images, batch, steps, seed + 1), total=steps, desc="toy VAE", disable=not progress)
     for x, _ in bar:
         x = to_vae_range(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast("auto", torch.device("cpu")):
             posterior, _, recon = vae(x)
         loss = reconstruction_loss(x, recon, "l1") + 1e-6 * kl_loss(posterior)
         opt.zero_grad(set_to_none=True)

@@ -28,10 +28,16 @@ from repae.evaluate.errors import EvaluationError
 # torch and the metric modules are imported inside the handlers: `repae --help` stays fast.
 
 
-def autocast_dtype(precision: str):
+def autocast_dtype(precision: str, device="cpu"):
     from repae.nn_utils import autocast_dtype as dtype_of  # imports torch: only when a handler runs
 
-    return dtype_of(precision)
+    return dtype_of(precision, device)
+
+
+def resolve_precision(precision: str, device) -> str:
+    from repae.nn_utils import resolve_precision as resolve  # imports torch: only when a handler runs
+
+    return resolve(precision, device)
 
 
 MAX_NAMED_SKIPS = 20  # unreadable file names a result lists (all of them are counted)
@@ -118,13 +124,13 @@ def _sample_source(args, device, kind: str, loaded):
     sampler = {"mode": s.mode, "num_steps": s.num_steps, "heun": s.heun, "cfg_scale": s.cfg_scale,
                "guidance_low": s.guidance_low, "guidance_high": s.guidance_high, "seed": s.seed,
                "path_type": cfg.flow.path_type, "use_ema": s.use_ema, "batch_size": s.batch_size,
-               "precision": cfg.train.precision}
+               "precision": resolve_precision(cfg.train.precision, device)}
     counts = torch.bincount(labels, minlength=sit.num_classes)
     label_info = {"sampling": cfg.eval.label_sampling, "num_classes": sit.num_classes,
                   "seed": s.seed if cfg.eval.label_sampling == "uniform" else None,
                   "min_per_class": int(counts.min()), "max_per_class": int(counts.max())}
     source = SampledImages(sit, vae, labels, sampler, s.batch_size, rank, world,
-                           autocast_dtype(cfg.train.precision))
+                           autocast_dtype(cfg.train.precision, device))
     settings = {"source": {"kind": "checkpoint", "path": args.source, "step": loaded.step},
                 "num_samples": n, "sampler": sampler, "labels": label_info, "image_size": cfg.data.image_size}
     return source, settings, dict(loaded.files)

@@ -93,7 +93,7 @@ def checkpoint_metrics(ckpt: Path, judges: Judges, num_samples: int, grid_path: 
     sit, vae = sit.to(device), vae.to(device)
     labels = torch.arange(num_samples) % cfg.model.num_classes
     images = generate_images(sit, vae, labels, batch_size=125, progress=False,
-                             **sampler_settings(cfg, seed=cfg.sample.seed + 1))
+                             **sampler_settings(cfg, seed=cfg.sample.seed + 1, device=device))
     if grid_path is not None:  # four rows of the first (up to) ten classes
         classes = cfg.model.num_classes
         cols = min(classes, GRID_CLASSES)

@@ -289,7 +289,7 @@ def write_samples(run: Run) -> Path:
     n = cfg.sample.num_samples
     labels = torch.arange(n) % cfg.model.num_classes
     images = generate_images(ema, run.m.vae, labels, batch_size=cfg.sample.batch_size, progress=False,
-                             **sampler_settings(cfg))
+                             **sampler_settings(cfg, device=run.device))
     path = cfg.run_dir / "samples" / f"step-{run.step:07d}.png"
     save_image_grid(images, path, nrow=min(cfg.model.num_classes, n), upscale=max(1, 96 // images.shape[-1]))
     return path
@@ -317,7 +317,7 @@ def toy_summary(run: Run) -> dict:
         return summary
     labels = torch.arange(cfg.eval.num_samples) % cfg.model.num_classes
     images = generate_images(run.m.ema.model, run.m.vae, labels, batch_size=100, progress=False,
-                             **sampler_settings(cfg, seed=cfg.sample.seed + 1))
+                             **sampler_settings(cfg, seed=cfg.sample.seed + 1, device=run.device))
     evaluator = run.toy.evaluator.to(run.device)  # built with the toy world (_toy_setup)
     feats, logits = evaluator_outputs(evaluator, images)
     reference, _ = evaluator_outputs(evaluator, run.toy.heldout_images)
