@@ -2,6 +2,7 @@
 
 import json
 import math
+import types
 
 import pytest
 
@@ -11,18 +12,76 @@ from repae.reproduce import report as rep
 from test_train_loop import TINY
 
 
-def _results(fid, sv=None, cknna=None, failed=(), reason="FloatingPointError: 10 non-finite steps in a row"):
-    """A results dict with one seed and two measured steps per arm: fid[arm] = (step 1, step 2)."""
-    sv, cknna = sv or {}, cknna or {}
+def _results(fid, sv=None, cknna=None, failed=(), reason="FloatingPointError: 10 non-finite steps in a row", sv_norm=None):
+    """A results dict with one seed and two measured steps per arm: fid[arm] = (step 1, step 2).
+    sv / sv_norm: raw / normalised latent spatial variance per arm (TV is 10x it); start 1.0 / 0.5."""
+    sv, cknna, sv_norm = sv or {}, cknna or {}, sv_norm or {}
     metrics = {arm: {"0": {str(step): {"fid": values[step - 1], "class_accuracy": 0.5,
                                         "latent_spatial_variance": sv.get(arm, 1.0), "latent_total_variation": sv.get(arm, 1.0) * 10,
+                                        "latent_spatial_variance_normalized": sv_norm.get(arm, 0.5),
+                                        "latent_total_variation_normalized": sv_norm.get(arm, 0.5) * 10,
                                         "cknna": cknna.get(arm, (0.1, 0.1))[step - 1], "vae_psnr_db": 20.0}
                            for step in (1, 2)}}
                for arm, values in fid.items()}
     runs = {f"{arm}-s0": {"arm": arm, "seed": 0, "train_seconds": 1.0, **({"failed": reason} if arm in failed else {})}
             for arm in fid}
     return {"metrics": metrics, "runs": runs, "initial_vae": {"latent_spatial_variance": 1.0, "latent_total_variation": 10.0,
+                                                             "latent_spatial_variance_normalized": 0.5,
+                                                             "latent_total_variation_normalized": 5.0,
                                                              "vae_psnr_db": 20.0}}
+
+
+def test_e2e_diffusion_arm_is_the_papers_naive_setting():
+    """Claim (a)'s arm: diffusion loss into the VAE (no stop-grad, no REPA term on either side,
+    no L_REG) through a fixed normaliser, which lets the raw latent scale matter to the loss."""
+    from repae.config import load_config
+    from repae.reproduce.arms import arms_for
+
+    base = load_config("toy", overrides=TINY)
+    assert base.latent_norm.mode == "batch"  # the preset's own is BatchNorm: the arm must change it
+    arm = {a.name: a for a in arms_for(base)}["e2e-diffusion"]
+    cfg = load_config("toy", overrides=TINY + list(arm.overrides))
+    assert cfg.latent_norm.mode == "fixed"
+    assert cfg.train.tune_vae and not cfg.train.stop_grad and not cfg.train.use_reg_loss
+    assert cfg.loss.proj_coeff == 0 and cfg.loss.vae_align_proj_coeff == 0
+
+
+def test_a_fixed_normaliser_shows_a_shrunk_latent_and_its_own_statistics_hide_it():
+    import torch
+
+    from repae.evaluate.latents import latent_structure
+    from repae.reproduce.measure import own_normalizer, sit_normalizer
+
+    z = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    fixed = own_normalizer(z)  # the starting VAE's statistics, kept
+    before, after = latent_structure(z, fixed), latent_structure(0.01 * z, fixed)
+    assert after["raw/spatial_variance"] == pytest.approx(1e-4 * before["raw/spatial_variance"], rel=1e-6)
+    assert after["normalized/spatial_variance"] < 1e-3 * before["normalized/spatial_variance"]
+    # normalised by the shrunk latents' own statistics (as BatchNorm's batch statistics do) nothing changed
+    # (up to BatchNorm's eps of 1e-4 beside a variance of ~0.09)
+    own = latent_structure(0.1 * z, own_normalizer(0.1 * z))
+    assert own["normalized/spatial_variance"] == pytest.approx(before["normalized/spatial_variance"], rel=2e-3)
+    # a SiT without a latent normaliser sees the raw latents
+    identity = sit_normalizer(types.SimpleNamespace(bn=None, out_channels=4))
+    assert torch.equal(identity.normalize(z), z)
+
+
+def test_claim_a_reports_raw_and_normalised_latents_and_judges_the_raw_ones():
+    r = _results({"repae": (15, 10), "e2e-diffusion": (90, 80)}, sv={"e2e-diffusion": 0.05, "repae": 1.2},
+                 sv_norm={"e2e-diffusion": 0.8})
+    verdict, evidence = rep.claim_a(r)
+    assert verdict == "reproduces"  # raw 1.0 -> 0.05, though the normalised latents barely moved
+    assert "raw latents (as the paper measured): spatial variance 1 → 0.05 (×0.05)" in evidence
+    assert "normalised latents (what the SiT sees): spatial variance 0.5 → 0.8 (×1.6)" in evidence
+    # collapsed only after normalisation: the raw criterion decides
+    r = _results({"repae": (15, 10), "e2e-diffusion": (90, 80)}, sv={"e2e-diffusion": 0.9},
+                 sv_norm={"e2e-diffusion": 0.001})
+    verdict, evidence = rep.claim_a(r)
+    assert verdict == "does not reproduce" and "spatial variance 0.5 → 0.001 (×0.002)" in evidence
+    # results measured before the normalised latents were: raw verdict stands, normalised not measured
+    for m in r["metrics"]["e2e-diffusion"]["0"].values():
+        del m["latent_spatial_variance_normalized"], m["latent_total_variation_normalized"]
+    assert "what the SiT sees): not measured" in rep.claim_a(r)[1]
 
 
 def test_verdicts_follow_the_stated_criteria():
@@ -96,6 +155,9 @@ def test_reproduce_command_runs_every_arm_measures_and_reports(tmp_path):
     frozen = results["metrics"]["stage2-e2e-vae"]["0"]
     assert frozen["1"]["vae_psnr_db"] == frozen["2"]["vae_psnr_db"]
     # frozen-VAE arms keep the starting VAE's latents; REPA-E moves them
+    for arm in names:  # raw and normalised latents, both measured
+        assert {"latent_spatial_variance_normalized", "latent_total_variation_normalized"} <= set(results["metrics"][arm]["0"]["2"])
+    assert "latent_spatial_variance_normalized" in results["initial_vae"]
     start = results["initial_vae"]["latent_spatial_variance"]
     assert results["metrics"]["repa"]["0"]["2"]["latent_spatial_variance"] == pytest.approx(start, rel=1e-5)
     assert results["metrics"]["repae"]["0"]["2"]["latent_spatial_variance"] != pytest.approx(start, rel=1e-5)
@@ -128,6 +190,13 @@ def test_generation_verdicts_are_inconclusive_when_no_arm_beats_chance(tmp_path)
     text = rep.write_report(r, tmp_path, tmp_path / "R.md", context).read_text()
     rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| (")}
     assert "**reproduces**" in rows["| (a)"]  # about latents: stands
+    assert "raw latents (as the paper measured)" in rows["| (a)"] and "normalised latents" in rows["| (a)"]
+    header = next(line for line in text.splitlines() if line.startswith("| arm |"))
+    assert "latent spatial var. (raw)" in header and "latent spatial var. (normalised)" in header
+    start = next(line for line in text.splitlines() if line.startswith("| starting VAE"))
+    assert start.split(" | ")[3:7] == ["1", "10", "0.5", "5"]  # raw SV, raw TV, normalised SV, normalised TV
+    e2e = next(line for line in text.splitlines() if line.startswith("| e2e-diffusion |"))
+    assert e2e.split(" | ")[3:7] == ["0.05", "0.5", "0.5", "5"]
     for claim in "bcde":
         assert "inconclusive at this budget" in rows[f"| ({claim})"], claim
     assert "below 2x chance" in text

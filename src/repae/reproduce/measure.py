@@ -5,8 +5,10 @@ Per checkpoint (EMA SiT, the checkpoint's VAE):
 - FID and class accuracy of `num_samples` class-balanced samples (the run's sampler settings):
   the toy evaluator's features and class on the toy world; on real data Inception's pool_3
   features and the nearest held-out class mean in that space;
-- latent spatial variance and total variation of the VAE's posterior means on held-out images
-  (raw latents, as the paper's Table 1; definitions in `repae.evaluate.latents`);
+- latent spatial variance and total variation of the VAE's posterior means on held-out images,
+  on the raw latents (the paper's Table 1 measured these: 17.06 is the scale of raw SD-VAE
+  latents) and on the latents the SiT sees, normalised by the run's latent normaliser with its
+  running statistics (`*_normalized`; definitions in `repae.evaluate.latents`);
 - CKNNA between the SiT's tokens after block `encoder_depth` at t=0.5 and the judges' partner
   encoder (toy teacher, or the run's alignment encoder) on the same held-out images
   (`repae.evaluate.cknna.sit_encoder_alignment`);
@@ -72,16 +74,57 @@ def heldout_latents(vae, judges: Judges) -> torch.Tensor:
                       for i in range(0, len(held), step)])
 
 
+def own_normalizer(z: torch.Tensor):
+    """A fixed `LatentNorm` with the per-channel mean and variance of z [N,C,h,w] itself: the
+    normaliser of a VAE that no run has trained a SiT on (the starting VAE), as the runs set
+    theirs up from the starting VAE's latent statistics."""
+    from repae.models.latent_norm import LatentNorm
+
+    norm = LatentNorm(z.shape[1])
+    zd = z.double()
+    norm.init_from_stats(zd.mean(dim=(0, 2, 3)), zd.var(dim=(0, 2, 3), unbiased=False))
+    return norm.eval()
+
+
 @torch.no_grad()
-def vae_metrics(vae, judges: Judges, z: Optional[torch.Tensor] = None) -> Dict[str, float]:
-    """Latent structure and PSNR of a VAE on the held-out images (z: their latents, if already encoded)."""
+def vae_metrics(vae, judges: Judges, z: Optional[torch.Tensor] = None, latent_norm=None) -> Dict[str, float]:
+    """Latent structure and PSNR of a VAE on the held-out images (z: their latents, if already encoded).
+
+    Latent structure of the raw latents (`latent_*`) and of the normalised ones (`latent_*_normalized`),
+    normalised by `latent_norm` (a `LatentNorm`'s running statistics; default `own_normalizer(z)`)."""
     from repae.toyworld import psnr
 
     z = heldout_latents(vae, judges) if z is None else z
-    structure = latent_structure(z)
+    structure = latent_structure(z, latent_norm if latent_norm is not None else own_normalizer(z))
     return {"latent_spatial_variance": structure["raw/spatial_variance"],
             "latent_total_variation": structure["raw/total_variation"],
+            "latent_spatial_variance_normalized": structure["normalized/spatial_variance"],
+            "latent_total_variation_normalized": structure["normalized/total_variation"],
             "vae_psnr_db": psnr(vae, judges.heldout_images[: len(z)], z, batch_size=vae_batch(judges.heldout_images))}
+
+
+def sit_normalizer(sit):
+    """The normaliser between a run's VAE and its SiT: its latent BatchNorm (running statistics),
+    or the identity where the SiT takes raw latents."""
+    from repae.models.latent_norm import LatentNorm
+
+    if sit.bn is not None:
+        return sit.bn
+    identity = LatentNorm(sit.out_channels, eps=0.0)  # mean 0, var 1: normalize(z) == z
+    return identity.eval()
+
+
+LATENT_KEYS = ("latent_spatial_variance_normalized", "latent_total_variation_normalized")
+
+
+@torch.no_grad()
+def latent_metrics(ckpt: Path, judges: Judges) -> Dict[str, float]:
+    """Only the VAE metrics of a checkpoint (no sampling): fills in what older measurements lack."""
+    from repae.train.checkpoint import load_for_sampling
+
+    cfg, sit, vae = load_for_sampling(ckpt)
+    vae = vae.to(device_named(cfg.train.device))
+    return vae_metrics(vae, judges, latent_norm=sit_normalizer(sit))
 
 
 @torch.no_grad()
@@ -109,7 +152,8 @@ def checkpoint_metrics(ckpt: Path, judges: Judges, num_samples: int, grid_path: 
                                       t=CKNNA_T, depth=cfg.model.encoder_depth, path_type=cfg.flow.path_type)
     return {"fid": frechet_distance_to_features(feats, *judges.reference),
             "class_accuracy": (predicted.cpu() == labels)[known].float().mean().item(),
-            "cknna": alignment, **vae_metrics(vae, judges, z), "num_samples": num_samples}
+            "cknna": alignment, **vae_metrics(vae, judges, z, sit_normalizer(sit)),
+            "num_samples": num_samples}
 
 
 def measure_run(run_dir: Path, num_samples: int, judges: Optional[Judges] = None,
@@ -127,12 +171,16 @@ def measure_run(run_dir: Path, num_samples: int, judges: Optional[Judges] = None
     ckpts = sorted(p for p in checkpoint_dir(run_dir).glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
     for ckpt in ckpts:
         step = str(checkpoint_step(ckpt))
-        if step in done and done[step].get("num_samples") == num_samples:
+        measured = step in done and done[step].get("num_samples") == num_samples
+        if measured and all(k in done[step] for k in LATENT_KEYS):
             continue
         if judges is None:
             judges = judges_for(load_config(None, [ckpt / "config.yaml"], world_size=1), judges_dir)
         try:
-            done[step] = checkpoint_metrics(ckpt, judges, num_samples, run_dir / "reproduce-grids" / f"step-{step}.png")
+            if measured:  # measured before the normalised latents were: add them, keep the rest
+                done[step] = {**done[step], **latent_metrics(ckpt, judges)}
+            else:
+                done[step] = checkpoint_metrics(ckpt, judges, num_samples, run_dir / "reproduce-grids" / f"step-{step}.png")
         except Exception as err:  # e.g. a Frechet distance that cannot be computed on collapsed samples:
             done[step] = {"error": f"{type(err).__name__}: {err}"}  # recorded, retried on the next run
         write_json_atomic(out, dict(sorted(done.items(), key=lambda kv: int(kv[0]))))

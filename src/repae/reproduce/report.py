@@ -20,8 +20,10 @@ PAPER = {
     "d": "The E2E-VAE is a better frozen VAE for training a new LDM than the VAE it started from.",
     "e": "Alignment (CKNNA) rises further under REPA-E than under REPA, and tracks FID.",
 }
-KEYS = ("fid", "class_accuracy", "latent_spatial_variance", "latent_total_variation", "cknna", "vae_psnr_db")
-HEADERS = ("{fid} ↓", "class acc. ↑", "latent spatial var.", "latent TV", "CKNNA ↑", "VAE PSNR dB")
+KEYS = ("fid", "class_accuracy", "latent_spatial_variance", "latent_total_variation",
+        "latent_spatial_variance_normalized", "latent_total_variation_normalized", "cknna", "vae_psnr_db")
+HEADERS = ("{fid} ↓", "class acc. ↑", "latent spatial var. (raw)", "latent TV (raw)",
+           "latent spatial var. (normalised)", "latent TV (normalised)", "CKNNA ↑", "VAE PSNR dB")
 
 
 def judges(results: dict) -> dict:
@@ -88,21 +90,43 @@ def missing(*values) -> bool:
 # --------------------------------------------------------------------------- verdicts
 
 
+def _collapse(r: dict, suffix: str) -> Optional[Tuple[float, float, float, float]]:
+    """(initial spatial variance, initial TV, last-step spatial variance, last-step TV) of the
+    diffusion-loss-only arm on the raw latents (suffix "") or the normalised ones ("_normalized");
+    None where not measured."""
+    init = r["initial_vae"]
+    init_sv, init_tv = init.get("latent_spatial_variance" + suffix), init.get("latent_total_variation" + suffix)
+    sv = mean(final(r, "e2e-diffusion", "latent_spatial_variance" + suffix))
+    tv = mean(final(r, "e2e-diffusion", "latent_total_variation" + suffix))
+    if missing(sv, tv, init_sv, init_tv) or not init_sv or not init_tv:
+        return None
+    return init_sv, init_tv, sv, tv
+
+
+def _collapse_text(numbers: Tuple[float, float, float, float]) -> str:
+    init_sv, init_tv, sv, tv = numbers
+    return (f"spatial variance {_num(init_sv)} → {_num(sv)} (×{sv / init_sv:.2g}), "
+            f"total variation {_num(init_tv)} → {_num(tv)} (×{tv / init_tv:.2g})")
+
+
 def claim_a(r: dict) -> Tuple[str, str]:
-    init_sv, init_tv = r["initial_vae"]["latent_spatial_variance"], r["initial_vae"]["latent_total_variation"]
-    sv, tv = mean(final(r, "e2e-diffusion", "latent_spatial_variance")), mean(final(r, "e2e-diffusion", "latent_total_variation"))
-    sv_repae = mean(final(r, "repae", "latent_spatial_variance"))
-    if missing(sv, tv) or not init_sv or not init_tv:
+    """Judged on the raw latents (the VAE's posterior means), the latents the paper's Table 1
+    measured; the normalised latents the SiT sees are reported beside them."""
+    raw, normalised = _collapse(r, ""), _collapse(r, "_normalized")
+    if raw is None:
         return NOT_MEASURED, "the diffusion-loss-only arm has no measurement"
+    init_sv, init_tv, sv, tv = raw
     ratio_sv, ratio_tv = sv / init_sv, tv / init_tv
+    sv_repae = mean(final(r, "repae", "latent_spatial_variance"))
     # the latents may shrink first and change otherwise later: the lowest point is evidence too
     lowest = min(((statistics.fmean(v), step) for step, v in series(r, "e2e-diffusion", "latent_spatial_variance").items()))
-    evidence = (f"diffusion-loss-only E2E: spatial variance {_num(init_sv)} → {_num(sv)} (×{ratio_sv:.2g}), total "
-                f"variation {_num(init_tv)} → {_num(tv)} (×{ratio_tv:.2g}) at the last step"
+    evidence = (f"diffusion-loss-only E2E, raw latents (as the paper measured): {_collapse_text(raw)} at the last step"
                 + (f" (spatial variance lowest at step {lowest[1]}: {_num(lowest[0])}, ×{lowest[0] / init_sv:.2g})"
                    if lowest[0] < sv else "")
-                + f"; REPA-E keeps spatial variance at {_num(sv_repae)}. "
-                "Criterion, at the last step: both ratios < 0.1 reproduces; both < 0.7 partly.")
+                + "; normalised latents (what the SiT sees): "
+                + (_collapse_text(normalised) if normalised is not None else NOT_MEASURED)
+                + f"; REPA-E keeps raw spatial variance at {_num(sv_repae)}. "
+                "Criterion, on the raw latents at the last step: both ratios < 0.1 reproduces; both < 0.7 partly.")
     if ratio_sv < 0.1 and ratio_tv < 0.1:
         return "reproduces", evidence
     return ("partly: the latents shrink, far less than in the paper" if ratio_sv < 0.7 and ratio_tv < 0.7
@@ -199,7 +223,7 @@ def plot_metrics(r: dict, labels: Dict[str, str], fig_dir: Path) -> List[Path]:
     who = judges(r)
     panels = [("fid", f"{who.get('fid_label', 'FID')} (lower is better)", False),
               ("class_accuracy", "class accuracy of samples", False),
-              ("latent_spatial_variance", "latent spatial variance (log)", True),
+              ("latent_spatial_variance", "latent spatial variance, raw latents (log)", True),
               ("cknna", f"CKNNA (SiT vs {who.get('partner', 'encoder')})", False)]
     paths = []
     for name, chosen in (("fid_vs_steps.png", panels[:1]), ("metrics_vs_steps.png", panels)):
@@ -313,13 +337,16 @@ def write_report(r: dict, out: Path, report: Path, context: dict) -> Path:
     lines += ["", "## Every arm at its last step", "",
               "| arm | " + " | ".join(HEADERS).format(fid=fid_label(r)) + " | training s |", "| --- " * (len(HEADERS) + 2) + "|"]
     init = r["initial_vae"]
-    lines.append(f"| starting VAE (step 0) | — | — | {_num(init['latent_spatial_variance'])} | "
-                 f"{_num(init['latent_total_variation'])} | — | {_num(init['vae_psnr_db'])} | — |")
+    start = " | ".join(fmt([init[k]] if k in init else None) for k in KEYS[2:6])
+    lines.append(f"| starting VAE (step 0) | — | — | {start} | — | {_num(init['vae_psnr_db'])} | — |")
     for arm, label in labels.items():
         secs = [run["train_seconds"] for run in r["runs"].values() if run["arm"] == arm]
         note = " (stopped early)" if failed(r, arm) else ""
         lines.append(f"| {label}{note} | " + " | ".join(fmt(final(r, arm, k)) for k in KEYS) + f" | {fmt(secs)} |")
-    lines += ["", "Values are mean ± standard deviation over seeds (the mean alone for one seed).", "",
+    lines += ["", "Values are mean ± standard deviation over seeds (the mean alone for one seed). Latent "
+              "statistics are of the VAE's posterior means on held-out images: raw, and normalised by the run's "
+              "latent normaliser (its running statistics; the starting VAE's own per-channel mean and std for "
+              "the starting VAE).", "",
               "## Over training", "", f"![{fid_label(r)} vs steps]({rel(plots[0])})", "", f"![metrics vs steps]({rel(plots[1])})",
               "", "## Samples at the last step (seed " + str(plan["seeds"][0]) + "; a column per class"
               + (", the first ten classes" if r.get("num_classes", 10) > 10 else "") + ")", ""]
