@@ -25,10 +25,10 @@ from repae.config import ConfigError, RunConfig, from_dict, read_yaml, save_conf
 from repae.data.sampler import TensorBatches
 from repae.generate import generate_images, sampler_settings, save_image_grid
 from repae.losses import VAERegulariser
-from repae.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from repae.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, usable_checkpoints
 from repae.train.setup import make_trainables
 from repae.train.step import Trainables, repae_step
-from repae.weights import load_latent_stats
+from repae.weights import CheckpointError, load_latent_stats
 
 
 @dataclass
@@ -179,19 +179,30 @@ def save(run: Run) -> Path:
 
 
 def try_resume(run: Run) -> bool:
-    path = latest_checkpoint(run.cfg.run_dir)
-    if path is None:
-        return False
-    _check_same_config(run.cfg, path / "config.yaml")
-    state = load_checkpoint(path, _modules(run.m))
-    for key, opt in _optimisers(run.m).items():
-        opt.load_state_dict(state[key])
-    run.step, run.nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
-    run.data.load_state_dict(state["data"])
-    set_rng_state(state["rng"], run.gen)
-    if run.m.regulariser is not None and "regulariser_rng" in state:
-        run.m.regulariser._rng.setstate((3, tuple(state["regulariser_rng"]), None))
-    return True
+    """Load the newest intact checkpoint of the run, if it has one. Damaged checkpoints (failed
+    manifest check, or unreadable) are each reported on one line and passed over for an older one;
+    CheckpointError when the run has checkpoints and none of them loads."""
+    skipped: List[str] = []
+    for path in usable_checkpoints(run.cfg.run_dir, skipped):
+        _check_same_config(run.cfg, path / "config.yaml")
+        try:
+            state = load_checkpoint(path, _modules(run.m))
+            for key, opt in _optimisers(run.m).items():
+                opt.load_state_dict(state[key])
+        except (CheckpointError, KeyError, ValueError) as err:  # a pre-manifest checkpoint that is damaged
+            skipped.append(f"skipping checkpoint {path}: {err}")
+            tqdm.write(skipped[-1])
+            continue
+        run.step, run.nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
+        run.data.load_state_dict(state["data"])
+        set_rng_state(state["rng"], run.gen)
+        if run.m.regulariser is not None and "regulariser_rng" in state:
+            run.m.regulariser._rng.setstate((3, tuple(state["regulariser_rng"]), None))
+        return True
+    if skipped:
+        raise CheckpointError(f"{run.cfg.run_dir}: none of its {len(skipped)} checkpoints is intact; move "
+                              f"{run.cfg.run_dir / 'checkpoints'} away to start the run again")
+    return False
 
 
 # budget, cadence, logging and where it runs: changing these and re-running continues the same run
