@@ -18,7 +18,6 @@ read back with `weights_only=True`. No checkpoint is written with non-finite wei
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from repae.config import RunConfig, save_config
+from repae.fileio import sha256_file, write_json_atomic
 from repae.weights import CheckpointError, load_strict, read_file, save_weights
 
 MODULES = ("sit", "ema", "vae", "regulariser")
@@ -73,14 +73,6 @@ def set_rng_state(state: dict, gen: torch.Generator) -> None:
 # ------------------------------------------------------------------ integrity
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     """Flush a file or directory to disk (best effort where the platform cannot open directories)."""
     try:
@@ -106,12 +98,9 @@ def bad_weights(modules: Dict[str, nn.Module]) -> List[str]:
 
 
 def _write_manifest(tmp: Path, step: int) -> None:
-    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
              for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
-    part = tmp / (MANIFEST + ".tmp")
-    part.write_text(json.dumps({"format": 1, "step": step, "files": files}, indent=1))
-    _fsync(part)
-    os.replace(part, tmp / MANIFEST)
+    write_json_atomic(tmp / MANIFEST, {"format": 1, "step": step, "files": files})
 
 
 def check_checkpoint(path: Path, cached: bool = False) -> Tuple[str, str]:
@@ -157,7 +146,7 @@ def _verify(path: Path) -> Tuple[str, str]:
         if size != want["bytes"]:
             return "damaged", f"{name} has {size} bytes, the manifest says {want['bytes']} (truncated or overwritten)"
         try:
-            digest = _sha256(file)
+            digest = sha256_file(file)
         except OSError as err:
             return "damaged", f"{name} unreadable ({err.strerror})"
         if digest != want["sha256"]:
