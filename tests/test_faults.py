@@ -129,3 +129,28 @@ def test_a_checkpoint_without_a_manifest_still_loads_with_a_warning(tmp_path, ca
     (path / "manifest.json").unlink()  # as written before manifests existed
     assert latest_checkpoint(cfg.run_dir) == path
     assert "cannot be verified" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ metrics.jsonl
+
+
+@pytest.mark.slow
+def test_a_torn_metrics_log_is_repaired_on_resume_each_step_once(tmp_path, cache, capsys):
+    train(cfg_for(tmp_path, cache, "train.max_steps=4"), progress=False)
+    cfg = cfg_for(tmp_path, cache, "train.max_steps=6")
+    shutil.rmtree(cfg.run_dir / "checkpoints" / "step-0000004")  # the crash came before this checkpoint...
+    with (cfg.run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "diffusion": 0.3')  # ...and tore the log mid-line
+    summary = train(cfg, progress=False)
+    assert summary["steps_this_invocation"] == 4
+    assert "dropped unreadable line 3" in capsys.readouterr().err
+    assert logged_steps(cfg.run_dir) == [2, 4, 6]
+
+
+def test_the_metrics_log_keeps_each_step_once_up_to_the_resumed_step(tmp_path):
+    from repae.train.report import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": i}) + "\n" for i, s in enumerate([2, 4, 2, 4, 6])) + "{\"st")
+    log = MetricsLog(path, resumed_step=4)
+    assert [(r["step"], r["loss"]) for r in log.read()] == [(2, 2), (4, 3)]
