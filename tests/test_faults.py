@@ -154,3 +154,93 @@ def test_the_metrics_log_keeps_each_step_once_up_to_the_resumed_step(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "loss": i}) + "\n" for i, s in enumerate([2, 4, 2, 4, 6])) + "{\"st")
     log = MetricsLog(path, resumed_step=4)
     assert [(r["step"], r["loss"]) for r in log.read()] == [(2, 2), (4, 3)]
+
+
+# ------------------------------------------------------------------ one process per run directory
+
+
+def _lock_of(pid, host=None):
+    import socket
+
+    from repae.train.runlock import _start_time
+
+    return json.dumps({"pid": pid, "host": host or socket.gethostname(), "start_time": _start_time(pid),
+                       "since": "earlier"})
+
+
+def _train_cli(tmp_path, cache, *extra):
+    from repae.cli import main
+
+    return main(["train", "--no-progress", *TINY, f"toy.cache_dir={cache}", f"output_dir={tmp_path}", *extra])
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_a_run_locked_by_a_live_process_or_another_host_is_refused(tmp_path, capsys, remote):
+    import subprocess
+
+    holder = subprocess.Popen(["sleep", "60"]) if not remote else subprocess.Popen(["true"])
+    try:
+        if remote:
+            holder.wait()  # a dead PID, but on another host: it may be alive there, so never taken over
+        run = tmp_path / "toy"
+        run.mkdir()
+        (run / "lock").write_text(_lock_of(holder.pid, "elsewhere" if remote else None))
+        assert _train_cli(tmp_path, tmp_path / "cache", "train.max_steps=1") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"PID {holder.pid}" in err[0] and "in use" in err[0]
+        assert not (tmp_path / "cache").exists()  # refused before any work
+        assert (run / "lock").is_file()  # not ours to remove
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.slow
+def test_a_stale_lock_is_taken_over_and_the_lock_released_on_exit(tmp_path, cache, capsys):
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    cfg = cfg_for(tmp_path, cache, "train.max_steps=1")
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "lock").write_text(_lock_of(gone.pid))
+    train(cfg, progress=False)
+    assert f"took over a stale lock of PID {gone.pid}" in capsys.readouterr().err
+    assert not (cfg.run_dir / "lock").exists()
+
+
+def test_the_lock_is_released_when_training_raises(tmp_path, monkeypatch):
+    from repae.train import loop
+
+    def boom(*args, **kwargs):
+        assert (tmp_path / "toy" / "lock").is_file()  # held while the run works
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(loop, "setup_run", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(load_config("toy", overrides=[f"output_dir={tmp_path}"]), progress=False)
+    assert not (tmp_path / "toy" / "lock").exists()
+
+
+# ------------------------------------------------------------------ an unwritable output directory
+
+
+@pytest.mark.parametrize("how", ["output_dir is a file", "checkpoints is a file", "read-only checkpoints"])
+def test_an_unwritable_output_directory_is_one_line_before_any_work(tmp_path, capsys, how):
+    import os
+
+    out = tmp_path / "runs"
+    if how == "output_dir is a file":
+        out.write_text("")
+    elif how == "checkpoints is a file":
+        (out / "toy").mkdir(parents=True)
+        (out / "toy" / "checkpoints").write_text("")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes through read-only permissions")
+        (out / "toy" / "checkpoints").mkdir(parents=True)
+        (out / "toy" / "checkpoints").chmod(0o555)
+    assert _train_cli(out, tmp_path / "cache", "train.max_steps=1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not writable" in err[0]
+    assert not (tmp_path / "cache").exists()  # nothing was built

@@ -8,6 +8,7 @@ states are all in the checkpoint). Only plain data and safetensors are written.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -343,7 +344,19 @@ def toy_summary(run: Run) -> dict:
 
 
 def train(cfg: RunConfig, progress: bool = True) -> dict:
-    """Train (or resume) the run described by `cfg`; returns its summary (also in summary.json)."""
+    """Train (or resume) the run described by `cfg`; returns its summary (also in summary.json).
+    Before any work, the run directory must be writable and not in use by another process: rank 0
+    holds `RUN/lock` until it returns or raises (other torchrun ranks follow rank 0)."""
+    from repae.train.runlock import RunLock, check_writable
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _train(cfg, progress)
+    check_writable(cfg.run_dir)
+    with RunLock(cfg.run_dir):
+        return _train(cfg, progress)
+
+
+def _train(cfg: RunConfig, progress: bool) -> dict:
     from repae.train.report import MetricsLog, extra_sinks, plot_losses
 
     start = time.perf_counter()
