@@ -244,3 +244,16 @@ def test_an_unwritable_output_directory_is_one_line_before_any_work(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not writable" in err[0]
     assert not (tmp_path / "cache").exists()  # nothing was built
+
+
+# ------------------------------------------------------------------ a moved run directory
+
+
+@pytest.mark.slow
+def test_a_moved_and_renamed_run_directory_resumes(tmp_path, cache):
+    first = cfg_for(tmp_path / "a", cache, "train.max_steps=2")
+    train(first, progress=False)
+    moved = cfg_for(tmp_path / "b", cache, "exp_name=renamed", "train.max_steps=4")
+    shutil.move(str(first.run_dir), str(moved.run_dir))
+    summary = train(moved, progress=False)
+    assert summary["steps_this_invocation"] == 2 and logged_steps(moved.run_dir) == [2, 4]

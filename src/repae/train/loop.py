@@ -218,7 +218,8 @@ def _check_same_config(cfg: RunConfig, saved: Path) -> None:
         old = to_dict(from_dict(old))
     except Exception:  # a key the schema no longer has: compare as saved (and differ)
         pass
-    for section in ("sample", "eval"):
+    # where the run lives is not part of what it is: a moved or copied run directory resumes
+    for section in ("sample", "eval", "output_dir", "exp_name"):
         old.pop(section, None), new.pop(section, None)
     for key in RESUMABLE_TRAIN_KEYS:  # train.* that may change between invocations; the rest is recipe
         old.get("train", {}).pop(key, None), new.get("train", {}).pop(key, None)
