@@ -257,3 +257,67 @@ def test_a_moved_and_renamed_run_directory_resumes(tmp_path, cache):
     shutil.move(str(first.run_dir), str(moved.run_dir))
     summary = train(moved, progress=False)
     assert summary["steps_this_invocation"] == 2 and logged_steps(moved.run_dir) == [2, 4]
+
+
+# ------------------------------------------------------------------ non-finite weights and gradients
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e30])
+def test_an_update_that_breaks_the_weights_is_rolled_back_and_never_saved(tmp_path, cache, straight, monkeypatch,
+                                                                          value, capsys):
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def faulty_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 8:  # once, in the fourth step (after the step-2 checkpoint)
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = value
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", faulty_step)
+    cfg = cfg_for(tmp_path, cache, "train.max_steps=6")
+    train(cfg, progress=False)
+    said = capsys.readouterr()
+    assert calls["n"] > 8 and "non-finite weights after the update, rolled back" in said.out + said.err
+    # replayed from the step-2 checkpoint: the same weights as the run that never failed
+    assert_same_weights(straight, weights_of(latest_checkpoint(cfg.run_dir)))
+    assert logged_steps(cfg.run_dir) == [2, 4, 6]
+
+
+@pytest.mark.slow
+def test_a_non_finite_gradient_norm_skips_the_step(tmp_path, cache, monkeypatch, capsys):
+    from repae.train import loop
+
+    real, calls = loop.make_trainables, {"n": 0}
+
+    def poisoning(*args, **kwargs):
+        m = real(*args, **kwargs)
+
+        def hook(grad):
+            calls["n"] += 1
+            return torch.full_like(grad, float("nan")) if calls["n"] == 3 else grad
+
+        m.sit_params[-1].register_hook(hook)
+        return m
+
+    monkeypatch.setattr(loop, "make_trainables", poisoning)
+    cfg = cfg_for(tmp_path, cache, "train.max_steps=4")
+    summary = train(cfg, progress=False)
+    said = capsys.readouterr()
+    assert "non-finite loss or gradient norm, update skipped" in said.out + said.err
+    assert summary["steps"] == 4
+    for state in weights_of(latest_checkpoint(cfg.run_dir)).values():
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+def test_a_checkpoint_with_non_finite_or_overflowing_weights_is_refused(tmp_path):
+    cfg = load_config("toy", overrides=[f"output_dir={tmp_path}"])
+    for step, value in ((1, float("nan")), (2, 1e30)):
+        bad = nn.Linear(2, 2)
+        with torch.no_grad():
+            bad.weight[0, 0] = value
+        with pytest.raises(CheckpointError, match="refusing to save checkpoint.*sit.weight"):
+            save_checkpoint(cfg.run_dir, step, {"sit": bad}, {"step": step}, cfg)
+    assert step_dirs(cfg.run_dir) == []

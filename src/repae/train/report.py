@@ -19,10 +19,14 @@ class MetricsLog:
     def __init__(self, path: Path, resumed_step: int = 0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rewind(resumed_step)
+
+    def rewind(self, step: int) -> None:
+        """Keep the records up to `step` (none for 0), one per step, rewriting the file atomically."""
         by_step: Dict[int, dict] = {}
-        if resumed_step:
+        if step:
             for record in self.read(report=True):
-                if isinstance(record.get("step"), int) and record["step"] <= resumed_step:
+                if isinstance(record.get("step"), int) and record["step"] <= step:
                     by_step[record["step"]] = record  # a step logged twice: its last record wins
         write_atomic(self.path, "".join(json.dumps(by_step[k]) + "\n" for k in sorted(by_step)).encode())
 
