@@ -241,10 +241,13 @@ class SampledImages:
 
 
 def is_run_or_checkpoint_dir(path: PathLike) -> bool:
-    """A training run directory (checkpoints/latest) or one of its checkpoint directories."""
+    """A training run directory (checkpoints/step-* or checkpoints/latest), its checkpoints/ directory
+    or one of its checkpoint directories."""
+    from repae.train.checkpoint import has_checkpoints
+
     p = Path(path)
-    return p.is_dir() and ((p / "state.pt").is_file() or (p / "checkpoints" / "latest").is_file()
-                           or (p / "latest").is_file())
+    return p.is_dir() and ((p / "state.pt").is_file() or has_checkpoints(p)
+                           or (p.name == "checkpoints" and has_checkpoints(p.parent)))
 
 
 def source_kind(path: PathLike) -> str:

@@ -122,7 +122,9 @@ class _Runner:
         with self.lock:  # the training is recorded before measuring: a failed measurement keeps it
             self.runs[name] = record
             self.on_record()
-        if (run_dir / "checkpoints" / "latest").is_file():
+        from repae.train.checkpoint import has_checkpoints
+
+        if has_checkpoints(run_dir):
             if arm.name == "repae":  # its tuned VAE is stage 2's frozen VAE
                 from repae.stage2.export import export_vae
 

@@ -49,7 +49,7 @@ def load_run_vae(run_dir: str | Path, use_ema_bn: bool = True) -> Tuple[Path, ob
         raise CheckpointError(f"run directory not found: {run_dir}")
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
-        raise CheckpointError(f"{run_dir} has no checkpoints (no {run_dir / 'checkpoints' / 'latest'}): "
+        raise CheckpointError(f"{run_dir} has no checkpoints (nothing in {run_dir / 'checkpoints'}): "
                               "train it first (`repae train`), or name the run directory itself")
     cfg = load_config(None, [ckpt / "config.yaml"])
     vae = load_strict(AutoencoderKL(vae_args(cfg)), read_file(ckpt / "vae.safetensors"), str(ckpt / "vae.safetensors"))

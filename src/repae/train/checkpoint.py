@@ -1,34 +1,56 @@
-"""Training checkpoints: written atomically, resumed exactly.
+"""Training checkpoints: written atomically, verified on resume, never the only copy of a run.
 
 Layout of `run_dir/checkpoints/`:
-    step-0000500/   sit, ema, vae, regulariser .safetensors; state.pt; config.yaml
-    latest          the name of the newest complete checkpoint directory
-A checkpoint is written to `step-XXXXXXX.tmp/` and renamed when complete, then `latest`
-is replaced atomically: a crash mid-write leaves the previous checkpoint as `latest`.
-`state.pt` holds only plain data (optimiser states, step, RNG states, data position) and
-is read back with `weights_only=True`.
+    step-0000500/   sit, ema, vae, regulariser .safetensors; state.pt; config.yaml; manifest.json
+    latest          the name of the newest checkpoint written (a convenience for people)
+A checkpoint is written to `step-XXXXXXX.tmp/`, each file fsynced, then `manifest.json` (the
+sha256 and size of every other file) is written last and atomically, and the directory is
+renamed into place. Finding the newest checkpoint scans the step-numbered directories and
+verifies each manifest, newest first: a deleted `latest`, a truncated or overwritten file, or
+a missing manifest costs at most the damaged checkpoints, each reported on one line.
+Checkpoints written before manifests existed ("unverifiable") are still loaded, with a
+warning: refusing them would strand every older run, and loading them is no less safe than
+it was (safetensors and `weights_only` parsing still catch most damage, and a load failure
+falls back to the next older one).
+`state.pt` holds only plain data (optimiser states, step, RNG states, data position) and is
+read back with `weights_only=True`. No checkpoint is written with non-finite weights.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import shutil
+import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from repae.config import RunConfig, save_config
+from repae.fileio import sha256_file, write_json_atomic
 from repae.weights import CheckpointError, load_strict, read_file, save_weights
 
 MODULES = ("sit", "ema", "vae", "regulariser")
+MANIFEST = "manifest.json"
+REQUIRED = ("state.pt", "config.yaml", "sit.safetensors", "ema.safetensors", "vae.safetensors")
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# |w| beyond this squares to inf in float32 (norms, weight decay, the next forward pass): as unusable as inf
+WEIGHT_LIMIT = 1.8e19
+# checkpoints already hashed by this process: path -> (stat stamp of its files, verdict)
+_VERIFIED: Dict[str, Tuple[tuple, Tuple[str, str]]] = {}
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def rng_state(gen: torch.Generator) -> dict:
@@ -48,9 +70,102 @@ def set_rng_state(state: dict, gen: torch.Generator) -> None:
     random.setstate((3, tuple(state["python"]), None))
 
 
+# ------------------------------------------------------------------ integrity
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or directory to disk (best effort where the platform cannot open directories)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def bad_weights(modules: Dict[str, nn.Module]) -> List[str]:
+    """'module.tensor' for each floating-point parameter or buffer holding NaN, inf or |w| > WEIGHT_LIMIT."""
+    bad = []
+    for name, module in modules.items():
+        for key, t in module.state_dict().items():
+            if t.is_floating_point() and t.numel() and not bool(t.detach().float().abs().amax() <= WEIGHT_LIMIT):
+                bad.append(f"{name}.{key}")  # amax of NaN is NaN, which fails the comparison too
+    return bad
+
+
+def _write_manifest(tmp: Path, step: int) -> None:
+    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+             for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
+    write_json_atomic(tmp / MANIFEST, {"format": 1, "step": step, "files": files})
+
+
+def check_checkpoint(path: Path, cached: bool = False) -> Tuple[str, str]:
+    """('intact', ''), ('unverifiable', why) for a checkpoint without a manifest, or ('damaged', why).
+    `cached`: trust this process's earlier verdict while no file in the directory has changed
+    (inode, size and mtime of each: any rewrite shows there)."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        if (path / "state.pt").is_file():
+            return "unverifiable", "no manifest.json (written before checkpoints were verified)"
+        return "damaged", "no manifest.json and no state.pt"
+    try:
+        stamp = tuple(sorted((p.name, st.st_ino, st.st_size, st.st_mtime_ns)
+                             for p in path.iterdir() if (st := p.stat())))
+    except OSError as err:
+        return "damaged", f"unreadable ({err.strerror})"
+    memo = _VERIFIED.get(str(path))
+    if cached and memo and memo[0] == stamp:
+        return memo[1]
+    verdict = _verify(path)
+    _VERIFIED[str(path)] = (stamp, verdict)
+    return verdict
+
+
+def _verify(path: Path) -> Tuple[str, str]:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+        step = int(manifest["step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return "damaged", f"manifest.json unreadable ({type(err).__name__})"
+    match = _STEP_DIR.match(path.name)
+    if match and int(match.group(1)) != step:
+        return "damaged", f"manifest.json is for step {step}"
+    missing = [name for name in REQUIRED if name not in files]
+    if missing:
+        return "damaged", f"manifest.json lists no {', '.join(missing)}"
+    for name, want in files.items():
+        file = path / name
+        if not file.is_file():
+            return "damaged", f"{name} is missing"
+        size = file.stat().st_size
+        if size != want["bytes"]:
+            return "damaged", f"{name} has {size} bytes, the manifest says {want['bytes']} (truncated or overwritten)"
+        try:
+            digest = sha256_file(file)
+        except OSError as err:
+            return "damaged", f"{name} unreadable ({err.strerror})"
+        if digest != want["sha256"]:
+            return "damaged", f"{name} does not match its sha256 in manifest.json (corrupted)"
+    return "intact", ""
+
+
+# ------------------------------------------------------------------ writing
+
+
 def save_checkpoint(run_dir: Path, step: int, modules: Dict[str, nn.Module], state: dict, cfg: RunConfig,
                     keep_last: int = 3) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep_last`."""
+    """Write checkpoint `step` atomically with its manifest, point `latest` at it, prune old ones.
+    CheckpointError, before writing anything, when a weight is non-finite (or absurdly large)."""
+    bad = bad_weights(modules)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(f"refusing to save checkpoint step {step}: non-finite or overflowing weights in "
+                              f"{', '.join(bad[:3])}{more}; the previous checkpoints are kept")
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -61,9 +176,15 @@ def save_checkpoint(run_dir: Path, step: int, modules: Dict[str, nn.Module], sta
         save_weights(module, tmp / f"{name}.safetensors")
     torch.save(state, tmp / "state.pt")
     save_config(cfg, tmp / "config.yaml")
+    for file in tmp.iterdir():
+        _fsync(file)
+    _write_manifest(tmp, step)  # last: a directory with a valid manifest is complete
+    _fsync(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync(root)
+    check_checkpoint(final)  # hashes what is on disk now, and remembers it for pruning
     pointer = root / "latest.tmp"
     pointer.write_text(final.name)
     os.replace(pointer, root / "latest")
@@ -72,42 +193,97 @@ def save_checkpoint(run_dir: Path, step: int, modules: Dict[str, nn.Module], sta
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    """Keep the newest `keep_last` intact checkpoints. Damaged or unverifiable ones do not count as
+    kept; they are deleted only once `keep_last` intact checkpoints are newer than they are."""
+    if keep_last <= 0:
+        return
+    kept = 0
+    for path in step_dirs(root.parent):
+        status, _ = check_checkpoint(path, cached=True)
+        if kept >= keep_last:
+            shutil.rmtree(path, ignore_errors=True)
+        elif status == "intact":
+            kept += 1
+
+
+# ------------------------------------------------------------------ finding and reading
+
+
+def step_dirs(run_dir: Path) -> List[Path]:
+    """The step-numbered checkpoint directories of a run, newest first (whatever `latest` says)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    return bool(step_dirs(run_dir)) or (checkpoint_dir(run_dir) / "latest").is_file()
+
+
+def usable_checkpoints(run_dir: Path, skipped: Optional[List[str]] = None) -> Iterator[Path]:
+    """Checkpoints worth loading, newest first: intact ones, and unverifiable (pre-manifest) ones with a
+    warning. Each damaged one is reported on one line (and appended to `skipped`) and passed over."""
+    for path in step_dirs(run_dir):
+        status, why = check_checkpoint(path)
+        if status == "damaged":
+            line = f"skipping checkpoint {path}: {why}"
+            _say(line)
+            if skipped is not None:
+                skipped.append(line)
+            continue
+        if status == "unverifiable":
+            _say(f"warning: checkpoint {path} cannot be verified: {why}")
+        yield path
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint, or None when the run has none."""
-    pointer = checkpoint_dir(run_dir) / "latest"
-    if not pointer.is_file():
-        return None
-    path = checkpoint_dir(run_dir) / pointer.read_text().strip()
-    if not (path / "state.pt").is_file():
-        raise CheckpointError(f"{pointer} names {path}, which is incomplete or missing")
-    return path
+    """The newest usable checkpoint; None when the run has none; CheckpointError when it has
+    checkpoints but every one is damaged (a run is never silently restarted over its own files)."""
+    skipped: List[str] = []
+    for path in usable_checkpoints(run_dir, skipped):
+        return path
+    if skipped:
+        raise CheckpointError(f"{run_dir}: no intact checkpoint ({len(skipped)} damaged); move "
+                              f"{checkpoint_dir(run_dir)} away to start the run again")
+    return None
+
+
+def read_checkpoint(path: Path, names) -> Tuple[Dict[str, dict], dict]:
+    """({module name: state dict}, plain state) read from `path`, nothing applied yet."""
+    weights = {name: read_file(path / f"{name}.safetensors") for name in names}
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot read {path / 'state.pt'}: {reason}") from None
+    return weights, state
 
 
 def load_checkpoint(path: Path, modules: Dict[str, nn.Module]) -> dict:
-    """Strictly load each module's weights from `path`; returns the plain state."""
+    """Strictly load each module's weights from `path` (all files are read before any is applied);
+    returns the plain state."""
+    weights, state = read_checkpoint(path, list(modules))
     for name, module in modules.items():
-        file = path / f"{name}.safetensors"
-        load_strict(module, read_file(file), str(file))
-    try:
-        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"cannot read {path / 'state.pt'}: {err}") from None
+        load_strict(module, weights[name], str(path / f"{name}.safetensors"))
+    return state
 
 
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint directory from a run directory, a checkpoints/ directory or a step-* directory."""
     path = Path(path)
-    if (path / "state.pt").is_file():
+    if (path / "state.pt").is_file() or (path / MANIFEST).is_file():
+        status, why = check_checkpoint(path)
+        if status == "damaged":
+            raise CheckpointError(f"checkpoint {path} is damaged: {why}")
         return path
     for run_dir in (path, path.parent):
-        if (checkpoint_dir(run_dir) / "latest").is_file():
-            return latest_checkpoint(run_dir)
-    raise CheckpointError(f"{path} is not a run directory or a training checkpoint (no checkpoints/latest)")
+        if has_checkpoints(run_dir):
+            found = latest_checkpoint(run_dir)
+            if found is not None:
+                return found
+    raise CheckpointError(f"{path} is not a run directory or a training checkpoint (no checkpoints/step-*)")
 
 
 def load_for_sampling(path: Path, config_files=(), overrides=()):

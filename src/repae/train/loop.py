@@ -8,6 +8,7 @@ states are all in the checkpoint). Only plain data and safetensors are written.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -25,10 +26,10 @@ from repae.config import ConfigError, RunConfig, from_dict, read_yaml, save_conf
 from repae.data.sampler import TensorBatches
 from repae.generate import generate_images, sampler_settings, save_image_grid
 from repae.losses import VAERegulariser
-from repae.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from repae.train.checkpoint import WEIGHT_LIMIT, load_checkpoint, rng_state, save_checkpoint, set_rng_state, usable_checkpoints
 from repae.train.setup import make_trainables
 from repae.train.step import Trainables, repae_step
-from repae.weights import load_latent_stats
+from repae.weights import CheckpointError, load_latent_stats
 
 
 @dataclass
@@ -179,19 +180,30 @@ def save(run: Run) -> Path:
 
 
 def try_resume(run: Run) -> bool:
-    path = latest_checkpoint(run.cfg.run_dir)
-    if path is None:
-        return False
-    _check_same_config(run.cfg, path / "config.yaml")
-    state = load_checkpoint(path, _modules(run.m))
-    for key, opt in _optimisers(run.m).items():
-        opt.load_state_dict(state[key])
-    run.step, run.nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
-    run.data.load_state_dict(state["data"])
-    set_rng_state(state["rng"], run.gen)
-    if run.m.regulariser is not None and "regulariser_rng" in state:
-        run.m.regulariser._rng.setstate((3, tuple(state["regulariser_rng"]), None))
-    return True
+    """Load the newest intact checkpoint of the run, if it has one. Damaged checkpoints (failed
+    manifest check, or unreadable) are each reported on one line and passed over for an older one;
+    CheckpointError when the run has checkpoints and none of them loads."""
+    skipped: List[str] = []
+    for path in usable_checkpoints(run.cfg.run_dir, skipped):
+        _check_same_config(run.cfg, path / "config.yaml")
+        try:
+            state = load_checkpoint(path, _modules(run.m))
+            for key, opt in _optimisers(run.m).items():
+                opt.load_state_dict(state[key])
+        except (CheckpointError, KeyError, ValueError) as err:  # a pre-manifest checkpoint that is damaged
+            skipped.append(f"skipping checkpoint {path}: {err}")
+            tqdm.write(skipped[-1])
+            continue
+        run.step, run.nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
+        run.data.load_state_dict(state["data"])
+        set_rng_state(state["rng"], run.gen)
+        if run.m.regulariser is not None and "regulariser_rng" in state:
+            run.m.regulariser._rng.setstate((3, tuple(state["regulariser_rng"]), None))
+        return True
+    if skipped:
+        raise CheckpointError(f"{run.cfg.run_dir}: none of its {len(skipped)} checkpoints is intact; move "
+                              f"{run.cfg.run_dir / 'checkpoints'} away to start the run again")
+    return False
 
 
 # budget, cadence, logging and where it runs: changing these and re-running continues the same run
@@ -206,7 +218,8 @@ def _check_same_config(cfg: RunConfig, saved: Path) -> None:
         old = to_dict(from_dict(old))
     except Exception:  # a key the schema no longer has: compare as saved (and differ)
         pass
-    for section in ("sample", "eval"):
+    # where the run lives is not part of what it is: a moved or copied run directory resumes
+    for section in ("sample", "eval", "output_dir", "exp_name"):
         old.pop(section, None), new.pop(section, None)
     for key in RESUMABLE_TRAIN_KEYS:  # train.* that may change between invocations; the rest is recipe
         old.get("train", {}).pop(key, None), new.get("train", {}).pop(key, None)
@@ -239,8 +252,37 @@ def _to_device(batch, device: torch.device):
     return batch.to(device, non_blocking=True) if batch is not None else None
 
 
-def train_steps(run: Run, until: int, on_log=None, progress: bool = True) -> None:
-    """Run steps until `run.step == until`: log, checkpoint and sample on the config's cadence."""
+def weights_finite(m: Trainables) -> bool:
+    """Every trained weight finite and within WEIGHT_LIMIT, on every rank (one host sync)."""
+    params = [p.detach() for p in [*m.sit_params, *m.vae_params] if p.numel()]
+    if m.disc_opt is not None:
+        params += [p.detach() for p in m.regulariser.discriminator.parameters() if p.numel()]
+    largest = torch.stack(torch._foreach_norm(params, float("inf"))).float().amax()  # NaN stays NaN
+    bad = (~(largest <= WEIGHT_LIMIT)).float().reshape(1).cpu()
+    return dist.all_reduce_sum(bad).item() == 0
+
+
+def _count_nonfinite(run: Run, what: str) -> None:
+    run.nonfinite_in_a_row += 1
+    tqdm.write(f"step {run.step}: {what} ({run.nonfinite_in_a_row} in a row)")
+    if run.nonfinite_in_a_row >= run.cfg.train.max_nonfinite_in_a_row:
+        raise FloatingPointError(f"{run.nonfinite_in_a_row} non-finite steps in a row at step {run.step}; "
+                                 "stopping (the last checkpoint is intact)")
+
+
+def _roll_back(run: Run) -> None:
+    """Back to the newest intact checkpoint (weights, optimisers, RNG, data position); the count of
+    failed steps in a row carries over, so a fault that repeats still stops the run."""
+    failed = run.nonfinite_in_a_row
+    if not try_resume(run):
+        raise FloatingPointError(f"weights became non-finite at step {run.step}, before the first checkpoint: "
+                                 "nothing to roll back to")
+    run.nonfinite_in_a_row = failed
+
+
+def train_steps(run: Run, until: int, on_log=None, progress: bool = True, on_rewind=None) -> None:
+    """Run steps until `run.step == until`: log, checkpoint and sample on the config's cadence.
+    `on_rewind(step)`: called when a roll-back returns the run to an earlier step."""
     cfg = run.cfg
     sums: Dict[str, torch.Tensor] = {}
     count, step_seconds = 0, 0.0
@@ -251,12 +293,15 @@ def train_steps(run: Run, until: int, on_log=None, progress: bool = True) -> Non
             logs = repae_step(run.m, _micro_batches(run), cfg, run.step, run.gen)
         skipped = bool(logs["skipped"].item())
         step_seconds += time.perf_counter() - t0  # training only: checkpoints and sample grids excluded
-        if skipped:
-            run.nonfinite_in_a_row += 1
-            tqdm.write(f"step {run.step}: non-finite loss, update skipped ({run.nonfinite_in_a_row} in a row)")
-            if run.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
-                raise FloatingPointError(f"{run.nonfinite_in_a_row} non-finite steps in a row at step {run.step}; "
-                                         "stopping (the last checkpoint is intact)")
+        if skipped or not weights_finite(run.m):
+            _count_nonfinite(run, "non-finite loss or gradient norm, update skipped" if skipped else
+                             "non-finite weights after the update, rolled back to the newest checkpoint")
+            if not skipped:  # an update cannot be undone in place: reload the newest intact checkpoint
+                _roll_back(run)
+                sums, count, step_seconds = {}, 0, 0.0
+                bar.n = run.step
+                if on_rewind:
+                    on_rewind(run.step)
             continue
         run.nonfinite_in_a_row = 0
         run.step += 1
@@ -332,7 +377,19 @@ def toy_summary(run: Run) -> dict:
 
 
 def train(cfg: RunConfig, progress: bool = True) -> dict:
-    """Train (or resume) the run described by `cfg`; returns its summary (also in summary.json)."""
+    """Train (or resume) the run described by `cfg`; returns its summary (also in summary.json).
+    Before any work, the run directory must be writable and not in use by another process: rank 0
+    holds `RUN/lock` until it returns or raises (other torchrun ranks follow rank 0)."""
+    from repae.train.runlock import RunLock, check_writable
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _train(cfg, progress)
+    check_writable(cfg.run_dir)
+    with RunLock(cfg.run_dir):
+        return _train(cfg, progress)
+
+
+def _train(cfg: RunConfig, progress: bool) -> dict:
     from repae.train.report import MetricsLog, extra_sinks, plot_losses
 
     start = time.perf_counter()
@@ -348,7 +405,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
         sinks = [log, *extra_sinks(list(cfg.train.log_to), cfg.run_dir, to_dict(cfg))]
     first_step = run.step
     train_steps(run, cfg.train.max_steps, on_log=lambda record: [sink(record) for sink in sinks],
-                progress=progress and main)
+                progress=progress and main, on_rewind=log.rewind if main else None)
     bad = int(dist.all_reduce_sum(torch.tensor([getattr(run.data, "bad_images", 0)])).item())
     if not main:
         return {"steps": run.step, "rank": dist.rank()}

@@ -3,27 +3,54 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Dict, List
 
+from repae.fileio import write_atomic
+
 
 class MetricsLog:
-    """Append-only JSONL of logged records. On resume, records past the resumed step are dropped
-    (they came from steps the checkpoint does not contain and will be logged again)."""
+    """Append-only JSONL of logged records, one per logged step. On resume the log is rewritten
+    (atomically) to the records up to the resumed step, each step once: later records came from
+    steps the checkpoint does not contain and will be logged again, and a line torn by a crash
+    mid-write is dropped and reported."""
 
     def __init__(self, path: Path, resumed_step: int = 0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [r for r in self.read() if r.get("step", 0) <= resumed_step] if resumed_step else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.rewind(resumed_step)
 
-    def read(self) -> List[dict]:
+    def rewind(self, step: int) -> None:
+        """Keep the records up to `step` (none for 0), one per step, rewriting the file atomically."""
+        by_step: Dict[int, dict] = {}
+        if step:
+            for record in self.read(report=True):
+                if isinstance(record.get("step"), int) and record["step"] <= step:
+                    by_step[record["step"]] = record  # a step logged twice: its last record wins
+        write_atomic(self.path, "".join(json.dumps(by_step[k]) + "\n" for k in sorted(by_step)).encode())
+
+    def read(self, report: bool = False) -> List[dict]:
+        """The records; unreadable lines (a torn last line) are skipped, and with `report` named on stderr."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not an object")
+                records.append(record)
+            except ValueError:
+                if report:
+                    print(f"{self.path}: dropped unreadable line {number} ({line[:40]!r}...; torn by a crash?)",
+                          file=sys.stderr)
+        return records
 
     def __call__(self, record: dict) -> None:
-        with self.path.open("a") as f:
+        with self.path.open("a") as f:  # one write per record: a crash can tear only the last line
             f.write(json.dumps(record) + "\n")
 
 

@@ -181,8 +181,18 @@ def uses_alignment(cfg: RunConfig) -> bool:
     return cfg.loss.proj_coeff > 0 or (cfg.train.tune_vae and cfg.loss.vae_align_proj_coeff > 0)
 
 
-def _clip_and_step(opt: Optional[torch.optim.Optimizer], params: List[nn.Parameter], max_norm: float) -> torch.Tensor:
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else torch.zeros(())
+def _grad_norm(params: List[nn.Parameter]) -> torch.Tensor:
+    """The total L2 norm of the parameters' gradients (0 when none has one)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
+def _clip_and_step(opt: Optional[torch.optim.Optimizer], params: List[nn.Parameter], max_norm: float,
+                   norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Clip the gradients to `max_norm` (0: no clipping) given or measuring their norm, then step."""
+    norm = _grad_norm(params) if norm is None else norm
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norm)
     if opt is not None:
         opt.step()
     return norm
@@ -198,7 +208,8 @@ def repae_step(m: Trainables, batches: Sequence[Tuple[torch.Tensor, torch.Tensor
                gen: torch.Generator) -> Dict[str, torch.Tensor]:
     """One optimisation step over `batches` (gradient-accumulation micro-batches).
 
-    Returns detached metrics; `skipped` = 1 when a loss was not finite and nothing was stepped.
+    Returns detached metrics; `skipped` = 1 when a loss or a gradient norm was not finite and nothing
+    was stepped.
     """
     _zero(m.sit_opt, m.vae_opt, m.disc_opt)
     scale = 1.0 / len(batches)
@@ -211,15 +222,20 @@ def repae_step(m: Trainables, batches: Sequence[Tuple[torch.Tensor, torch.Tensor
             logs[k] = logs.get(k, 0) + scale * v
         if recon is not None:
             for_disc.append((x, recon))
-    # one host sync per step: skip the update when any loss is NaN/inf on any rank
-    nonfinite = (~torch.isfinite(torch.stack([v.float() for v in logs.values()]))).any().float().reshape(1)
+    norms = {"grad_norm_sit": _grad_norm(m.sit_params)}
+    if m.vae_opt is not None:
+        norms["grad_norm_vae"] = _grad_norm(m.vae_params)
+    # one host sync per step: skip the update when any loss or gradient norm is NaN/inf on any rank
+    checked = torch.stack([v.float().to(norms["grad_norm_sit"].device) for v in [*logs.values(), *norms.values()]])
+    nonfinite = (~torch.isfinite(checked)).any().float().reshape(1)
     if dist.all_reduce_sum(nonfinite).item() > 0:
         _zero(m.sit_opt, m.vae_opt, m.disc_opt)
-        return {**logs, "skipped": torch.ones((), device=nonfinite.device)}
+        return {**logs, **norms, "skipped": torch.ones((), device=nonfinite.device)}
 
+    logs.update(norms)
     if m.vae_opt is not None:                                                              # VAE update
-        logs["grad_norm_vae"] = _clip_and_step(m.vae_opt, m.vae_params, cfg.optim_vae.max_grad_norm)
-    logs["grad_norm_sit"] = _clip_and_step(m.sit_opt, m.sit_params, cfg.optim_sit.max_grad_norm)  # SiT update
+        _clip_and_step(m.vae_opt, m.vae_params, cfg.optim_vae.max_grad_norm, norms["grad_norm_vae"])
+    _clip_and_step(m.sit_opt, m.sit_params, cfg.optim_sit.max_grad_norm, norms["grad_norm_sit"])  # SiT update
 
     reg = m.regulariser
     if reg is not None and m.disc_opt is not None and for_disc and reg.gan_active(step):  # discriminator
