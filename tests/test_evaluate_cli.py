@@ -241,6 +241,21 @@ def test_corrupt_png_is_skipped_and_counted(tmp_path, tiny_inception):
     assert m["unreadable_examples"][0].endswith("00002.png")
 
 
+def test_bomb_and_over_limit_images_are_skipped_and_counted(tmp_path, tiny_inception):
+    """A PNG whose header claims 30000x30000 (Pillow's bomb) and one over --max-image-pixels are skipped."""
+    from test_bad_images import BOMB
+
+    write_pngs(tmp_path / "png", random_images(6, 16, seed=8))
+    (tmp_path / "png" / "00001.png").write_bytes(BOMB)
+    Image.fromarray(random_images(1, 20, seed=3)[0]).save(tmp_path / "png" / "00009.png")  # 400 px > 300
+    np.savez(tmp_path / "ref.npz", arr_0=random_images(8, 16, seed=9))
+    assert run_cli("samples", tmp_path / "png", "--ref", tmp_path / "ref.npz", "--inception", tiny_inception,
+                   "--out", tmp_path / "r.json", "--no-progress", "--max-image-pixels", 300) == 0
+    m = json.loads((tmp_path / "r.json").read_text())["metrics"]
+    assert m["num_images"] == 5 and m["unreadable_images_skipped"] == 2
+    assert sorted(Path(p).name for p in m["unreadable_examples"]) == ["00001.png", "00009.png"]
+
+
 def test_images_of_several_sizes(tmp_path, tiny_inception, capsys):
     write_pngs(tmp_path / "png", random_images(4, 16, seed=1))
     write_pngs(tmp_path / "png" / "big", random_images(3, 40, seed=2))

@@ -36,11 +36,11 @@ def test_folder_lists_classes_and_skips_corrupt_images(tmp_path):
     ds = ImageFolder(root, image_size=16)
     broken = [i for i, f in enumerate(ds.files) if f.name == "broken.png"][0]
     image, label, bad = ds[broken]
-    assert bad == 1 and image.shape == (3, 16, 16) and image.dtype == torch.uint8
+    assert bad == (broken,) and image.shape == (3, 16, 16) and image.dtype == torch.uint8
     batches = DatasetBatches(ds, seed=0)
     for _ in range(4):
         batches.next(7)
-    assert batches.bad_images == 4  # every pass over the 7 files meets the broken one once
+    assert batches.bad_images == 1  # every pass over the 7 files meets the broken one: one file, counted once
 
 
 def test_missing_and_empty_folders_are_clear_errors(tmp_path):

@@ -61,7 +61,7 @@ def test_lossless_round_trip_equals_the_adm_crop(tmp_path, codec):
     assert len(ds) == 12 and ds.classes == classes and ds.labels.tolist() == labels
     for i in range(len(ds)):
         image, label, bad = ds[i]
-        assert image.dtype == torch.uint8 and image.shape == (3, SIZE, SIZE) and bad == 0
+        assert image.dtype == torch.uint8 and image.shape == (3, SIZE, SIZE) and bad == ()
         assert label == labels[i] and np.array_equal(image.permute(1, 2, 0).numpy(), expected[i])
     assert verify_packed(tmp_path / "out", progress=False) == []
 
@@ -132,7 +132,7 @@ def test_corrupt_sources_are_skipped_and_counted(tmp_path, capsys):
     assert m["num_images"] == 12 and m["num_skipped"] == 2 and m["num_source_files"] == 14
     assert sorted(s["path"] for r in m["shards"] for s in r["skipped"]) == ["dog/broken.png", "eel/truncated.jpg"]
     assert m["class_counts"] == [4, 4, 4]
-    assert all(PackedDataset(tmp_path / "out")[i][2] == 0 for i in range(12))
+    assert all(PackedDataset(tmp_path / "out")[i][2] == () for i in range(12))
 
 
 @pytest.mark.parametrize("hflip", [False, True])

@@ -139,6 +139,9 @@ class DataConfig:
     image_size: int = 256
     hflip: bool = False
     num_workers: int = 4
+    # images whose header claims more pixels are skipped (and counted) without being decoded: decompression
+    # bombs and absurd files; ImageNet's largest are ~10-20 MP (repae.data.images explains the default)
+    max_image_pixels: int = 64_000_000
 
 
 @dataclass
@@ -669,6 +672,7 @@ RANGES: dict = {
     **{f"optim_{part}.{k}": rule for part in ("sit", "vae", "disc") for k, rule in _OPTIM.items()},
     "data.image_size": _int(1, 4096),
     "data.num_workers": _int(0, 256),
+    "data.max_image_pixels": _int(1, 178_956_970),  # Pillow itself refuses more (2 x Image.MAX_IMAGE_PIXELS)
     "toy.train_size": _int(1, 1_000_000),  # held in memory: 3 KB per 32x32 image
     "toy.heldout_size": _int(1, 1_000_000),
     "toy.teacher_steps": _int(1, 10_000_000),

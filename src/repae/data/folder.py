@@ -1,7 +1,8 @@
 """Image folders (ImageNet layout: root/<class>/<image>) with the ADM centre crop.
 
 Files are listed once and opened lazily in whichever worker process reads them. A file
-that cannot be decoded is replaced by the next readable one and counted, never fatal.
+that cannot be decoded (or is over the pixel limit, see repae.data.images) is replaced by the
+next readable one and counted once however often it is met, never fatal.
 """
 
 from __future__ import annotations
@@ -9,29 +10,18 @@ from __future__ import annotations
 import itertools
 import random
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Set, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from repae.data.images import DEFAULT_MAX_PIXELS, UnreadableImage, adm_center_crop, decode_image
 from repae.data.sampler import ResumableOrder, rank_slice
 
+__all__ = ["IMAGE_SUFFIXES", "adm_center_crop", "list_image_folder", "ImageFolder", "DatasetBatches"]
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jpe"}
-
-
-def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
-    """ADM (guided-diffusion) centre crop: halve with BOX while >= 2x the size, BICUBIC-resize the
-    short side to `size`, crop the centre. Returns uint8 [size,size,3]."""
-    image = image.convert("RGB")
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top : top + size, left : left + size]
 
 
 def list_image_folder(root: str | Path) -> Tuple[List[Path], List[int], List[str]]:
@@ -56,37 +46,39 @@ def list_image_folder(root: str | Path) -> Tuple[List[Path], List[int], List[str
 
 
 class ImageFolder(Dataset):
-    """Item i -> (uint8 [3,S,S], label, bad) where `bad` counts unreadable files skipped to get it."""
+    """Item i -> (uint8 [3,S,S], label, bad) where `bad` is the tuple of file indices skipped (unreadable
+    or over `max_pixels`) to get it: indices, not a count, so a file met again is not counted again."""
 
-    def __init__(self, root: str | Path, image_size: int = 256, hflip: bool = False, seed: int = 0):
+    def __init__(self, root: str | Path, image_size: int = 256, hflip: bool = False, seed: int = 0,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         self.files, self.labels, self.classes = list_image_folder(root)
-        self.image_size, self.hflip, self.seed = image_size, hflip, seed
+        self.image_size, self.hflip, self.seed, self.max_pixels = image_size, hflip, seed, max_pixels
 
     def __len__(self) -> int:
         return len(self.files)
 
     def _load(self, i: int) -> np.ndarray:
-        with Image.open(self.files[i]) as img:
-            return adm_center_crop(img, self.image_size)
+        return decode_image(self.files[i], self.max_pixels, self.image_size)
 
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int, int]:
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int, Tuple[int, ...]]:
         for bad in range(min(len(self.files), 100)):
             j = (i + bad) % len(self.files)
             try:
                 arr = self._load(j)
-            except (OSError, ValueError, SyntaxError):  # PIL raises these for truncated/corrupt files
+            except UnreadableImage:  # corrupt, truncated, unsupported or over the pixel limit
                 continue
             # the flip is a function of the index, so a resumed run sees the same pixels
             if self.hflip and random.Random(self.seed * 1_000_003 + i).random() < 0.5:
                 arr = arr[:, ::-1]
             # a contiguous CHW copy: stacking permuted views into a batch is ~100x slower
-            return torch.from_numpy(np.array(arr)).permute(2, 0, 1).contiguous(), self.labels[j], bad
+            skipped = tuple((i + k) % len(self.files) for k in range(bad))
+            return torch.from_numpy(np.array(arr)).permute(2, 0, 1).contiguous(), self.labels[j], skipped
         raise RuntimeError(f"100 unreadable images in a row from {self.files[i]}: is this an image folder?")
 
 
 def _collate(items):
     return (torch.stack([x for x, _, _ in items]), torch.tensor([y for _, y, _ in items]),
-            sum(b for _, _, b in items))
+            {j for _, _, skipped in items for j in skipped})
 
 
 class DatasetBatches:
@@ -97,7 +89,7 @@ class DatasetBatches:
         self.dataset, self.num_workers = dataset, num_workers
         self.order = ResumableOrder(len(dataset), seed)
         self.rank, self.world = rank, world  # each rank loads only its slice of every global batch
-        self.bad_images = 0
+        self.skipped: Set[int] = set()  # dataset indices of the unreadable files met so far (this rank)
         self._it, self._batch = None, None
 
     def _loader(self, batch_size: int):
@@ -111,15 +103,20 @@ class DatasetBatches:
     def next(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._it is None or batch_size != self._batch:
             self._it, self._batch = self._loader(batch_size), batch_size
-        images, labels, bad = next(self._it)
+        images, labels, skipped = next(self._it)
         self.order.take(batch_size)
-        self.bad_images += bad
+        self.skipped |= skipped
         return images, labels
 
+    @property
+    def bad_images(self) -> int:
+        """Distinct unreadable files met by this rank (a file skipped in every epoch counts once)."""
+        return len(self.skipped)
+
     def state_dict(self) -> dict:
-        return {**self.order.state_dict(), "bad_images": self.bad_images}
+        return {**self.order.state_dict(), "bad_images": self.bad_images, "skipped": sorted(self.skipped)}
 
     def load_state_dict(self, state: dict) -> None:
         self.order.load_state_dict(state)
-        self.bad_images = state.get("bad_images", 0)
+        self.skipped = set(int(j) for j in state.get("skipped", []))
         self._it = None

@@ -38,7 +38,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from repae.data.folder import adm_center_crop, list_image_folder
+from repae.data.folder import list_image_folder
+from repae.data.images import DEFAULT_MAX_PIXELS, UnreadableImage
+from repae.data.images import decode_image as _decode
 from repae.fileio import sha256_file, write_atomic, write_json_atomic
 
 FORMAT, VERSION, MANIFEST = "repae-packed", 1, "manifest.json"
@@ -49,7 +51,6 @@ _ENCODER = {
     "png": {"format": "PNG", "compress_level": 6},
     "jpeg": {"format": "JPEG", "subsampling": 0},  # 4:4:4: 4:2:0 costs 2-3 dB on photos, far more on sharp colour
 }
-_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on bad files
 
 
 class PackedDataError(ValueError):
@@ -75,24 +76,23 @@ def encode_image(arr: np.ndarray, settings: dict) -> bytes:
     return out.getvalue()
 
 
-def decode_image(data: bytes, image_size: int) -> np.ndarray:
-    """Encoded bytes -> uint8 [S,S,3]; ValueError if the pixels are not an S x S RGB image."""
-    with Image.open(io.BytesIO(data)) as img:
-        arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded bytes -> uint8 [S,S,3]; UnreadableImage (a ValueError) if undecodable, over `max_pixels`
+    (checked from the header, before decoding) or not an S x S image."""
+    arr = _decode(data, max_pixels)
     if arr.shape != (image_size, image_size, 3):
-        raise ValueError(f"decoded image has shape {arr.shape}, expected {(image_size, image_size, 3)}")
+        raise UnreadableImage(f"decoded image has shape {arr.shape}, expected {(image_size, image_size, 3)}")
     return arr
 
 
-def _prepare_one(task: Tuple[str, int, dict]) -> Tuple[Optional[bytes], Optional[str]]:
-    """(path, size, encoder settings) -> (encoded crop, None), or (None, reason) if the source is unreadable.
-    Runs in a worker process; an encoder failure is not the source's fault and propagates."""
-    path, size, settings = task
+def _prepare_one(task: Tuple[str, int, dict, int]) -> Tuple[Optional[bytes], Optional[str]]:
+    """(path, size, encoder settings, max pixels) -> (encoded crop, None), or (None, reason) if the source is
+    unreadable or too large. Runs in a worker process; an encoder failure is not the source's fault and propagates."""
+    path, size, settings, max_pixels = task
     try:
-        with Image.open(path) as img:
-            arr = adm_center_crop(img, size)
-    except _READ_ERRORS as err:
-        return None, f"{type(err).__name__}: {err}"
+        arr = _decode(path, max_pixels, size)
+    except UnreadableImage as err:
+        return None, str(err)
     return encode_image(arr, settings), None
 
 
@@ -143,10 +143,32 @@ def _shard_on_disk(out_dir: Path, rec: dict) -> bool:
 
 
 def _listing_digest(root: Path, files: List[Path], labels: List[int], classes: List[str]) -> str:
+    # file names as the bytes the file system holds (os.fsencode): a non-UTF-8 name hashes like any other,
+    # and UTF-8 names give the same digest as before
     h = hashlib.sha256(json.dumps(classes).encode())
     for f, y in zip(files, labels):
-        h.update(f"{f.relative_to(root).as_posix()}\t{y}\n".encode())
+        h.update(os.fsencode(f.relative_to(root).as_posix()) + f"\t{y}\n".encode())
     return h.hexdigest()
+
+
+def safe_name(name: str) -> str:
+    """A file or class name as valid Unicode for the manifest and messages: a name that is not UTF-8 on disk
+    (Python holds its stray bytes as lone surrogates, which strict JSON readers and terminals reject) gets
+    each such byte written as a \\xNN escape."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _skip_record(rel: str, error: str) -> dict:
+    record = {"path": safe_name(rel), "error": safe_name(error)}  # Pillow's messages quote the path
+    if record["path"] != rel:  # not UTF-8: keep the exact bytes too
+        record["path_bytes_hex"] = os.fsencode(rel).hex()
+    return record
+
+
+def empty_classes(labels: List[int], classes: List[str]) -> List[str]:
+    """The class folders that hold no image file."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    return [name for name, n in zip(classes, counts) if n == 0]
 
 
 def _start_manifest(out_dir: Path, fresh: dict) -> dict:
@@ -156,7 +178,8 @@ def _start_manifest(out_dir: Path, fresh: dict) -> dict:
     if not path.is_file():
         return fresh
     old = read_manifest(out_dir, require_complete=False)
-    keys = ("image_size", "codec", "quality", "encoder", "shard_size", "source_digest", "num_source_files")
+    keys = ("image_size", "codec", "quality", "encoder", "shard_size", "source_digest", "num_source_files",
+            "max_image_pixels")
     diff = [f"{k}: {old.get(k)!r} there, {fresh[k]!r} now" for k in keys if old.get(k) != fresh[k]]
     if diff:
         raise PackedDataError(f"{out_dir} holds a packing made with other settings or source files "
@@ -180,27 +203,37 @@ def _finalise(manifest: dict) -> dict:
 
 
 def write_packed(src_root: str | Path, out_dir: str | Path, image_size: int = 256, shard_size: int = 5000,
-                 codec: str = "webp", quality: int = 95, num_workers: int = 0, progress: bool = True) -> dict:
+                 codec: str = "webp", quality: int = 95, num_workers: int = 0, progress: bool = True,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, allow_empty_classes: bool = False) -> dict:
     """Pack the image folder `src_root` (class per sub-folder) into `out_dir`; returns the manifest.
 
     Every image is ADM-centre-cropped to `image_size` (the crop ImageFolder applies at training time)
     and encoded with `codec`. Re-running the same command resumes: finished shards are kept, the rest
-    are (re)written. Unreadable source images are skipped and listed in the manifest. `num_workers`
-    processes decode/crop/encode (0: in this process)."""
-    if image_size <= 0 or shard_size <= 0 or num_workers < 0:
-        raise ValueError(f"need image_size > 0, shard_size > 0, num_workers >= 0; got {image_size}, "
-                         f"{shard_size}, {num_workers}")
+    are (re)written. Unreadable source images, and those over `max_pixels` (refused from their header,
+    never decoded), are skipped and listed in the manifest. `num_workers`
+    processes decode/crop/encode (0: in this process). A class folder without images is an error (it is
+    usually an incomplete copy or extraction, and would leave a class the model is told about but never
+    sees) unless `allow_empty_classes`; the manifest lists such classes under "empty_classes"."""
+    if image_size <= 0 or shard_size <= 0 or num_workers < 0 or max_pixels <= 0:
+        raise ValueError(f"need image_size > 0, shard_size > 0, num_workers >= 0, max_pixels > 0; got {image_size}, "
+                         f"{shard_size}, {num_workers}, {max_pixels}")
     settings = encoder_settings(codec, quality)
     src_root, out_dir = Path(src_root), Path(out_dir)
     files, labels, classes = list_image_folder(src_root)
+    empty = [safe_name(c) for c in empty_classes(labels, classes)]
+    if empty and not allow_empty_classes:
+        raise ValueError(f"{len(empty)} class folder(s) of {src_root} hold no images: {', '.join(empty[:10])}"
+                         f"{' ...' if len(empty) > 10 else ''} (an incomplete copy?); fill or remove them, or pass "
+                         f"--allow-empty-classes to keep them as classes with no images")
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("*.tmp"):  # debris of an interrupted run; never part of the data
         stale.unlink()
     fresh = {"format": FORMAT, "version": VERSION, "complete": False, "image_size": image_size, "codec": codec,
              "quality": settings["quality"] if codec == "jpeg" else None, "encoder": settings,
              "pillow": PIL.__version__, "crop": "adm_center_crop", "shard_size": shard_size,
-             "source": str(src_root.resolve()),
-             "classes": classes, "num_source_files": len(files),
+             "max_image_pixels": max_pixels,
+             "source": safe_name(str(src_root.resolve())),
+             "classes": [safe_name(c) for c in classes], "empty_classes": empty, "num_source_files": len(files),
              "source_digest": _listing_digest(src_root, files, labels, classes), "shards": []}
     manifest = _start_manifest(out_dir, fresh)
     done = {rec["index"] for rec in manifest["shards"]}
@@ -228,7 +261,7 @@ def _write_shards(out_dir: Path, manifest: dict, root: Path, files: List[Path], 
     """Encode and write the shards `todo`, recording each in the manifest as soon as it is on disk."""
     shard_size, size = manifest["shard_size"], manifest["image_size"]
     order = list(_tasks(len(files), todo, shard_size))
-    jobs = ((str(files[i]), size, settings) for _, i in order)
+    jobs = ((files[i], size, settings, manifest["max_image_pixels"]) for _, i in order)
     pool = _pool(num_workers) if num_workers > 0 else None
     results = pool.imap(_prepare_one, jobs, chunksize=8) if pool else map(_prepare_one, jobs)
     bar = tqdm(total=len(files), initial=len(files) - len(order), unit="img", desc="prepare-data",
@@ -240,7 +273,7 @@ def _write_shards(out_dir: Path, manifest: dict, root: Path, files: List[Path], 
             if writer is None:
                 writer = _ShardWriter(out_dir, k)
             if data is None:
-                writer.skipped.append({"path": files[i].relative_to(root).as_posix(), "error": error})
+                writer.skipped.append(_skip_record(files[i].relative_to(root).as_posix(), error))
                 skipped += 1
                 bar.set_postfix(skipped=skipped, refresh=False)
             else:
@@ -301,16 +334,16 @@ def _load_index(out_dir: Path, rec: dict) -> np.ndarray:
 
 
 class PackedDataset(Dataset):
-    """Item i -> (uint8 [3,S,S], label, bad), exactly like ImageFolder: `bad` counts undecodable images
-    skipped to get it, and with `hflip` the flip is a function of (seed, i), so resumed runs see the same
+    """Item i -> (uint8 [3,S,S], label, skipped), exactly like ImageFolder: `skipped` is the tuple of the
+    indices of undecodable images passed over to get it, and with `hflip` the flip is a function of (seed, i), so resumed runs see the same
     pixels. Shard files are opened lazily in the process that reads them (never pickled open)."""
 
     max_open_files = 64  # per process; shards are opened on first use and the least recently used closed
 
-    def __init__(self, root: str | Path, hflip: bool = False, seed: int = 0):
+    def __init__(self, root: str | Path, hflip: bool = False, seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.root = Path(root)
         self.manifest = manifest = read_manifest(self.root)
-        self.hflip, self.seed = hflip, seed
+        self.hflip, self.seed, self.max_pixels = hflip, seed, max_pixels
         try:
             self.image_size, self.codec = manifest["image_size"], manifest["codec"]
             self.classes: List[str] = manifest["classes"]
@@ -357,7 +390,7 @@ class PackedDataset(Dataset):
             raise PackedDataError(f"{self._bins[shard]} was truncated after it was opened")
         return data
 
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int, int]:
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int, Tuple[int, ...]]:
         n = len(self._index)
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for {n} images")
@@ -365,8 +398,8 @@ class PackedDataset(Dataset):
             j = (i + bad) % n
             data = self._read(j)  # a short read is damage to the store, not to one image: it raises
             try:
-                arr = decode_image(data, self.image_size)
-            except _READ_ERRORS:
+                arr = decode_image(data, self.image_size, self.max_pixels)
+            except UnreadableImage:
                 continue
             # the same flip rule as ImageFolder: a function of the requested index
             if self.hflip and random.Random(self.seed * 1_000_003 + i).random() < 0.5:
@@ -374,7 +407,7 @@ class PackedDataset(Dataset):
             # a contiguous [3,S,S] copy (also writable, unlike PIL's buffer): collating permuted views
             # instead cost 5 ms/batch of 64 on one thread but 250-750 ms on two threads of busy cores
             chw = np.ascontiguousarray(arr.transpose(2, 0, 1))
-            return torch.from_numpy(chw), int(self._index[j, 2]), bad
+            return torch.from_numpy(chw), int(self._index[j, 2]), tuple((i + k) % n for k in range(bad))
         raise PackedDataError(f"100 undecodable images in a row from index {i} in {self.root}: the shards are "
                               f"damaged; check them with repae.data.packed.verify_packed")
 

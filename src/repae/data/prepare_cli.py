@@ -28,6 +28,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=5000, help="source images per shard (default: 5000)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="encoding processes (default: all CPU cores; 0 = in this process)")
+    p.add_argument("--max-image-pixels", type=int, default=64_000_000, metavar="N",
+                   help="skip (and list) source images whose header claims more than N pixels, without decoding "
+                        "them (default 64000000, as data.max_image_pixels)")
+    p.add_argument("--allow-empty-classes", action="store_true",
+                   help="keep class folders that hold no images (default: an error, as they are usually an "
+                        "incomplete copy)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare_data)
     return p
@@ -47,7 +53,8 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     try:
         m = write_packed(args.src, args.out, image_size=args.image_size, shard_size=args.shard_size,
                          codec=args.codec, quality=args.quality, num_workers=args.workers,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, max_pixels=args.max_image_pixels,
+                         allow_empty_classes=args.allow_empty_classes)
     except (PackedDataError, FileNotFoundError, ValueError) as err:
         print(f"repae prepare-data: error: {err}", file=sys.stderr)
         return 2
@@ -56,6 +63,9 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     print(f"{args.out}: {n} images of {m['image_size']}px in {len(m['shards'])} shards, {m['codec']}{quality}, "
           f"{_human(m['total_bytes'])} ({m['total_bytes'] / max(n, 1) / 1024:.1f} KiB/image, "
           f"{raw / max(m['total_bytes'], 1):.1f}x smaller than raw pixels), {len(m['classes'])} classes")
+    if m.get("empty_classes"):
+        print(f"warning: {len(m['empty_classes'])} classes have no images: {', '.join(m['empty_classes'][:10])}",
+              file=sys.stderr)
     if m["num_skipped"]:
         first = [s["path"] for rec in m["shards"] for s in rec["skipped"]][:5]
         print(f"skipped {m['num_skipped']} unreadable source images (listed in manifest.json), e.g. "

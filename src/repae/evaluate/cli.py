@@ -115,7 +115,8 @@ def _sample_source(args, device, kind: str, loaded):
         source = open_npz(args.source, args.batch_size, rank, world, args.num_images)
         return source, {"source": {"kind": "npz", "path": args.source}}, {"samples_npz": args.source}
     if kind == "folder":
-        source = open_folder(args.source, args.batch_size, None, rank, world, args.num_images, workers=args.workers)
+        source = open_folder(args.source, args.batch_size, None, rank, world, args.num_images,
+                             workers=args.workers, max_pixels=args.max_image_pixels)
         return source, {"source": {"kind": "folder", "path": args.source}}, {}
     cfg, sit, vae = loaded.cfg, loaded.sit.to(device), loaded.vae.to(device)
     n = args.num_images or cfg.eval.num_samples
@@ -196,7 +197,7 @@ def cmd_ref_stats(args) -> int:
         source = open_npz(args.source, args.batch_size, rank, world, args.num_images)
     else:
         source = open_folder(args.source, args.batch_size, args.image_size, rank, world, args.num_images,
-                             workers=args.workers)
+                             workers=args.workers, max_pixels=args.max_image_pixels)
     inc_path = inception_path(args.inception)
     inception = load_inception(inc_path, device)
     got = reference_statistics(source, inception, keep_images=args.with_images, device=device,
@@ -286,7 +287,7 @@ def cmd_vae(args) -> int:
     inception = load_inception(inc_path, device) if args.inception else None
     lpips = _lpips(args, device)
     data = open_data(args.data, _data_cfg(args, run), image_size=args.image_size, batch_size=args.batch_size,
-                     limit=args.num_images, workers=args.workers)
+                     limit=args.num_images, workers=args.workers, max_pixels=args.max_image_pixels)
     metrics = vae_metrics(vae, data.source, inception=inception, lpips=lpips, use_mean=not args.sample_posterior,
                           amp_dtype=autocast_dtype(args.precision), inception_autocast=autocast_dtype(args.precision),
                           progress=not args.no_progress)
@@ -361,7 +362,7 @@ def cmd_latents(args) -> int:
     bn, bn_files = _latent_norm(args, run)
     bn = bn.to(device) if bn is not None else None
     data = open_data(args.data, _data_cfg(args, run), image_size=args.image_size, batch_size=args.batch_size,
-                     limit=args.num_images, workers=args.workers)
+                     limit=args.num_images, workers=args.workers, max_pixels=args.max_image_pixels)
     batches = tqdm(data.source, total=len(data.source), desc="latents", unit="batch", disable=args.no_progress)
     metrics = measure_latent_structure(vae, batches, latent_norm=bn, use_mean=not args.sample_posterior)
     metrics.update(_skipped(data.source))
@@ -440,7 +441,7 @@ def cmd_spectrum(args) -> int:
     device = _device(args.device, distributed=False)
     vaes, run = _spectrum_vaes(args)
     data = open_data(args.data, _data_cfg(args, run), image_size=args.image_size, batch_size=args.batch_size,
-                     limit=args.num_images, workers=args.workers)
+                     limit=args.num_images, workers=args.workers, max_pixels=args.max_image_pixels)
     images, _ = first_images(data.source, args.num_images)
     dtype = autocast_dtype(args.precision)
     spectra, files = {}, {}
@@ -530,7 +531,7 @@ def cmd_cknna(args) -> int:
     if args.image_size and args.image_size != image_size:
         raise EvaluationError(f"this SiT/VAE pair takes {image_size}px images, not --image-size {args.image_size}")
     data = open_data(args.data, cfg, image_size=image_size, batch_size=args.batch_size, limit=args.num_images,
-                     workers=args.workers)
+                     workers=args.workers, max_pixels=args.max_image_pixels)
     images, labels = first_images(data.source, args.num_images)
     if images.shape[-1] != image_size:
         raise EvaluationError(f"the data's images are {images.shape[-1]}px; this SiT/VAE pair takes {image_size}px")
@@ -580,6 +581,9 @@ def _common(p: argparse.ArgumentParser, out_help: str = "JSON result path", out_
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="Inception / VAE arithmetic (default fp32, as the published evaluators)")
     p.add_argument("--workers", type=int, default=4, help="image decoding threads (default 4)")
+    p.add_argument("--max-image-pixels", type=int, default=64_000_000, metavar="N",
+                   help="skip (and count) image files whose header claims more than N pixels, without decoding "
+                        "them (default 64000000, as data.max_image_pixels)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -18,6 +18,7 @@ import torch
 
 from repae import dist
 from repae.evaluate.fid import REF_IMAGES_KEY, Reference, load_reference
+from repae.data.images import DEFAULT_MAX_PIXELS
 from repae.evaluate.sources import (
     EvaluationError, TensorImages, is_run_or_checkpoint_dir, open_folder,
 )
@@ -189,7 +190,7 @@ def toy_world(cfg):
 
 
 def open_data(data: Optional[str], cfg, *, image_size: Optional[int], batch_size: int, limit: Optional[int],
-              workers: int = 4) -> Data:
+              workers: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS) -> Data:
     """`--data`: 'toy' (the toy world's held-out images and labels; also the default when `cfg`
     is a toy-world run) or an image folder (class sub-folders give labels; ADM centre crop to
     `image_size`). This process gets its contiguous block."""
@@ -206,7 +207,8 @@ def open_data(data: Optional[str], cfg, *, image_size: Optional[int], batch_size
         raise EvaluationError("--data is required: an image folder (class sub-folders give labels), or 'toy'")
     if not Path(data).is_dir():
         raise EvaluationError(f"data folder not found: {data}")
-    source = open_folder(data, batch_size, image_size, rank, world, limit, labelled=True, workers=workers)
+    source = open_folder(data, batch_size, image_size, rank, world, limit, labelled=True, workers=workers,
+                         max_pixels=max_pixels)
     info = {"data": str(Path(data).resolve()), "labelled": source.labels[0] != -1 if source.labels else False,
             "image_size": image_size, "crop": "ADM centre crop" if image_size else None,
             "num_images": source.num_images}

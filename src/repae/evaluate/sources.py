@@ -20,14 +20,13 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
 
-from repae.data.folder import IMAGE_SUFFIXES, adm_center_crop, list_image_folder
+from repae.data.folder import IMAGE_SUFFIXES, list_image_folder
+from repae.data.images import DEFAULT_MAX_PIXELS, UnreadableImage, decode_image
 from repae.evaluate.errors import EvaluationError
 from repae.evaluate.fid import REF_IMAGES_KEY, NpzImages
 
 PathLike = Union[str, os.PathLike]
-UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def shard_range(n: int, rank: int, world: int, batch_size: int = 1) -> range:
@@ -53,29 +52,30 @@ def list_images_recursive(root: PathLike) -> List[Path]:
     return files
 
 
-def _decode(path: Path, image_size: Optional[int]) -> Optional[np.ndarray]:
-    """uint8 [H,W,3] (ADM centre crop to `image_size` when given), or None when unreadable."""
+def _decode(path: Path, image_size: Optional[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> Optional[np.ndarray]:
+    """uint8 [H,W,3] (ADM centre crop to `image_size` when given), or None when unreadable or over
+    `max_pixels` (refused from the header, never decoded)."""
     try:
-        with Image.open(path) as img:
-            if image_size:
-                return adm_center_crop(img, image_size)
-            return np.asarray(img.convert("RGB"))
-    except UNREADABLE:
+        return decode_image(path, max_pixels, image_size)
+    except UnreadableImage:
         return None
 
 
 class FolderImages:
-    """(uint8 [B,3,H,W], labels [B]) batches from image files; unreadable files are skipped and counted.
+    """(uint8 [B,3,H,W], labels [B]) batches from image files; unreadable files (and those over
+    `max_pixels`) are skipped and listed in `skipped`, each once per pass.
 
     Images keep their own size unless `image_size` asks for the ADM centre crop; a batch never
     mixes sizes (it is cut short where the size changes). `labels[i]` is -1 when unknown.
     Decoding runs on `workers` threads (PIL releases the GIL while decoding)."""
 
     def __init__(self, files: Sequence[Path], labels: Optional[Sequence[int]] = None, batch_size: int = 64,
-                 image_size: Optional[int] = None, block: Optional[range] = None, workers: int = 4):
+                 image_size: Optional[int] = None, block: Optional[range] = None, workers: int = 4,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         self.files = list(files)
         self.labels = list(labels) if labels is not None else [-1] * len(self.files)
         self.batch_size, self.image_size, self.workers = batch_size, image_size, max(1, workers)
+        self.max_pixels = max_pixels
         self.block = block if block is not None else range(len(self.files))
         self.skipped: List[str] = []  # unreadable files of this process's block
 
@@ -100,7 +100,7 @@ class FolderImages:
         with ThreadPoolExecutor(self.workers) as pool:
             for start in range(self.block.start, self.block.stop, self.batch_size):
                 idx = range(start, min(start + self.batch_size, self.block.stop))
-                for i, arr in zip(idx, pool.map(lambda j: _decode(self.files[j], self.image_size), idx)):
+                for i, arr in zip(idx, pool.map(lambda j: _decode(self.files[j], self.image_size, self.max_pixels), idx)):
                     if arr is None:
                         self.skipped.append(str(self.files[i]))
                         continue
@@ -145,7 +145,7 @@ def open_npz(path: PathLike, batch_size: int = 64, rank: int = 0, world: int = 1
 
 def open_folder(root: PathLike, batch_size: int = 64, image_size: Optional[int] = None, rank: int = 0,
                 world: int = 1, limit: Optional[int] = None, labelled: bool = False,
-                workers: int = 4) -> FolderImages:
+                workers: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS) -> FolderImages:
     """This process's block of an image folder. `labelled`: one class per sub-folder (ImageNet
     layout, via `list_image_folder`; a flat folder has no labels); else every image under the
     root at any depth, unlabelled."""
@@ -162,7 +162,8 @@ def open_folder(root: PathLike, batch_size: int = 64, image_size: Optional[int] 
     n = min(len(files), limit) if limit else len(files)
     files = files[:n]
     labels = labels[:n] if labels is not None else None
-    return FolderImages(files, labels, batch_size, image_size, shard_range(n, rank, world, batch_size), workers)
+    return FolderImages(files, labels, batch_size, image_size, shard_range(n, rank, world, batch_size), workers,
+                        max_pixels)
 
 
 class TensorImages:

@@ -81,11 +81,13 @@ def _first_two(items):
 class FolderSource:
     """An image folder (class sub-folders) with the ADM centre crop, decoded by DataLoader workers."""
 
-    def __init__(self, root: str | Path, image_size: int = 256, num_workers: int = 4):
+    def __init__(self, root: str | Path, image_size: int = 256, num_workers: int = 4,
+                 max_pixels: Optional[int] = None):
         from repae.data.folder import ImageFolder
+        from repae.data.images import DEFAULT_MAX_PIXELS
 
         self.root = Path(root).resolve()
-        self.dataset = ImageFolder(self.root, image_size, hflip=False)
+        self.dataset = ImageFolder(self.root, image_size, hflip=False, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
         self.image_size, self.num_workers = image_size, num_workers
         self.classes = list(self.dataset.classes)
 

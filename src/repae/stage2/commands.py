@@ -48,7 +48,8 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
     else:
         try:
             source = FolderSource(args.data, args.image_size or 256,
-                                  num_workers=cfg.data.num_workers if args.num_workers is None else args.num_workers)
+                                  num_workers=cfg.data.num_workers if args.num_workers is None else args.num_workers,
+                                  max_pixels=cfg.data.max_image_pixels)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"--data: {err}") from None
     manifest = cache_latents(

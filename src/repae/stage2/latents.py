@@ -168,7 +168,8 @@ def latent_batches(cfg: RunConfig, toy=None) -> LatentBatches:
             raise ConfigError(f"the toy world of this config (toy.*) is not the one the latents in "
                               f"{cfg.latents.path} were cached from")
     elif need_images:
-        images = FolderSource(cfg.data.path, cfg.data.image_size, num_workers=0)
+        images = FolderSource(cfg.data.path, cfg.data.image_size, num_workers=0,
+                              max_pixels=cfg.data.max_image_pixels)
         if images.describe() != recorded:
             raise ConfigError(f"{cfg.data.path} lists other images than when the latents were cached")
     workers = cfg.data.num_workers if toy is None and need_images else 0

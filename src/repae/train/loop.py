@@ -93,11 +93,11 @@ def image_dataset(cfg: RunConfig, folder: Optional[str] = None, hflip: bool = Fa
         if folder is None and cfg.data.source == "packed":
             from repae.data.packed import PackedDataset
 
-            dataset = PackedDataset(root, hflip, cfg.train.seed)
+            dataset = PackedDataset(root, hflip, cfg.train.seed, cfg.data.max_image_pixels)
             if dataset.image_size != cfg.data.image_size:
                 raise ValueError(f"{root} holds {dataset.image_size}px crops, data.image_size={cfg.data.image_size}")
             return dataset
-        return ImageFolder(root, cfg.data.image_size, hflip, cfg.train.seed)
+        return ImageFolder(root, cfg.data.image_size, hflip, cfg.train.seed, cfg.data.max_image_pixels)
     except (FileNotFoundError, ValueError) as err:  # PackedDataError is a ValueError
         raise ConfigError(f"{'data.path' if folder is None else folder}: {err}") from None
 
@@ -119,6 +119,18 @@ def _data_source(cfg: RunConfig, toy):
                           f"{cfg.model.num_classes}")
     return DatasetBatches(dataset, seed=cfg.train.seed, num_workers=cfg.data.num_workers, rank=dist.rank(),
                           world=dist.world_size())
+
+
+def distinct_skipped(data) -> int:
+    """Unreadable files skipped by any rank, each file once: the ranks' sets of skipped dataset indices are
+    OR-ed through one all-reduce of a per-file mask (a file met by two ranks in two epochs counts once)."""
+    skipped = getattr(data, "skipped", None)
+    if skipped is None:
+        return 0
+    mask = torch.zeros(len(data.dataset), dtype=torch.int32)  # [N]: 4 bytes per file, once per run
+    if skipped:
+        mask[torch.tensor(sorted(skipped), dtype=torch.long)] = 1
+    return int((dist.all_reduce_sum(mask) > 0).sum().item())
 
 
 def setup_run(cfg: RunConfig, progress: bool = True) -> Run:
@@ -406,7 +418,7 @@ def _train(cfg: RunConfig, progress: bool) -> dict:
     first_step = run.step
     train_steps(run, cfg.train.max_steps, on_log=lambda record: [sink(record) for sink in sinks],
                 progress=progress and main, on_rewind=log.rewind if main else None)
-    bad = int(dist.all_reduce_sum(torch.tensor([getattr(run.data, "bad_images", 0)])).item())
+    bad = distinct_skipped(run.data)
     if not main:
         return {"steps": run.step, "rank": dist.rank()}
     records = log.read()
