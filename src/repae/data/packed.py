@@ -335,8 +335,8 @@ def _load_index(out_dir: Path, rec: dict) -> np.ndarray:
 
 class PackedDataset(Dataset):
     """Item i -> (uint8 [3,S,S], label, skipped), exactly like ImageFolder: `skipped` is the tuple of the
-    indices of undecodable images passed over to get it, and with `hflip` the flip is a function of (seed, i), so resumed runs see the same
-    pixels. Shard files are opened lazily in the process that reads them (never pickled open)."""
+    indices of undecodable images passed over to get it, and with `hflip` the flip is a function of
+    (seed, i), so resumed runs see the same pixels. Shard files are opened lazily in the process that reads them (never pickled open)."""
 
     max_open_files = 64  # per process; shards are opened on first use and the least recently used closed
 

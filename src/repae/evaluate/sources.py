@@ -100,7 +100,8 @@ class FolderImages:
         with ThreadPoolExecutor(self.workers) as pool:
             for start in range(self.block.start, self.block.stop, self.batch_size):
                 idx = range(start, min(start + self.batch_size, self.block.stop))
-                for i, arr in zip(idx, pool.map(lambda j: _decode(self.files[j], self.image_size, self.max_pixels), idx)):
+                decoded = pool.map(lambda j: _decode(self.files[j], self.image_size, self.max_pixels), idx)
+                for i, arr in zip(idx, decoded):
                     if arr is None:
                         self.skipped.append(str(self.files[i]))
                         continue
