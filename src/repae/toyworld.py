@@ -292,10 +292,11 @@ EVALUATOR_GRID, EVALUATOR_SEED_OFFSET = 8, 17
 
 
 def ensure_toy_evaluator(world: ToyWorld, spec: ToyWorldConfig = ToyWorldConfig(), seed: int = 0,
-                         progress: bool = True) -> ToyTeacher:
+                         progress: bool = True, device: str = "auto") -> ToyTeacher:
     """The toy world's stand-in for Inception (DESIGN.md section 4): a classifier trained on its own,
     whose mean-pooled tokens give "toy FID" and whose argmax scores class-conditional samples.
-    Built on first use, cached beside the teacher; held-out accuracy in report.json."""
+    Built on first use on `device` (auto: the GPU when there is one), cached beside the teacher;
+    held-out accuracy in report.json."""
     with dist.main_first():
         path = world.cache_dir / "evaluator.safetensors"
         if path.is_file():
@@ -303,7 +304,8 @@ def ensure_toy_evaluator(world: ToyWorld, spec: ToyWorldConfig = ToyWorldConfig(
             return world.evaluator.eval().requires_grad_(False)
         start = time.perf_counter()
         evaluator = train_teacher(world.train_images, world.train_labels, spec.teacher_steps, spec.batch_size,
-                                  seed + EVALUATOR_SEED_OFFSET, grid=EVALUATOR_GRID, progress=progress)
+                                  seed + EVALUATOR_SEED_OFFSET, grid=EVALUATOR_GRID, progress=progress,
+                                  device=dist.device_named(device))
         world.report["evaluator_heldout_accuracy"] = teacher_accuracy(evaluator, world.heldout_images,
                                                                       world.heldout_labels)
         world.report["evaluator_train_seconds"] = round(time.perf_counter() - start, 1)
