@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from repae.config import load_config
-from repae.train import checkpoint as ckpt_mod
 from repae.train.checkpoint import latest_checkpoint, save_checkpoint, step_dirs
 from repae.train.loop import train
 from repae.weights import CheckpointError, read_file

@@ -17,7 +17,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from torch import nn
 from repae.models.sit import SiT, SiTArgs
 from repae.models.vae import AutoencoderKL, VAEArgs
 from repae.models import vae_diffusers
+
+if TYPE_CHECKING:  # repae.config imports this module: a runtime import would be circular
+    from repae.config import Range
 
 StateDict = Dict[str, torch.Tensor]
 # Types the official checkpoints pickle besides tensors; nothing else is unpickled.

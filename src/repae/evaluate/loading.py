@@ -186,7 +186,7 @@ def toy_world(cfg):
     from repae.build import vae_args
     from repae.toyworld import ensure_toy_world
 
-    return ensure_toy_world(vae_args(cfg), cfg.toy)
+    return ensure_toy_world(vae_args(cfg), cfg.toy, device=cfg.train.device)
 
 
 def open_data(data: Optional[str], cfg, *, image_size: Optional[int], batch_size: int, limit: Optional[int],

@@ -64,8 +64,8 @@ def toy_judges(cfg: RunConfig) -> Judges:
     from repae.evaluate.toy import evaluator_outputs
     from repae.toyworld import ensure_toy_evaluator, ensure_toy_world
 
-    world = ensure_toy_world(vae_args(cfg), cfg.toy, seed=0)
-    evaluator = ensure_toy_evaluator(world, cfg.toy).to(device_named(cfg.train.device))
+    world = ensure_toy_world(vae_args(cfg), cfg.toy, seed=0, device=cfg.train.device)
+    evaluator = ensure_toy_evaluator(world, cfg.toy, device=cfg.train.device).to(device_named(cfg.train.device))
 
     def score(images: torch.Tensor) -> Tuple[np.ndarray, torch.Tensor]:
         feats, logits = evaluator_outputs(evaluator, images)

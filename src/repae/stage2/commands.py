@@ -41,7 +41,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
         from repae.build import vae_args
         from repae.toyworld import ensure_toy_world
 
-        world = ensure_toy_world(vae_args(cfg), cfg.toy)  # rank 0 builds first under torchrun
+        world = ensure_toy_world(vae_args(cfg), cfg.toy, device=cfg.train.device)  # rank 0 builds first under torchrun
         source = ToySource(world.train_images, world.train_labels)
         if args.image_size not in (None, source.image_size):
             raise ConfigError(f"the toy world's images are {source.image_size}px; drop --image-size")

@@ -53,9 +53,10 @@ def _toy_setup(cfg: RunConfig, progress: bool = True):
     """Build/load the toy world and point the config's VAE, stats and encoder at it."""
     from repae.toyworld import ensure_toy_evaluator, ensure_toy_world
 
-    world = ensure_toy_world(vae_args(cfg), cfg.toy, progress=progress)  # under torchrun rank 0 builds, the others read
+    # under torchrun rank 0 builds, the others read; the build trains where the run does
+    world = ensure_toy_world(vae_args(cfg), cfg.toy, progress=progress, device=cfg.train.device)
     if cfg.eval.num_samples > 0:  # it scores the run's samples at the end: built now, not after training
-        ensure_toy_evaluator(world, cfg.toy, progress=progress)
+        ensure_toy_evaluator(world, cfg.toy, progress=progress, device=cfg.train.device)
     if not cfg.vae.from_scratch:
         cfg.vae.path = cfg.vae.path or str(world.vae_path)
         cfg.vae.latent_stats_path = cfg.vae.latent_stats_path or str(world.latent_stats_path)
