@@ -1,4 +1,5 @@
-"""train.precision=auto: bf16 only where it is fast on the device, else fp32."""
+"""CPU execution settings: train.precision=auto (bf16 only where it is fast on the device, else
+fp32), train.num_threads, and the note on an oversubscribed CPU."""
 
 import torch
 
@@ -32,3 +33,35 @@ def test_the_measurement_returns_a_bool_and_is_cached():
 def test_auto_is_the_default_of_every_preset():
     assert load_config("toy").train.precision == "auto"
     assert load_config("sit-xl2-f8d4").train.precision == "auto"
+
+
+def test_oversubscription_note_counts_other_runnable_threads(monkeypatch, tmp_path):
+    from repae import dist
+
+    monkeypatch.setattr(dist, "usable_cores", lambda: 2)
+    assert dist.oversubscription_note(2, others=0) is None
+    note = dist.oversubscription_note(2, others=2)
+    assert note is not None and "train.num_threads" in note and "2 core(s)" in note
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("1.00 0.50 0.20 3/210 12345\n")
+    assert dist.runnable_elsewhere(str(loadavg)) == 2  # 3 running, one of them the reader
+    loadavg.write_text("garbage")
+    assert dist.runnable_elsewhere(str(loadavg)) is None
+
+
+def test_train_num_threads_is_applied(monkeypatch):
+    from repae.train import loop
+
+    before = torch.get_num_threads()
+    try:
+        loop.set_threads(load_config("toy", overrides=["train.num_threads=1"]))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_summary_speed_is_the_median_of_the_log_lines():
+    from repae.train import loop
+
+    assert loop._median([120.0, None, 20.0, 130.0]) == 120.0  # not the last line (130) nor the mean
+    assert loop._median([None]) is None

@@ -196,6 +196,7 @@ class TrainConfig:
     keep_last: int = 3
     sample_every: int = 10_000
     max_nonfinite_in_a_row: int = 10
+    num_threads: int = 0  # CPU threads for torch (0: torch's default, one per usable core)
     log_to: List[str] = field(default_factory=list)  # extra sinks besides metrics.jsonl: tensorboard, wandb
 
 
@@ -680,6 +681,7 @@ RANGES: dict = {
     "toy.vae_steps": _int(1, 10_000_000),
     "toy.batch_size": _int(1, 65536),
     "toy.vae_batch_size": _int(1, 65536),
+    "train.num_threads": _int(0, 4096),
     "train.global_batch_size": _int(1, 1 << 20),
     "train.grad_accum_steps": _int(1, 1 << 20),
     "train.max_steps": _int(1, 10**10),

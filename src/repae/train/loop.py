@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,7 +135,17 @@ def distinct_skipped(data) -> int:
     return int((dist.all_reduce_sum(mask) > 0).sum().item())
 
 
+def set_threads(cfg: RunConfig) -> None:
+    """Apply train.num_threads, then say (one line) when the CPU is already busy elsewhere."""
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    note = dist.oversubscription_note(torch.get_num_threads())
+    if note and dist.is_main():
+        tqdm.write(note)
+
+
 def setup_run(cfg: RunConfig, progress: bool = True) -> Run:
+    set_threads(cfg)
     device = resolve_device(cfg.train.device)
     if cfg.latents.path:  # the frozen VAE and its statistics default to those the latents came from
         from repae.stage2.latents import resolve_latents
@@ -402,6 +413,11 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
         return _train(cfg, progress)
 
 
+def _median(values: list) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
 def _train(cfg: RunConfig, progress: bool) -> dict:
     from repae.train.report import MetricsLog, extra_sinks, plot_losses
 
@@ -425,7 +441,8 @@ def _train(cfg: RunConfig, progress: bool) -> dict:
     records = log.read()
     summary = {"steps": run.step, "steps_this_invocation": run.step - first_step,
                "wall_seconds": round(time.perf_counter() - start, 1),
-               "images_per_s": records[-1]["images_per_s"] if records else None,
+               # the median of the log lines: the first and last intervals carry set-up and sampling
+               "images_per_s": _median([r.get("images_per_s") for r in records]),
                "world_size": dist.world_size(), "final": records[-1] if records else {}}
     if hasattr(run.data, "bad_images"):
         summary["unreadable_images_skipped"] = bad
