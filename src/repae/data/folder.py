@@ -17,6 +17,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from repae.data.sampler import ResumableOrder, rank_slice
+from repae.interrupt import ignore_stop_signals
+
+
+class UnreadableImagesError(RuntimeError):
+    """A data folder whose files do not decode as images (so many in a row that it is not bad luck)."""
+
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jpe"}
 
@@ -81,7 +87,7 @@ class ImageFolder(Dataset):
                 arr = arr[:, ::-1]
             # a contiguous CHW copy: stacking permuted views into a batch is ~100x slower
             return torch.from_numpy(np.array(arr)).permute(2, 0, 1).contiguous(), self.labels[j], bad
-        raise RuntimeError(f"100 unreadable images in a row from {self.files[i]}: is this an image folder?")
+        raise UnreadableImagesError(f"100 unreadable images in a row from {self.files[i]}: is this an image folder?")
 
 
 def _collate(items):
@@ -106,7 +112,8 @@ class DatasetBatches:
         rank, world = self.rank, self.world  # locals: a generator holding `self` keeps workers alive 10 s at exit
         batches = (rank_slice(ahead.take(batch_size), rank, world).tolist() for _ in itertools.count())
         return iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                               collate_fn=_collate, persistent_workers=self.num_workers > 0))
+                               collate_fn=_collate, persistent_workers=self.num_workers > 0,
+                               worker_init_fn=ignore_stop_signals))
 
     def next(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._it is None or batch_size != self._batch:
