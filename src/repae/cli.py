@@ -225,7 +225,9 @@ def _report(err: BaseException, command: str, debug: bool) -> Optional[int]:
     if debug:
         traceback.print_exception(type(err), err, err.__traceback__)
     if line:
-        print(line, file=sys.stderr)
+        print(line, file=sys.stderr, flush=True)
+    if isinstance(err, Interrupted):  # all ranks got here after the save; torchrun ends the others when
+        dist.barrier()                # the first one exits, so none leaves before rank 0 has said its line
     return code
 
 
