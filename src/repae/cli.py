@@ -8,6 +8,10 @@
     repae evaluate samples|ref-stats|vae|latents|cknna ...            metrics as JSON (see --help)
     repae prepare-data SRC OUT                                         packed, sharded image store
     repae export-vae RUN | cache-latents | train-ldm                   stage 2 on the E2E-VAE
+
+Errors the user can fix (config, missing files, unusable checkpoints or data) print one line and
+exit 2; `repae --debug ...` also prints the traceback. Ctrl-C (SIGINT) or SIGTERM during training
+stops at the next step boundary with a checkpoint and exits 130 / 143; elsewhere Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -135,6 +139,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repae", description="REPA-E: end-to-end VAE + latent diffusion training")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of errors and interrupts (also accepted after the command)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="REPA-E training; re-run the same command to resume")
@@ -176,23 +182,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _user_errors() -> tuple:
+    """Exceptions that are the user's to fix: one or two lines on stderr and exit code 2."""
     from repae.config import ConfigError
+    from repae.data.folder import UnreadableImagesError
+    from repae.data.packed import PackedDataError
+    from repae.evaluate.errors import EvaluationError
     from repae.weights import CheckpointError
 
+    return ConfigError, CheckpointError, EvaluationError, FileNotFoundError, UnreadableImagesError, PackedDataError
+
+
+def _plain_message(err: BaseException) -> str:
+    """The error's own message: for a file, what is missing; for an error re-raised from a DataLoader
+    worker, the worker traceback it carries reduced to its last line."""
+    if isinstance(err, FileNotFoundError) and err.filename:
+        return f"no such file or directory: {err.filename}"
+    text = str(err).strip()
+    if "Traceback (most recent call last)" in text:
+        text = text.splitlines()[-1]
+        for prefix in (f"{type(err).__module__}.{type(err).__qualname__}: ", f"{type(err).__name__}: "):
+            text = text[len(prefix):] if text.startswith(prefix) else text
+    return text
+
+
+def _report(err: BaseException, command: str, debug: bool) -> Optional[int]:
+    """Exit code and stderr line(s) for an exception the command line handles itself; None for any
+    other (it propagates with its traceback). `debug`: print the traceback as well."""
+    import traceback
+
+    from repae import dist
+    from repae.interrupt import Interrupted
+
+    if isinstance(err, Interrupted):  # a clean stop at a step boundary; rank 0 says where it saved
+        code, line = err.exit_code, str(err) if dist.is_main() else None
+    elif isinstance(err, KeyboardInterrupt):
+        code, line = 130, f"repae {command}: interrupted"
+    elif isinstance(err, _user_errors()):
+        code, line = 2, f"repae {command}: error: {_plain_message(err)}"
+    else:
+        return None
+    if debug:
+        traceback.print_exception(type(err), err, err.__traceback__)
+    if line:
+        print(line, file=sys.stderr, flush=True)
+    if isinstance(err, Interrupted):  # all ranks got here after the save; torchrun ends the others when
+        dist.barrier()                # the first one exits, so none leaves before rank 0 has said its line
+    return code
+
+
+def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     # argparse takes positionals in one run, so `repae train --no-progress a=1` would reject a=1:
     # key=value overrides may stand anywhere after the command, in the order given
     args, extra = parser.parse_known_args(argv)
+    if "--debug" in extra:  # `repae train --debug ...` as well as `repae --debug train ...`
+        extra = [e for e in extra if e != "--debug"]
+        args.debug = True
     if extra:
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError) as err:
-        print(f"repae {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as err:
+        code = _report(err, args.command, args.debug)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

@@ -18,6 +18,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from repae.data.images import DEFAULT_MAX_PIXELS, UnreadableImage, adm_center_crop, decode_image
 from repae.data.sampler import ResumableOrder, rank_slice
+from repae.interrupt import ignore_stop_signals
+
+
+class UnreadableImagesError(RuntimeError):
+    """A data folder whose files do not decode as images (so many in a row that it is not bad luck)."""
+
 
 __all__ = ["IMAGE_SUFFIXES", "adm_center_crop", "list_image_folder", "ImageFolder", "DatasetBatches"]
 
@@ -73,7 +79,7 @@ class ImageFolder(Dataset):
             # a contiguous CHW copy: stacking permuted views into a batch is ~100x slower
             skipped = tuple((i + k) % len(self.files) for k in range(bad))
             return torch.from_numpy(np.array(arr)).permute(2, 0, 1).contiguous(), self.labels[j], skipped
-        raise RuntimeError(f"100 unreadable images in a row from {self.files[i]}: is this an image folder?")
+        raise UnreadableImagesError(f"100 unreadable images in a row from {self.files[i]}: is this an image folder?")
 
 
 def _collate(items):
@@ -98,7 +104,8 @@ class DatasetBatches:
         rank, world = self.rank, self.world  # locals: a generator holding `self` keeps workers alive 10 s at exit
         batches = (rank_slice(ahead.take(batch_size), rank, world).tolist() for _ in itertools.count())
         return iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                               collate_fn=_collate, persistent_workers=self.num_workers > 0))
+                               collate_fn=_collate, persistent_workers=self.num_workers > 0,
+                               worker_init_fn=ignore_stop_signals))
 
     def next(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._it is None or batch_size != self._batch:

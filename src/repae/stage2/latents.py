@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from repae import dist
 from repae.config import ConfigError, RunConfig
 from repae.data.sampler import ResumableOrder, rank_slice
+from repae.interrupt import ignore_stop_signals
 from repae.models.vae import VAEArgs
 from repae.fileio import sha256_file
 from repae.stage2.cache import STATS, FolderSource, LatentCache, ToySource, read_manifest
@@ -139,7 +140,8 @@ class LatentBatches:
         ahead.load_state_dict(self.order.state_dict())
         batches = (rank_slice(ahead.take(batch_size), self.rank, self.world).tolist() for _ in itertools.count())
         return iter(DataLoader(self.items, sampler=batches, batch_size=None, collate_fn=_as_is,
-                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0))
+                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                               worker_init_fn=ignore_stop_signals))
 
     def next(self, batch_size: int):
         if self._it is None or batch_size != self._batch:

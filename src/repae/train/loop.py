@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -25,9 +26,10 @@ from repae.build import build_sit, build_vae, uses_repa, vae_args
 from repae.models.vae import AutoencoderKL
 from repae.config import ConfigError, RunConfig, from_dict, read_yaml, save_config, to_dict
 from repae.data.sampler import TensorBatches
+from repae.interrupt import Interrupted, StopSignals
 from repae.generate import generate_images, sampler_settings, save_image_grid
 from repae.losses import VAERegulariser
-from repae.train.checkpoint import WEIGHT_LIMIT, load_checkpoint, rng_state, save_checkpoint, set_rng_state, usable_checkpoints
+from repae.train.checkpoint import WEIGHT_LIMIT, checkpoint_dir, load_checkpoint, rng_state, save_checkpoint, set_rng_state, usable_checkpoints
 from repae.train.setup import make_trainables
 from repae.train.step import Trainables, repae_step
 from repae.weights import CheckpointError, load_latent_stats
@@ -278,12 +280,24 @@ def _to_device(batch, device: torch.device):
 
 def weights_finite(m: Trainables) -> bool:
     """Every trained weight finite and within WEIGHT_LIMIT, on every rank (one host sync)."""
-    params = [p.detach() for p in [*m.sit_params, *m.vae_params] if p.numel()]
-    if m.disc_opt is not None:
-        params += [p.detach() for p in m.regulariser.discriminator.parameters() if p.numel()]
-    largest = torch.stack(torch._foreach_norm(params, float("inf"))).float().amax()  # NaN stays NaN
-    bad = (~(largest <= WEIGHT_LIMIT)).float().reshape(1).cpu()
-    return dist.all_reduce_sum(bad).item() == 0
+    return step_verdict(m, skipped=False, stop=False)[0]
+
+
+def step_verdict(m: Trainables, skipped: bool, stop: bool) -> Tuple[bool, bool]:
+    """(weights fine, stop now), agreed by every rank in ONE all-reduce of [bad weights, stop asked].
+    Weights are fine when every trained weight is finite and within WEIGHT_LIMIT on every rank (not
+    checked after a skipped update, which left them as they were). `stop`: this rank got a stop
+    signal. The step already pays this host sync for the weight check, so carrying the stop flag in
+    it makes every rank stop at the same step for no extra cost."""
+    bad = torch.zeros(())
+    if not skipped:
+        params = [p.detach() for p in [*m.sit_params, *m.vae_params] if p.numel()]
+        if m.disc_opt is not None:
+            params += [p.detach() for p in m.regulariser.discriminator.parameters() if p.numel()]
+        largest = torch.stack(torch._foreach_norm(params, float("inf"))).float().amax()  # NaN stays NaN
+        bad = (~(largest <= WEIGHT_LIMIT)).float().cpu()
+    flags = dist.all_reduce_sum(torch.stack([bad, torch.tensor(float(stop))]))
+    return flags[0].item() == 0, flags[1].item() > 0
 
 
 def _count_nonfinite(run: Run, what: str) -> None:
@@ -306,10 +320,21 @@ def _roll_back(run: Run) -> None:
 
 def train_steps(run: Run, until: int, on_log=None, progress: bool = True, on_rewind=None) -> None:
     """Run steps until `run.step == until`: log, checkpoint and sample on the config's cadence.
-    `on_rewind(step)`: called when a roll-back returns the run to an earlier step."""
+    `on_rewind(step)`: called when a roll-back returns the run to an earlier step.
+
+    A SIGINT or SIGTERM ends the loop at the next step boundary, the same step on every rank: the
+    step is logged and checkpointed (rank 0 writes), then `Interrupted` is raised."""
+    with StopSignals() as signals:
+        saved = _steps(run, until, signals, on_log, progress, on_rewind)
+    if signals.signum is not None and run.step < until:  # the stop came before the budget ran out
+        raise Interrupted(signals.signum, run.step, saved)
+
+
+def _steps(run: Run, until: int, signals: StopSignals, on_log, progress: bool, on_rewind) -> Optional[Path]:
+    """The loop of train_steps; returns the checkpoint it wrote last (None if none, or not rank 0)."""
     cfg = run.cfg
     sums: Dict[str, torch.Tensor] = {}
-    count, step_seconds = 0, 0.0
+    count, step_seconds, saved, stop = 0, 0.0, None, False
     bar = tqdm(total=until, initial=run.step, desc="REPA-E", unit="step", disable=not progress)
     while run.step < until:
         t0 = time.perf_counter()
@@ -317,7 +342,8 @@ def train_steps(run: Run, until: int, on_log=None, progress: bool = True, on_rew
             logs = repae_step(run.m, _micro_batches(run), cfg, run.step, run.gen)
         skipped = bool(logs["skipped"].item())
         step_seconds += time.perf_counter() - t0  # training only: checkpoints and sample grids excluded
-        if skipped or not weights_finite(run.m):
+        finite, stop = step_verdict(run.m, skipped, stop=signals.signum is not None)
+        if skipped or not finite:
             _count_nonfinite(run, "non-finite loss or gradient norm, update skipped" if skipped else
                              "non-finite weights after the update, rolled back to the newest checkpoint")
             if not skipped:  # an update cannot be undone in place: reload the newest intact checkpoint
@@ -326,6 +352,9 @@ def train_steps(run: Run, until: int, on_log=None, progress: bool = True, on_rew
                 bar.n = run.step
                 if on_rewind:
                     on_rewind(run.step)
+            if stop:
+                saved = _checkpoint_after_failed_step(run, rolled_back=not skipped)
+                break
             continue
         run.nonfinite_in_a_row = 0
         run.step += 1
@@ -333,7 +362,8 @@ def train_steps(run: Run, until: int, on_log=None, progress: bool = True, on_rew
         for k, v in logs.items():
             sums[k] = sums.get(k, 0) + v.detach().float()
         count += 1
-        if run.step % cfg.train.log_every == 0 or run.step == until:
+        last = run.step == until or stop
+        if run.step % cfg.train.log_every == 0 or last:
             # the only cross-rank metric traffic: one all-reduce per log line, not per step
             keys = sorted(sums)
             means = dist.all_reduce_sum(torch.stack([sums[k] for k in keys]).cpu()) / (count * dist.world_size())
@@ -343,13 +373,31 @@ def train_steps(run: Run, until: int, on_log=None, progress: bool = True, on_rew
             if on_log:
                 on_log(record)
             sums, count, step_seconds = {}, 0, 0.0
-        if run.step % cfg.train.ckpt_every == 0 or run.step == until:
+        if run.step % cfg.train.ckpt_every == 0 or last:
             if dist.is_main():
-                save(run)
+                saved = save(run)
             dist.barrier()
+        if stop:  # no sample grid: the user asked to stop
+            break
         if (run.step % cfg.train.sample_every == 0 or run.step == until) and dist.is_main():
             write_samples(run)
     bar.close()
+    if stop and signals.signum is None:  # another rank got the signal: this one ends as under SIGTERM
+        signals.signum = signal.SIGTERM
+    return saved
+
+
+def _checkpoint_after_failed_step(run: Run, rolled_back: bool) -> Optional[Path]:
+    """The checkpoint a stop resumes from when it comes on a skipped or rolled-back update: after a
+    roll-back, the checkpoint just reloaded; after a skip (weights untouched, data and RNG moved on)
+    a new one at this step, unless one exists already (it is kept: never replaced in place)."""
+    path = None
+    if dist.is_main():
+        path = checkpoint_dir(run.cfg.run_dir) / f"step-{run.step:07d}"
+        if not rolled_back and not path.is_dir():
+            path = save(run)
+    dist.barrier()
+    return path
 
 
 def write_samples(run: Run) -> Path:

@@ -1,0 +1,155 @@
+"""Stopping cleanly: SIGINT/SIGTERM during `repae train` save the current step and exit 130/143
+with one line and no traceback; a second signal while saving leaves no damaged checkpoint; user
+mistakes print one line and exit 2 (`--debug` adds the traceback)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import repae
+from repae import cli
+from repae.cli import main
+from repae.config import load_config
+from repae.data.folder import UnreadableImagesError
+from repae.train import checkpoint as ckpt_mod
+from repae.train.checkpoint import check_checkpoint, step_dirs
+from repae.train.loop import train
+
+from test_train_loop import TINY
+
+SRC = str(Path(repae.__file__).resolve().parents[1])
+LONG = ["train.max_steps=100000", "train.ckpt_every=100000", "train.sample_every=100000", "train.log_every=1",
+        "eval.num_samples=0"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The tiny toy world, built once for the module (each run below only loads it)."""
+    path = tmp_path_factory.mktemp("toy-cache")
+    train(load_config("toy", overrides=TINY + [f"toy.cache_dir={path}", "eval.num_samples=0", "train.max_steps=1",
+                                               f"output_dir={tmp_path_factory.mktemp('warm')}"]), progress=False)
+    return path
+
+
+def logged_steps(run_dir):
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("}")]
+
+
+def interrupt_a_run(tmp_path, cache, signum):
+    """Start `repae train` for a long budget, send `signum` once it has logged 2 steps; returns
+    (return code, stderr, run dir)."""
+    args = [*TINY, *LONG, f"toy.cache_dir={cache}", f"output_dir={tmp_path}"]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "repae.cli", "train", "--no-progress", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = load_config("toy", overrides=args).run_dir
+    deadline = time.monotonic() + 60
+    while len(logged_steps(run_dir)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signum)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return proc.returncode, err, run_dir
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_the_current_step_and_the_rerun_resumes_there(tmp_path, cache, signum, code, capsys):
+    rc, err, run_dir = interrupt_a_run(tmp_path, cache, signum)
+    assert rc == code, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    step = logged_steps(run_dir)[-1]
+    ckpt = run_dir / "checkpoints" / f"step-{step:07d}"
+    assert lines[0] == f"interrupted at step {step}: saved {ckpt}; run the same command to resume"
+    assert step_dirs(run_dir) == [ckpt] and check_checkpoint(ckpt)[0] == "intact"
+    assert logged_steps(run_dir) == list(range(1, step + 1))
+
+    args = [*TINY, *LONG, f"toy.cache_dir={cache}", f"output_dir={tmp_path}", f"train.max_steps={step + 1}"]
+    assert main(["train", "--no-progress", *args]) == 0
+    assert f"resuming {run_dir} from step {step}" in capsys.readouterr().out
+    assert logged_steps(run_dir) == list(range(1, step + 2))  # the log continues, each step once
+
+
+def test_a_second_signal_while_saving_leaves_no_damaged_checkpoint(tmp_path, cache, monkeypatch):
+    """First SIGINT at step 3 -> the loop saves step 3; a second SIGINT in the middle of writing it
+    stops at once (KeyboardInterrupt); the half-written checkpoint is never taken for one."""
+    cfg = load_config("toy", overrides=TINY + [f"toy.cache_dir={cache}", f"output_dir={tmp_path}",
+                                               "train.max_steps=100", "train.ckpt_every=2", "eval.num_samples=0"])
+    import repae.train.loop as loop
+
+    real_step, real_save = loop.repae_step, ckpt_mod.save_weights
+    monkeypatch.setattr(loop, "repae_step", lambda m, batches, c, step, gen: (
+        os.kill(os.getpid(), signal.SIGINT) if step == 2 else None, real_step(m, batches, c, step, gen))[1])
+
+    def save_weights(module, path):
+        real_save(module, path)
+        if "step-0000003" in str(path):
+            os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, mid-checkpoint
+
+    monkeypatch.setattr(ckpt_mod, "save_weights", save_weights)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert step_dirs(cfg.run_dir) == [cfg.run_dir / "checkpoints" / "step-0000002"]
+    monkeypatch.undo()
+    summary = train(load_config("toy", overrides=TINY + [f"toy.cache_dir={cache}", f"output_dir={tmp_path}",
+                                                         "train.max_steps=4", "train.ckpt_every=2",
+                                                         "eval.num_samples=0"]), progress=False)
+    assert summary["steps"] == 4 and summary["steps_this_invocation"] == 2
+
+
+# ------------------------------------------------------------------ the command line's error handling
+
+
+def test_a_config_error_is_one_line_and_exit_2_and_debug_shows_the_traceback(capsys):
+    assert main(["config", "train.max_steps=abc"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("repae config: error: ")
+    for argv in (["--debug", "config", "train.max_steps=abc"], ["config", "--debug", "train.max_steps=abc"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and "ConfigError" in err
+        assert err.strip().splitlines()[-1].startswith("repae config: error: ")
+
+
+def _raising(exc):
+    def command(args):
+        raise exc
+    return command
+
+
+@pytest.mark.parametrize("exc,line", [
+    (FileNotFoundError(2, "No such file or directory", "/data/imagenet"),
+     "repae config: error: no such file or directory: /data/imagenet"),
+    # as a DataLoader worker re-raises it: the worker's traceback inside the message
+    (UnreadableImagesError(
+        "Caught UnreadableImagesError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+        "last):\n  File \"x.py\", line 1, in f\nrepae.data.folder.UnreadableImagesError: 100 unreadable images "
+        "in a row from /d/a.png: is this an image folder?\n"),
+     "repae config: error: 100 unreadable images in a row from /d/a.png: is this an image folder?"),
+    (KeyboardInterrupt(), "repae config: interrupted"),
+])
+def test_user_errors_and_ctrl_c_outside_training_print_one_line(monkeypatch, capsys, exc, line):
+    monkeypatch.setattr(cli, "cmd_config", _raising(exc))
+    assert main(["config"]) == (130 if isinstance(exc, KeyboardInterrupt) else 2)
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_other_errors_keep_their_traceback(monkeypatch):
+    monkeypatch.setattr(cli, "cmd_config", _raising(ZeroDivisionError("a bug")))
+    with pytest.raises(ZeroDivisionError):
+        main(["config"])
+
