@@ -176,8 +176,8 @@ def test_three_sources_holding_the_same_images_give_the_same_fid(tmp_path, tiny_
     assert results[0]["metrics"]["num_images"] == 20
 
     rec = results[0]  # everything needed to reproduce it
-    assert rec["settings"]["sampler"] == {"mode": "ode", "num_steps": 2, "heun": False, "cfg_scale": 4.0,
-                                          "guidance_low": 0.0, "guidance_high": 1.0, "seed": 0,
+    assert rec["settings"]["sampler"] == {"mode": "ode", "num_steps": 2, "heun": False, "heun_cfg_at": "t_cur",
+                                          "cfg_scale": 4.0, "guidance_low": 0.0, "guidance_high": 1.0, "seed": 0,
                                           "path_type": "linear", "use_ema": True, "batch_size": 7,
                                           "precision": resolve_precision("auto", "cpu")}
     assert rec["settings"]["labels"]["sampling"] == "balanced"

@@ -15,6 +15,13 @@ def uses_repa(cfg: RunConfig) -> bool:
     return cfg.loss.proj_coeff > 0 or (cfg.train.tune_vae and cfg.loss.vae_align_proj_coeff > 0)
 
 
+def compat_sit_fields(compat: str) -> dict:
+    """SiTArgs fields that `compat` decides: under "official" a trained pos_embed and the official
+    de-normalisation z*sqrt(var)+mean; under "repae" the defaults (frozen buffer, sqrt(var+eps))."""
+    official = compat == "official"
+    return dict(pos_embed_trainable=official, bn_denorm_eps=not official)
+
+
 def vae_args(cfg: RunConfig) -> VAEArgs:
     layout = vae_layout(cfg.vae)
     return VAEArgs(**layout)
@@ -41,6 +48,7 @@ def sit_args(cfg: RunConfig, z_dims: Optional[List[int]] = None) -> SiTArgs:
         latent_norm=True,  # both modes keep the normaliser as `bn` (fixed mode never updates it)
         bn_momentum=cfg.latent_norm.momentum,
         bn_eps=cfg.latent_norm.eps,
+        **compat_sit_fields(cfg.compat),
         attention=cfg.model.attention,
         time_scale=cfg.model.time_scale,
     )

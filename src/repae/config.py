@@ -205,6 +205,10 @@ class SampleConfig:
     mode: str = "sde"  # ode | sde
     num_steps: int = 250
     heun: bool = False
+    # the time at which Heun's corrector decides whether CFG is on (its velocity is always taken at
+    # t_next): t_cur as the official sampler does (the published numbers come from it), or t_next.
+    # They differ only on a step whose [t_next, t_cur] contains a guidance-interval boundary.
+    heun_cfg_at: str = "t_cur"
     cfg_scale: float = 1.0
     guidance_low: float = 0.0
     guidance_high: float = 1.0
@@ -225,6 +229,10 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     preset: str = "custom"
+    # "repae": our defaults; "official": reproduce the official REPA-E code where repae deliberately
+    # differs (trained SiT pos_embed, LPIPS fed [-1,1] as if [0,1], latent denormalisation with
+    # sqrt(var) instead of sqrt(var+eps)); README "Differences from the official code" lists them
+    compat: str = "repae"
     output_dir: str = "runs"
     exp_name: str = "repae"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -530,6 +538,7 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
 # ------------------------------------------------------------------------ validation
 
 _CHOICES = {
+    "compat": ("repae", "official"),
     "model.attention": ("auto", "sdpa", "math"),
     "latent_norm.mode": ("batch", "fixed"),
     "flow.path_type": ("linear", "cosine"),
@@ -539,6 +548,7 @@ _CHOICES = {
     "data.source": ("toy", "folder", "imagenet", "packed"),
     "train.precision": ("auto", "bf16", "fp32"),
     "sample.mode": ("ode", "sde"),
+    "sample.heun_cfg_at": ("t_cur", "t_next"),
     "eval.label_sampling": ("balanced", "uniform"),
 }
 
@@ -782,6 +792,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         )
     if not 0 <= cfg.sample.guidance_low <= cfg.sample.guidance_high <= 1:
         errors.append("need 0 <= sample.guidance_low <= sample.guidance_high <= 1")
+    if cfg.compat == "official" and cfg.sample.heun_cfg_at != "t_cur":
+        errors.append("compat=official samples as the official code does: it needs sample.heun_cfg_at=t_cur")
     if cfg.sample.cfg_scale != 1.0 and cfg.model.class_dropout_prob == 0:
         errors.append("sample.cfg_scale != 1 needs a null class: model.class_dropout_prob > 0")
     if cfg.latents.path and (cfg.train.tune_vae or cfg.vae.from_scratch):

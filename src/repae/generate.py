@@ -45,7 +45,7 @@ def sampler_settings(cfg, seed: Optional[int] = None, device: torch.device | str
     from repae.nn_utils import autocast_dtype
 
     s = cfg.sample
-    return dict(mode=s.mode, num_steps=s.num_steps, heun=s.heun, cfg_scale=s.cfg_scale,
+    return dict(mode=s.mode, num_steps=s.num_steps, heun=s.heun, heun_cfg_at=s.heun_cfg_at, cfg_scale=s.cfg_scale,
                 guidance_low=s.guidance_low, guidance_high=s.guidance_high, path_type=cfg.flow.path_type,
                 seed=s.seed if seed is None else seed, autocast_dtype=autocast_dtype(cfg.train.precision, device))
 
@@ -59,6 +59,7 @@ def generate_images(
     mode: str = "ode",
     num_steps: int = 50,
     heun: bool = False,
+    heun_cfg_at: str = "t_cur",
     cfg_scale: float = 1.0,
     guidance_low: float = 0.0,
     guidance_high: float = 1.0,
@@ -90,7 +91,8 @@ def generate_images(
         noise = sample_noise(idx, latent_shape, seed).to(device)
         with amp:
             if mode == "ode":
-                z = euler_ode(sit.velocity, noise, y, num_steps, heun=heun, guidance=guidance)
+                z = euler_ode(sit.velocity, noise, y, num_steps, heun=heun, guidance=guidance,
+                              heun_cfg_at=heun_cfg_at)
             elif mode == "sde":
                 # one Brownian stream per sample index: results do not depend on batching or ranks
                 gens = [torch.Generator().manual_seed(_seed_for(seed, i, stream=1)) for i in idx]

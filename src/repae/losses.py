@@ -191,9 +191,12 @@ class VAERegulariser(nn.Module):
     """
 
     def __init__(self, cfg: LossConfig, lpips: Optional[LPIPS] = None, feat_dim: Optional[int] = None,
-                 z_channels: Optional[int] = None):
+                 z_channels: Optional[int] = None, official_lpips_range: bool = False):
         super().__init__()
         self.cfg = cfg
+        # compat=official: the official code hands LPIPS images in [-1,1] but its LPIPS maps [0,1] to
+        # [-1,1] first (2x-1), so the network sees [-3,1]; our LPIPS takes [-1,1], hence 2x-1 here
+        self.official_lpips_range = official_lpips_range
         if cfg.lpips_weight > 0 and lpips is None:
             lpips = LPIPS.from_files(cfg.vgg_path, cfg.lpips_path)  # clear error when absent
         self.lpips = lpips if cfg.lpips_weight > 0 else None
@@ -222,7 +225,8 @@ class VAERegulariser(nn.Module):
             terms = {"rec": c.recon_weight * rec, "kl": c.kl_weight * kl_loss(posterior)}
             nll = terms["rec"]
             if self.lpips is not None:
-                terms["lpips"] = c.lpips_weight * self.lpips(x, recon).mean()
+                a, b = (2 * x - 1, 2 * recon - 1) if self.official_lpips_range else (x, recon)
+                terms["lpips"] = c.lpips_weight * self.lpips(a, b).mean()
                 nll = nll + terms["lpips"]
             if self.gan_active(step):
                 with frozen(self.discriminator):

@@ -4,7 +4,8 @@
 - Euler-Maruyama SDE on `linspace(1, 0.04, n)` then one deterministic Euler step to 0,
   with diffusion w(t) = 2t and drift v - w/2 * score (the REPA/REPA-E sampler).
 - Classifier-free guidance on all channels, only where guidance_low <= t <= guidance_high,
-  computed with the conditional and null batches in one forward.
+  computed with the conditional and null batches in one forward. Heun's corrector decides at
+  t_cur by default, as the official sampler does (`heun_cfg_at`).
 The sampler state is float64 (cheap next to the model; keeps long SDE chains exact); the
 model sees its own dtype.
 """
@@ -34,9 +35,10 @@ class Guidance:
 
 
 def guided_velocity(model: VelocityFn, x: torch.Tensor, t: float, y: torch.Tensor, guidance: Optional[Guidance],
-                    model_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """v at scalar time t, with CFG v_u + s (v_c - v_u) where guidance is active. float64 out."""
-    if guidance is not None and guidance.active(t):
+                    model_dtype: torch.dtype = torch.float32, guide_at: Optional[float] = None) -> torch.Tensor:
+    """v at scalar time t, with CFG v_u + s (v_c - v_u) where guidance is active at `guide_at`
+    (default: t). float64 out."""
+    if guidance is not None and guidance.active(t if guide_at is None else guide_at):
         x_in = torch.cat([x, x]).to(model_dtype)
         y_in = torch.cat([y, torch.full_like(y, guidance.null_class)])
     else:
@@ -62,8 +64,13 @@ def sde_time_grid(num_steps: int, t_last: float = 0.04) -> torch.Tensor:
 @torch.no_grad()
 def euler_ode(model: VelocityFn, noise: torch.Tensor, y: torch.Tensor, num_steps: int = 50, heun: bool = False,
               guidance: Optional[Guidance] = None, time_grid: Optional[torch.Tensor] = None,
-              model_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Integrate dx/dt = v(x,t,y) from t=1 to t=0. noise: [B,C,H,W] -> samples (float64)."""
+              model_dtype: torch.dtype = torch.float32, heun_cfg_at: str = "t_cur") -> torch.Tensor:
+    """Integrate dx/dt = v(x,t,y) from t=1 to t=0. noise: [B,C,H,W] -> samples (float64).
+
+    heun_cfg_at: whether CFG is on for Heun's corrector (evaluated at t_next) is decided at "t_cur",
+    as the official sampler does, or at "t_next"."""
+    if heun_cfg_at not in ("t_cur", "t_next"):
+        raise ValueError(f"heun_cfg_at={heun_cfg_at!r} must be 't_cur' or 't_next'")
     grid = ode_time_grid(num_steps) if time_grid is None else time_grid
     x = noise.double()
     for i in range(len(grid) - 1):
@@ -71,7 +78,8 @@ def euler_ode(model: VelocityFn, noise: torch.Tensor, y: torch.Tensor, num_steps
         d_cur = guided_velocity(model, x, t_cur, y, guidance, model_dtype)
         x_next = x + (t_next - t_cur) * d_cur
         if heun and i < len(grid) - 2:  # Heun's corrector, skipped on the last step (t_next = 0)
-            d_next = guided_velocity(model, x_next, t_next, y, guidance, model_dtype)
+            guide_at = t_cur if heun_cfg_at == "t_cur" else t_next
+            d_next = guided_velocity(model, x_next, t_next, y, guidance, model_dtype, guide_at=guide_at)
             x_next = x + (t_next - t_cur) * 0.5 * (d_cur + d_next)
         x = x_next
     return x

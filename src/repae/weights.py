@@ -269,7 +269,7 @@ def _metadata_rules() -> Dict[str, Dict[str, "Range"]]:
     }
 
 
-_METADATA_BOOLS = {"with_null_class", "qk_norm", "latent_norm"}
+_METADATA_BOOLS = {"with_null_class", "qk_norm", "latent_norm", "bn_denorm_eps", "pos_embed_trainable"}
 _METADATA_CHOICES = {"attention": ("auto", "sdpa", "math")}
 MAX_METADATA_CHARS = 1 << 16  # the JSON of an args dataclass is a few hundred characters
 

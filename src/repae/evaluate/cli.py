@@ -122,7 +122,8 @@ def _sample_source(args, device, kind: str, loaded):
     n = args.num_images or cfg.eval.num_samples
     labels = class_labels(n, sit.num_classes, cfg.eval.label_sampling, cfg.sample.seed)
     s = cfg.sample
-    sampler = {"mode": s.mode, "num_steps": s.num_steps, "heun": s.heun, "cfg_scale": s.cfg_scale,
+    sampler = {"mode": s.mode, "num_steps": s.num_steps, "heun": s.heun, "heun_cfg_at": s.heun_cfg_at,
+               "cfg_scale": s.cfg_scale,
                "guidance_low": s.guidance_low, "guidance_high": s.guidance_high, "seed": s.seed,
                "path_type": cfg.flow.path_type, "use_ema": s.use_ema, "batch_size": s.batch_size,
                "precision": resolve_precision(cfg.train.precision, device)}

@@ -234,6 +234,7 @@ class SampledImages:
             j = min(i + self.batch_size, self.block.stop)
             yield generate_images(
                 self.sit, self.vae, self.labels[i:j], mode=s["mode"], num_steps=s["num_steps"], heun=s["heun"],
+                heun_cfg_at=s["heun_cfg_at"],
                 cfg_scale=s["cfg_scale"], guidance_low=s["guidance_low"], guidance_high=s["guidance_high"],
                 path_type=s["path_type"], seed=s["seed"], batch_size=j - i, first_index=i,
                 autocast_dtype=self.autocast_dtype, progress=False)

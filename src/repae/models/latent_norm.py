@@ -25,8 +25,11 @@ class LatentNorm(nn.BatchNorm2d):
     inside a SiT as `bn` they match the official REPA-E checkpoints.
     """
 
-    def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-4):
+    def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-4, denorm_eps: bool = True):
         super().__init__(channels, eps=eps, momentum=momentum, affine=False, track_running_stats=True)
+        # denormalize with sqrt(var + eps) (True: the exact inverse of normalize) or with sqrt(var)
+        # (False: the official REPA-E rule, latents / latents_scale + latents_bias with scale = rsqrt(var))
+        self.denorm_eps = denorm_eps
 
     @torch.no_grad()
     def init_from_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
@@ -89,14 +92,15 @@ class LatentNorm(nn.BatchNorm2d):
         return (z.float() - mean) / std
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Exact inverse of `normalize` (sqrt(var + eps), not sqrt(var)). [B,C,H,W]."""
-        mean, std = self._mean_std(z)
+        """z * sqrt(var + eps) + mean, the exact inverse of `normalize`; with `denorm_eps` False the
+        official rule z * sqrt(var) + mean (compat=official). [B,C,H,W]."""
+        mean, std = self._mean_std(z, eps=self.eps if self.denorm_eps else 0.0)
         return z.float() * std + mean
 
-    def _mean_std(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mean_std(self, z: torch.Tensor, eps: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.num_features) + (1,) * (z.dim() - 2)
         mean = self.running_mean.float().reshape(shape)
-        std = (self.running_var.float() + self.eps).sqrt().reshape(shape)
+        std = (self.running_var.float() + (self.eps if eps is None else eps)).sqrt().reshape(shape)
         return mean, std
 
 

@@ -7,6 +7,8 @@ State-dict keys equal those of the official REPA / REPA-E checkpoints
 Two deliberate differences from the reference code:
 - `pos_embed` is a persistent buffer, not a parameter: same key, but no optimiser or
   `requires_grad_(True)` can ever train it (the reference's frozen embedding got trained).
+  `SiTArgs.pos_embed_trainable` (compat=official) makes it a trained parameter, as the reference
+  code ends up with; the key stays `pos_embed`, so weights load across both settings.
 - the final layer's width is the model width for every size (the reference's SiT-S used 768).
 Time convention: t=0 data, t=1 noise; `t` is the continuous time in [0, 1].
 """
@@ -202,6 +204,8 @@ class SiTArgs:
     latent_norm: bool = True  # REPA-E: the SiT owns the latent BatchNorm as `bn`
     bn_momentum: float = 0.1
     bn_eps: float = 1e-4
+    bn_denorm_eps: bool = True  # False: official de-normalisation with sqrt(var) (compat=official)
+    pos_embed_trainable: bool = False  # True: pos_embed is a trained parameter (compat=official)
     attention: str = "auto"
     time_scale: float = 1.0  # 1 = SiT/REPA convention (official checkpoints); 1000 = DiT-style
 
@@ -226,13 +230,18 @@ class SiT(nn.Module):
         self.x_embedder = PatchEmbed(args.patch_size, args.in_channels, d)
         self.t_embedder = TimestepEmbedder(d, time_scale=args.time_scale)
         self.y_embedder = LabelEmbedder(args.num_classes, d, with_null=args.with_null_class)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(d, grid).unsqueeze(0), persistent=True)
+        pos_embed = sincos_pos_embed_2d(d, grid).unsqueeze(0)  # [1,N,D]
+        if args.pos_embed_trainable:
+            self.pos_embed = nn.Parameter(pos_embed)
+        else:
+            self.register_buffer("pos_embed", pos_embed, persistent=True)
         self.blocks = nn.ModuleList(
             SiTBlock(d, args.num_heads, args.mlp_ratio, args.qk_norm, args.attention) for _ in range(args.depth)
         )
         self.projectors = nn.ModuleList(build_projector(d, args.projector_dim, z) for z in args.z_dims)
         self.final_layer = FinalLayer(d, args.patch_size, args.in_channels)
-        self.bn = LatentNorm(args.in_channels, momentum=args.bn_momentum, eps=args.bn_eps) if args.latent_norm else None
+        self.bn = LatentNorm(args.in_channels, momentum=args.bn_momentum, eps=args.bn_eps,
+                             denorm_eps=args.bn_denorm_eps) if args.latent_norm else None
         # a run-time choice, not architecture (train.activation_checkpointing): recompute each block
         # in the backward pass instead of keeping its activations, trading compute for memory
         self.activation_checkpointing = False

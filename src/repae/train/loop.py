@@ -171,7 +171,7 @@ def setup_run(cfg: RunConfig, progress: bool = True) -> Run:
     sit.bn.init_from_stats(mean, var)
     regulariser = None
     if cfg.train.tune_vae and cfg.train.use_reg_loss:
-        regulariser = VAERegulariser(cfg.loss)
+        regulariser = VAERegulariser(cfg.loss, official_lpips_range=cfg.compat == "official")
         if cfg.loss.discriminator_path:
             regulariser.load_discriminator(cfg.loss.discriminator_path)
     for module in (sit, vae, regulariser):
