@@ -82,3 +82,19 @@ def test_an_sd_vae_shaped_bare_pt_loads_with_32_groups_and_says_it_guessed(tmp_p
     assert loaded.args.norm_groups == 32
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and "guessed" in lines[0] and "norm_groups=32" in lines[0] and "LDM convention" in lines[0]
+
+
+def test_an_older_export_without_sidecar_loads_from_its_export_json(exported, tmp_path):
+    """Exports written before sidecars: export.json lists the .pt's sha256 and the VAEArgs."""
+    from repae.fileio import sha256_file
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "e2e-vae.pt").write_bytes((exported[0] / "e2e-vae.pt").read_bytes())
+    record = {"sha256": {"e2e-vae.pt": sha256_file(old / "e2e-vae.pt")}, "vae_args": ODD.__dict__ | {"ch_mult": [1, 2]}}
+    (old / "export.json").write_text(json.dumps(record))
+    assert load_model(old / "e2e-vae.pt", kind="vae").args.norm_groups == 4
+    record["sha256"]["e2e-vae.pt"] = "0" * 64  # another file's record: not used, so refused as unknown
+    (old / "export.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="does not record its GroupNorm group count"):
+        load_model(old / "e2e-vae.pt", kind="vae")

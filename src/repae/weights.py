@@ -245,6 +245,8 @@ def load_model(path: Union[str, os.PathLike], kind: Optional[str] = None, args=N
         check_args_match_weights(path, recorded, state)
     elif kind == "vae" and vae_sidecar(path).is_file():
         recorded = read_vae_sidecar(path, state)
+    elif kind == "vae":
+        recorded = _export_record_args(path, state)
     if kind == "vae":
         _check_norm_groups(path, recorded, args, norm_groups)
     args = args or recorded
@@ -294,6 +296,26 @@ def read_vae_sidecar(path: Union[str, os.PathLike], state: StateDict) -> VAEArgs
     args_from_metadata(side, "vae", json.dumps(fields))  # known fields, right types, within caps
     args = dataclasses.replace(vae_args_from_state(state), **fields)
     check_args_match_weights(side, args, state)
+    return args
+
+
+def _export_record_args(path: Path, state: StateDict) -> Optional[VAEArgs]:
+    """VAEArgs from the export.json an older `repae export-vae` (before sidecars) wrote beside this
+    very file (its sha256 listed there), else None."""
+    record_file = path.parent / "export.json"
+    if not record_file.is_file() or record_file.stat().st_size > 1 << 20:
+        return None
+    try:
+        record = json.loads(record_file.read_text())
+        listed, fields = record["sha256"][path.name], record["vae_args"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+    from repae.fileio import sha256_file
+
+    if not isinstance(fields, dict) or listed != sha256_file(path):
+        return None
+    args = args_from_metadata(record_file, "vae", json.dumps(fields))
+    check_args_match_weights(record_file, args, state)
     return args
 
 
