@@ -81,7 +81,9 @@ def test_export_holds_the_runs_vae_and_ema_bn_stats_in_every_format(world):
     record = json.loads((world.export / "export.json").read_text())
     assert record["step"] == 2 and record["checkpoint"] == ckpt.name and record["latent_stats_from"] == "ema"
     assert record["sha256"]["vae.safetensors"] == sha256_file(world.export / "vae.safetensors")
-    assert "1 group(s)" in (world.export / "README.txt").read_text()  # the toy VAE's GroupNorm, said out loud
+    readme = (world.export / "README.txt").read_text()  # the toy VAE's GroupNorm, said out loud
+    assert f"{world.vae.args.norm_groups} group(s)" in readme and "e2e-vae.json" in readme
+    assert load_model(world.export / "e2e-vae.pt").args == world.vae.args  # the sidecar: no args needed
 
 
 def test_diffusers_export_decodes_cached_latents_like_our_vae(world):

@@ -125,15 +125,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from repae.weights import file_metadata, load_model
+    from repae.weights import file_metadata, load_model, vae_sidecar
 
-    model = load_model(args.path, kind=args.kind)
+    model = load_model(args.path, kind=args.kind, norm_groups=args.norm_groups)
     meta = file_metadata(args.path) if Path(args.path).is_file() else {}
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.path}: {type(model).__name__}, {n_params / 1e6:.2f}M parameters")
     print(f"  {model.args}")
     if meta:
         print(f"  metadata keys: {sorted(meta)}")
+    elif Path(args.path).is_file() and vae_sidecar(args.path).is_file() and not hasattr(model.args, "depth"):
+        print(f"  architecture from the sidecar {vae_sidecar(args.path)}")
     return 0
 
 
@@ -178,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="load a weight file strictly and describe it")
     p.add_argument("path")
     p.add_argument("--kind", choices=["sit", "vae"])
+    p.add_argument("--norm-groups", type=int, help="GroupNorm groups of a bare VAE state dict (.pt) that records "
+                                                    "no architecture and has no .json sidecar")
     p.set_defaults(func=cmd_info)
     return parser
 

@@ -153,8 +153,8 @@ def train_toy_vae(images, steps: int, batch: int, args: VAEArgs, seed: int = 0, 
 @torch.no_grad()
 def _reconstructions(vae: AutoencoderKL, images: torch.Tensor, latents: Optional[torch.Tensor] = None,
                      batch_size: int = 250):
-    """(images, posterior-mean reconstructions), both float [b,3,H,W] on the 0-255 scale, batch by batch,
-    computed on the VAE's device. latents: the images' posterior means if already encoded."""
+    """(images, posterior-mean reconstructions rounded to uint8 values), both float [b,3,H,W] on the 0-255
+    scale, batch by batch, computed on the VAE's device. latents: the images' posterior means if already encoded."""
     device = next(vae.parameters()).device
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size].to(device)
@@ -162,15 +162,19 @@ def _reconstructions(vae: AutoencoderKL, images: torch.Tensor, latents: Optional
         yield x.float(), from_vae_range(vae.decode(z)).float()
 
 
+PSNR_DEFINITION = ("mean over images of per-image PSNR = 10 log10(255^2 / MSE over C,H,W), float64, of "
+                   "posterior-mean reconstructions rounded to uint8; the same as `repae evaluate vae`")
+
+
 def psnr(vae: AutoencoderKL, images: torch.Tensor, latents: Optional[torch.Tensor] = None,
          batch_size: int = 250) -> float:
     """Mean PSNR (dB) of posterior-mean reconstructions, on uint8 pixels [N,3,H,W], computed on
     the VAE's device. latents: the images' posterior means [N,C,h,w] if already encoded (then only
-    decoded here)."""
-    values = []
-    for x, recon in _reconstructions(vae, images, latents, batch_size):
-        mse = (recon - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-        values.append(10 * torch.log10(255.0**2 / mse))
+    decoded here). PSNR_DEFINITION: `repae.evaluate.recon.psnr` of the uint8 reconstructions, so
+    a run's summary and `repae evaluate vae` give the same number on the same images."""
+    from repae.evaluate.recon import psnr as per_image_psnr
+
+    values = [per_image_psnr(x.cpu(), recon.cpu()) for x, recon in _reconstructions(vae, images, latents, batch_size)]
     return torch.cat(values).mean().item()
 
 

@@ -15,7 +15,9 @@ import argparse
 import dataclasses
 import json
 import os
+import math
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
 
@@ -166,7 +168,8 @@ def sit_args_from_state(state: StateDict, encoder_depth: int = 8, **overrides) -
 
 
 def vae_args_from_state(state: StateDict) -> VAEArgs:
-    """Rebuild VAEArgs (LDM layout) from an LDM AutoencoderKL state dict."""
+    """Rebuild VAEArgs (LDM layout) from an LDM AutoencoderKL state dict; norm_groups is NOT read
+    (it cannot be): use guess_vae_args to load a file that does not record it."""
     try:
         ch = state["encoder.conv_in.weight"].shape[0]
         z = state["post_quant_conv.weight"].shape[0]
@@ -177,7 +180,8 @@ def vae_args_from_state(state: StateDict) -> VAEArgs:
     res_blocks = _count(state, r"encoder\.down\.0\.block\.(\d+)\.")
     resolution = 256
     attn = [resolution // 2**i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in state]
-    # the GroupNorm group count is not stored in weights; LDM's 32 is the default of VAEArgs
+    # the GroupNorm group count is not in the tensors: norm_groups is left at VAEArgs' 32 here;
+    # loaders take it from a record (metadata, sidecar) or from guess_vae_args, which says so
     return VAEArgs(ch=ch, ch_mult=ch_mult, num_res_blocks=res_blocks, z_channels=z,
                    attn_resolutions=attn, resolution=resolution)
 
@@ -206,18 +210,20 @@ def _guess_kind(state: dict) -> str:
 
 
 def load_model(path: Union[str, os.PathLike], kind: Optional[str] = None, args=None, prefer_ema: bool = True,
-               **sit_overrides) -> Union[SiT, AutoencoderKL]:
+               norm_groups: Optional[int] = None, **sit_overrides) -> Union[SiT, AutoencoderKL]:
     """Build and strictly load a SiT or VAE from a local file or diffusers directory.
 
     kind: "sit" | "vae" | None (detected). args: SiTArgs / VAEArgs to build with (default: read
-    from our metadata or inferred from the weights). prefer_ema picks `ema` over `model` in
+    from our metadata, a `.json` sidecar beside a `.pt` VAE, or inferred from the weights).
+    norm_groups: the GroupNorm group count of a VAE whose file records no architecture (see
+    `guess_vae_args`); an error if it contradicts a record. prefer_ema picks `ema` over `model` in
     training checkpoints. Raises CheckpointError naming the path and any mismatched keys.
     """
     path = Path(path)
     if path.is_dir():
         if kind not in (None, "vae"):
             raise CheckpointError(f"{path} is a directory: only diffusers VAE directories are supported")
-        return _load_diffusers_dir(path, args)
+        return _load_diffusers_dir(path, args, norm_groups)
     meta = file_metadata(path)
     obj = read_file(path)
     if not isinstance(obj, dict):
@@ -231,17 +237,141 @@ def load_model(path: Union[str, os.PathLike], kind: Optional[str] = None, args=N
     if kind not in ("sit", "vae"):
         raise CheckpointError(f"kind must be 'sit' or 'vae', got {kind!r}")
     state, where = _pick(obj, kind, prefer_ema)
-    if args is None and "repae_args" in meta:
+    recorded = None
+    if "repae_args" in meta:
         # checked against caps and against the tensors in the file before anything is allocated:
         # a small file must not make us build the huge model its metadata claims
-        args = args_from_metadata(path, kind, meta["repae_args"])
-        check_args_match_weights(path, args, state)
+        recorded = args_from_metadata(path, kind, meta["repae_args"])
+        check_args_match_weights(path, recorded, state)
+    elif kind == "vae" and vae_sidecar(path).is_file():
+        recorded = read_vae_sidecar(path, state)
+    elif kind == "vae":
+        recorded = _export_record_args(path, state)
+    if kind == "vae":
+        _check_norm_groups(path, recorded, args, norm_groups)
+    args = args or recorded
     if kind == "sit":
         args = args or sit_args_from_state(state, **sit_overrides)
         model: nn.Module = SiT(args)
     else:
-        model = AutoencoderKL(args or vae_args_from_state(state))
+        model = AutoencoderKL(args or guess_vae_args(path, state, norm_groups))
     return load_strict(model, state, f"{path}{where}")
+
+
+# ------------------------------------------------ VAE architecture beside a bare state dict
+#
+# A bare VAE state dict (the official REPA-E `e2e-vae.pt`, an SD-VAE `.pt`) records every width
+# but not the GroupNorm group count: GroupNorm's weight and bias are per channel, so ANY common
+# divisor of the widths fits the tensors, and a wrong count loads strictly yet computes another
+# function. `repae export-vae` therefore writes a sidecar FILE.json beside FILE.pt, and every
+# loader reads it. Without a sidecar the count is guessed only where one answer is known:
+
+
+def vae_sidecar(path: Union[str, os.PathLike]) -> Path:
+    """The architecture record beside a bare VAE state dict: e2e-vae.pt -> e2e-vae.json."""
+    return Path(path).with_suffix(".json")
+
+
+def write_vae_sidecar(args: VAEArgs, weights_path: Union[str, os.PathLike]) -> Path:
+    """Write `vae_sidecar(weights_path)`: {"repae_kind": "vae", "repae_args": {VAEArgs fields}}."""
+    record = {"repae_kind": "vae", "repae_args": dataclasses.asdict(args)}
+    out = vae_sidecar(weights_path)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    return out
+
+
+def read_vae_sidecar(path: Union[str, os.PathLike], state: StateDict) -> VAEArgs:
+    """VAEArgs from the sidecar of `path`, checked against the tensors. `repae_args` may name only
+    some fields (e.g. {"norm_groups": 8}): the others are read from the tensor shapes."""
+    side = vae_sidecar(path)
+    text = side.read_text()[: MAX_METADATA_CHARS + 1]
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise CheckpointError(f"{side} (architecture of {Path(path).name}) is not valid JSON ({str(err)[:120]})") from None
+    if not isinstance(record, dict) or record.get("repae_kind", "vae") != "vae" or not isinstance(
+            record.get("repae_args"), dict):
+        raise CheckpointError(f'{side} must be {{"repae_kind": "vae", "repae_args": {{VAEArgs fields}}}}')
+    fields = record["repae_args"]
+    args_from_metadata(side, "vae", json.dumps(fields))  # known fields, right types, within caps
+    args = dataclasses.replace(vae_args_from_state(state), **fields)
+    check_args_match_weights(side, args, state)
+    return args
+
+
+def _export_record_args(path: Path, state: StateDict) -> Optional[VAEArgs]:
+    """VAEArgs from the export.json an older `repae export-vae` (before sidecars) wrote beside this
+    very file (its sha256 listed there), else None."""
+    record_file = path.parent / "export.json"
+    if not record_file.is_file() or record_file.stat().st_size > 1 << 20:
+        return None
+    try:
+        record = json.loads(record_file.read_text())
+        listed, fields = record["sha256"][path.name], record["vae_args"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+    from repae.fileio import sha256_file
+
+    if not isinstance(fields, dict) or listed != sha256_file(path):
+        return None
+    args = args_from_metadata(record_file, "vae", json.dumps(fields))
+    check_args_match_weights(record_file, args, state)
+    return args
+
+
+def group_count_choices(args: VAEArgs) -> list:
+    """Every GroupNorm group count the tensors of a VAE with these widths allow: the divisors of
+    the greatest common divisor of all widths (ch * each ch_mult, and ch itself)."""
+    g = math.gcd(*[args.ch * m for m in [1, *args.ch_mult]])
+    return [d for d in range(1, g + 1) if g % d == 0]
+
+
+LDM_BASE_WIDTH = 128  # ch of every published LDM-family VAE (SD 1.x/2.x, SDXL, FLUX, REPA-E E2E-VAEs): 32 groups
+
+
+def guess_vae_args(path: Union[str, os.PathLike], state: StateDict, norm_groups: Optional[int] = None) -> VAEArgs:
+    """VAEArgs of a VAE state dict with no architecture record; says on stderr (one line) what it took.
+
+    The widths, depth and attention come from the tensor shapes. The group count does not: rule:
+    - `norm_groups` given: used, if it divides every width;
+    - only one count divides every width (their gcd is 1): that one;
+    - base width ch == 128, the LDM family's (every published SD/SDXL/FLUX/REPA-E VAE, all with
+      32 groups): 32, the LDM convention;
+    - otherwise several counts fit equally and nothing says which: CheckpointError naming the file,
+      the counts that fit, the sidecar to write and the option to pass."""
+    found = vae_args_from_state(state)
+    choices = group_count_choices(found)
+    if norm_groups is not None:
+        if norm_groups not in choices:
+            raise CheckpointError(f"{path}: norm_groups={norm_groups} does not divide the VAE widths "
+                                  f"(ch={found.ch}, ch_mult={list(found.ch_mult)}); counts that fit: {choices}")
+        groups, why = norm_groups, "as passed"
+    elif len(choices) == 1:
+        groups, why = choices[0], "the only count that divides the widths"
+    elif found.ch == LDM_BASE_WIDTH and 32 in choices:
+        groups, why = 32, f"the LDM convention for ch={LDM_BASE_WIDTH} (SD-VAE family)"
+    else:
+        raise CheckpointError(
+            f"{path}: a bare VAE state dict does not record its GroupNorm group count, and with ch={found.ch}, "
+            f"ch_mult={list(found.ch_mult)} the tensors fit {len(choices)} counts ({choices}); no sidecar "
+            f"{vae_sidecar(path)} is beside it. Pass the count: vae.norm_groups=N (a run config), "
+            f"--norm-groups N (repae info), norm_groups=N (repae.weights.load_model), or write "
+            f'{vae_sidecar(path)} as {{"repae_kind": "vae", "repae_args": {{"norm_groups": N}}}}')
+    args = dataclasses.replace(found, norm_groups=groups)
+    print(f"repae: {path} records no VAE architecture (no {vae_sidecar(path).name}); guessed from tensor shapes: "
+          f"ch={args.ch}, ch_mult={list(args.ch_mult)}, num_res_blocks={args.num_res_blocks}, "
+          f"z_channels={args.z_channels}, attention levels={args.attn_levels()}, norm_groups={groups} ({why})",
+          file=sys.stderr)
+    return args
+
+
+def _check_norm_groups(path, recorded: Optional[VAEArgs], args: Optional[VAEArgs], norm_groups: Optional[int]) -> None:
+    """A group count given by the caller (args / norm_groups) must equal the one the file records."""
+    for given, how in ((args.norm_groups if args else None, "the given VAEArgs"), (norm_groups, "norm_groups")):
+        if given is not None and recorded is not None and given != recorded.norm_groups:
+            raise CheckpointError(f"{path} records norm_groups={recorded.norm_groups}, but {how} say(s) {given}: "
+                                  f"the same weights would compute another function (set vae.norm_groups="
+                                  f"{recorded.norm_groups})")
 
 
 # Caps on the architecture a weight file's metadata may describe: far above any published model
@@ -343,7 +473,7 @@ def check_args_match_weights(path: Union[str, os.PathLike], args: Union[SiTArgs,
                               f"VAE widths (ch={args.ch}, ch_mult={list(args.ch_mult)})")
 
 
-def _load_diffusers_dir(path: Path, args: Optional[VAEArgs]) -> AutoencoderKL:
+def _load_diffusers_dir(path: Path, args: Optional[VAEArgs], norm_groups: Optional[int] = None) -> AutoencoderKL:
     config_file, weights = path / vae_diffusers.CONFIG_NAME, path / vae_diffusers.WEIGHTS_NAME
     for f in (config_file, weights):
         if not f.is_file():
@@ -353,7 +483,9 @@ def _load_diffusers_dir(path: Path, args: Optional[VAEArgs]) -> AutoencoderKL:
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config_file} is not valid JSON: {err}") from None
     try:
-        args = args or vae_diffusers.args_from_diffusers_config(config)
+        recorded = vae_diffusers.args_from_diffusers_config(config)
+        _check_norm_groups(path, recorded, args, norm_groups)
+        args = args or recorded
         state = vae_diffusers.from_diffusers_state(read_file(weights), args)
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{path}: {err.args[0]}") from None

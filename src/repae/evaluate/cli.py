@@ -40,6 +40,9 @@ def resolve_precision(precision: str, device) -> str:
     return resolve(precision, device)
 
 
+PSNR_NOTE = ("mean over images of per-image PSNR = 10 log10(255^2 / MSE over C,H,W) of the reconstructions "
+             "rounded to uint8 (float64; MSE floored at 1e-10*255^2); a toy run's summary.json "
+             "vae_heldout_psnr_db is the same number for `--data toy` with all held-out images and the posterior mean")
 MAX_NAMED_SKIPS = 20  # unreadable file names a result lists (all of them are counted)
 SPLIT_NOTE = ("contiguous blocks of whole batches: of the B = ceil(N / batch_size) batches, rank r takes "
               "batches [r*q + min(r, m), ...), q, m = divmod(B, world)")
@@ -303,7 +306,8 @@ def cmd_vae(args) -> int:
              "lpips_heads": args.lpips_heads}
     _finish(args, "vae", metrics, settings, files, _default_out(args, "vae", *_run_place(run)), device,
             notes={"rfid": "Fréchet distance of Inception pool_3 statistics, reconstructions vs the originals "
-                           "of the same images" if inception is not None else "not computed (no --inception)"})
+                           "of the same images" if inception is not None else "not computed (no --inception)",
+                   "psnr": PSNR_NOTE})
     return 0
 
 

@@ -7,6 +7,8 @@ de-normalises with them), or of the online SiT with `use_ema_bn=False`. Files in
     vae.safetensors, latent_stats.safetensors   ours: repae.weights.load_model / load_latent_stats
     e2e-vae.pt, latents-stats.pt                the official REPA-E convention: a plain VAE state dict;
                                                 {latents_scale: 1/sqrt(var), latents_bias: mean} [1,C,1,1]
+    e2e-vae.json                                the architecture the .pt cannot hold (GroupNorm groups
+                                                above all), read by every repae loader of e2e-vae.pt
     diffusers/                                  diffusers.AutoencoderKL.from_pretrained(...), with
                                                 latents_mean / latents_std (= sqrt(var)) in its config
     export.json, README.txt                     which run, checkpoint and step; sha256 of each file
@@ -25,7 +27,11 @@ import torch
 
 from repae.models.latent_norm import LatentNorm
 from repae.models.vae import AutoencoderKL
-from repae.weights import CheckpointError, load_strict, read_file, save_latent_stats, save_model
+from repae.weights import CheckpointError, load_strict, read_file, save_latent_stats, save_model, write_vae_sidecar
+
+# what write_vae_exports writes, relative to the output directory
+EXPORT_FILES = ["vae.safetensors", "latent_stats.safetensors", "e2e-vae.pt", "e2e-vae.json", "latents-stats.pt",
+                "diffusers/config.json", "diffusers/diffusion_pytorch_model.safetensors"]
 
 
 def _save_torch(obj: dict, path: Path) -> None:
@@ -63,21 +69,11 @@ def load_run_vae(run_dir: str | Path, use_ema_bn: bool = True) -> Tuple[Path, ob
 def export_vae(run_dir: str | Path, out_dir: Optional[str | Path] = None, use_ema_bn: bool = True) -> dict:
     """Write the E2E-VAE of the run's newest checkpoint to `out_dir` (default RUN/e2e-vae).
     Returns the export record (also in export.json)."""
-    from repae.models.vae_diffusers import export_diffusers
     from repae.fileio import sha256_file
 
     ckpt, cfg, vae, mean, var = load_run_vae(run_dir, use_ema_bn)
     out = Path(out_dir) if out_dir else Path(run_dir) / "e2e-vae"
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(vae, out / "vae.safetensors")
-    save_latent_stats(mean, var, out / "latent_stats.safetensors")
-    _save_torch({k: v.detach().cpu().clone() for k, v in vae.state_dict().items()}, out / "e2e-vae.pt")
-    bn = LatentNorm(mean.numel())
-    bn.init_from_stats(mean, var)
-    _save_torch(bn.scale_bias(), out / "latents-stats.pt")
-    export_diffusers(vae, out / "diffusers", latents_mean=mean, latents_std=var.sqrt(), sample_size=cfg.data.image_size)
-    files = ["vae.safetensors", "latent_stats.safetensors", "e2e-vae.pt", "latents-stats.pt",
-             "diffusers/config.json", "diffusers/diffusion_pytorch_model.safetensors"]
+    files = write_vae_exports(vae, mean, var, out, cfg.data.image_size)
     record = {
         "format": "repae-e2e-vae", "run": str(Path(run_dir).resolve()), "checkpoint": ckpt.name,
         "step": int(ckpt.name.split("-")[-1]), "latent_stats_from": "ema" if use_ema_bn else "sit",
@@ -90,13 +86,31 @@ def export_vae(run_dir: str | Path, out_dir: Optional[str | Path] = None, use_em
     return record
 
 
+def write_vae_exports(vae: AutoencoderKL, mean: torch.Tensor, var: torch.Tensor, out: Path,
+                      image_size: int) -> list:
+    """`vae` and its latent statistics (mean [C], var [C]) in all three conventions under `out`;
+    returns EXPORT_FILES. The official .pt gets its architecture sidecar (e2e-vae.json)."""
+    from repae.models.vae_diffusers import export_diffusers
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(vae, out / "vae.safetensors")
+    save_latent_stats(mean, var, out / "latent_stats.safetensors")
+    _save_torch({k: v.detach().cpu().clone() for k, v in vae.state_dict().items()}, out / "e2e-vae.pt")
+    write_vae_sidecar(vae.args, out / "e2e-vae.pt")
+    bn = LatentNorm(mean.numel())
+    bn.init_from_stats(mean, var)
+    _save_torch(bn.scale_bias(), out / "latents-stats.pt")
+    export_diffusers(vae, out / "diffusers", latents_mean=mean, latents_std=var.sqrt(), sample_size=image_size)
+    return list(EXPORT_FILES)
+
+
 def _groups_note(r: dict) -> str:
     groups = r["vae_args"]["norm_groups"]
     if groups == 32:
         return ""
-    return (f"\nNote: this VAE's GroupNorms have {groups} group(s); a bare state dict (e2e-vae.pt) cannot say so and\n"
-            f"readers assume LDM's 32: load it with args=VAEArgs(**export.json['vae_args']), or use\n"
-            f"vae.safetensors / diffusers/, which record it.\n")
+    return (f"\nNote: this VAE's GroupNorms have {groups} group(s); a bare state dict (e2e-vae.pt) cannot say so.\n"
+            f"repae reads it from e2e-vae.json; other readers (the official code) assume LDM's 32: build\n"
+            f"their AutoencoderKL with {groups} groups (export.json['vae_args']), or use diffusers/, which records it.\n")
 
 
 def _readme(r: dict) -> str:
@@ -107,6 +121,7 @@ latent BatchNorm running stats (latent_norm.mode={r['latent_norm_mode']}), image
 vae.safetensors            repae.weights.load_model(...) (architecture in the file's metadata)
 latent_stats.safetensors   repae.weights.load_latent_stats(...) -> (mean [C], var [C])
 e2e-vae.pt                 official REPA-E convention: plain AutoencoderKL state dict (LDM key names)
+e2e-vae.json               its architecture (VAEArgs), which a plain state dict cannot hold; repae loaders read it
 latents-stats.pt           official convention: latents_scale = 1/sqrt(var), latents_bias = mean, [1,C,1,1];
                            a latent z is normalised as (z - latents_bias) * latents_scale
 diffusers/                 diffusers.AutoencoderKL.from_pretrained(...); config holds latents_mean and

@@ -421,12 +421,16 @@ def toy_summary(run: Run) -> dict:
     class-balanced EMA samples (0: none), the toy evaluator's class accuracy and toy FID against
     the held-out set (`repae.evaluate.toy`), and the teacher's accuracy on them."""
     from repae.evaluate.toy import class_accuracy, evaluator_outputs, toy_fid
-    from repae.toyworld import psnr
+    from repae.toyworld import PSNR_DEFINITION, psnr
 
     cfg = run.cfg
     run.m.vae.eval()
     summary = {
-        "vae_heldout_psnr_db": round(psnr(run.m.vae, run.toy.heldout_images[:1000].to(run.device)), 3),
+        # the whole held-out set, as `repae evaluate vae RUN --data toy` and the toy VAE's own report
+        # (toy_vae_pretrained_psnr_db) take it: one image set, one definition (toyworld.PSNR_DEFINITION)
+        "vae_heldout_psnr_db": round(psnr(run.m.vae, run.toy.heldout_images.to(run.device)), 3),
+        "vae_heldout_psnr_images": len(run.toy.heldout_images),
+        "vae_psnr_definition": PSNR_DEFINITION,
         "toy_vae_pretrained_psnr_db": run.toy.report.get("vae_heldout_psnr_db"),
         "teacher_heldout_accuracy": run.toy.report.get("teacher_heldout_accuracy"),
     }
