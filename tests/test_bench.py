@@ -1,5 +1,6 @@
 """`repae bench`: the numbers it prints are consistent with each other and with known FLOP counts."""
 
+import pytest
 import torch
 
 from repae.bench import bench_step, count_flops, median_seconds, step_parts
@@ -54,3 +55,50 @@ def test_cli_bench_step_writes_json(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["bench", "step", *TINY, "--iters", "1", "--warmup", "0", "--out", str(out)]) == 0
     assert "images/s" in capsys.readouterr().out and out.exists()
+
+
+def test_bench_loop_times_the_training_loop(tmp_path, capsys):
+    """`repae bench loop` runs the real loop on a packed store it makes, times steps after the untimed ones."""
+    import json
+
+    out = tmp_path / "loop.json"
+    assert main(["bench", "loop", *TINY, "--steps", "3", "--warmup", "1", "--iters", "1",
+                 "--data-dir", str(tmp_path / "data"), "--out", str(out)]) == 0
+    assert "images/s median" in capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert r["steps"] == 3 and r["skipped_steps"] == 1 and r["timed_steps"] == len(r["step_seconds"]) == 2
+    assert r["images_per_s"] > 0 and r["images_per_s_total"] > 0 and r["peak_memory_bytes"] > 0
+    assert abs(r["images_per_s_total"] - 4 * 2 / sum(r["step_seconds"])) < 1e-6 * r["images_per_s_total"]
+    assert set(r["parts_seconds_per_micro_batch"]) == {"encoder (no grad)", "VAE fwd+bwd", "alignment pass fwd+bwd",
+                                                       "SiT fwd+bwd", "optimisers", "EMA update"}
+    assert 0 < r["fraction_of_peak"] and r["data"]["format"] == "packed"
+    assert (tmp_path / "data" / "packed-32px-256" / "manifest.json").exists()  # reused by a second run
+
+
+def test_sample_modes_parse():
+    from repae.bench import parse_modes
+
+    assert parse_modes(["ode-50:1", "sde-250:4", "ode-8"]) == [("ode", 50, 1.0), ("sde", 250, 4.0), ("ode", 8, 1.0)]
+
+
+@pytest.mark.slow
+def test_gpu_suite_cpu_smoke(tmp_path):
+    """benchmarks/gpu_suite.sh --cpu-smoke: every step runs toy-sized (~2 min on one core), the reference is
+    recorded as skipped, and the FID-50K estimate and the summary are computed from the JSON files."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "REPAE_BENCH_WORK": str(tmp_path / "work"),
+           "PYTHON": sys.executable, "PYTHONPATH": str(root / "src")}
+    env.pop("REPAE_REFERENCE", None)
+    subprocess.run(["bash", str(root / "benchmarks/gpu_suite.sh"), "--cpu-smoke"], env=env, check=True, timeout=600)
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert summary["steps"]["ref_eager_b16"]["status"] == "skipped"
+    assert all(e["status"] == "ok" for name, e in summary["steps"].items() if not name.startswith("ref_"))
+    fid = json.loads((tmp_path / "out/fid50k_estimate.json").read_text())
+    assert fid["status"] == "ok" and abs(fid["seconds"] - 50000 / fid["images_per_s"]) < 1e-6 * fid["seconds"]
+    assert json.loads((tmp_path / "out/loop_eager_b32.json").read_text())["global_batch"] == 4

@@ -9,6 +9,7 @@ random uint8 images: speed does not depend on the values. Each timing is the med
     repae bench step --preset sit-b2-f8d4 train.global_batch_size=8
     repae bench sample --preset toy                # images/s: ODE-50 / SDE-250, with and without CFG
     repae bench evaluate                           # Inception feature extraction images/s
+    repae bench loop --preset toy                  # the training loop itself (repae.bench_loop)
 """
 
 from __future__ import annotations
@@ -158,6 +159,19 @@ def step_parts(m, cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor,
     return parts
 
 
+def time_parts(m, cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator,
+               iters: int = 5, warmup: int = 2) -> Dict[str, float]:
+    """Median seconds of each part of `step_parts` on one micro-batch (call under the run's autocast);
+    the gradients the parts leave behind are cleared afterwards."""
+    device = images.device
+    parts = step_parts(m, cfg, images, labels, gen)
+    seconds = {name: median_seconds(fn, device, iters, warmup) for name, fn in parts.items()}
+    for opt in (m.sit_opt, m.vae_opt, m.disc_opt):
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+    return seconds
+
+
 def bench_step(cfg: RunConfig, device: torch.device, iters: int = 5, warmup: int = 2) -> dict:
     """images/s of the full REPA-E step, per-part seconds, FLOPs/image, FLOP/s vs matmul peak, memory."""
     from repae.train.step import repae_step
@@ -175,11 +189,7 @@ def bench_step(cfg: RunConfig, device: torch.device, iters: int = 5, warmup: int
         step["i"] += 1
 
     with autocast(cfg.train.precision, device):
-        parts = step_parts(m, cfg, batches[0][0], batches[0][1], gen)
-        part_seconds = {name: median_seconds(fn, device, iters, warmup) for name, fn in parts.items()}
-        for opt in (m.sit_opt, m.vae_opt, m.disc_opt):
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
+        part_seconds = time_parts(m, cfg, batches[0][0], batches[0][1], gen, iters, warmup)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         seconds = median_seconds(full_step, device, iters, warmup)
@@ -216,8 +226,25 @@ def _print_step(r: dict) -> None:
 # ------------------------------------------------------------------------------ bench sample / evaluate
 
 
-def bench_sample(cfg: RunConfig, device: torch.device, num_samples: Optional[int] = None) -> dict:
-    """images/s of generation (sampler + decode): ODE-50 and SDE-250, without and with CFG."""
+def parse_modes(specs) -> list:
+    """['ode-50:1', 'sde-250:4'] -> [('ode', 50, 1.0), ('sde', 250, 4.0)]."""
+    out = []
+    for spec in specs:
+        try:
+            sampler, rest = spec.split("-", 1)
+            steps, scale = rest.split(":") if ":" in rest else (rest, "1")
+            if sampler not in ("ode", "sde"):
+                raise ValueError
+            out.append((sampler, int(steps), float(scale)))
+        except ValueError:
+            raise SystemExit(f"--modes {spec!r}: expected ode-STEPS:CFG or sde-STEPS:CFG, e.g. sde-250:4") from None
+    return out
+
+
+def bench_sample(cfg: RunConfig, device: torch.device, num_samples: Optional[int] = None,
+                 modes: Optional[list] = None) -> dict:
+    """images/s of generation (sampler + decode): by default ODE-50 and SDE-250, without and with CFG;
+    `modes`: [(sampler, steps, cfg scale)] instead."""
     from repae.build import build_sit, vae_args
     from repae.generate import generate_images
     from repae.models.vae import AutoencoderKL
@@ -228,15 +255,15 @@ def bench_sample(cfg: RunConfig, device: torch.device, num_samples: Optional[int
     labels = torch.arange(n) % cfg.model.num_classes
     guided = cfg.sample.cfg_scale if cfg.sample.cfg_scale != 1.0 else 4.0
     out = {"preset": cfg.preset, "device": str(device), "samples": n, "images_per_s": {}}
-    for mode, steps in (("ode", 50), ("sde", 250)):
-        for scale in (1.0, guided):
-            # one untimed run first on a GPU, where a first call pays for cuDNN/cuBLAS set-up (an H100
-            # run that timed the first call gave SiT-XL/2 ODE-50 at 11 images/s, ~1/3 of what its FLOPs allow)
-            seconds = median_seconds(lambda: generate_images(
-                sit, vae, labels, mode=mode, num_steps=steps, cfg_scale=scale, batch_size=n, progress=False,
-                autocast_dtype=autocast_dtype(cfg.train.precision, device)), device, iters=1,
-                warmup=int(device.type == "cuda"))
-            out["images_per_s"][f"{mode}-{steps} cfg {scale:g}"] = n / seconds
+    modes = modes or [(mode, steps, scale) for mode, steps in (("ode", 50), ("sde", 250)) for scale in (1.0, guided)]
+    for mode, steps, scale in modes:
+        # one untimed run first on a GPU, where a first call pays for cuDNN/cuBLAS set-up (an H100
+        # run that timed the first call gave SiT-XL/2 ODE-50 at 11 images/s, ~1/3 of what its FLOPs allow)
+        seconds = median_seconds(lambda: generate_images(
+            sit, vae, labels, mode=mode, num_steps=steps, cfg_scale=scale, batch_size=n, progress=False,
+            autocast_dtype=autocast_dtype(cfg.train.precision, device)), device, iters=1,
+            warmup=int(device.type == "cuda"))
+        out["images_per_s"][f"{mode}-{steps} cfg {scale:g}"] = n / seconds
     return out
 
 
@@ -259,16 +286,22 @@ def bench_evaluate(device: torch.device, batch: int = 50, size: int = 256, iters
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="throughput benchmarks: step | sample | evaluate; reproduce: the paper's "
+    p = sub.add_parser("bench", help="throughput benchmarks: step | loop | sample | evaluate; reproduce: the paper's "
                                      "claims on the toy world or your data and weights (REPRODUCTION.md)")
-    p.add_argument("what", choices=["step", "sample", "evaluate", "reproduce"])
+    p.add_argument("what", choices=["step", "loop", "sample", "evaluate", "reproduce"])
     p.add_argument("--preset", default="toy")
     p.add_argument("--config", action="append", default=[], metavar="FILE")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--iters", type=int, default=5, help="timed repetitions (median reported)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5, help="timed repetitions (median reported); loop: of each "
+                                                        "part of the step breakdown (0: no breakdown)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first; loop: untimed first steps")
     p.add_argument("--samples", type=int, help="bench sample: how many images (default sample.batch_size); "
                                                "reproduce: class-balanced samples per measurement")
+    p.add_argument("--modes", nargs="+", metavar="MODE-STEPS:CFG",
+                   help="bench sample: which samplers, e.g. ode-50:1 sde-250:4 (default: ODE-50 and SDE-250, each "
+                        "without CFG and with sample.cfg_scale or 4)")
+    p.add_argument("--data-dir", help="bench loop: where its store of random images is made, and reused when "
+                                      "there already (default: a temporary folder)")
     p.add_argument("--out", help="also write the result as JSON here")
     g = p.add_argument_group("reproduce")
     g.add_argument("--quick", action="store_true", help="the 30-minute plan (1 seed, 300 steps) instead of the full "
@@ -277,7 +310,8 @@ def add_parser(sub) -> None:
     g.add_argument("--report", help="where REPRODUCTION.md goes, figures in docs/reproduction/ beside it "
                                     "(default: DIR/REPRODUCTION.md)")
     g.add_argument("--seeds", type=int, nargs="+", help="training seeds (plan default: quick 0; full 0 1)")
-    g.add_argument("--steps", type=int, help="training steps per arm")
+    g.add_argument("--steps", type=int, help="training steps per arm; bench loop: steps in all (default 12, "
+                                             "--warmup of them untimed)")
     g.add_argument("--eval-every", type=int, help="measure a checkpoint every this many steps")
     g.add_argument("--jobs", type=int, help="runs at once (cores are split between them)")
     g.add_argument("--heldout", metavar="DIR", help="real data only: labelled images (class sub-folders) to measure "
@@ -300,8 +334,13 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.what == "step":
         result = bench_step(cfg, device, args.iters, args.warmup)
         _print_step(result)
+    elif args.what == "loop":
+        from repae.bench_loop import bench_loop, print_loop
+
+        result = bench_loop(cfg, device, args.steps or 12, args.warmup, args.iters, args.warmup, args.data_dir)
+        print_loop(result)
     elif args.what == "sample":
-        result = bench_sample(cfg, device, args.samples)
+        result = bench_sample(cfg, device, args.samples, parse_modes(args.modes) if args.modes else None)
         for name, value in result["images_per_s"].items():
             print(f"  {name:18s} {value:8.2f} images/s ({result['samples']} samples, {result['device']})")
     else:

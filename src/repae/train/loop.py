@@ -318,19 +318,21 @@ def _roll_back(run: Run) -> None:
     run.nonfinite_in_a_row = failed
 
 
-def train_steps(run: Run, until: int, on_log=None, progress: bool = True, on_rewind=None) -> None:
+def train_steps(run: Run, until: int, on_log=None, progress: bool = True, on_rewind=None, on_step=None) -> None:
     """Run steps until `run.step == until`: log, checkpoint and sample on the config's cadence.
-    `on_rewind(step)`: called when a roll-back returns the run to an earlier step.
+    `on_rewind(step)`: called when a roll-back returns the run to an earlier step. `on_step(step)`:
+    called once per finished optimisation step, before its logging (`repae bench loop` times there).
 
     A SIGINT or SIGTERM ends the loop at the next step boundary, the same step on every rank: the
     step is logged and checkpointed (rank 0 writes), then `Interrupted` is raised."""
     with StopSignals() as signals:
-        saved = _steps(run, until, signals, on_log, progress, on_rewind)
+        saved = _steps(run, until, signals, on_log, progress, on_rewind, on_step)
     if signals.signum is not None and run.step < until:  # the stop came before the budget ran out
         raise Interrupted(signals.signum, run.step, saved)
 
 
-def _steps(run: Run, until: int, signals: StopSignals, on_log, progress: bool, on_rewind) -> Optional[Path]:
+def _steps(run: Run, until: int, signals: StopSignals, on_log, progress: bool, on_rewind,
+           on_step=None) -> Optional[Path]:
     """The loop of train_steps; returns the checkpoint it wrote last (None if none, or not rank 0)."""
     cfg = run.cfg
     sums: Dict[str, torch.Tensor] = {}
@@ -359,6 +361,8 @@ def _steps(run: Run, until: int, signals: StopSignals, on_log, progress: bool, o
         run.nonfinite_in_a_row = 0
         run.step += 1
         bar.update(1)
+        if on_step:
+            on_step(run.step)
         for k, v in logs.items():
             sums[k] = sums.get(k, 0) + v.detach().float()
         count += 1

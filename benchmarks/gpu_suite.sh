@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# Every measurement of issue 19 on one GPU, in about 8 minutes, one JSON file per figure.
+#
+#   REPAE_REFERENCE=/path/to/REPA-E benchmarks/gpu_suite.sh          # on a GPU machine
+#   benchmarks/gpu_suite.sh --cpu-smoke                              # the same steps, toy-sized, on a CPU
+#
+# Environment:
+#   OUT               where the JSON files go (default docs/benchmarks/gpu-<date>/)
+#   REPAE_REFERENCE   a checkout of End2End-Diffusion/REPA-E; unset: the reference runs are "skipped"
+#   SUITE_BUDGET_S    seconds for all measurements together (default 480); a step that would start
+#                     with under 30 s left (5 s with --cpu-smoke) is recorded as skipped, each step is
+#                     cut at its own cap
+#   PYTHON            the interpreter (default python); REPAE_BENCH_WORK scratch (default /tmp/repae-gpu-suite)
+#
+# Steps, most important first (a step cut by the budget leaves the later ones "skipped"):
+#   loop_eager_b16, ref_eager_b16, loop_eager_b32, ref_eager_b32   our training loop (repae bench loop)
+#       against the reference's (benchmarks/reference_step.py): same batch, 12 steps, first 2 untimed
+#   loop_compile_b32                         our loop with train.compile=true
+#   sample_b32, sample_b128                  repae bench sample: ODE-50 without CFG, SDE-250 with CFG 4
+#   step_compile_b32                         repae bench step, compiled: fraction of the bf16 matmul peak
+#   loop_compile_b16                         our compiled loop at batch 16
+#   fid50k_estimate                          50000 / (SDE-250 + CFG images/s), computed from sample_b128
+#   summary.json + a printed table; env.json: machine, torch, commit. Logs in logs/.
+# Installs only what is missing and never another torch: a missing repae dependency or reference
+# dependency is pip-installed with torch pinned to the installed version. No network besides pip.
+set -u
+cd "$(dirname "$0")/.."
+
+MODE=gpu
+case "${1:-}" in
+  --cpu-smoke|--dry-run) MODE=cpu ;;
+  "") ;;
+  *) echo "usage: $0 [--cpu-smoke]" >&2; exit 2 ;;
+esac
+PY=${PYTHON:-python}
+OUT_DIR=${OUT:-docs/benchmarks/gpu-$(date +%Y-%m-%d)}
+WORK=${REPAE_BENCH_WORK:-/tmp/repae-gpu-suite}
+BUDGET=${SUITE_BUDGET_S:-480}
+MIN_LEFT=30
+[ "$MODE" = cpu ] && MIN_LEFT=5
+mkdir -p "$OUT_DIR/logs" "$WORK"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+START=$(date +%s)
+STATUS="$OUT_DIR/logs/status.tsv"
+: > "$STATUS"
+
+# ------------------------------------------------------------------ what is needed, only if missing
+if ! $PY -c 'import torch' 2>/dev/null; then
+  echo "no torch in $PY: installing the default build (pip)"
+  $PY -m pip install torch || { echo "could not install torch" >&2; exit 1; }
+fi
+TORCH_VERSION=$($PY -c 'import torch; print(torch.__version__)')
+PIN="$WORK/torch-pin.txt"
+echo "torch==$TORCH_VERSION" > "$PIN"   # pip -c: whatever else is installed, this torch stays
+if ! $PY -c 'import repae.cli' 2>/dev/null; then
+  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+  if ! $PY -c 'import repae.cli' 2>/dev/null; then
+    echo "installing repae (torch $TORCH_VERSION kept)"
+    $PY -m pip install -c "$PIN" -e . > "$OUT_DIR/logs/pip-repae.log" 2>&1 \
+      || { echo "pip install -e . failed: $OUT_DIR/logs/pip-repae.log" >&2; exit 1; }
+  fi
+fi
+if [ "$MODE" = gpu ] && ! $PY -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
+  echo "no CUDA device visible to torch $TORCH_VERSION; for a CPU check of this script use --cpu-smoke" >&2
+  exit 1
+fi
+REF_SKIP=""
+if [ "$MODE" = cpu ]; then
+  REF_SKIP="cpu smoke: benchmarks/reference_step.py needs CUDA"
+elif [ -z "${REPAE_REFERENCE:-}" ]; then
+  REF_SKIP="REPAE_REFERENCE is not set (a checkout of End2End-Diffusion/REPA-E)"
+elif [ ! -f "$REPAE_REFERENCE/train_repae.py" ]; then
+  REF_SKIP="REPAE_REFERENCE=$REPAE_REFERENCE has no train_repae.py"
+elif ! $PY -c 'import timm, torchvision, accelerate, einops, h5py' 2>/dev/null; then
+  echo "installing the reference's dependencies (torch $TORCH_VERSION kept)"
+  $PY -m pip install -c "$PIN" timm torchvision accelerate einops h5py omegaconf \
+    > "$OUT_DIR/logs/pip-reference.log" 2>&1 \
+    || REF_SKIP="its dependencies (timm torchvision accelerate einops h5py) did not install with torch $TORCH_VERSION: logs/pip-reference.log"
+fi
+
+$PY - "$OUT_DIR/env.json" "$MODE" <<'EOF'
+import json, subprocess, sys, datetime, torch
+env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "mode": sys.argv[2], "torch": torch.__version__,
+       "cuda": torch.version.cuda, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+for key, cmd in (("commit", ["git", "rev-parse", "HEAD"]),
+                 ("gpu", ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])):
+    try:
+        env[key] = subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception:
+        pass
+json.dump(env, open(sys.argv[1], "w"), indent=2)
+EOF
+
+# ------------------------------------------------------------------ one step = one JSON file
+record() {  # record NAME STATUS REASON: a status JSON when the command wrote none
+  local name=$1 status=$2 reason=$3
+  echo -e "$name\t$status" >> "$STATUS"
+  [ "$status" = ok ] && return
+  $PY - "$OUT_DIR/$name.json" "$status" "$reason" "$OUT_DIR/logs/$name.log" <<'EOF'
+import json, os, sys
+path, status, reason, log = sys.argv[1:5]
+tail = open(log, errors="replace").read()[-2000:] if os.path.exists(log) else ""
+json.dump({"status": status, "reason": reason, "log_tail": tail}, open(path, "w"), indent=2)
+EOF
+}
+
+run_step() {  # run_step NAME CAP_SECONDS COMMAND...: runs with --out NAME.json under min(cap, budget left)
+  local name=$1 cap=$2; shift 2
+  local left=$((BUDGET - ($(date +%s) - START)))
+  rm -f "$OUT_DIR/$name.json"
+  if [ "$left" -lt "$MIN_LEFT" ]; then
+    record "$name" skipped "suite budget of ${BUDGET}s spent (SUITE_BUDGET_S)"; return
+  fi
+  local limit=$(( cap < left ? cap : left ))
+  echo "[$(( $(date +%s) - START ))s] $name (limit ${limit}s)"
+  timeout -k 10 "$limit" "$@" --out "$OUT_DIR/$name.json" > "$OUT_DIR/logs/$name.log" 2>&1
+  local rc=$?
+  if [ $rc -eq 0 ] && [ -s "$OUT_DIR/$name.json" ]; then
+    record "$name" ok ""
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    record "$name" timeout "cut after ${limit}s"
+  elif grep -q "out of memory" "$OUT_DIR/logs/$name.log" 2>/dev/null; then
+    record "$name" out_of_memory "CUDA out of memory (rc $rc)"
+  else
+    record "$name" failed "exit status $rc: logs/$name.log"
+  fi
+}
+
+ref_step() {  # ref_step NAME CAP BATCH
+  if [ -n "$REF_SKIP" ]; then record "$1" skipped "$REF_SKIP"; return; fi
+  run_step "$1" "$2" $PY benchmarks/reference_step.py --ref-dir "$REPAE_REFERENCE" --work "$WORK/reference" \
+    --batch "$3" --steps 12
+}
+
+if [ "$MODE" = gpu ]; then
+  PRESET=(--preset sit-xl2-f8d4); SIZE=(); LOOP=(--steps 12 --warmup 2 --iters 5); COMPILE=train.compile=true
+  B16=16; B32=32; S32=32; S128=128; MODES=(ode-50:1 sde-250:4); STEP=(--iters 3 --warmup 1)
+else  # toy-sized: checks the plumbing, measures nothing of interest
+  PRESET=(--preset toy)
+  SIZE=(model.depth=2 model.hidden_size=48 model.num_heads=2 model.encoder_depth=1 model.projector_dim=64
+        vae.ch=32 "vae.ch_mult=[1,2,2]" train.num_threads=1)
+  LOOP=(--steps 3 --warmup 1 --iters 1); COMPILE=train.compile=false  # a cold CPU compile costs 10-30 s a region
+  B16=2; B32=4; S32=2; S128=4; MODES=(ode-4:1 sde-6:4); STEP=(--iters 1 --warmup 0)
+fi
+BENCH=($PY -m repae.cli bench)
+DATA=(--data-dir "$WORK/data")
+
+run_step loop_eager_b16 120 "${BENCH[@]}" loop "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B16 "${LOOP[@]}" "${DATA[@]}"
+ref_step ref_eager_b16 150 $B16
+run_step loop_eager_b32 120 "${BENCH[@]}" loop "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 "${LOOP[@]}" "${DATA[@]}"
+ref_step ref_eager_b32 150 $B32
+run_step loop_compile_b32 240 "${BENCH[@]}" loop "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 $COMPILE \
+  "${LOOP[@]}" --iters 0 "${DATA[@]}"
+run_step sample_b32 90 "${BENCH[@]}" sample "${PRESET[@]}" "${SIZE[@]}" --samples $S32 --modes "${MODES[@]}"
+run_step sample_b128 150 "${BENCH[@]}" sample "${PRESET[@]}" "${SIZE[@]}" --samples $S128 --modes "${MODES[@]}"
+run_step step_compile_b32 180 "${BENCH[@]}" step "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 $COMPILE "${STEP[@]}"
+run_step loop_compile_b16 240 "${BENCH[@]}" loop "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B16 $COMPILE \
+  "${LOOP[@]}" --iters 0 "${DATA[@]}"
+
+# ------------------------------------------------------------------ FID-50K estimate and the summary
+$PY - "$OUT_DIR" "$(( $(date +%s) - START ))" <<'EOF'
+import json, sys
+from pathlib import Path
+
+out, wall = Path(sys.argv[1]), int(sys.argv[2])
+def load(name):
+    p = out / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else {"status": "missing"}
+
+fid = {"status": "skipped", "reason": "no SDE-250 + CFG measurement"}
+for name in ("sample_b128", "sample_b32"):
+    r = load(name)
+    key = next((k for k in r.get("images_per_s", {}) if k.startswith("sde-") and not k.endswith("cfg 1")), None)
+    if key:
+        ips = r["images_per_s"][key]
+        fid = {"status": "ok", "from": f"{name}.json", "sampler": key, "samples_per_batch": r["samples"],
+               "images_per_s": ips, "seconds": 50000 / ips, "hours": 50000 / ips / 3600,
+               "counts": "sampling + VAE decode of 50,000 images on this one device; Inception features "
+                         "(repae bench evaluate) and file writing not included"}
+        break
+(out / "fid50k_estimate.json").write_text(json.dumps(fid, indent=2))
+
+rows, summary = [], {"suite_wall_seconds": wall, "steps": {}}
+for line in (out / "logs" / "status.tsv").read_text().splitlines():
+    name, status = line.split("\t")
+    r = load(name)
+    entry = {"status": status}
+    if status == "ok":
+        if "images_per_s" in r and isinstance(r["images_per_s"], dict):
+            entry.update({f"images_per_s {k}": v for k, v in r["images_per_s"].items()})
+        else:
+            entry["images_per_s"] = r.get("images_per_s")
+            entry["images_per_s_total"] = r.get("images_per_s_total")
+            entry["peak_memory_gib"] = r["peak_memory_bytes"] / 2**30 if "peak_memory_bytes" in r else None
+            entry["fraction_of_peak"] = r.get("fraction_of_peak")
+            entry["compile"] = r.get("compile")
+    else:
+        entry["reason"] = r.get("reason")
+    summary["steps"][name] = entry
+summary["fid50k_estimate"] = fid
+(out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+def fmt(v, spec):
+    return format(v, spec) if isinstance(v, (int, float)) else "-".rjust(int(spec.split(".")[0]))
+print(f"\n{'step':18s} {'status':13s} {'images/s':>9s} {'total':>8s} {'peak GiB':>9s} {'of peak':>8s}  notes")
+for name, e in summary["steps"].items():
+    if any(k.startswith("images_per_s ") for k in e):
+        notes = ", ".join(f"{k[13:]}: {v:.2f}/s" for k, v in e.items() if k.startswith("images_per_s "))
+        print(f"{name:18s} {e['status']:13s} {'':>9s} {'':>8s} {'':>9s} {'':>8s}  {notes}")
+    else:
+        frac = 100 * e["fraction_of_peak"] if e.get("fraction_of_peak") else None
+        note = e.get("reason") or ("compiled" if e.get("compile") else "")
+        print(f"{name:18s} {e['status']:13s} {fmt(e.get('images_per_s'), '9.1f')} {fmt(e.get('images_per_s_total'), '8.1f')}"
+              f" {fmt(e.get('peak_memory_gib'), '9.2f')} {fmt(frac, '7.1f')}{'%' if frac else ' '}  {note}")
+if fid["status"] == "ok":
+    print(f"FID-50K sampling estimate ({fid['sampler']}, batch {fid['samples_per_batch']}): "
+          f"{fid['seconds']:.0f} s = {fid['hours']:.2f} h on this device")
+print(f"suite wall time {wall} s; JSON in {out}")
+EOF
