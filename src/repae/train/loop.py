@@ -76,7 +76,9 @@ def _encoders(cfg: RunConfig, toy) -> List:
     for i, name in enumerate(cfg.encoder.names):
         if name == "toy-teacher":
             if toy is None:
-                raise ConfigError("encoder 'toy-teacher' exists only in the toy world (data.source=toy)")
+                from repae.config import toy_teacher_hint
+
+                raise ConfigError(toy_teacher_hint(cfg))
             encoders.append(toy.teacher)
         else:
             encoders.append(load_encoder(name, cfg.encoder.paths[i] if cfg.encoder.paths else None,
