@@ -91,3 +91,26 @@ def test_toy_models_build_with_matching_shapes():
     sit, vae = build_sit(cfg), build_vae(cfg)
     assert sit.args.input_size * vae.downsample_factor == cfg.data.image_size
     assert sit.args.in_channels == vae.z_channels
+
+
+REAL_DATA_SMALL = ["data.source=folder", "data.path=/data/imagenet/train", "data.image_size=64", "model.arch=SiT-T/4",
+                   "model.num_classes=1000", "vae.from_scratch=true", "encoder.names=[dinov2-vit-b]",
+                   "encoder.paths=[weights/dinov2_vitb14_pretrain.pth]"]
+
+
+def test_toy_teacher_on_real_data_names_the_overrides(capsys):
+    """The toy preset on folder data: one line of error (exit 2, no traceback) naming what to set;
+    the README's small real-data override set validates."""
+    from pathlib import Path
+
+    from repae.cli import main
+
+    with pytest.raises(ConfigError, match=r"encoder.names=\[dinov2-vit-b\] encoder.paths=\[.*model.arch=SiT-T/4"):
+        load_config("toy", overrides=["data.source=folder", "data.path=/data/x"], world_size=1)
+    assert main(["train", "data.source=folder", "data.path=/data/x"]) == 2
+    err = capsys.readouterr().err
+    assert "toy-teacher" in err and "encoder.names=[dinov2-vit-b]" in err and "Traceback" not in err
+    cfg = load_config("toy", overrides=REAL_DATA_SMALL, world_size=1)
+    assert cfg.encoder.names == ["dinov2-vit-b"] and cfg.data.source == "folder"
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert " ".join(REAL_DATA_SMALL) in readme.replace("\n", " ")

@@ -394,3 +394,44 @@ def test_two_processes_give_the_one_process_result(tmp_path, tiny_inception):
     # statistics are summed in another order. One image missing or doubled moves the FID by > 1e-3.
     for key in ("fid", "sfid", "inception_score", "precision", "recall"):
         assert two["metrics"][key] == pytest.approx(one[key], rel=1e-7), key
+
+
+# ----------------------------------------------------------------------------- toy judge
+
+
+def test_samples_of_a_toy_run_need_no_ref_nor_inception(tmp_path, tiny_run, monkeypatch, capsys):
+    """No --ref, no Inception file: the toy evaluator judges, with the numbers the run's own
+    end-of-training scoring gave for the same samples (same seed, labels and count)."""
+    from repae.evaluate.toy import TOY_JUDGE
+
+    monkeypatch.setenv("REPAE_WEIGHTS", str(tmp_path / "no-weights"))
+    out = tmp_path / "toy.json"
+    # toy_summary draws eval.num_samples balanced samples with seed sample.seed + 1
+    same = [f"eval.num_samples={tiny_run.eval.num_samples}", f"sample.seed={tiny_run.sample.seed + 1}"]
+    assert run_cli("samples", tiny_run.run_dir, "--out", out, "--no-progress", *same) == 0
+    assert f"judged by: {TOY_JUDGE}" in capsys.readouterr().err
+    rec = json.loads(out.read_text())
+    assert rec["settings"]["judges"] == [TOY_JUDGE] and rec["notes"]["judges"] == [TOY_JUDGE]
+    m = rec["metrics"]
+    summary = json.loads((tiny_run.run_dir / "summary.json").read_text())
+    toy = summary.get("toy", summary)
+    assert m["toy_fid"] == toy["sample_toy_fid"] and m["class_accuracy"] == toy["sample_class_accuracy"]
+    assert m["toy_num_images"] == tiny_run.eval.num_samples and "fid" not in m
+    assert rec["files"]["toy_evaluator"]["sha256"]
+
+    assert run_cli("samples", tiny_run.run_dir, "eval.num_samples=20", "--out", out, "--no-progress") == 0
+    m = json.loads(out.read_text())["metrics"]
+    assert m["toy_num_images"] == 20 and m["toy_fid"] >= 0 and 0 <= m["class_accuracy"] <= 1
+
+
+def test_samples_of_a_toy_run_add_inception_when_its_file_is_there(tmp_path, tiny_run, tiny_inception):
+    from repae.evaluate.toy import INCEPTION_JUDGE, TOY_JUDGE
+
+    out = tmp_path / "both.json"
+    assert run_cli("samples", tiny_run.run_dir, "eval.num_samples=20", "--inception", tiny_inception,
+                   "--out", out, "--no-progress") == 0
+    rec = json.loads(out.read_text())
+    assert rec["settings"]["judges"] == [TOY_JUDGE, INCEPTION_JUDGE]
+    assert rec["settings"]["reference"] == "toy world held-out set"
+    m = rec["metrics"]
+    assert m["fid"] >= 0 and m["num_images"] == 20 and m["toy_num_images"] == 20 and m["precision"] is not None

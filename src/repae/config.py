@@ -733,6 +733,24 @@ def range_errors(cfg: RunConfig) -> List[str]:
     return errors + _check_names(cfg)
 
 
+def toy_teacher_hint(cfg: RunConfig) -> str:
+    """Why the toy preset's encoder cannot align a run on real data, and the overrides that can.
+    Real encoders give an image_size/16 token grid (patch-14 ones after the 224/256 resize), so the
+    SiT grid image_size / VAE factor / SiT patch needs factor x patch = 16."""
+    factor = vae_downsample_factor(cfg.vae)
+    arch = cfg.model.arch.split("/")[0]
+    if cfg.preset == "toy" and 16 % factor == 0:
+        size = max(64, cfg.data.image_size // 16 * 16)
+        grid = (f"model.arch={arch}/{16 // factor} data.image_size={size} "
+                f"vae.from_scratch=true (or vae.path=YOUR_VAE)")
+    else:
+        grid = "a SiT grid (image_size / VAE factor / SiT patch) of image_size/16"
+    return (f"encoder 'toy-teacher' exists only in the toy world (data.source=toy), not with "
+            f"data.source={cfg.data.source}: name a real encoder and its local weights, e.g. "
+            f"encoder.names=[dinov2-vit-b] encoder.paths=[/path/to/dinov2_vitb14_pretrain.pth] {grid}; "
+            f"or a paper preset (--preset sit-b2-f8d4, 256px)")
+
+
 def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     """Reject impossible combinations before anything runs. Raises ConfigError.
 
@@ -771,6 +789,9 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
             if cfg.encoder.paths and len(cfg.encoder.paths) != len(cfg.encoder.names):
                 errors.append("encoder.paths must give one path per encoder name (or none)")
             for name in cfg.encoder.names:
+                if name == "toy-teacher" and cfg.data.source != "toy":
+                    errors.append(toy_teacher_hint(cfg))
+                    continue
                 try:
                     spec = encoder_spec(name)
                 except KeyError as err:

@@ -1,6 +1,7 @@
 """`repae evaluate`: the metrics of the paper from the command line, each written as a JSON record.
 
     repae evaluate samples SOURCE --ref REF.npz [--inception PATH] [--no-pr] [--out R.json] [key=value ...]
+    repae evaluate samples TOY_RUN [key=value ...]     (toy evaluator: toy FID, class accuracy)
     repae evaluate ref-stats SOURCE --out stats.npz [--inception PATH] [--image-size S] [--with-images]
     repae evaluate vae --vae PATH --data FOLDER|toy [--inception PATH] [--lpips-vgg F --lpips-heads F]
     repae evaluate latents [--vae PATH] --data FOLDER|toy [--ckpt RUN_OR_SIT] [--pca-figure out.png]
@@ -141,11 +142,53 @@ def _sample_source(args, device, kind: str, loaded):
     return source, settings, dict(loaded.files)
 
 
+def _toy_judge(cfg, device):
+    """(toy evaluator, held-out images, its files) of a toy run's world (built once and cached)."""
+    from repae.evaluate.loading import toy_world
+    from repae.toyworld import ensure_toy_evaluator
+
+    world = toy_world(cfg)
+    evaluator = ensure_toy_evaluator(world, cfg.toy, device=cfg.train.device).to(device).eval()
+    return evaluator, world.heldout_images, {"toy_evaluator": str(world.cache_dir / "evaluator.safetensors")}
+
+
+def _toy_scores(source, local, evaluator, heldout) -> Optional[dict]:
+    """Toy FID and class accuracy of every rank's samples (`local`: this rank's uint8 [n,3,H,W]), on rank 0."""
+    import torch
+
+    from repae.evaluate.pipeline import gather_rows
+    from repae.evaluate.toy import score_samples
+
+    images = gather_rows(local.numpy())
+    if images is None:
+        return None
+    scores = score_samples(evaluator, torch.from_numpy(images), source.labels, heldout)
+    return {"toy_fid": scores["sample_toy_fid"], "class_accuracy": scores["sample_class_accuracy"],
+            "toy_num_images": scores["samples_scored"], "toy_reference_images": len(heldout)}
+
+
+def _toy_inception_reference(heldout, inception, with_pr: bool, batch_size: int, device, autocast, progress):
+    """Inception statistics (and pool features) of the toy world's held-out set: the reference when
+    a toy run is scored by Inception without --ref."""
+    from repae.evaluate.fid import Reference, extract_features
+
+    batches = [heldout[i:i + batch_size] for i in range(0, len(heldout), batch_size)]
+    got = extract_features(batches, inception, keep_pool=with_pr, device=device, autocast=autocast,
+                           progress=progress, desc="reference: inception")
+    return Reference(pool=got.pool.mean_cov(), spatial=got.spatial.mean_cov(), pool_feats=got.pool_feats,
+                     source="toy world held-out set")
+
+
 def cmd_samples(args) -> int:
+    """FID family of samples (Inception judge); on a toy run also, or without --ref and Inception
+    instead, toy FID and class accuracy from the toy evaluator (`repae.evaluate.toy`)."""
+    import torch
+
     from repae import dist
     from repae.evaluate.loading import check_reference, inception_path, load_sit_and_vae, read_reference
     from repae.evaluate.pipeline import fid_family, on_main
-    from repae.evaluate.sources import source_kind
+    from repae.evaluate.sources import TensorImages, source_kind
+    from repae.evaluate.toy import INCEPTION_JUDGE, TOY_JUDGE
 
     device = _device(args.device, distributed=True)
     kind = source_kind(args.source)
@@ -156,29 +199,60 @@ def cmd_samples(args) -> int:
         raise EvaluationError("key=value overrides and --config only apply when SOURCE is a checkpoint to sample "
                               f"from; {args.source} is {'a folder' if kind == 'folder' else 'an .npz'}")
     cfg = loaded.cfg if loaded else None
+    toy = cfg is not None and cfg.data.source == "toy"
     ref = args.ref or (cfg.eval.ref_batch if cfg else None)  # a run's config may name them
-    check_reference(ref, need_images=not args.no_pr)
-    source, settings, files = _sample_source(args, device, kind, loaded)  # checks the source's files
     inc_path = inception_path(args.inception, cfg)
-    inception = load_inception(inc_path, device)
-    autocast = autocast_dtype(args.precision)
-    reference = on_main(lambda: read_reference(ref, inception, not args.no_pr, args.batch_size, device, autocast,
-                                               not args.no_progress))
-    metrics = fid_family(source, inception, reference, with_precision_recall=not args.no_pr, device=device,
-                         autocast=autocast, progress=not args.no_progress)
+    # a toy run needs neither: Inception joins the toy judge when asked for or its file is there
+    use_inception = not toy or bool(ref or args.inception) or bool(inc_path and Path(inc_path).is_file())
+    if ref or not toy:
+        check_reference(ref, need_images=not args.no_pr)
+    source, settings, files = _sample_source(args, device, kind, loaded)  # checks the source's files
+    progress = not args.no_progress
+    metrics, judges, heldout = {}, [], None
+    if toy:
+        evaluator, heldout, toy_files = _toy_judge(cfg, device)
+        local = torch.cat([b.cpu() for b in source]) if len(source) else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+        metrics.update(_toy_scores(source, local, evaluator, heldout) or {})
+        files.update(toy_files)
+        judges.append(TOY_JUDGE)
+        source = TensorImages(local, None, args.batch_size)  # the same samples for Inception
+    if use_inception:
+        inception = load_inception(inc_path, device)
+        autocast = autocast_dtype(args.precision)
+        reference = on_main(lambda: read_reference(ref, inception, not args.no_pr, args.batch_size, device, autocast,
+                                                   progress) if ref else
+                            _toy_inception_reference(heldout, inception, not args.no_pr, args.batch_size, device,
+                                                     autocast, progress))
+        metrics.update(fid_family(source, inception, reference, with_precision_recall=not args.no_pr, device=device,
+                                  autocast=autocast, progress=progress) or {})
+        judges.append(INCEPTION_JUDGE)
+        settings.update(reference=ref or "toy world held-out set", precision_recall=not args.no_pr,
+                        inception_precision=args.precision, inception_batch_size=args.batch_size,
+                        is_split_size=5000, pr_k=3, pr_fp16_distances=True)
+        files.update(inception=inc_path, reference=ref)
     skipped = _skipped(source)
     if not dist.is_main():
         return 0
     metrics.update(skipped)
-    settings.update(reference=ref, precision_recall=not args.no_pr, inception_precision=args.precision,
-                    inception_batch_size=args.batch_size, is_split_size=5000, pr_k=3, pr_fp16_distances=True,
-                    distributed_split=SPLIT_NOTE)
-    files = {"inception": inc_path, "reference": ref, **files}
+    settings.update(judges=judges, distributed_split=SPLIT_NOTE)
+    print(f"judged by: {', '.join(judges)}", file=sys.stderr)
     out = _default_out(args, "samples", loaded.run_dir if loaded else None, loaded.step if loaded else None)
-    _finish(args, "samples", metrics, settings, files, out, device,
-            notes={"definitions": "ADM evaluator: FID pool_3, sFID mixed_6/conv[:7], IS splits of 5000, "
-                                  "precision/recall k=3"})
+    _finish(args, "samples", metrics, settings, files, out, device, notes=_samples_notes(judges))
     return 0
+
+
+def _samples_notes(judges) -> dict:
+    from repae.evaluate.toy import TOY_JUDGE
+
+    notes = {"judges": judges}
+    if TOY_JUDGE in judges:
+        notes["toy_definitions"] = ("toy FID: Frechet distance of the toy evaluator's mean-pooled tokens, samples "
+                                    "against the toy world's held-out set; class accuracy: the evaluator's argmax "
+                                    "against the class each sample was generated for (repae.evaluate.toy)")
+    if "Inception" in judges:
+        notes["definitions"] = ("ADM evaluator: FID pool_3, sFID mixed_6/conv[:7], IS splits of 5000, "
+                                "precision/recall k=3")
+    return notes
 
 
 # ----------------------------------------------------------------------------- ref-stats
@@ -615,7 +689,9 @@ def _add_samples(sub) -> None:
                                    "eval.label_sampling=balanced (i % num_classes) | uniform).")
     p.add_argument("source", help="image folder, .npz, run directory or SiT weight file")
     p.add_argument("--ref", help="ADM reference batch .npz (arr_0 and/or mu, sigma, mu_s, sigma_s); "
-                                 "default: the run's eval.ref_batch")
+                                 "default: the run's eval.ref_batch. A toy-world run needs none: it is judged "
+                                 "by the toy evaluator (toy FID, class accuracy), and by Inception too against "
+                                 "the toy held-out set when the Inception file is there")
     p.add_argument("--inception", help="pt_inception-2015-12-05-6726825d.pth (default: eval.inception_path, "
                                        "then $REPAE_WEIGHTS)")
     p.add_argument("--no-pr", action="store_true", help="skip precision/recall (then REF may hold statistics only)")

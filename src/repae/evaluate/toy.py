@@ -45,3 +45,18 @@ def toy_fid(generated: np.ndarray, reference: np.ndarray) -> float:
 def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of samples the evaluator assigns to the class they were generated for."""
     return (logits.argmax(dim=1) == labels.cpu()).float().mean().item()
+
+
+TOY_JUDGE = "toy evaluator (stand-in for Inception)"
+INCEPTION_JUDGE = "Inception"
+
+
+def score_samples(evaluator, images: torch.Tensor, labels: torch.Tensor, heldout_images: torch.Tensor) -> dict:
+    """The toy judge's verdict on class-conditional samples: uint8 images [N,3,32,32] generated for
+    `labels` [N], against the toy world's held-out images [M,3,32,32]. One function for the end of
+    training (`repae.train.loop.toy_summary`) and `repae evaluate samples` on a toy run."""
+    feats, logits = evaluator_outputs(evaluator, images)
+    reference, _ = evaluator_outputs(evaluator, heldout_images)
+    return {"sample_class_accuracy": round(class_accuracy(logits, labels), 4),
+            "sample_toy_fid": round(toy_fid(feats, reference), 3),
+            "samples_scored": len(labels)}

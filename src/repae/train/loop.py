@@ -76,7 +76,9 @@ def _encoders(cfg: RunConfig, toy) -> List:
     for i, name in enumerate(cfg.encoder.names):
         if name == "toy-teacher":
             if toy is None:
-                raise ConfigError("encoder 'toy-teacher' exists only in the toy world (data.source=toy)")
+                from repae.config import toy_teacher_hint
+
+                raise ConfigError(toy_teacher_hint(cfg))
             encoders.append(toy.teacher)
         else:
             encoders.append(load_encoder(name, cfg.encoder.paths[i] if cfg.encoder.paths else None,
@@ -424,7 +426,7 @@ def toy_summary(run: Run) -> dict:
     """Toy-world metrics of the finished run: the tuned VAE's PSNR and, for `eval.num_samples`
     class-balanced EMA samples (0: none), the toy evaluator's class accuracy and toy FID against
     the held-out set (`repae.evaluate.toy`), and the teacher's accuracy on them."""
-    from repae.evaluate.toy import class_accuracy, evaluator_outputs, toy_fid
+    from repae.evaluate.toy import score_samples
     from repae.toyworld import PSNR_DEFINITION, psnr
 
     cfg = run.cfg
@@ -444,14 +446,13 @@ def toy_summary(run: Run) -> dict:
     images = generate_images(run.m.ema.model, run.m.vae, labels, batch_size=100, progress=False,
                              **sampler_settings(cfg, seed=cfg.sample.seed + 1, device=run.device))
     evaluator = run.toy.evaluator.to(run.device)  # built with the toy world (_toy_setup)
-    feats, logits = evaluator_outputs(evaluator, images)
-    reference, _ = evaluator_outputs(evaluator, run.toy.heldout_images)
+    scores = score_samples(evaluator, images, labels, run.toy.heldout_images)
     teacher_preds = run.toy.teacher.logits(images.to(run.device)).argmax(1).cpu()
     return summary | {
-        "sample_class_accuracy": round(class_accuracy(logits, labels), 4),
-        "sample_toy_fid": round(toy_fid(feats, reference), 3),
+        "sample_class_accuracy": scores["sample_class_accuracy"],
+        "sample_toy_fid": scores["sample_toy_fid"],
         "sample_teacher_accuracy": round((teacher_preds == labels).float().mean().item(), 4),
-        "samples_scored": len(labels),
+        "samples_scored": scores["samples_scored"],
         "evaluator_heldout_accuracy": run.toy.report.get("evaluator_heldout_accuracy"),
     }
 
