@@ -19,6 +19,7 @@ from torch import nn
 
 from repae.config import LossConfig
 from repae.models.discriminator import NLayerDiscriminator
+from repae.models.global_norm import global_mean
 from repae.models.lpips import LPIPS
 from repae.models.vae import DiagonalGaussian
 from repae.nn_utils import frozen
@@ -102,7 +103,8 @@ class LeCam(nn.Module):
 
     def forward(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
         """relu(mean D(real) - ema_fake)^2 + relu(ema_real - mean D(fake))^2, then update the EMAs."""
-        real, fake = logits_real.float().mean(), logits_fake.float().mean()
+        # means over the global batch: every rank's loss and EMAs are those of one process
+        real, fake = global_mean(logits_real.float()), global_mean(logits_fake.float())
         loss = F.relu(real - self.ema_fake).pow(2) + F.relu(self.ema_real - fake).pow(2)
         with torch.no_grad():
             self.ema_real.lerp_(real.detach(), 1 - self.decay)

@@ -2,7 +2,9 @@
 
 Keys `main.N.*` equal the official `*-discriminator-ckpt.pt` files: for ndf=64, 3 layers,
 convs at main.0 (bias), main.2/5/8 (no bias, each followed by BatchNorm at 3/6/9) and the
-1-channel head at main.11. Input: images in [-1,1]; output: patch logits [B,1,h,w].
+1-channel head at main.11. The BatchNorms take the statistics of the global batch under
+torchrun (repae.models.global_norm), so W processes x B images equal 1 process x W*B.
+Input: images in [-1,1]; output: patch logits [B,1,h,w].
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from typing import List
 
 import torch
 from torch import nn
+
+from repae.models.global_norm import GlobalBatchNorm2d
 
 
 class NLayerDiscriminator(nn.Module):
@@ -21,7 +25,7 @@ class NLayerDiscriminator(nn.Module):
         for n in range(1, n_layers + 1):
             prev, mult = mult, min(2**n, 8)
             stride = 2 if n < n_layers else 1  # the last hidden layer keeps resolution
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False), nn.BatchNorm2d(ndf * mult),
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False), GlobalBatchNorm2d(ndf * mult),
                        nn.LeakyReLU(0.2)]
         layers.append(nn.Conv2d(ndf * mult, 1, 4, 1, 1))
         self.main = nn.Sequential(*layers)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repae import dist
+from repae.models.global_norm import global_batch_norm
 from repae.pixels import to_vae_range
 
 
@@ -63,28 +64,9 @@ class LatentNorm(nn.BatchNorm2d):
             return super().forward(z.float())
 
     def _synced_forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Batch norm over the global batch of all ranks (SyncBatchNorm's semantics).
-
-        torch's SyncBatchNorm refuses CPU tensors, and the equivalence of 2 processes x B with
-        1 process x 2B must hold on CPU too, so the per-channel sums are all-reduced here
-        (autograd-aware, float64), on every device alike."""
-        import torch.distributed as torch_dist
-        import torch.distributed._functional_collectives as funcol  # differentiable all-reduce
-
-        c = self.num_features
-        zd = z.double()
-        count = torch.full((1,), z.numel() / c, dtype=torch.float64, device=z.device)
-        local = torch.cat([zd.sum(dim=(0, 2, 3)), zd.pow(2).sum(dim=(0, 2, 3)), count])
-        stats = funcol.wait_tensor(funcol.all_reduce(local, "sum", torch_dist.group.WORLD))
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean.pow(2)).clamp_min(0)  # biased, as BN normalises with
-        with torch.no_grad():  # running stats take the unbiased variance, as BatchNorm2d does
-            self.running_mean.lerp_(mean.float(), self.momentum)
-            self.running_var.lerp_((var * n / (n - 1)).float(), self.momentum)
-            self.num_batches_tracked += 1
-        shape = (1, c, 1, 1)
-        return ((zd - mean.view(shape)) / (var.view(shape) + self.eps).sqrt()).float()
+        """Batch norm over the global batch of all ranks (SyncBatchNorm's semantics; see
+        repae.models.global_norm: per-channel sums all-reduced, autograd-aware, float64)."""
+        return global_batch_norm(self, z)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """Running-stats normalisation (no update), whatever the module's mode. [B,C,H,W]."""

@@ -2,8 +2,11 @@
 
 Every random draw of a step (posterior noise, t, diffusion noise, label dropout) is made for
 the whole global micro-batch from the same generator on every rank, and each rank keeps its
-slice. So W processes x B images compute exactly what 1 process x W*B images does, and a
-result never depends on the world size; per-rank random streams are not needed.
+slice; batch statistics (the latent BatchNorm, the discriminator's BatchNorms, LeCam's means)
+are all-reduced over the global batch (repae.models.global_norm). So W processes x B images
+compute what 1 process x W*B images does: the same draws per sample, and weights that differ
+only by floating-point summation order (tests/test_distributed.py measures it). Per-rank random
+streams are not needed.
 
 DDP wraps only the passes that train a module: the SiT's diffusion pass, the VAE's
 encode-sample-decode, and the discriminator's own update. The frozen passes (the SiT

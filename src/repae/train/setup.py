@@ -71,7 +71,8 @@ def make_trainables(cfg: RunConfig, sit: SiT, vae: nn.Module, encoders: Sequence
         disc_opt=disc_opt, sit_params=sit_params, vae_params=vae_params,
         sit_train=wrap(sit, device, find_unused=sit_unused),
         vae_train=wrap(vae, device, find_unused=not cfg.train.use_reg_loss) if cfg.train.tune_vae else None,
-        # the PatchGAN's BatchNorm buffers follow rank 0, as DDP's default does
+        # the PatchGAN's BatchNorm buffers follow rank 0, as DDP's default does (its global-batch
+        # statistics keep them equal on every rank anyway)
         disc_train=wrap(regulariser.discriminator, device, broadcast_buffers=True) if disc_opt else None,
         shard=current_shard(),
     )
