@@ -136,6 +136,88 @@ def test_reach_step_and_mean_over_seeds():
     assert rep.steps_to_reach(r, "repae", 20.0) == 1  # mean of (30, 10) at step 1 is 20
 
 
+def test_latent_spectrum_metrics_put_a_dct_basis_function_in_its_band():
+    """Known answer: each channel of each latent is one 8x8 DCT basis function (plus an offset), so all
+    its energy is in that basis function's band u+v; the normaliser reweighs the channels."""
+    import torch
+
+    from repae.evaluate.spectrum import dct_matrix
+    from repae.models.latent_norm import LatentNorm
+    from repae.reproduce.measure import latent_spectrum_metrics
+
+    d = dct_matrix(8, torch.float32)
+    low, high = torch.outer(d[1], d[2]), torch.outer(d[5], d[4])  # bands 3 and 9 (>= 8: high frequency)
+    signs = torch.tensor([1.0, -1.0, 2.0])[:, None, None]
+    z = torch.stack([7 + 10 * signs * low, signs * high], dim=1)  # [3,2,8,8]: channel 0 energy 100x channel 1's
+    norm = LatentNorm(2, eps=0.0)
+    norm.init_from_stats(torch.tensor([7.0, 0.0]), torch.tensor([100.0, 1.0]))  # equalises the two channels
+    m = latent_spectrum_metrics(z, norm.eval(), batch_size=2)  # two batches: accumulated across them
+    assert m["latent_spectrum_block"] == 8 and len(m["latent_band_fractions"]) == 15
+    expected_raw = [0.0] * 15
+    expected_raw[3], expected_raw[9] = 100 / 101, 1 / 101
+    assert m["latent_band_fractions"] == pytest.approx(expected_raw, abs=1e-9)
+    assert m["latent_high_frequency_fraction"] == pytest.approx(1 / 101, rel=1e-6)
+    expected_norm = [0.0] * 15
+    expected_norm[3] = expected_norm[9] = 0.5
+    assert m["latent_band_fractions_normalized"] == pytest.approx(expected_norm, abs=1e-6)  # normalised in fp32
+    assert m["latent_high_frequency_fraction_normalized"] == pytest.approx(0.5, rel=1e-6)
+    # latents smaller than a block: the block is the latent itself
+    assert latent_spectrum_metrics(z[..., :4, :4], norm)["latent_spectrum_block"] == 4
+
+
+def _report_ready(r):
+    """What write_report needs beside the metrics: arms (repa frozen), plan, judges."""
+    frozen = ["train.tune_vae=false", "latent_norm.mode=fixed"]
+    r.update(arms=[{"name": a, "label": {"repae": "REPA-E", "e2e-diffusion": "E2E, diffusion loss only"}.get(a, a),
+                    "overrides": frozen if a == "repa" else []} for a in r["metrics"]],
+             plan={"seeds": [0], "jobs": 1, "steps": 2, "eval_every": 1, "samples": 10}, threads_per_run=1,
+             wall_seconds=60.0, judges={"kind": "toy"}, num_classes=10)
+    return r
+
+
+def _with_spectra(r, hf):
+    """Band fractions whose high-frequency part (bands >= 8 of 15) is hf[arm]; the images' 0.3, the start's 0.2."""
+    def fractions(h):
+        return [(1 - h) / 8] * 8 + [h / 7] * 7
+
+    for arm, per_seed in r["metrics"].items():
+        for m in per_seed["0"].values():
+            for suffix in ("", "_normalized"):
+                m["latent_band_fractions" + suffix] = fractions(hf.get(arm, 0.2))
+                m["latent_high_frequency_fraction" + suffix] = hf.get(arm, 0.2)
+            m["latent_spectrum_block"] = 8
+    for suffix in ("", "_normalized"):
+        r["initial_vae"]["latent_band_fractions" + suffix] = fractions(0.2)
+        r["initial_vae"]["latent_high_frequency_fraction" + suffix] = 0.2
+    r["initial_vae"].update(latent_spectrum_block=8, image_spectrum_block=8, image_band_fractions=fractions(0.3),
+                            image_high_frequency_fraction=0.3)
+    return r
+
+
+def test_report_shows_the_latent_spectra_when_measured_and_renders_without_them(tmp_path):
+    context = {"command": "repae bench reproduce", "commit": "abc", "machine": "m", "method_note": ""}
+    fid = {"repae": (15, 10), "repa": (40, 20), "e2e-diffusion": (90, 80), "no-stopgrad": (50, 25)}
+    r = _with_spectra(_report_ready(_results(fid)), {"repae": 0.1, "e2e-diffusion": 0.4, "no-stopgrad": 0.25})
+    text = rep.write_report(r, tmp_path, tmp_path / "R.md", context).read_text()
+    figure = tmp_path / "docs" / "reproduction" / "latent_spectra.png"
+    assert figure.is_file() and "![latent spectra](docs/reproduction/latent_spectra.png)" in text
+    assert "## Latent spectra" in text and "no verdict above rests on it" in text
+    assert ("REPA-E's E2E-VAE 0.1 (×0.5: less than the starting VAE's 0.2); the diffusion-loss-only E2E-VAE 0.4 "
+            "(×2: more than the starting VAE's 0.2); the held-out images' pixels 0.3.") in text
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["| held-out images (pixels in [-1,1])"].endswith("| 0.3 | — |")
+    assert rows["| starting VAE"].endswith("| 0.2 | 0.2 |")
+    assert rows["| REPA-E"].endswith("| 0.1 | 0.1 |") and rows["| no-stopgrad"].endswith("| 0.25 | 0.25 |")
+    assert "| repa |" not in text.split("## Latent spectra")[1]  # frozen VAE: the starting VAE's latents
+    # the figure draws the band fractions (the last step's), not something else
+    assert rep.final_fractions(r, "e2e-diffusion", "latent_band_fractions_normalized")[8] == pytest.approx(0.4 / 7)
+    # results measured before the spectra existed still render, without the section or figure
+    old = _report_ready(_results(fid))
+    figure.unlink()
+    text = rep.write_report(old, tmp_path, tmp_path / "R.md", context).read_text()
+    assert "## Latent spectra" not in text and not figure.exists() and "| (a) |" in text
+
+
 def test_reproduce_command_runs_every_arm_measures_and_reports(tmp_path):
     out, report = tmp_path / "out", tmp_path / "site" / "REPRODUCTION.md"
     argv = ["bench", "reproduce", "--quick", "--dir", str(out), "--report", str(report), "--steps", "2", "--eval-every", "1",
@@ -147,8 +229,9 @@ def test_reproduce_command_runs_every_arm_measures_and_reports(tmp_path):
     for arm in names:
         steps = results["metrics"][arm]["0"]
         assert list(steps) == ["1", "2"], arm
-        for value in steps["2"].values():
-            assert math.isfinite(value), arm
+        for key, value in steps["2"].items():  # numbers, and the band fractions of the latent spectra
+            assert all(map(math.isfinite, value if isinstance(value, list) else [value])), (arm, key)
+        assert sum(steps["2"]["latent_band_fractions_normalized"]) == pytest.approx(1.0), arm
     # stage 2 trained on the VAE the REPA-E run exported, frozen
     stage2 = (out / "runs" / "stage2-e2e-vae-s0" / "config.yaml").read_text()
     assert str(out / "runs" / "repae-s0" / "e2e-vae" / "vae.safetensors") in stage2
@@ -157,7 +240,8 @@ def test_reproduce_command_runs_every_arm_measures_and_reports(tmp_path):
     # frozen-VAE arms keep the starting VAE's latents; REPA-E moves them
     for arm in names:  # raw and normalised latents, both measured
         assert {"latent_spatial_variance_normalized", "latent_total_variation_normalized"} <= set(results["metrics"][arm]["0"]["2"])
-    assert "latent_spatial_variance_normalized" in results["initial_vae"]
+    assert {"latent_spatial_variance_normalized", "latent_high_frequency_fraction_normalized",
+            "image_high_frequency_fraction"} <= set(results["initial_vae"])
     start = results["initial_vae"]["latent_spatial_variance"]
     assert results["metrics"]["repa"]["0"]["2"]["latent_spatial_variance"] == pytest.approx(start, rel=1e-5)
     assert results["metrics"]["repae"]["0"]["2"]["latent_spatial_variance"] != pytest.approx(start, rel=1e-5)
@@ -166,6 +250,7 @@ def test_reproduce_command_runs_every_arm_measures_and_reports(tmp_path):
         assert f"| ({claim}) |" in text
     assert (report.parent / "docs" / "reproduction" / "fid_vs_steps.png").is_file()
     assert (report.parent / "docs" / "reproduction" / "grid-repae.png").is_file()
+    assert (report.parent / "docs" / "reproduction" / "latent_spectra.png").is_file() and "## Latent spectra" in text
     # the same command again: nothing retrained (no new log lines), nothing re-measured
     files = [*(out / "runs").glob("*/reproduce-metrics.json"), *(out / "runs").glob("*/metrics.jsonl")]
     assert len(files) == 2 * len(names)
@@ -210,9 +295,10 @@ def test_a_stopped_reproduction_keeps_its_training_and_wall_time(tmp_path, monke
 
     from repae.reproduce import runner as rr
 
-    monkeypatch.setattr(rr, "judges_for_plan", lambda cfg, out, heldout, n: (types.SimpleNamespace(info={}), None))
+    monkeypatch.setattr(rr, "judges_for_plan", lambda cfg, out, heldout, n: (types.SimpleNamespace(info={}, heldout_images=None), None))
     monkeypatch.setattr(rr, "starting_vae", lambda cfg, judges: None)
     monkeypatch.setattr(rr, "vae_metrics", lambda vae, judges: {})
+    monkeypatch.setattr(rr, "image_spectrum_metrics", lambda images: {})
     monkeypatch.setattr(rr, "measure_run", lambda run_dir, samples, judges: {})
     monkeypatch.setattr(rr, "train_command", lambda arm, *a: [sys.executable, "-c", "import time; time.sleep(0.2)"])
     plan = rr.Plan(steps=2, eval_every=1, seeds=[0], samples=1, jobs=1)

@@ -12,7 +12,10 @@ Per checkpoint (EMA SiT, the checkpoint's VAE):
 - CKNNA between the SiT's tokens after block `encoder_depth` at t=0.5 and the judges' partner
   encoder (toy teacher, or the run's alignment encoder) on the same held-out images
   (`repae.evaluate.cknna.sit_encoder_alignment`);
-- VAE PSNR on held-out images.
+- VAE PSNR on held-out images;
+- blockwise DCT energy spectra of the same held-out latents, raw and normalised
+  (`latent_band_fractions[_normalized]`, band u+v = 0..2(block-1), and
+  `latent_high_frequency_fraction[_normalized]`, bands u+v >= block; `repae.evaluate.spectrum`).
 
 Run as a module in its own process (the runner runs several at once):
     python -m repae.reproduce.measure RUN_DIR --samples 250 [--judges DIR]
@@ -34,6 +37,7 @@ from repae.dist import device_named
 from repae.evaluate.cknna import sit_encoder_alignment
 from repae.evaluate.latents import latent_structure
 from repae.evaluate.loading import checkpoint_step
+from repae.evaluate.spectrum import DEFAULT_BLOCK, SpectrumAccumulator
 from repae.evaluate.stats import frechet_distance_to_features
 from repae.fileio import write_json_atomic
 from repae.generate import generate_images, sampler_settings, save_image_grid
@@ -86,20 +90,62 @@ def own_normalizer(z: torch.Tensor):
     return norm.eval()
 
 
-@torch.no_grad()
-def vae_metrics(vae, judges: Judges, z: Optional[torch.Tensor] = None, latent_norm=None) -> Dict[str, float]:
-    """Latent structure and PSNR of a VAE on the held-out images (z: their latents, if already encoded).
+def spectrum_block(x: torch.Tensor) -> int:
+    """The DCT block for x [N,C,h,w]: `DEFAULT_BLOCK` (8), or the side of a smaller latent."""
+    return min(DEFAULT_BLOCK, *x.shape[-2:])
 
-    Latent structure of the raw latents (`latent_*`) and of the normalised ones (`latent_*_normalized`),
-    normalised by `latent_norm` (a `LatentNorm`'s running statistics; default `own_normalizer(z)`)."""
+
+@torch.no_grad()
+def latent_spectrum_metrics(z: torch.Tensor, latent_norm, batch_size: int = 256) -> Dict[str, object]:
+    """DCT band spectra of already-encoded latents z [N,C,h,w] (CPU), raw and normalised by
+    `latent_norm` (running statistics), per `repae.evaluate.spectrum` (per-image channel means removed).
+
+    Keys: `latent_band_fractions[_normalized]` (list over bands u+v = 0..2(block-1), summing to 1),
+    `latent_high_frequency_fraction[_normalized]` (bands u+v >= block), `latent_spectrum_block`."""
+    block = spectrum_block(z)
+    raw, normalized = SpectrumAccumulator(block), SpectrumAccumulator(block)
+    device = latent_norm.running_mean.device
+    for i in range(0, len(z), batch_size):
+        raw.add(z[i : i + batch_size])
+        normalized.add(latent_norm.normalize(z[i : i + batch_size].to(device)).cpu())
+    out: Dict[str, object] = {"latent_spectrum_block": block}
+    for suffix, spectrum in (("", raw.result()), ("_normalized", normalized.result())):
+        out["latent_band_fractions" + suffix] = spectrum.fractions
+        out["latent_high_frequency_fraction" + suffix] = spectrum.high_frequency_fraction
+    return out
+
+
+@torch.no_grad()
+def image_spectrum_metrics(images: torch.Tensor, batch_size: int = 64) -> Dict[str, object]:
+    """DCT band spectrum of uint8 images [N,3,H,W] in the VAE's [-1,1] range, the reference the
+    latent spectra are drawn against: `image_band_fractions`, `image_high_frequency_fraction`,
+    `image_spectrum_block`."""
+    acc = SpectrumAccumulator(spectrum_block(images))
+    for i in range(0, len(images), batch_size):
+        acc.add(to_vae_range(images[i : i + batch_size]))
+    spectrum = acc.result()
+    return {"image_spectrum_block": spectrum.block, "image_band_fractions": spectrum.fractions,
+            "image_high_frequency_fraction": spectrum.high_frequency_fraction}
+
+
+@torch.no_grad()
+def vae_metrics(vae, judges: Judges, z: Optional[torch.Tensor] = None, latent_norm=None) -> Dict[str, object]:
+    """Latent structure, latent spectra and PSNR of a VAE on the held-out images (z: their latents,
+    if already encoded; they are encoded once for all three).
+
+    Latent structure and spectra of the raw latents (`latent_*`) and of the normalised ones
+    (`latent_*_normalized`), normalised by `latent_norm` (a `LatentNorm`'s running statistics;
+    default `own_normalizer(z)`)."""
     from repae.toyworld import psnr
 
     z = heldout_latents(vae, judges) if z is None else z
-    structure = latent_structure(z, latent_norm if latent_norm is not None else own_normalizer(z))
+    norm = latent_norm if latent_norm is not None else own_normalizer(z)
+    structure = latent_structure(z, norm)
     return {"latent_spatial_variance": structure["raw/spatial_variance"],
             "latent_total_variation": structure["raw/total_variation"],
             "latent_spatial_variance_normalized": structure["normalized/spatial_variance"],
             "latent_total_variation_normalized": structure["normalized/total_variation"],
+            **latent_spectrum_metrics(z, norm),
             "vae_psnr_db": psnr(vae, judges.heldout_images[: len(z)], z, batch_size=vae_batch(judges.heldout_images))}
 
 
@@ -114,11 +160,14 @@ def sit_normalizer(sit):
     return identity.eval()
 
 
-LATENT_KEYS = ("latent_spatial_variance_normalized", "latent_total_variation_normalized")
+# a measurement without one of these was made before it existed: the VAE metrics are filled in
+# (no sampling) when the run is measured again
+LATENT_KEYS = ("latent_spatial_variance_normalized", "latent_total_variation_normalized",
+               "latent_high_frequency_fraction", "latent_high_frequency_fraction_normalized")
 
 
 @torch.no_grad()
-def latent_metrics(ckpt: Path, judges: Judges) -> Dict[str, float]:
+def latent_metrics(ckpt: Path, judges: Judges) -> Dict[str, object]:
     """Only the VAE metrics of a checkpoint (no sampling): fills in what older measurements lack."""
     from repae.train.checkpoint import load_for_sampling
 
@@ -177,7 +226,7 @@ def measure_run(run_dir: Path, num_samples: int, judges: Optional[Judges] = None
         if judges is None:
             judges = judges_for(load_config(None, [ckpt / "config.yaml"], world_size=1), judges_dir)
         try:
-            if measured:  # measured before the normalised latents were: add them, keep the rest
+            if measured:  # measured before the normalised latents or spectra were: add them, keep the rest
                 done[step] = {**done[step], **latent_metrics(ckpt, judges)}
             else:
                 done[step] = checkpoint_metrics(ckpt, judges, num_samples, run_dir / "reproduce-grids" / f"step-{step}.png")

@@ -54,6 +54,20 @@ def final(results: dict, arm: str, key: str) -> Optional[List[float]]:
     return s[max(s)] if s else None
 
 
+def final_fractions(results: dict, arm: str, key: str) -> Optional[List[float]]:
+    """A list-valued metric (band fractions) at the arm's last step that has it, averaged over seeds
+    elementwise (None where never measured, e.g. results measured before the spectra were)."""
+    out: Dict[int, List[List[float]]] = {}
+    for per_step in results["metrics"].get(arm, {}).values():
+        for step, m in per_step.items():
+            v = m.get(key)
+            if isinstance(v, list) and v and np.all(np.isfinite(v)):
+                out.setdefault(int(step), []).append(v)
+    if not out:
+        return None
+    return np.mean(out[max(out)], axis=0).tolist()
+
+
 def mean(values: Optional[List[float]]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
@@ -253,6 +267,89 @@ def plot_metrics(r: dict, labels: Dict[str, str], fig_dir: Path) -> List[Path]:
     return paths
 
 
+SPECTRUM_ARMS = ("repae", "e2e-diffusion")  # drawn against the starting VAE and the images
+
+
+def tunes_vae(arm: dict) -> bool:
+    """Whether an arm (as results.json lists it) trains the VAE: the others keep the starting VAE's."""
+    return "train.tune_vae=false" not in arm.get("overrides", ()) and not arm.get("vae_from")
+
+
+IMAGES_ROW = "held-out images (pixels in [-1,1])"
+
+
+def spectrum_rows(r: dict, labels: Dict[str, str]) -> List[Tuple[str, Optional[List[float]], Optional[List[float]]]]:
+    """(label, high-frequency fraction of the normalised latents [per seed], of the raw latents) of the
+    held-out images (their pixels, in the normalised column), the starting VAE and each arm that tunes
+    the VAE, where measured."""
+    init = r["initial_vae"]
+    one = lambda key: [init[key]] if key in init else None  # noqa: E731
+    rows = [(IMAGES_ROW, one("image_high_frequency_fraction"), None),
+            ("starting VAE", one("latent_high_frequency_fraction_normalized"), one("latent_high_frequency_fraction"))]
+    rows += [(labels[a["name"]], final(r, a["name"], "latent_high_frequency_fraction_normalized"),
+              final(r, a["name"], "latent_high_frequency_fraction")) for a in r["arms"] if tunes_vae(a)]
+    return [row for row in rows if row[1] or row[2]]
+
+
+def latent_spectrum_block(r: dict) -> int:
+    """The DCT block the latent spectra were measured with (8 unless the latents are smaller)."""
+    found = [m["latent_spectrum_block"] for m in (r["initial_vae"], *(m for per_seed in r["metrics"].values()
+             for per_step in per_seed.values() for m in per_step.values())) if "latent_spectrum_block" in m]
+    return int(found[0]) if found else 8
+
+
+def plot_latent_spectra(r: dict, labels: Dict[str, str], fig_dir: Path) -> Optional[Path]:
+    """latent_spectra.png: band fractions of the normalised held-out latents of the starting VAE, REPA-E's
+    E2E-VAE and the diffusion-loss-only E2E-VAE, with the held-out images' pixels; None if none was measured."""
+    from repae.evaluate.spectrum import plot_spectra
+
+    init = r["initial_vae"]
+    latents = {"starting VAE": init.get("latent_band_fractions_normalized")}
+    latents.update({labels.get(arm, arm): final_fractions(r, arm, "latent_band_fractions_normalized")
+                    for arm in SPECTRUM_ARMS})
+    latents = {label: f for label, f in latents.items() if f}
+    if not latents:
+        return None
+    series = {"held-out images (pixels)": init["image_band_fractions"]} if init.get("image_band_fractions") else {}
+    block = latent_spectrum_block(r)
+    return plot_spectra({**series, **latents}, fig_dir / "latent_spectra.png", block=block,
+                        title=f"normalised latents (the SiT's input): {block}x{block} DCT energy per band")
+
+
+def spectrum_section(r: dict, labels: Dict[str, str], figure: Optional[Path], rel) -> List[str]:
+    """The report's latent-spectrum paragraph, figure and table: shown evidence, no verdict."""
+    rows = spectrum_rows(r, labels)
+    if figure is None and not rows:
+        return []  # results measured before the spectra were
+    hf = {label: mean(norm) for label, norm, _ in rows}
+    start, block = hf.get("starting VAE"), latent_spectrum_block(r)
+
+    def against_start(label: str, arm: str) -> str:
+        value = hf.get(labels.get(arm, arm))
+        if value is None or missing(value, start) or not start:
+            return f"{label} {NOT_MEASURED}"
+        side = "less" if value < start else "more" if value > start else "as much"
+        return f"{label} {_num(value)} (×{value / start:.2g}: {side} than the starting VAE's {_num(start)})"
+
+    shown = [against_start("REPA-E's E2E-VAE", "repae"), against_start("the diffusion-loss-only E2E-VAE", "e2e-diffusion")]
+    if IMAGES_ROW in hf:
+        shown.append(f"the held-out images' pixels {_num(hf[IMAGES_ROW])}")
+    lines = ["## Latent spectra", "",
+             f"How the VAEs spread their latents' energy over spatial frequencies, measured on the held-out latents "
+             f"above: the orthonormal 2D DCT of each {block}×{block} block of each channel, each channel's per-image "
+             "mean removed, energy summed per band u+v and shown as a fraction of the total (`repae.evaluate.spectrum`); "
+             f"high frequency is bands u+v ≥ {block}. This shows, rather than states, how end-to-end tuning changed the "
+             "latent structure; no verdict above rests on it.", "",
+             "Fraction of the normalised latents' energy at high frequency, at the last step: " + "; ".join(shown) + ".", ""]
+    if figure is not None:
+        lines += [f"![latent spectra]({rel(figure)})", ""]
+    lines += ["| | high-frequency fraction, normalised latents (pixels for the images) | high-frequency fraction, raw latents |",
+              "| --- | --- | --- |"]
+    lines += [f"| {label} | {fmt(norm)} | {fmt(raw)} |" for label, norm, raw in rows]
+    return lines + ["", "Arms at their last step (mean ± std over seeds); the arms that keep the starting VAE frozen "
+                    "have its raw spectrum.", ""]
+
+
 def copy_grids(r: dict, arms: List[str], out: Path, fig_dir: Path) -> Dict[str, Path]:
     grids = {}
     seed = r["plan"]["seeds"][0]
@@ -302,6 +399,7 @@ def write_report(r: dict, out: Path, report: Path, context: dict) -> Path:
     labels = {a["name"]: a["label"] for a in r["arms"]}
     arms = list(labels)
     plots = plot_metrics(r, labels, fig_dir)
+    spectra_plot = plot_latent_spectra(r, labels, fig_dir)
     grids = copy_grids(r, arms, out, fig_dir)
     rel = lambda p: p.relative_to(report.parent).as_posix()  # noqa: E731
     verdicts = {"a": claim_a(r), "b": claim_b(r), "c": claim_c(r), "d": claim_d(r), "e": claim_e(r, arms)}
@@ -347,6 +445,7 @@ def write_report(r: dict, out: Path, report: Path, context: dict) -> Path:
               "statistics are of the VAE's posterior means on held-out images: raw, and normalised by the run's "
               "latent normaliser (its running statistics; the starting VAE's own per-channel mean and std for "
               "the starting VAE).", "",
+              *spectrum_section(r, labels, spectra_plot, rel),
               "## Over training", "", f"![{fid_label(r)} vs steps]({rel(plots[0])})", "", f"![metrics vs steps]({rel(plots[1])})",
               "", "## Samples at the last step (seed " + str(plan["seeds"][0]) + "; a column per class"
               + (", the first ten classes" if r.get("num_classes", 10) > 10 else "") + ")", ""]

@@ -25,7 +25,7 @@ from repae.config import ConfigError, RunConfig, load_config
 from repae.fileio import write_json_atomic
 from repae.reproduce.arms import Arm, arms_for
 from repae.reproduce.judges import HELDOUT_IMAGES, Judges, build_real_judges, load_real_judges, save_real_judges, toy_judges
-from repae.reproduce.measure import measure_run, vae_metrics
+from repae.reproduce.measure import image_spectrum_metrics, measure_run, vae_metrics
 
 
 @dataclass
@@ -204,7 +204,8 @@ def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequ
     arms = arms_for(base)
     out.mkdir(parents=True, exist_ok=True)
     judges, judges_dir = judges_for_plan(base, out, heldout, heldout_images)
-    initial = vae_metrics(starting_vae(base, judges), judges)
+    # the starting VAE, and the held-out images' own DCT spectrum that the latents' are drawn against
+    initial = {**vae_metrics(starting_vae(base, judges), judges), **image_spectrum_metrics(judges.heldout_images)}
     threads = max(1, dist.usable_cores() // plan.jobs)
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     earlier, invocations = previous.get("runs", {}), previous.get("invocations", [])
