@@ -106,7 +106,7 @@ def _assert_equal_up_to_reduction_order(a, b):
             if not x.is_floating_point():
                 assert torch.equal(x, y), f"{name}.{key}"
                 continue
-            torch.testing.assert_close(y, x, atol=ATOL, rtol=RTOL, msg=f"{name}.{key}")
+            torch.testing.assert_close(y, x, atol=ATOL, rtol=RTOL, msg=f"{name}.{key}: max |diff| {(y - x).abs().max().item():.3g}")
             if x.norm() > 0:
                 rel.append(((y - x).double().norm() / x.double().norm()).item())
     assert torch.tensor(rel).median().item() <= MEDIAN_REL, sorted(rel)[-5:]
@@ -115,10 +115,20 @@ def _assert_equal_up_to_reduction_order(a, b):
 @pytest.mark.parametrize("accum", [1, 2])
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, accum, monkeypatch):
     # the GAN (every paper preset's default) and LeCam on: their batch statistics must be the global batch's
-    recipe = ["train.max_steps=3", f"train.grad_accum_steps={accum}", "loss.gan_weight=0.1", "loss.lecam_weight=0.1"]
+    # One thread per process. With two, the intra-op reductions of a convolution's backward split the
+    # half batch and the whole batch into different partial sums; AdamW amplifies that rounding in the
+    # same way, only more: measured here with 2 threads and 3 steps, a median relative difference of
+    # 8.5e-5 and worst element 7.1e-5 (sit.blocks.0.attn.qkv.weight). That is intra-process rounding,
+    # not what this test is about, so it is held fixed.
+    recipe = ["train.max_steps=3", f"train.grad_accum_steps={accum}", "loss.gan_weight=0.1", "loss.lecam_weight=0.1",
+              "train.num_threads=1"]
     one = tiny_cfg(tmp_path, *DDP_RUN, "exp_name=one", *recipe)
     single_draws = _record_draws(monkeypatch)
-    train(one, progress=False)  # also builds the toy world cache the workers then read
+    threads = torch.get_num_threads()
+    try:
+        train(one, progress=False)  # also builds the toy world cache the workers then read
+    finally:
+        torch.set_num_threads(threads)  # train.num_threads=1 set it for this whole pytest process
     _spawn(tmp_path, "exp_name=two", *recipe)
     # every random draw (posterior noise, t, diffusion noise, label-dropout uniforms) per sample, exactly
     ranks = [torch.load(tmp_path / f"draws_rank{r}.pt") for r in range(2)]

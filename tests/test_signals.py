@@ -83,12 +83,17 @@ def test_a_signal_saves_the_current_step_and_the_rerun_resumes_there(tmp_path, c
     assert logged_steps(run_dir) == list(range(1, step + 2))  # the log continues, each step once
 
 
-def test_a_second_signal_while_saving_leaves_no_damaged_checkpoint(tmp_path, cache, monkeypatch):
+def test_a_second_signal_while_saving_leaves_no_damaged_checkpoint(tmp_path, cache, monkeypatch, request):
     """First SIGINT at step 3 -> the loop saves step 3; a second SIGINT in the middle of writing it
     stops at once (KeyboardInterrupt); the half-written checkpoint is never taken for one."""
     cfg = load_config("toy", overrides=TINY + [f"toy.cache_dir={cache}", f"output_dir={tmp_path}",
                                                "train.max_steps=100", "train.ckpt_every=2", "eval.num_samples=0"])
     import repae.train.loop as loop
+
+    # a process started in the background (as CI may start this suite) inherits SIGINT ignored, and
+    # then the second Ctrl-C is ignored too, rightly: give this test the interactive disposition
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
 
     real_step, real_save = loop.repae_step, ckpt_mod.save_weights
     monkeypatch.setattr(loop, "repae_step", lambda m, batches, c, step, gen: (
