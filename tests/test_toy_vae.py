@@ -60,6 +60,9 @@ def test_colour_statistics_pass_a_copy_and_fail_a_grey_copy():
     assert max(abs(e) for e in exact["channel_mean_rel_err"] + exact["channel_std_rel_err"]) < 0.01
     assert exact["recon_rgb_spread"] == pytest.approx(exact["data_rgb_spread"], rel=0.02)
     assert toyworld.colours_are_faithful(exact)
+    # latents already encoded are only decoded, with the same answer
+    from repae.pixels import to_vae_range
+    assert toyworld.colour_statistics(_CopyVAE(), images, latents=to_vae_range(images)) == exact
 
     grey = toyworld.colour_statistics(_CopyVAE(grey=True), images)
     assert grey["recon_rgb_spread"] < 0.02 * grey["data_rgb_spread"]  # ~0 up to uint8 rounding

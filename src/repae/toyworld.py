@@ -178,15 +178,17 @@ def psnr(vae: AutoencoderKL, images: torch.Tensor, latents: Optional[torch.Tenso
     return torch.cat(values).mean().item()
 
 
-def colour_statistics(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 250) -> dict:
-    """How faithful a VAE's colours are, on uint8 images [N,3,H,W] (posterior-mean reconstructions):
+def colour_statistics(vae: AutoencoderKL, images: torch.Tensor, latents: Optional[torch.Tensor] = None,
+                      batch_size: int = 250) -> dict:
+    """How faithful a VAE's colours are, on uint8 images [N,3,H,W] (posterior-mean reconstructions;
+    latents: the images' posterior means if already encoded):
     the per-channel (R,G,B) mean and standard deviation over all pixels, of the data and of the
     reconstructions, their relative errors, and the mean per-pixel spread across R,G,B (std over the
     three channels: 0 for a grey image). A perfect grey copy of the toy data keeps the channel means
     (0.3%) but loses 10% of each channel's std and all of the spread."""
     sums = torch.zeros(2, 3, 3, dtype=torch.float64)  # [data|recon, sum|sum of squares|spread, channel]
     count = 0
-    for x, recon in _reconstructions(vae, images, batch_size=batch_size):
+    for x, recon in _reconstructions(vae, images, latents, batch_size):
         for k, y in enumerate((x.double(), recon.clamp(0, 255).double())):
             sums[k, 0] += y.sum((0, 2, 3))
             sums[k, 1] += y.pow(2).sum((0, 2, 3))
@@ -286,7 +288,7 @@ def _vae_report(vae: AutoencoderKL, held_x: torch.Tensor, mean: torch.Tensor, va
     norm.init_from_stats(mean, var)
     db = psnr(vae, held_x, latents=z)
     return {"vae_heldout_psnr_db": db, f"vae_{arch}_heldout_psnr_db": db,
-            "vae_colour": colour_statistics(vae, held_x),
+            "vae_colour": colour_statistics(vae, held_x, latents=z),
             "vae_latent_structure": latent_structure(z, norm.eval())}
 
 
