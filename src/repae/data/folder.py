@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from repae.data.images import DEFAULT_MAX_PIXELS, UnreadableImage, adm_center_crop, decode_image
 from repae.data.sampler import ResumableOrder, rank_slice
+from repae.data.workers import worker_iter
 from repae.interrupt import ignore_stop_signals
 
 
@@ -103,9 +104,9 @@ class DatasetBatches:
         ahead.load_state_dict(self.order.state_dict())
         rank, world = self.rank, self.world  # locals: a generator holding `self` keeps workers alive 10 s at exit
         batches = (rank_slice(ahead.take(batch_size), rank, world).tolist() for _ in itertools.count())
-        return iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                               collate_fn=_collate, persistent_workers=self.num_workers > 0,
-                               worker_init_fn=ignore_stop_signals))
+        return worker_iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+                                      collate_fn=_collate, persistent_workers=self.num_workers > 0,
+                                      worker_init_fn=ignore_stop_signals))
 
     def next(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._it is None or batch_size != self._batch:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from repae import dist
 from repae.config import ConfigError, RunConfig
 from repae.data.sampler import ResumableOrder, rank_slice
+from repae.data.workers import worker_iter
 from repae.interrupt import ignore_stop_signals
 from repae.models.vae import VAEArgs
 from repae.fileio import sha256_file
@@ -138,10 +139,11 @@ class LatentBatches:
     def _loader(self, batch_size: int):
         ahead = ResumableOrder(self.order.n, self.order.seed)
         ahead.load_state_dict(self.order.state_dict())
-        batches = (rank_slice(ahead.take(batch_size), self.rank, self.world).tolist() for _ in itertools.count())
-        return iter(DataLoader(self.items, sampler=batches, batch_size=None, collate_fn=_as_is,
-                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                               worker_init_fn=ignore_stop_signals))
+        rank, world = self.rank, self.world  # locals: a generator holding `self` would make a reference cycle
+        batches = (rank_slice(ahead.take(batch_size), rank, world).tolist() for _ in itertools.count())
+        return worker_iter(DataLoader(self.items, sampler=batches, batch_size=None, collate_fn=_as_is,
+                                      num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                                      worker_init_fn=ignore_stop_signals))
 
     def next(self, batch_size: int):
         if self._it is None or batch_size != self._batch:
