@@ -140,7 +140,7 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
     pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(CheckpointError, match="cannot resolve hf:facebook/dinov2-base.*local directory"):
+    with pytest.raises(CheckpointError, match="hf:facebook/dinov2-base: the repo .* not in the local hub cache"):
         load_encoder("dinov2-vit-b", "hf:facebook/dinov2-base", 256)
 
 

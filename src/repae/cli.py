@@ -52,7 +52,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     written by all ranks together: exactly sample.num_samples samples, in index order."""
     import torch
 
-    from repae import dist
+    from repae import dist, hub
     from repae.build import build_sit, build_vae
     from repae.config import load_config, save_config
     from repae.generate import generate_images, generate_npz, sample_labels, sampler_settings, save_image_grid
@@ -61,6 +61,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if getattr(args, "num_samples", None):
         args.overrides = [*args.overrides, f"sample.num_samples={args.num_samples}"]
+    # a released SiT (hf:REPA-E/sit-...): its preset, VAE and the README's sampling protocol, under
+    # the user's own --preset / --vae / overrides
+    args.preset, args.overrides, args.vae = hub.apply_sample_protocol(args.ckpt, args.preset, args.overrides, args.vae)
     from_run = bool(args.ckpt) and Path(args.ckpt).is_dir()
     if from_run:  # a training run: its saved config (plus any overrides), EMA SiT and tuned VAE
         from repae.train.checkpoint import load_for_sampling
@@ -73,7 +76,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     elif args.ckpt:
         cfg = load_config(args.preset, args.config, args.overrides, world_size=1)
         sit = load_model(args.ckpt, kind="sit", prefer_ema=cfg.sample.use_ema)
-        vae = load_model(vae_files(args.vae)[0], kind="vae") if args.vae else build_vae(cfg)  # or an export dir
+        vae_path = args.vae if hub.is_hub_id(args.vae) else vae_files(args.vae)[0] if args.vae else None
+        vae = load_model(vae_path, kind="vae") if vae_path else build_vae(cfg)  # or an export dir
     else:
         raise SystemExit("repae sample: give --ckpt PATH (a run, a SiT checkpoint) or --random-init")
     device = dist.init_from_env(cfg.train.device)  # joins the torchrun process group when there is one
@@ -125,17 +129,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from repae.hub import local_path
     from repae.weights import file_metadata, load_model, vae_sidecar
 
-    model = load_model(args.path, kind=args.kind, norm_groups=args.norm_groups)
-    meta = file_metadata(args.path) if Path(args.path).is_file() else {}
+    path = local_path(args.path, args.kind or "file")  # a hub id: the file in the hub cache
+    model = load_model(path, kind=args.kind, norm_groups=args.norm_groups)
+    meta = file_metadata(path) if Path(path).is_file() else {}
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.path}: {type(model).__name__}, {n_params / 1e6:.2f}M parameters")
     print(f"  {model.args}")
     if meta:
         print(f"  metadata keys: {sorted(meta)}")
-    elif Path(args.path).is_file() and vae_sidecar(args.path).is_file() and not hasattr(model.args, "depth"):
-        print(f"  architecture from the sidecar {vae_sidecar(args.path)}")
+    elif Path(path).is_file() and vae_sidecar(path).is_file() and not hasattr(model.args, "depth"):
+        print(f"  architecture from the sidecar {vae_sidecar(path)}")
     return 0
 
 
@@ -158,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate a PNG grid (and optionally an ADM .npz)")
     _add_config_args(p)
     p.add_argument("--ckpt", help="a training run directory (its EMA SiT, VAE and config), or SiT weights: "
-                                  "our .safetensors or an official .pt (EMA preferred)")
-    p.add_argument("--vae", help="VAE weights: .safetensors, official .pt or diffusers directory")
+                                  "our .safetensors or an official .pt (EMA preferred), or a hub id "
+                                  "hf:owner/name[@revision][/file]; a released one (hf:REPA-E/sit-repae-sdvae, ...) "
+                                  "brings its preset, VAE and published sampling protocol")
+    p.add_argument("--vae", help="VAE weights: .safetensors, official .pt, diffusers directory, or a hub id")
     p.add_argument("--random-init", action="store_true", help="smoke test with untrained models")
     p.add_argument("--out", default="runs/samples.png", help="PNG grid path")
     p.add_argument("--npz", help="also write the samples as an ADM-style .npz")

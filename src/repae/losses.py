@@ -260,9 +260,12 @@ class VAERegulariser(nn.Module):
         return out
 
     def load_discriminator(self, path) -> None:
-        """Strictly load discriminator weights (official `*-discriminator-ckpt.pt` or our safetensors)."""
+        """Strictly load discriminator weights (official `*-discriminator-ckpt.pt` or our safetensors),
+        from a local path or a hub id (without a file: the repo's `*discriminator*` file)."""
+        from repae.hub import local_path
         from repae.weights import load_strict, read_file
 
+        path = local_path(path, "discriminator")
         state = read_file(path)
         state = state.get("discriminator", state) if isinstance(state.get("discriminator"), dict) else state
         load_strict(self.discriminator, state, str(path))

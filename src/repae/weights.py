@@ -6,6 +6,7 @@ Accepted sources for `load_model`:
   a bare VAE state dict, a SiT state dict; read with `weights_only=True` and an explicit
   allow-list (argparse.Namespace, which the official checkpoints pickle as `args`),
 - a diffusers AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors).
+Each may also be named by a hub id, `hf:owner/name[@revision][/file]` (`repae.hub`).
 Loading is always strict; any mismatch raises CheckpointError naming each key.
 """
 
@@ -43,9 +44,17 @@ class CheckpointError(RuntimeError):
 # --------------------------------------------------------------------------- files
 
 
+def _local(path: Union[str, os.PathLike], kind: str) -> Union[str, os.PathLike]:
+    """A hub id resolved to its local file for `kind`; any other path unchanged."""
+    from repae import hub  # imports this module: a top-level import would be circular
+
+    return hub.local_path(path, kind)
+
+
 def read_file(path: Union[str, os.PathLike]) -> dict:
-    """Load a .safetensors or a torch pickle (.pt/.pth/.bin/.ckpt) safely; CheckpointError if unreadable."""
-    path = Path(path)
+    """Load a .safetensors or a torch pickle (.pt/.pth/.bin/.ckpt) safely; CheckpointError if unreadable.
+    `path` may be a hub id naming one file (`repae.hub`)."""
+    path = Path(_local(path, "file"))
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
@@ -211,7 +220,8 @@ def _guess_kind(state: dict) -> str:
 
 def load_model(path: Union[str, os.PathLike], kind: Optional[str] = None, args=None, prefer_ema: bool = True,
                norm_groups: Optional[int] = None, **sit_overrides) -> Union[SiT, AutoencoderKL]:
-    """Build and strictly load a SiT or VAE from a local file or diffusers directory.
+    """Build and strictly load a SiT or VAE from a local file or diffusers directory, or a hub id
+    (`hf:owner/name[@revision][/file]`; without a file, the repo's file for `kind`).
 
     kind: "sit" | "vae" | None (detected). args: SiTArgs / VAEArgs to build with (default: read
     from our metadata, a `.json` sidecar beside a `.pt` VAE, or inferred from the weights).
@@ -219,7 +229,7 @@ def load_model(path: Union[str, os.PathLike], kind: Optional[str] = None, args=N
     `guess_vae_args`); an error if it contradicts a record. prefer_ema picks `ema` over `model` in
     training checkpoints. Raises CheckpointError naming the path and any mismatched keys.
     """
-    path = Path(path)
+    path = Path(_local(path, kind or "file"))
     if path.is_dir():
         if kind not in (None, "vae"):
             raise CheckpointError(f"{path} is a directory: only diffusers VAE directories are supported")
@@ -497,7 +507,9 @@ def _load_diffusers_dir(path: Path, args: Optional[VAEArgs], norm_groups: Option
 
 def load_latent_stats(path: Union[str, os.PathLike]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (mean [C], var [C]) from an official `*-latents-stats.pt`
-    ({'latents_scale': 1/std, 'latents_bias': mean}) or our safetensors ({'mean', 'var'})."""
+    ({'latents_scale': 1/std, 'latents_bias': mean}) or our safetensors ({'mean', 'var'}); or a hub id
+    (without a file: the repo's `*-latents-stats.pt`)."""
+    path = _local(path, "latent_stats")
     obj = read_file(path)
     if "latents_scale" in obj and "latents_bias" in obj:
         scale = obj["latents_scale"].reshape(-1).double()

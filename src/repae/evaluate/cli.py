@@ -319,6 +319,7 @@ def _models(args):
     The run is the one --ckpt names when it names one, else the one --vae names."""
     from repae.evaluate.loading import load_run, load_vae_file
     from repae.evaluate.sources import is_run_or_checkpoint_dir
+    from repae.hub import is_hub_id
 
     ckpt = getattr(args, "ckpt", None)
     run = load_run(ckpt) if ckpt and is_run_or_checkpoint_dir(ckpt) else None
@@ -326,7 +327,7 @@ def _models(args):
         vae_run = load_run(args.vae)
         return vae_run.vae, {"vae": vae_run.files["vae"]}, run or vae_run
     if args.vae:
-        if not Path(args.vae).exists():
+        if not is_hub_id(args.vae) and not Path(args.vae).exists():
             raise EvaluationError(f"VAE not found: {args.vae}")
         vae, files = load_vae_file(args.vae)
         return vae, files, run
@@ -400,9 +401,10 @@ def _latent_norm(args, run):
         return None, {}
     if is_run_or_checkpoint_dir(args.ckpt):  # then `run` is the one --ckpt names (see _models)
         return run.sit.bn, {"sit": run.files["sit"]}
+    from repae.hub import is_hub_id
     from repae.weights import load_model
 
-    if not Path(args.ckpt).exists():
+    if not is_hub_id(args.ckpt) and not Path(args.ckpt).exists():
         raise EvaluationError(f"checkpoint not found: {args.ckpt}")
     sit = load_model(args.ckpt, kind="sit")
     if sit.bn is None:
@@ -470,6 +472,7 @@ def _one_spectrum_vae(path: str, toy_cfg):
     beside the VAE), or a VAE weight file / diffusers directory (raw latents only)."""
     from repae.evaluate.loading import load_run, toy_world
     from repae.evaluate.sources import is_run_or_checkpoint_dir
+    from repae.hub import is_hub_id
     from repae.stage2.latents import vae_files
     from repae.weights import load_latent_stats, load_model
 
@@ -480,7 +483,7 @@ def _one_spectrum_vae(path: str, toy_cfg):
     if is_run_or_checkpoint_dir(path):
         run = load_run(path)
         return run.vae, run.sit.bn, {"vae": run.files["vae"], "sit": run.files["sit"]}, run
-    if not Path(path).exists():
+    if not is_hub_id(path) and not Path(path).exists():
         raise EvaluationError(f"VAE not found: {path}")
     load_path, _, stats = vae_files(path)
     norm = load_latent_stats(stats) if stats else None

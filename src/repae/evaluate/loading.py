@@ -154,7 +154,13 @@ def load_sit_file(path: str, cfg, vae_path: Optional[str]) -> Loaded:
 def load_sit_and_vae(ckpt: str, vae_path: Optional[str], preset: Optional[str], config_files: Sequence[str],
                      overrides: Sequence[str]) -> Loaded:
     """`--ckpt` as `repae sample` reads it: a run directory (config, EMA SiT, tuned VAE; the
-    config files and overrides go on top of the run's config) or a SiT weight file."""
+    config files and overrides go on top of the run's config) or a SiT weight file or hub id; a
+    released SiT (hf:REPA-E/sit-...) brings its preset, VAE and published sampling protocol."""
+    from repae import hub
+
+    if hub.is_hub_id(ckpt):
+        preset, overrides, vae_path = hub.apply_sample_protocol(ckpt, preset, overrides, vae_path)
+        return load_sit_file(ckpt, load_cfg(preset, config_files, overrides), vae_path)
     if not Path(ckpt).exists():
         raise EvaluationError(f"checkpoint not found: {ckpt}")
     if is_run_or_checkpoint_dir(ckpt):

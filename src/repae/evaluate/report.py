@@ -24,11 +24,17 @@ PathLike = Union[str, os.PathLike]
 WEIGHT_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".npz", ".json", ".yaml", ".tar"}
 
 
-def describe_file(path: Optional[PathLike]) -> Optional[Dict[str, Any]]:
+def describe_file(path: Optional[PathLike], role: str = "file") -> Optional[Dict[str, Any]]:
     """{'path', 'sha256', 'bytes'} of a file; for a directory (a diffusers VAE, a checkpoint), the
-    sha256 of each weight/config file in it by relative path. None for no path."""
+    sha256 of each weight/config file in it by relative path. None for no path. A hub id is
+    described by the file it resolves to (as the loader for `role` resolved it), plus {'id': ...}."""
+    from repae import hub
+
     if path is None:
         return None
+    if hub.is_hub_id(path):
+        local = hub.resolve(path, role if role in hub.KINDS else "file")
+        return {"id": path, **(describe_file(local) or {})}
     p = Path(path)
     if p.is_dir():
         files = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in WEIGHT_SUFFIXES)
@@ -38,7 +44,7 @@ def describe_file(path: Optional[PathLike]) -> Optional[Dict[str, Any]]:
 
 def describe_files(paths: Mapping[str, Optional[PathLike]]) -> Dict[str, Any]:
     """{role: describe_file(path)} for the roles that have a path (role: inception, vae, ...)."""
-    return {role: describe_file(p) for role, p in paths.items() if p is not None}
+    return {role: describe_file(p, role) for role, p in paths.items() if p is not None}
 
 
 def environment(argv: Optional[Sequence[str]] = None, device: Optional[str] = None,

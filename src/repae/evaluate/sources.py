@@ -254,7 +254,11 @@ def is_run_or_checkpoint_dir(path: PathLike) -> bool:
 
 
 def source_kind(path: PathLike) -> str:
-    """'checkpoint' (run / checkpoint dir, SiT weight file), 'npz' or 'folder'; EvaluationError otherwise."""
+    """'checkpoint' (run / checkpoint dir, SiT weight file or hub id), 'npz' or 'folder'; EvaluationError otherwise."""
+    from repae.hub import is_hub_id
+
+    if is_hub_id(path):  # resolved (and its errors raised) when the SiT is loaded
+        return "checkpoint"
     p = Path(path)
     if not p.exists():
         raise EvaluationError(f"sample source not found: {p} (give a folder of images, an .npz with "

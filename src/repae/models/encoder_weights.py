@@ -225,25 +225,3 @@ CONVERTERS: Dict[str, Callable[[dict, str], StateDict]] = {
     "mae": convert_mae, "jepa": convert_ijepa, "clip": convert_clip,
 }
 
-
-# --------------------------------------------------------------------- hub ids
-
-
-def resolve_hub_id(ref: str) -> Path:
-    """`hf:owner/name` -> a local snapshot directory via huggingface_hub (weights + config only).
-
-    Clear CheckpointError when huggingface_hub is missing or the hub cannot be reached and the
-    files are not in its cache."""
-    repo_id = ref.removeprefix("hf:")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise CheckpointError(f"{ref}: resolving hub ids needs huggingface_hub (pip install 'repae[hub]'); "
-                              f"or download {repo_id} yourself and pass its local directory") from None
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json", "*.bin"]))
-    except Exception as err:  # offline, unknown repo, no cache: one message either way
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot resolve {ref} through huggingface_hub ({reason}); download {repo_id} "
-                              f"on a machine with internet and pass its local directory as the encoder path") from None
-

@@ -2,8 +2,7 @@
 dim), their preprocessing from uint8 images, and loading them from local weight files.
 
 `encoder.names: [dinov2-vit-b]` in a config is all a user writes; `encoder.paths` points at
-the weight files (or `hf:owner/name` hub ids, resolved through huggingface_hub when it is
-installed and online). Without a path the file is looked up by its published name under
+the weight files (or hub ids, `hf:owner/name[@revision][/file]`, resolved by `repae.hub`). Without a path the file is looked up by its published name under
 `$REPAE_WEIGHTS` (default `~/.cache/repae/weights`); a missing file is an error naming it and
 where it is published, never a random initialisation.
 
@@ -24,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repae.models.encoder_weights import CONVERTERS, read_encoder_file, resolve_hub_id
+from repae import hub
+from repae.models.encoder_weights import CONVERTERS, read_encoder_file
 from repae.models.vit import ViT, ViTArgs, resample_pos_embed
 from repae.weights import CheckpointError, load_strict
 
@@ -166,8 +166,8 @@ def weights_dir() -> Path:
 
 
 def _locate(spec: EncoderSpec, path: Optional[str]) -> Path:
-    if path and path.startswith("hf:"):
-        return resolve_hub_id(path)
+    if hub.is_hub_id(path):
+        return hub.resolve(path, "encoder")  # a repo: its snapshot directory; a named file: that file
     candidate = Path(path).expanduser() if path else weights_dir() / spec.filename
     if not candidate.exists():
         where = f"encoder path {path}" if path else f"no encoder.paths given and {candidate}"

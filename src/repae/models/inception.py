@@ -318,9 +318,11 @@ class InceptionV3(nn.Module):
 
     @classmethod
     def from_file(cls, path: Optional[Union[str, os.PathLike]]) -> "InceptionV3":
-        """Load the FID weights (`pt_inception-2015-12-05-6726825d.pth`) strictly from a local file."""
+        """Load the FID weights (`pt_inception-2015-12-05-6726825d.pth`) strictly from a local file or hub id."""
+        from repae.hub import local_path
         from repae.weights import load_strict, read_file
 
+        path = local_path(path, "inception")
         if not path or not Path(path).is_file():
             raise InceptionWeightsError(
                 f"the FID Inception network needs the weight file {WEIGHTS_FILE} (pytorch-fid's port of the "

@@ -97,9 +97,11 @@ class LPIPS(nn.Module):
     @classmethod
     def from_files(cls, vgg_path: Optional[Union[str, os.PathLike]],
                    lpips_path: Optional[Union[str, os.PathLike]]) -> "LPIPS":
-        """Build LPIPS from the two local weight files; clear errors when absent or wrong."""
+        """Build LPIPS from the two weight files (local paths or hub ids); clear errors when absent or wrong."""
+        from repae.hub import local_path
         from repae.weights import load_strict, read_file
 
+        vgg_path, lpips_path = local_path(vgg_path, "vgg"), local_path(lpips_path, "lpips")
         for path, hint, key in ((vgg_path, VGG_FILE_HINT, "loss.vgg_path"), (lpips_path, LPIPS_FILE_HINT, "loss.lpips_path")):
             if not path or not Path(path).is_file():
                 raise LPIPSWeightsError(

@@ -169,14 +169,26 @@ def judges_for_plan(base: RunConfig, out: Path, heldout: Optional[str] = None,
     return judges, save_real_judges(judges, saved)
 
 
+_HUB_KINDS = {"vae.path": "vae", "vae.latent_stats_path": "latent_stats", "loss.lpips_path": "lpips",
+              "loss.vgg_path": "vgg", "loss.discriminator_path": "discriminator",
+              "eval.inception_path": "inception", "encoder.paths": "encoder"}
+
+
 def check_named_files(cfg: RunConfig) -> None:
-    """Every local file the config names must exist: a wrong path fails here, not in each arm's process."""
+    """Every local file the config names must exist: a wrong path fails here, not in each arm's process.
+    A hub id is resolved here (downloaded once, or found in the cache), with the same early failure."""
+    from repae import hub
+
     named = {"vae.path": cfg.vae.path, "vae.latent_stats_path": cfg.vae.latent_stats_path,
              "loss.lpips_path": cfg.loss.lpips_path, "loss.vgg_path": cfg.loss.vgg_path,
              "loss.discriminator_path": cfg.loss.discriminator_path, "eval.inception_path": cfg.eval.inception_path,
              "eval.ref_batch": cfg.eval.ref_batch, "data.path": cfg.data.path,
              **{f"encoder.paths[{i}]": p for i, p in enumerate(cfg.encoder.paths)}}
-    missing = [f"{key}={path}" for key, path in named.items() if path and not Path(path).exists()]
+    for key, path in named.items():
+        if hub.is_hub_id(path):
+            hub.resolve(path, _HUB_KINDS.get(key.split("[")[0], "file"))
+    missing = [f"{key}={path}" for key, path in named.items()
+               if path and not hub.is_hub_id(path) and not Path(path).exists()]
     if missing:
         raise ConfigError("not found: " + ", ".join(missing))
 

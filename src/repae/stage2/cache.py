@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from repae import dist
 from repae.config import ConfigError
 from repae.fileio import sha256_file, write_atomic, write_json_atomic
+from repae.hub import is_hub_id
 from repae.pixels import to_vae_range
 
 FORMAT, VERSION = "repae-latents", 1
@@ -180,7 +181,9 @@ def cache_latents(vae, source, out_dir: str | Path, *, vae_file: str | Path,
         "latent_shape": [vae.z_channels, source.image_size // f, source.image_size // f],
         "encode_autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
         "source": source.describe(), "classes": source.classes,
-        "vae": {"path": str(Path(vae_path or vae_file).resolve()), "sha256": sha256_file(vae_file),
+        # a hub id is kept as such: the resolved cache symlink points at a blob without its suffix
+        "vae": {"path": vae_path if is_hub_id(vae_path) else str(Path(vae_path or vae_file).resolve()),
+                "sha256": sha256_file(vae_file),
                 "args": dataclasses.asdict(vae.args) if hasattr(vae, "args") else None,
                 "latent_stats": str(Path(vae_stats).resolve()) if vae_stats else None},
     }

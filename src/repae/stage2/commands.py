@@ -30,6 +30,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
     from repae import dist
     from repae.config import ConfigError, load_config
     from repae.stage2.cache import FolderSource, ToySource, cache_latents
+    from repae.hub import is_hub_id
     from repae.stage2.latents import vae_files
     from repae.weights import load_model
 
@@ -53,7 +54,8 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"--data: {err}") from None
     manifest = cache_latents(
-        vae, source, args.out, vae_file=weights, vae_path=load_path, vae_stats=stats,
+        vae, source, args.out, vae_file=weights, vae_stats=stats,
+        vae_path=args.vae if is_hub_id(args.vae) else load_path,  # a hub id is recorded as such
         shard_size=args.shard_size, hflip_too=args.hflip_too, batch_size=args.batch_size, device=device,
         autocast_dtype=torch.bfloat16 if args.bf16 else None,
         store_dtype=torch.bfloat16 if args.store_bf16 else torch.float32, progress=not args.no_progress)

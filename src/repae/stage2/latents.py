@@ -24,13 +24,15 @@ from repae.data.workers import worker_iter
 from repae.interrupt import ignore_stop_signals
 from repae.models.vae import VAEArgs
 from repae.fileio import sha256_file
+from repae.hub import is_hub_id, local_path
 from repae.stage2.cache import STATS, FolderSource, LatentCache, ToySource, read_manifest
 
 
 def vae_files(path: str | Path) -> Tuple[Path, Path, Optional[Path]]:
     """A VAE given as a file, an `export-vae` directory or a diffusers directory ->
-    (what load_model reads, the weight file to fingerprint, latent statistics exported beside it)."""
-    path = Path(path)
+    (what load_model reads, the weight file to fingerprint, latent statistics exported beside it).
+    A hub id: the same, of the file or diffusers directory it resolves to in the hub cache."""
+    path = Path(local_path(path, "vae"))
     if path.is_dir() and (path / "vae.safetensors").is_file():  # repae export-vae output
         stats = path / "latent_stats.safetensors"
         return path / "vae.safetensors", path / "vae.safetensors", stats if stats.is_file() else None
@@ -54,9 +56,10 @@ def resolve_latents(cfg: RunConfig) -> dict:
         if not weights.is_file() or sha256_file(weights) != made_with["sha256"]:
             raise ConfigError(f"vae.path={cfg.vae.path} is not the VAE the latents in {root} were cached with "
                               f"({made_with['path']}, sha256 {made_with['sha256'][:12]}...)")
-        cfg.vae.path = str(load_path.resolve())
+        # a hub id stays one: resolving the cache's symlink would give a blob without its suffix
+        cfg.vae.path = cfg.vae.path if is_hub_id(cfg.vae.path) else str(load_path.resolve())
     else:
-        if not Path(made_with["path"]).exists():
+        if not is_hub_id(made_with["path"]) and not Path(made_with["path"]).exists():
             raise ConfigError(f"the VAE the latents in {root} were cached with, {made_with['path']}, is not there; "
                               "pass vae.path=... (the same weights)")
         cfg.vae.path, stats = made_with["path"], made_with.get("latent_stats")
