@@ -169,7 +169,7 @@ def run_all(tmp_path, monkeypatch, runner) -> None:
     run = home / "runs" / "toy"  # what the README says `repae train` leaves
     for name in ("checkpoints", "samples", "metrics.jsonl", "loss_curves.png", "summary.json"):
         assert (run / name).exists(), name
-    assert sorted(p.name.split("-step")[0] for p in (run / "eval").iterdir()) == ["cknna", "latents", "spectrum", "vae"]
+    assert sorted(p.name.split("-step")[0] for p in (run / "eval").iterdir()) == ["cknna", "latents", "samples", "spectrum", "vae"]
     assert json.loads((run / "summary.json").read_text())["steps"] == 4  # `train.max_steps=...` resumed and continued
     assert sorted(p.name for p in home.iterdir()) == ["runs"]  # nothing left outside the ignored folder
     assert "runs/" in (ROOT / ".gitignore").read_text().splitlines()
