@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from repae import dist
+from repae import toyworld_console as console
 from repae.config import ToyWorldConfig
 from repae.data.toy import toy_arrays
 from repae.losses import kl_loss, reconstruction_loss
@@ -70,14 +71,14 @@ def _batches(images: torch.Tensor, labels: torch.Tensor, batch: int, steps: int,
 
 
 def train_teacher(images, labels, steps: int, batch: int, seed: int = 0, grid: int = 4,
-                  progress: bool = True, device: torch.device | str = "cpu") -> ToyTeacher:
-    """A toy teacher (or evaluator) trained on `device`; returned on the CPU."""
+                  progress: bool = True, device: torch.device | str = "cpu", desc: str = "toy teacher") -> ToyTeacher:
+    """A toy teacher (or evaluator: `desc` labels the progress bar) trained on `device`; returned on the CPU."""
     device = torch.device(device)
     torch.manual_seed(seed)
     teacher = ToyTeacher(grid=grid).to(device)
     opt = torch.optim.AdamW(teacher.parameters(), lr=1e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
-    bar = tqdm(_batches(images, labels, batch, steps, seed), total=steps, desc="toy teacher", disable=not progress)
+    bar = tqdm(_batches(images, labels, batch, steps, seed), total=steps, desc=desc, disable=not progress)
     for step, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         # flips and 90-degree turns keep every class its class: cheap augmentation
@@ -243,6 +244,7 @@ def _ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig, seed: int, progre
     cache.mkdir(parents=True, exist_ok=True)
     report_path = cache / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {"spec": asdict(spec)}
+    built: list = []  # what this call trained, for the console
     train_x, train_y = _pool(cache / "train.npz", spec.train_size, seed, "render toy train set", progress)
     held_x, held_y = _pool(cache / "heldout.npz", spec.heldout_size, seed + 1000, "render toy held-out set",
                            progress)
@@ -258,6 +260,7 @@ def _ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig, seed: int, progre
         report["teacher_heldout_accuracy"] = teacher_accuracy(teacher, held_x, held_y)
         report["teacher_train_seconds"] = round(time.perf_counter() - start, 1)
         save_weights(teacher, teacher_path)
+        built.append("teacher")
 
     # one pre-trained VAE per architecture: a changed vae.* override must not load another's weights
     arch = hashlib.sha256(json.dumps(asdict(vae_args), sort_keys=True).encode()).hexdigest()[:8]
@@ -272,7 +275,9 @@ def _ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig, seed: int, progre
         report.update(_vae_report(vae, held_x, mean, var, arch))
         save_latent_stats(mean, var, stats_path)
         save_model(vae, vae_path)
+        built.append("vae")
     report_path.write_text(json.dumps(report, indent=2))
+    console.say(console.built_lines(report, built) if built else [console.cached_line(cache, report, arch)])
     return ToyWorld(cache, train_x, train_y, held_x, held_y, teacher, vae_path, stats_path, report)
 
 
@@ -311,11 +316,12 @@ def ensure_toy_evaluator(world: ToyWorld, spec: ToyWorldConfig = ToyWorldConfig(
         start = time.perf_counter()
         evaluator = train_teacher(world.train_images, world.train_labels, spec.teacher_steps, spec.batch_size,
                                   seed + EVALUATOR_SEED_OFFSET, grid=EVALUATOR_GRID, progress=progress,
-                                  device=dist.device_named(device))
+                                  device=dist.device_named(device), desc="toy evaluator")
         world.report["evaluator_heldout_accuracy"] = teacher_accuracy(evaluator, world.heldout_images,
                                                                       world.heldout_labels)
         world.report["evaluator_train_seconds"] = round(time.perf_counter() - start, 1)
         save_weights(evaluator, path)
         (world.cache_dir / "report.json").write_text(json.dumps(world.report, indent=2))
+        console.say(console.built_lines(world.report, ["evaluator"]))
         world.evaluator = evaluator
         return evaluator

@@ -333,13 +333,22 @@ def train_steps(run: Run, until: int, on_log=None, progress: bool = True, on_rew
         raise Interrupted(signals.signum, run.step, saved)
 
 
+def bar_label(cfg: RunConfig) -> str:
+    """What a run trains, for its progress bar: REPA-E, E2E without REPA, or a SiT (REPA or
+    vanilla) on a frozen VAE or on cached latents (`repae train-ldm`)."""
+    if cfg.train.tune_vae:
+        return "REPA-E" if uses_repa(cfg) else "E2E, no REPA"
+    sit = "REPA SiT" if uses_repa(cfg) else "vanilla SiT"
+    return f"{sit}, cached latents" if cfg.latents.path else f"{sit}, frozen VAE"
+
+
 def _steps(run: Run, until: int, signals: StopSignals, on_log, progress: bool, on_rewind,
            on_step=None) -> Optional[Path]:
     """The loop of train_steps; returns the checkpoint it wrote last (None if none, or not rank 0)."""
     cfg = run.cfg
     sums: Dict[str, torch.Tensor] = {}
     count, step_seconds, saved, stop = 0, 0.0, None, False
-    bar = tqdm(total=until, initial=run.step, desc="REPA-E", unit="step", disable=not progress)
+    bar = tqdm(total=until, initial=run.step, desc=bar_label(cfg), unit="step", disable=not progress)
     while run.step < until:
         t0 = time.perf_counter()
         with _autocast(run):
