@@ -42,7 +42,7 @@ def test_overrides_are_typed():
     ("model.arch=ViT-B/2", "not a SiT architecture"),
     ("sample.guidance_low=-0.1", r"sample.guidance_low=-0.1 must be a finite number in \[0, 1\]"),
     ("sample.guidance_low=0.9", "guidance_low <= sample.guidance_high"),
-    ("vae.norm_groups=3", r"vae.norm_groups=3 must divide every VAE width \[32, 64\]"),
+    ("vae.norm_groups=3", r"vae.norm_groups=3 must divide every VAE width \[16, 32, 64\]"),
     ("sample.cfg_scale=2", "needs a null class"),
 ])
 def test_impossible_configs_are_clear_errors(override, message):

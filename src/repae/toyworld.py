@@ -35,7 +35,7 @@ from repae.nn_utils import autocast
 from repae.pixels import from_vae_range, to_vae_range
 from repae.weights import load_strict, read_file, save_latent_stats, save_model, save_weights
 
-VERSION = "v4"  # bump when the dataset or the recipes change, so old caches are not reused
+VERSION = "v5"  # bump when the dataset or the recipes change, so old caches are not reused
 
 
 def cache_dir_for(spec: ToyWorldConfig, seed: int = 0) -> Path:
