@@ -72,8 +72,13 @@ def test_cli_train_leaves_checkpoint_samples_metrics_and_plot(tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert 0 <= summary["toy"]["sample_class_accuracy"] <= 1
     assert (run / "config.yaml").is_file()
-    err = capsys.readouterr().err  # the toy world was built here: --no-progress covers its bars too
+    out, err = capsys.readouterr()  # the toy world was built here: --no-progress covers its bars too
     assert "toy teacher" not in err and "toy VAE" not in err and "render toy" not in err
+    assert json.loads(out)["steps"] == 2  # stdout stays the JSON summary; the story goes to stderr
+    story = err[err.index("done: step 2"):]
+    assert f"{100 * summary['toy']['sample_class_accuracy']:.1f}% of 10 (chance 10%)" in story
+    assert "README" not in story  # a tiny recipe: the default run's figures would mislead
+    assert f"files in {run}: summary.json, metrics.jsonl, loss_curves.png, samples/ (last grid step-0000002.png)" in story
 
 
 def test_sample_from_a_training_run(tmp_path):

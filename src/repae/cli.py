@@ -122,9 +122,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from repae.train.loop import train
 
+    from repae.train.report import is_default_toy_run, run_story
+
     cfg = _load_cfg(args)
     summary = train(cfg, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
+    if "wall_seconds" in summary:  # rank 0 (the others return only their step)
+        print("\n".join(run_story(summary, cfg.run_dir, is_default_toy_run(cfg))), file=sys.stderr)
     return 0
 
 

@@ -115,3 +115,50 @@ def plot_losses(records: List[dict], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# The README's default run (`repae train` on toy world v5, 1200 steps, measured there): what a user of
+# the default command should expect to see. tests/test_run_story.py keeps these and the README equal.
+DEFAULT_TOY_RUN = {"steps": 1200, "sample_class_accuracy": 0.860, "sample_toy_fid": 4.4, "vae_heldout_psnr_db": 30.0}
+# where the run, the cache and the threads live changes no result
+_WHERE = ("output_dir", "exp_name", "toy.cache_dir", "train.num_threads", "train.max_steps")
+
+
+def is_default_toy_run(cfg) -> bool:
+    """Whether `cfg` (a RunConfig) is the toy preset's recipe, whatever its paths and step budget."""
+    from repae.config import load_config, to_dict
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    ours, preset = flat(to_dict(cfg)), flat(to_dict(load_config("toy")))
+    return all(ours.get(k) == v for k, v in preset.items() if k not in _WHERE) and set(ours) == set(preset)
+
+
+def run_story(summary: dict, run_dir: Path, default_toy_run: bool = False) -> List[str]:
+    """The end of a run in a few lines for people (stderr): time and median speed, the toy metrics with
+    what they mean and, for the default toy run at its default budget, the README's figures to compare
+    with, and where the files are. `summary` is what `train` returns (and writes to summary.json)."""
+    minutes = summary["wall_seconds"] / 60
+    lines = [f"done: step {summary['steps']} ({summary['steps_this_invocation']} this time) in {minutes:.1f} min, "
+             f"median {summary['images_per_s']} images/s"]
+    toy = summary.get("toy") or {}
+    expected = default_toy_run and summary["steps"] == DEFAULT_TOY_RUN["steps"]
+    ref = DEFAULT_TOY_RUN if expected else {}
+    if "sample_class_accuracy" in toy:
+        said = f"; the README's default run: {100 * ref['sample_class_accuracy']:.1f}%" if ref else ""
+        lines.append(f"  samples: the toy evaluator recognises the intended class in "
+                     f"{100 * toy['sample_class_accuracy']:.1f}% of {toy['samples_scored']} (chance 10%{said})")
+        said = f"; the README's default run: {ref['sample_toy_fid']}" if ref else ""
+        lines.append(f"  samples: toy FID {toy['sample_toy_fid']} against the held-out images (lower is better{said})")
+    if "vae_heldout_psnr_db" in toy:
+        said = f"; the README's default run: {ref['vae_heldout_psnr_db']} dB" if ref else ""
+        lines.append(f"  tuned VAE: {toy['vae_heldout_psnr_db']:.1f} dB held-out PSNR (pre-trained: "
+                     f"{toy['toy_vae_pretrained_psnr_db']:.1f} dB{said})")
+    files = [name for name in ("summary.json", "metrics.jsonl", "loss_curves.png") if (run_dir / name).is_file()]
+    lines.append(f"  files in {run_dir}: {', '.join(files)}, samples/ (last grid {Path(summary['samples']).name}), "
+                 f"checkpoints/; run the same command to resume or continue")
+    return lines

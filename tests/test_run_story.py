@@ -1,0 +1,50 @@
+"""The end-of-run lines (repae.train.report.run_story): the default toy run is compared with the
+README's figures, and only the default recipe at its default budget is."""
+
+from pathlib import Path
+
+from repae.config import load_config
+from repae.train.report import DEFAULT_TOY_RUN, is_default_toy_run, run_story
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_the_reference_figures_are_the_readmes():
+    text = " ".join(README.split())  # the README wraps its lines
+    steps = DEFAULT_TOY_RUN["steps"]
+    assert f"Then {steps} REPA-E steps" in text
+    assert f"recognises the intended class in {100 * DEFAULT_TOY_RUN['sample_class_accuracy']:.1f}%" in text
+    assert f"toy FID {DEFAULT_TOY_RUN['sample_toy_fid']}," in text
+    assert f"tuned VAE reconstructs at {DEFAULT_TOY_RUN['vae_heldout_psnr_db']:.1f} dB" in text
+    assert load_config("toy").train.max_steps == steps
+
+
+def _summary(steps: int) -> dict:
+    return {"steps": steps, "steps_this_invocation": steps, "wall_seconds": 90.0, "images_per_s": 75.0,
+            "samples": f"runs/toy/samples/step-{steps:07d}.png",
+            "toy": {"sample_class_accuracy": 0.8133, "samples_scored": 300, "sample_toy_fid": 5.1,
+                    "vae_heldout_psnr_db": 29.94, "toy_vae_pretrained_psnr_db": 29.57}}
+
+
+def test_the_default_run_is_compared_with_the_readme(tmp_path):
+    (tmp_path / "summary.json").write_text("{}")
+    lines = run_story(_summary(1200), tmp_path, default_toy_run=True)
+    assert lines[0] == "done: step 1200 (1200 this time) in 1.5 min, median 75.0 images/s"
+    assert "81.3% of 300 (chance 10%; the README's default run: 86.0%)" in lines[1]
+    assert lines[2].endswith("toy FID 5.1 against the held-out images (lower is better; the README's default run: 4.4)")
+    assert lines[3].endswith("29.9 dB held-out PSNR (pre-trained: 29.6 dB; the README's default run: 30.0 dB)")
+    assert lines[4].startswith(f"  files in {tmp_path}: summary.json, samples/")  # only the files that exist
+
+
+def test_other_budgets_and_recipes_get_no_reference(tmp_path):
+    assert not any("README" in line for line in run_story(_summary(600), tmp_path, default_toy_run=True))
+    assert not any("README" in line for line in run_story(_summary(1200), tmp_path, default_toy_run=False))
+
+
+def test_which_configs_are_the_default_recipe():
+    assert is_default_toy_run(load_config("toy"))
+    # where it runs and for how long change no result
+    assert is_default_toy_run(load_config("toy", overrides=["output_dir=/tmp/x", "exp_name=mine",
+                                                             "train.max_steps=4000", "train.num_threads=1"]))
+    for change in ("train.tune_vae=false", "vae.ch=32", "sample.cfg_scale=2", "toy.vae_steps=10"):
+        assert not is_default_toy_run(load_config("toy", overrides=[change])), change
