@@ -271,23 +271,24 @@ def test_brace_expansion():
 
 
 def test_stage2_caches_latents_from_hf_as_from_the_folder(copies, tmp_path):
-    """`repae cache-latents` reads through the same interface: the same moments and labels from parquet as from
-    the folder; training on the cache checks it is given the source it was made from."""
+    """`repae cache-latents --source hf ...` reads through the same interface: the same moments and labels
+    from parquet as from the folder; training on the cache checks it is given the source it was made from."""
     from conftest import tiny_vae_args
-    from repae.data.sources import cache_source
     from repae.models.vae import AutoencoderKL
-    from repae.stage2.cache import LatentCache, cache_latents
+    from repae.stage2.cache import LatentCache, read_manifest
     from repae.stage2.latents import _check_source
+    from repae.weights import save_model
 
-    vae = AutoencoderKL(tiny_vae_args()).eval()
-    (tmp_path / "vae.bin").write_bytes(b"stands for the weights; only hashed")
-    cfgs = {"hf": cfg_for(copies, "hf", copies / "hf"), "folder": cfg_for(copies, "folder", copies / "folder")}
-    made = {name: cache_latents(vae, cache_source(cfg), tmp_path / name, vae_file=tmp_path / "vae.bin", shard_size=10,
-                                batch_size=8, progress=False) for name, cfg in cfgs.items()}
-    assert made["hf"]["source"]["kind"] == "hf" and made["hf"]["source"]["count"] == 25
+    save_model(AutoencoderKL(tiny_vae_args()), tmp_path / "vae.safetensors")
+    for source, path in (("hf", copies / "hf"), ("folder", copies / "folder")):
+        assert main(["cache-latents", "--vae", str(tmp_path / "vae.safetensors"), "--data", str(path), "--out",
+                     str(tmp_path / source), "--image-size", "16", "--batch-size", "8", "--num-workers", "0",
+                     "--no-progress", "--source", source]) == 0
+    made = read_manifest(tmp_path / "hf")
+    assert made["source"]["kind"] == "hf" and made["source"]["count"] == 25
     a, b = LatentCache(tmp_path / "hf"), LatentCache(tmp_path / "folder")
     assert torch.equal(a.moments(list(range(25)))[0], b.moments(list(range(25)))[0])
     assert a.labels.tolist() == b.labels.tolist()
-    _check_source(cfgs["hf"], made["hf"])
+    _check_source(cfg_for(copies, "hf", copies / "hf"), made)
     with pytest.raises(ConfigError, match="come from a hf source, but data.source=folder"):
-        _check_source(cfgs["folder"], made["hf"])
+        _check_source(cfg_for(copies, "folder", copies / "folder"), made)

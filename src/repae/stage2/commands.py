@@ -46,12 +46,10 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
         source = ToySource(world.train_images, world.train_labels)
         if args.image_size not in (None, source.image_size):
             raise ConfigError(f"the toy world's images are {source.image_size}px; drop --image-size")
-    else:  # an image folder, or the data.source=packed/hf/wds data at --data
+    else:  # --data in the format --source (repae.data.sources reads it)
         from repae.data.sources import cache_source
 
-        cfg.data.path, cfg.data.image_size = args.data, args.image_size or 256
-        if cfg.data.source not in ("packed", "hf", "wds"):
-            cfg.data.source = "folder"
+        cfg.data.source, cfg.data.path, cfg.data.image_size = args.source, args.data, args.image_size or 256
         source = cache_source(cfg, cfg.data.num_workers if args.num_workers is None else args.num_workers)
     manifest = cache_latents(
         vae, source, args.out, vae_file=weights, vae_stats=stats,
@@ -104,8 +102,10 @@ def add_parsers(sub, add_config_args) -> None:
     add_config_args(p)
     p.add_argument("--vae", required=True, help="VAE: an export-vae directory, .safetensors, official .pt or "
                                                 "diffusers directory")
-    p.add_argument("--data", required=True, help="an image folder (class sub-folders), or 'toy'; with the override "
-                                                  "data.source=hf|wds|packed: that kind of data (see data.path)")
+    p.add_argument("--data", required=True, help="an image folder (class sub-folders), or 'toy'; with --source, "
+                                                  "what data.path takes for that data.source")
+    p.add_argument("--source", choices=("folder", "packed", "hf", "wds"), default="folder",
+                   help="the format of --data (default folder; see data.source)")
     p.add_argument("--out", required=True, help="cache directory; re-run the same command to resume")
     p.add_argument("--image-size", type=int, help="ADM centre crop size for folders (default 256)")
     p.add_argument("--hflip-too", action="store_true", help="also cache every image mirrored")
