@@ -202,7 +202,8 @@ def test_training_reads_a_packed_store(tmp_path):
     """data.source=packed trains on the store (vanilla SiT on a frozen random VAE, 2 steps) and the
     first batch equals the image folder's first batch for the same seed."""
     from repae.config import ConfigError, load_config
-    from repae.train.loop import _data_source, train
+    from repae.data.sources import training_batches as _data_source
+    from repae.train.loop import train
 
     src = make_folder(tmp_path / "src")
     write_packed(src, tmp_path / "packed", image_size=32, codec="png", num_workers=0)

@@ -90,12 +90,13 @@ def bench_loop(cfg: RunConfig, device: torch.device, steps: int = 12, skip: int 
 
 def _time_loop(cfg: RunConfig, device: torch.device, steps: int, skip: int, parts_iters: int, parts_warmup: int,
                store: Path) -> dict:
-    from repae.train.loop import Run, _data_source, train_steps
+    from repae.data.sources import training_batches
+    from repae.train.loop import Run, train_steps
     from repae.train.step import repae_step
 
     started = time.perf_counter()
     m = random_trainables(cfg, device)
-    run = Run(cfg, device, m, _data_source(cfg, None), torch.Generator(device).manual_seed(cfg.train.seed))
+    run = Run(cfg, device, m, training_batches(cfg), torch.Generator(device).manual_seed(cfg.train.seed))
     log_lines: list = []
     _sync(device)
     marks = [time.perf_counter()]  # marks[k]: step k finished (k=0: the loop starts)

@@ -17,6 +17,7 @@ stops at the next step boundary with a checkpoint and exits 130 / 143; elsewhere
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -216,9 +217,8 @@ def _plain_message(err: BaseException) -> str:
         return f"no such file or directory: {err.filename}"
     text = str(err).strip()
     if "Traceback (most recent call last)" in text:
-        text = text.splitlines()[-1]
-        for prefix in (f"{type(err).__module__}.{type(err).__qualname__}: ", f"{type(err).__name__}: "):
-            text = text[len(prefix):] if text.startswith(prefix) else text
+        # "[module.]Name: message", whichever module the class was defined in when the worker raised it
+        text = re.sub(rf"^(?:[\w.]+\.)?{re.escape(type(err).__name__)}: ", "", text.splitlines()[-1])
     return text
 
 

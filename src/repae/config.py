@@ -134,8 +134,9 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "imagenet"  # toy | folder | imagenet | packed
+    source: str = "imagenet"  # toy | folder | imagenet | packed | hf | wds (repae.data.sources)
     path: Optional[str] = None
+    split: str = "train"  # data.source=hf: the split read when the files are named by split (train-*.parquet)
     image_size: int = 256
     hflip: bool = False
     num_workers: int = 4
@@ -549,7 +550,7 @@ _CHOICES = {
     "flow.prediction": ("v",),
     "flow.time_sampling": ("uniform", "lognormal"),
     "loss.recon_type": ("l1", "mse"),
-    "data.source": ("toy", "folder", "imagenet", "packed"),
+    "data.source": ("toy", "folder", "imagenet", "packed", "hf", "wds"),
     "train.precision": ("auto", "bf16", "fp32"),
     "sample.mode": ("ode", "sde"),
     "sample.heun_cfg_at": ("t_cur", "t_next"),
@@ -824,9 +825,6 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     if cfg.latents.path and (cfg.train.tune_vae or cfg.vae.from_scratch):
         errors.append("latents.path (cached latents of a frozen VAE) needs train.tune_vae=false and "
                       "vae.from_scratch=false")
-    if cfg.latents.path and cfg.data.source not in ("toy", "folder", "imagenet"):
-        errors.append(f"latents.path: data.source={cfg.data.source!r} cannot pair with cached latents; "
-                      "use the source the latents were cached from (toy, folder or imagenet)")
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 

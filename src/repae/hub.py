@@ -328,3 +328,26 @@ def local_path(ref: Optional[PathLike], kind: str = "file") -> Optional[PathLike
     """`ref` unchanged when it is not a hub id (None, a local path); else `resolve(ref, kind)`."""
     return resolve(ref, kind) if is_hub_id(ref) else ref
 
+
+
+def dataset_dir(ref: str, patterns: Optional[List[str]] = None) -> Path:
+    """A dataset repo id `hf:owner/name[@revision][/sub/dir]` -> that directory of its snapshot in the
+    huggingface_hub cache (online and not HF_HUB_OFFLINE: the files matching `patterns` are fetched first).
+    HubError (the one format) if the repo or the directory is not there."""
+    hid = parse_hub_id(ref)
+    sub = hid.filename
+    if sub and patterns:
+        patterns = [f"{sub}/{p}" for p in patterns]
+    try:
+        root = Path(_hub().snapshot_download(hid.repo_id, repo_type="dataset", revision=hid.revision,
+                                             cache_dir=_cache_dir(), allow_patterns=patterns,
+                                             local_files_only=_offline()))
+    except HubError:
+        raise
+    except Exception as err:
+        raise _translate(hid, sub, err) from None
+    path = root / sub if sub else root
+    if not path.is_dir():
+        raise hub_error(hid, sub, f"is not a directory of the dataset repo {hid.repo_id}",
+                        f"name one of its directories, e.g. {PREFIX}{hid.repo_id}/data")
+    return path

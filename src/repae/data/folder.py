@@ -8,7 +8,6 @@ next readable one and counted once however often it is met, never fatal.
 from __future__ import annotations
 
 import itertools
-import random
 from pathlib import Path
 from typing import List, Set, Tuple
 
@@ -16,14 +15,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from repae.data.images import DEFAULT_MAX_PIXELS, UnreadableImage, adm_center_crop, decode_image
+from repae.data.images import DEFAULT_MAX_PIXELS, adm_center_crop, decode_image
+from repae.data.records import ImageRecords, UnreadableImagesError
 from repae.data.sampler import ResumableOrder, rank_slice
 from repae.data.workers import worker_iter
 from repae.interrupt import ignore_stop_signals
-
-
-class UnreadableImagesError(RuntimeError):
-    """A data folder whose files do not decode as images (so many in a row that it is not bad luck)."""
 
 
 __all__ = ["IMAGE_SUFFIXES", "adm_center_crop", "list_image_folder", "ImageFolder", "DatasetBatches"]
@@ -52,35 +48,27 @@ def list_image_folder(root: str | Path) -> Tuple[List[Path], List[int], List[str
     return files, labels, classes
 
 
-class ImageFolder(Dataset):
-    """Item i -> (uint8 [3,S,S], label, bad) where `bad` is the tuple of file indices skipped (unreadable
-    or over `max_pixels`) to get it: indices, not a count, so a file met again is not counted again."""
+class ImageFolder(ImageRecords):
+    """Item i -> (uint8 [3,S,S], label, skipped) by the rule of repae.data.records: `skipped` holds the indices
+    of the files passed over (unreadable or over `max_pixels`) to get it."""
 
     def __init__(self, root: str | Path, image_size: int = 256, hflip: bool = False, seed: int = 0,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.root = Path(root)
         self.files, self.labels, self.classes = list_image_folder(root)
         self.image_size, self.hflip, self.seed, self.max_pixels = image_size, hflip, seed, max_pixels
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def _load(self, i: int) -> np.ndarray:
-        return decode_image(self.files[i], self.max_pixels, self.image_size)
+    def _load(self, j: int) -> np.ndarray:
+        return decode_image(self.files[j], self.max_pixels, self.image_size)
 
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int, Tuple[int, ...]]:
-        for bad in range(min(len(self.files), 100)):
-            j = (i + bad) % len(self.files)
-            try:
-                arr = self._load(j)
-            except UnreadableImage:  # corrupt, truncated, unsupported or over the pixel limit
-                continue
-            # the flip is a function of the index, so a resumed run sees the same pixels
-            if self.hflip and random.Random(self.seed * 1_000_003 + i).random() < 0.5:
-                arr = arr[:, ::-1]
-            # a contiguous CHW copy: stacking permuted views into a batch is ~100x slower
-            skipped = tuple((i + k) % len(self.files) for k in range(bad))
-            return torch.from_numpy(np.array(arr)).permute(2, 0, 1).contiguous(), self.labels[j], skipped
-        raise UnreadableImagesError(f"100 unreadable images in a row from {self.files[i]}: is this an image folder?")
+    def _label(self, j: int) -> int:
+        return self.labels[j]
+
+    def _too_many_bad(self, i: int) -> Exception:
+        return UnreadableImagesError(f"100 unreadable images in a row from {self.files[i]}: is this an image folder?")
 
 
 def _collate(items):

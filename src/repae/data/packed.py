@@ -26,21 +26,18 @@ import io
 import json
 import multiprocessing
 import os
-import random
-from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import PIL
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from repae.data.folder import list_image_folder
 from repae.data.images import DEFAULT_MAX_PIXELS, UnreadableImage
 from repae.data.images import decode_image as _decode
+from repae.data.records import ImageRecords, PerProcess
 from repae.fileio import sha256_file, write_atomic, write_json_atomic
 
 FORMAT, VERSION, MANIFEST = "repae-packed", 1, "manifest.json"
@@ -94,6 +91,10 @@ def _prepare_one(task: Tuple[str, int, dict, int]) -> Tuple[Optional[bytes], Opt
     except UnreadableImage as err:
         return None, str(err)
     return encode_image(arr, settings), None
+
+
+def _close(f) -> None:
+    f.close()
 
 
 def _write_manifest(out_dir: Path, manifest: dict) -> None:
@@ -333,10 +334,9 @@ def _load_index(out_dir: Path, rec: dict) -> np.ndarray:
     return index
 
 
-class PackedDataset(Dataset):
-    """Item i -> (uint8 [3,S,S], label, skipped), exactly like ImageFolder: `skipped` is the tuple of the
-    indices of undecodable images passed over to get it, and with `hflip` the flip is a function of
-    (seed, i), so resumed runs see the same pixels. Shard files are opened lazily in the process that reads them (never pickled open)."""
+class PackedDataset(ImageRecords):
+    """Item i -> (uint8 [3,S,S], label, skipped) by the rule of repae.data.records, like ImageFolder.
+    Shard files are opened lazily in the process that reads them (never pickled open)."""
 
     max_open_files = 64  # per process; shards are opened on first use and the least recently used closed
 
@@ -357,25 +357,13 @@ class PackedDataset(Dataset):
         self._shard = np.concatenate([np.full(len(ix), k, np.int32) for k, ix in enumerate(indexes)])  # [N]
         self._index = np.concatenate(indexes)  # [N,3] int64: byte offset, byte length, label
         self.labels = self._index[:, 2]  # [N] int64 (a view: no per-item Python objects to copy into workers)
-        self._handles: "OrderedDict[int, object]" = OrderedDict()
-        self._pid = os.getpid()
+        self._handles = PerProcess(close=_close)  # shard files, opened on first use
 
     def __len__(self) -> int:
         return len(self._index)
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_handles": OrderedDict()}  # file handles stay in the process that opened them
-
     def _file(self, shard: int):
-        if self._pid != os.getpid():  # a forked worker: open our own handles
-            self._handles, self._pid = OrderedDict(), os.getpid()
-        f = self._handles.get(shard)
-        if f is None:
-            if len(self._handles) >= self.max_open_files:
-                self._handles.popitem(last=False)[1].close()
-            f = self._handles[shard] = open(self._bins[shard], "rb", buffering=0)
-        self._handles.move_to_end(shard)
-        return f
+        return self._handles.get(shard, lambda k: open(self._bins[k], "rb", buffering=0), self.max_open_files)
 
     def _read(self, i: int) -> bytes:
         shard = int(self._shard[i])
@@ -390,26 +378,16 @@ class PackedDataset(Dataset):
             raise PackedDataError(f"{self._bins[shard]} was truncated after it was opened")
         return data
 
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int, Tuple[int, ...]]:
-        n = len(self._index)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for {n} images")
-        for bad in range(min(n, 100)):
-            j = (i + bad) % n
-            data = self._read(j)  # a short read is damage to the store, not to one image: it raises
-            try:
-                arr = decode_image(data, self.image_size, self.max_pixels)
-            except UnreadableImage:
-                continue
-            # the same flip rule as ImageFolder: a function of the requested index
-            if self.hflip and random.Random(self.seed * 1_000_003 + i).random() < 0.5:
-                arr = arr[:, ::-1]
-            # a contiguous [3,S,S] copy (also writable, unlike PIL's buffer): collating permuted views
-            # instead cost 5 ms/batch of 64 on one thread but 250-750 ms on two threads of busy cores
-            chw = np.ascontiguousarray(arr.transpose(2, 0, 1))
-            return torch.from_numpy(chw), int(self._index[j, 2]), tuple((i + k) % n for k in range(bad))
-        raise PackedDataError(f"100 undecodable images in a row from index {i} in {self.root}: the shards are "
-                              f"damaged; check them with repae.data.packed.verify_packed")
+    def _load(self, j: int) -> np.ndarray:
+        # a short read is damage to the store, not to one image: PackedDataError, not skipped
+        return decode_image(self._read(j), self.image_size, self.max_pixels)
+
+    def _label(self, j: int) -> int:
+        return int(self._index[j, 2])
+
+    def _too_many_bad(self, i: int) -> Exception:
+        return PackedDataError(f"100 undecodable images in a row from index {i} in {self.root}: the shards are "
+                               f"damaged; check them with repae.data.packed.verify_packed")
 
 
 def verify_packed(out_dir: str | Path, progress: bool = True) -> List[str]:

@@ -88,7 +88,7 @@ def toy_judges(cfg: RunConfig) -> Judges:
 def heldout_set(cfg: RunConfig, folder: Optional[str], n: int) -> Tuple[torch.Tensor, torch.Tensor, str]:
     """(uint8 [m,3,S,S], labels [m], where from): m <= n images spread evenly over `folder` (class
     sub-folders; ADM centre crop to data.image_size) or, without one, over the training data."""
-    from repae.train.loop import image_dataset
+    from repae.data.sources import image_dataset
 
     where = folder or cfg.data.path
     dataset = image_dataset(cfg, folder)  # the training data's Dataset (no flips) when no folder is given

@@ -79,36 +79,47 @@ def _first_two(items):
     return torch.stack([x for x, _, _ in items]), torch.tensor([y for _, y, _ in items])
 
 
-class FolderSource:
-    """An image folder (class sub-folders) with the ADM centre crop, decoded by DataLoader workers."""
+class DatasetSource:
+    """Any image Dataset of repae.data.sources (folder, packed, hf, wds: no flips), decoded by DataLoader
+    workers; `identity` says which data it is (kind, path, a digest of its files), recorded in the cache."""
 
-    def __init__(self, root: str | Path, image_size: int = 256, num_workers: int = 4,
-                 max_pixels: Optional[int] = None):
-        from repae.data.folder import ImageFolder
-        from repae.data.images import DEFAULT_MAX_PIXELS
-
-        self.root = Path(root).resolve()
-        self.dataset = ImageFolder(self.root, image_size, hflip=False, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
-        self.image_size, self.num_workers = image_size, num_workers
-        self.classes = list(self.dataset.classes)
+    def __init__(self, dataset, identity: dict, num_workers: int = 4):
+        self.dataset, self.identity, self.num_workers = dataset, identity, num_workers
+        self.image_size = dataset.image_size
+        self.classes = list(dataset.classes)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def describe(self) -> dict:
-        listing = "\n".join(f"{p.relative_to(self.root)}\t{y}" for p, y in zip(self.dataset.files, self.dataset.labels))
-        return {"kind": "folder", "path": str(self.root), "count": len(self), "image_size": self.image_size,
-                "files_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+        return {**self.identity, "count": len(self), "image_size": self.image_size}
 
     def batches(self, start: int, stop: int, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         from torch.utils.data import DataLoader, Subset
 
+        from repae.data.workers import worker_iter
+
         loader = DataLoader(Subset(self.dataset, range(start, stop)), batch_size=batch_size,
                             num_workers=self.num_workers, collate_fn=_first_two)
-        yield from loader
+        yield from worker_iter(loader)
 
     def load(self, indices: Sequence[int]) -> torch.Tensor:
         return torch.stack([self.dataset[int(i)][0] for i in indices])
+
+
+class FolderSource(DatasetSource):
+    """An image folder (class sub-folders) with the ADM centre crop."""
+
+    def __init__(self, root: str | Path, image_size: int = 256, num_workers: int = 4,
+                 max_pixels: Optional[int] = None):
+        from repae.data.folder import ImageFolder
+        from repae.data.images import DEFAULT_MAX_PIXELS
+        from repae.data.sources import identity
+
+        self.root = Path(root).resolve()
+        dataset = ImageFolder(self.root, image_size, hflip=False, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+        super().__init__(dataset, identity("folder", str(self.root), dataset), num_workers)
+
 
 
 # ----------------------------------------------------------------------------- writing

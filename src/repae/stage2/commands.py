@@ -29,7 +29,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
 
     from repae import dist
     from repae.config import ConfigError, load_config
-    from repae.stage2.cache import FolderSource, ToySource, cache_latents
+    from repae.stage2.cache import ToySource, cache_latents
     from repae.hub import is_hub_id
     from repae.stage2.latents import vae_files
     from repae.weights import load_model
@@ -46,13 +46,11 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
         source = ToySource(world.train_images, world.train_labels)
         if args.image_size not in (None, source.image_size):
             raise ConfigError(f"the toy world's images are {source.image_size}px; drop --image-size")
-    else:
-        try:
-            source = FolderSource(args.data, args.image_size or 256,
-                                  num_workers=cfg.data.num_workers if args.num_workers is None else args.num_workers,
-                                  max_pixels=cfg.data.max_image_pixels)
-        except (FileNotFoundError, ValueError) as err:
-            raise ConfigError(f"--data: {err}") from None
+    else:  # --data in the format --source (repae.data.sources reads it)
+        from repae.data.sources import cache_source
+
+        cfg.data.source, cfg.data.path, cfg.data.image_size = args.source, args.data, args.image_size or 256
+        source = cache_source(cfg, cfg.data.num_workers if args.num_workers is None else args.num_workers)
     manifest = cache_latents(
         vae, source, args.out, vae_file=weights, vae_stats=stats,
         vae_path=args.vae if is_hub_id(args.vae) else load_path,  # a hub id is recorded as such
@@ -104,7 +102,10 @@ def add_parsers(sub, add_config_args) -> None:
     add_config_args(p)
     p.add_argument("--vae", required=True, help="VAE: an export-vae directory, .safetensors, official .pt or "
                                                 "diffusers directory")
-    p.add_argument("--data", required=True, help="an image folder (class sub-folders), or 'toy'")
+    p.add_argument("--data", required=True, help="an image folder (class sub-folders), or 'toy'; with --source, "
+                                                  "what data.path takes for that data.source")
+    p.add_argument("--source", choices=("folder", "packed", "hf", "wds"), default="folder",
+                   help="the format of --data (default folder; see data.source)")
     p.add_argument("--out", required=True, help="cache directory; re-run the same command to resume")
     p.add_argument("--image-size", type=int, help="ADM centre crop size for folders (default 256)")
     p.add_argument("--hflip-too", action="store_true", help="also cache every image mirrored")

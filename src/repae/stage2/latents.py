@@ -25,7 +25,7 @@ from repae.interrupt import ignore_stop_signals
 from repae.models.vae import VAEArgs
 from repae.fileio import sha256_file
 from repae.hub import is_hub_id, local_path
-from repae.stage2.cache import STATS, FolderSource, LatentCache, ToySource, read_manifest
+from repae.stage2.cache import STATS, LatentCache, ToySource, read_manifest
 
 
 def vae_files(path: str | Path) -> Tuple[Path, Path, Optional[Path]]:
@@ -83,15 +83,17 @@ def _layout(args: VAEArgs) -> dict:
 
 def _check_source(cfg: RunConfig, manifest: dict) -> None:
     from repae.config import vae_downsample_factor
+    from repae.data.sources import data_kind, location
 
     source, root = manifest["source"], cfg.latents.path
-    if (source["kind"] == "toy") != (cfg.data.source == "toy"):
+    if (source["kind"] == "toy") != (cfg.data.source == "toy") or \
+            (source["kind"] != "toy" and source["kind"] != data_kind(cfg)):
         raise ConfigError(f"the latents in {root} come from a {source['kind']} source, but data.source="
                           f"{cfg.data.source}: use the source they were cached from")
-    if source["kind"] == "folder":
+    if source["kind"] != "toy":
         if not cfg.data.path:
             cfg.data.path = source["path"]
-        elif Path(cfg.data.path).resolve() != Path(source["path"]):
+        elif location(cfg.data.path) != source["path"]:
             raise ConfigError(f"data.path={cfg.data.path} is not {source['path']}, "
                               f"where the latents in {root} come from")
     if cfg.data.image_size != source["image_size"]:
@@ -175,10 +177,11 @@ def latent_batches(cfg: RunConfig, toy=None) -> LatentBatches:
             raise ConfigError(f"the toy world of this config (toy.*) is not the one the latents in "
                               f"{cfg.latents.path} were cached from")
     elif need_images:
-        images = FolderSource(cfg.data.path, cfg.data.image_size, num_workers=0,
-                              max_pixels=cfg.data.max_image_pixels)
+        from repae.data.sources import cache_source
+
+        images = cache_source(cfg, num_workers=0)
         if images.describe() != recorded:
-            raise ConfigError(f"{cfg.data.path} lists other images than when the latents were cached")
+            raise ConfigError(f"{cfg.data.path} holds other images than when the latents were cached")
     workers = cfg.data.num_workers if toy is None and need_images else 0
     return LatentBatches(cache, images if need_images else None, seed=cfg.train.seed, rank=dist.rank(),
                          world=dist.world_size(), num_workers=workers)

@@ -25,7 +25,7 @@ from repae.nn_utils import autocast
 from repae.build import build_sit, build_vae, uses_repa, vae_args
 from repae.models.vae import AutoencoderKL
 from repae.config import ConfigError, RunConfig, from_dict, read_yaml, save_config, to_dict
-from repae.data.sampler import TensorBatches
+from repae.data import sources
 from repae.interrupt import Interrupted, StopSignals
 from repae.generate import generate_images, sampler_settings, save_image_grid
 from repae.losses import VAERegulariser
@@ -40,7 +40,7 @@ class Run:
     cfg: RunConfig
     device: torch.device
     m: Trainables
-    data: object  # TensorBatches or DatasetBatches: next(batch), state_dict(), load_state_dict()
+    data: object  # repae.data.sources.training_batches: next(batch), state_dict(), load_state_dict()
     gen: torch.Generator
     step: int = 0
     nonfinite_in_a_row: int = 0
@@ -86,47 +86,6 @@ def _encoders(cfg: RunConfig, toy) -> List:
     return encoders
 
 
-def image_dataset(cfg: RunConfig, folder: Optional[str] = None, hflip: bool = False):
-    """The Dataset of cfg.data (an image folder, or a packed store for data.source=packed) at
-    data.image_size; `folder`: another image folder instead of data.path. ConfigError if unusable."""
-    from repae.data.folder import ImageFolder
-
-    root = folder or cfg.data.path
-    if not root:
-        raise ConfigError(f"data.source={cfg.data.source} needs data.path (a folder of class sub-folders, "
-                          "or a `repae prepare-data` output for data.source=packed)")
-    try:
-        if folder is None and cfg.data.source == "packed":
-            from repae.data.packed import PackedDataset
-
-            dataset = PackedDataset(root, hflip, cfg.train.seed, cfg.data.max_image_pixels)
-            if dataset.image_size != cfg.data.image_size:
-                raise ValueError(f"{root} holds {dataset.image_size}px crops, data.image_size={cfg.data.image_size}")
-            return dataset
-        return ImageFolder(root, cfg.data.image_size, hflip, cfg.train.seed, cfg.data.max_image_pixels)
-    except (FileNotFoundError, ValueError) as err:  # PackedDataError is a ValueError
-        raise ConfigError(f"{'data.path' if folder is None else folder}: {err}") from None
-
-
-def _data_source(cfg: RunConfig, toy):
-    """The batch source for cfg.data: the toy world's tensors, an image folder or a packed store."""
-    from repae.data.folder import DatasetBatches
-
-    if cfg.latents.path:  # stage 2: cached posterior moments of a frozen VAE (+ images for REPA)
-        from repae.stage2.latents import latent_batches
-
-        return latent_batches(cfg, toy)
-    if toy is not None:
-        return TensorBatches(toy.train_images, toy.train_labels, seed=cfg.train.seed, rank=dist.rank(),
-                             world=dist.world_size())
-    dataset = image_dataset(cfg, hflip=cfg.data.hflip)
-    if len(dataset.classes) > cfg.model.num_classes:
-        raise ConfigError(f"{cfg.data.path} has {len(dataset.classes)} classes but model.num_classes="
-                          f"{cfg.model.num_classes}")
-    return DatasetBatches(dataset, seed=cfg.train.seed, num_workers=cfg.data.num_workers, rank=dist.rank(),
-                          world=dist.world_size())
-
-
 def distinct_skipped(data) -> int:
     """Unreadable files skipped by any rank, each file once: the ranks' sets of skipped dataset indices are
     OR-ed through one all-reduce of a per-file mask (a file met by two ranks in two epochs counts once)."""
@@ -151,12 +110,9 @@ def set_threads(cfg: RunConfig) -> None:
 def setup_run(cfg: RunConfig, progress: bool = True) -> Run:
     set_threads(cfg)
     device = resolve_device(cfg.train.device)
-    if cfg.latents.path:  # the frozen VAE and its statistics default to those the latents came from
-        from repae.stage2.latents import resolve_latents
-
-        resolve_latents(cfg)
+    sources.resolve(cfg)  # stage 2: the frozen VAE and its statistics default to those the latents came from
     toy = _toy_setup(cfg, progress) if cfg.data.source == "toy" else None
-    data = _data_source(cfg, toy)
+    data = sources.training_batches(cfg, toy)
     encoders = [e.to(device) for e in _encoders(cfg, toy)]  # early: a missing weight file fails fast
     # seed after the toy world is built or loaded, so initial weights do not depend on which happened
     torch.manual_seed(cfg.train.seed)
@@ -168,7 +124,7 @@ def setup_run(cfg: RunConfig, progress: bool = True) -> Run:
     else:  # no statistics given: measure them on the training data, without moving its position
         from repae.models.latent_norm import measure_latent_stats
 
-        probe = _data_source(cfg, toy)
+        probe = sources.training_batches(cfg, toy)
         mean, var = measure_latent_stats(vae, (probe.next(cfg.train.global_batch_size) for _ in range(20)))
     sit.bn.init_from_stats(mean, var)
     regulariser = None

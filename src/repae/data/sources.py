@@ -1,0 +1,157 @@
+"""The one door to training data (DESIGN.md section 7): `repae train`, stage 2, held-out sets for
+reproduction and the benchmarks ask here for data and never pick a format themselves.
+
+data.source  data.path
+  toy        (none) the toy world's images, built and cached by repae.toyworld
+  folder     an image folder: one sub-folder per class (ImageNet's train/ layout); `imagenet` is the same
+  packed     a `repae prepare-data` output (repae.data.packed)
+  hf         Hugging Face `datasets` parquet/arrow files, a directory of them, or a dataset repo id in the
+             huggingface_hub cache, hf:owner/name[@revision][/dir] (repae.data.hf); data.split picks the split
+  wds        WebDataset tar shards: a brace pattern, a glob, a directory of .tar or one .tar (repae.data.wds)
+
+Every image source is an ImageRecords Dataset (item i -> uint8 [3,S,S] ADM-centre-cropped to
+data.image_size, label, indices of bad records skipped) read through DatasetBatches: one global order per
+epoch (ResumableOrder, seeded by train.seed), each rank loading only its slice of every global batch
+(rank_slice), an exact resumable position (state_dict / load_state_dict), bad records counted once.
+Cached latents (latents.path) come through LatentBatches with the same order rules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Optional
+
+from repae import dist
+from repae.config import ConfigError, RunConfig
+from repae.data.records import ImageRecords
+
+_PATH_HELP = {
+    "folder": "a folder of class sub-folders",
+    "imagenet": "a folder of class sub-folders",
+    "packed": "a `repae prepare-data` output",
+    "hf": "parquet/arrow files, a directory of them, or hf:owner/name of a cached dataset repo",
+    "wds": "WebDataset .tar shards: a brace pattern such as train-{0000..0146}.tar, a glob or a directory",
+}
+
+
+def resolve(cfg: RunConfig) -> None:
+    """Before anything is built: with latents.path, point the config at the VAE and statistics the cache
+    was made with (and check that the config fits it)."""
+    if cfg.latents.path:
+        from repae.stage2.latents import resolve_latents
+
+        resolve_latents(cfg)
+
+
+def _hf_root(cfg: RunConfig) -> str:
+    from repae.hub import dataset_dir, is_hub_id
+
+    path = cfg.data.path
+    if not is_hub_id(path):
+        return path
+    split = cfg.data.split
+    return str(dataset_dir(path, [f"*{split}*.parquet", f"*{split}*.arrow", f"*{split}*/*.arrow", "*.json"]))
+
+
+def _open(cfg: RunConfig, root: str, hflip: bool) -> ImageRecords:
+    kw = dict(image_size=cfg.data.image_size, hflip=hflip, seed=cfg.train.seed, max_pixels=cfg.data.max_image_pixels)
+    if cfg.data.source == "packed":
+        from repae.data.packed import PackedDataset
+
+        dataset = PackedDataset(root, hflip, cfg.train.seed, cfg.data.max_image_pixels)
+        if dataset.image_size != cfg.data.image_size:
+            raise ValueError(f"{root} holds {dataset.image_size}px crops, data.image_size={cfg.data.image_size}")
+        return dataset
+    if cfg.data.source == "hf":
+        from repae.data.hf import open_table_images
+
+        return open_table_images(_hf_root(cfg), cfg.data.split, **kw)
+    if cfg.data.source == "wds":
+        from repae.data.wds import TarImages, list_tar_shards
+
+        return TarImages(list_tar_shards(root), **kw)
+    from repae.data.folder import ImageFolder
+
+    return ImageFolder(root, **kw)
+
+
+def image_dataset(cfg: RunConfig, folder: Optional[str] = None, hflip: bool = False) -> ImageRecords:
+    """The Dataset of cfg.data at data.image_size (`folder`: that image folder instead).
+    ConfigError (one line, naming data.path) if it cannot be used."""
+    from repae.hub import HubError
+
+    if folder is not None:
+        from repae.data.folder import ImageFolder
+
+        try:
+            return ImageFolder(folder, cfg.data.image_size, hflip, cfg.train.seed, cfg.data.max_image_pixels)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"{folder}: {err}") from None
+    if not cfg.data.path:
+        raise ConfigError(f"data.source={cfg.data.source} needs data.path "
+                          f"({_PATH_HELP.get(cfg.data.source, 'a folder of class sub-folders')})")
+    try:
+        return _open(cfg, cfg.data.path, hflip)
+    except (FileNotFoundError, ValueError, HubError) as err:  # the readers' errors are ValueErrors
+        raise ConfigError(f"data.path: {err}") from None
+
+
+def training_batches(cfg: RunConfig, toy=None):
+    """The loop's batch source for cfg: `.next(global batch size)` -> this rank's (uint8 images [B,3,S,S],
+    labels [B]) (stage 2: cached moments too), `.state_dict()`, `.load_state_dict()`. `toy`: the ToyWorld
+    when data.source=toy."""
+    from repae.data.folder import DatasetBatches
+    from repae.data.sampler import TensorBatches
+
+    if cfg.latents.path:  # stage 2: cached posterior moments of a frozen VAE (+ images for REPA)
+        from repae.stage2.latents import latent_batches
+
+        return latent_batches(cfg, toy)
+    if toy is not None:
+        return TensorBatches(toy.train_images, toy.train_labels, seed=cfg.train.seed, rank=dist.rank(),
+                             world=dist.world_size())
+    dataset = image_dataset(cfg, hflip=cfg.data.hflip)
+    if len(dataset.classes) > cfg.model.num_classes:
+        raise ConfigError(f"{cfg.data.path} has {len(dataset.classes)} classes but model.num_classes="
+                          f"{cfg.model.num_classes}")
+    return DatasetBatches(dataset, seed=cfg.train.seed, num_workers=cfg.data.num_workers, rank=dist.rank(),
+                          world=dist.world_size())
+
+
+# ----------------------------------------------------------------- stage 2: the images latents are cached from
+
+
+def data_kind(cfg: RunConfig) -> str:
+    """The format of cfg.data (imagenet is an image folder)."""
+    return "folder" if cfg.data.source in ("folder", "imagenet") else cfg.data.source
+
+
+def location(path: str) -> str:
+    """data.path as a cache records it: a hub id as written, a local path (or shard pattern) absolute."""
+    from repae.hub import is_hub_id
+
+    return path if is_hub_id(path) else str(Path(path).resolve())
+
+
+def identity(kind: str, path: str, dataset) -> dict:
+    """Which data `dataset` is, for latent caches made from it: kind, path and a sha256 of its listing (folder:
+    file names relative to the folder and labels, as caches have always recorded it; hf / wds: the names and
+    sizes of the table files / shards; packed: the shards' recorded sha256)."""
+    if kind == "folder":
+        listing = "\n".join(f"{p.relative_to(dataset.root)}\t{y}" for p, y in zip(dataset.files, dataset.labels))
+    elif kind == "packed":
+        listing = "\n".join(f"{rec['bin']}\t{rec['bin_sha256']}" for rec in dataset.manifest["shards"])
+    else:
+        files = [t.path for t in dataset.tables] if kind == "hf" else [Path(p) for p in dataset.shards]
+        listing = "\n".join(f"{p.name}\t{p.stat().st_size}" for p in files)
+    return {"kind": kind, "path": path, "files_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+
+
+def cache_source(cfg: RunConfig, num_workers: int = 0):
+    """The images of cfg.data (no flips) as stage 2 reads them: `repae cache-latents` encodes them, and
+    training on cached latents loads them by index when an alignment encoder needs them."""
+    from repae.stage2.cache import DatasetSource
+
+    dataset = image_dataset(cfg)
+    return DatasetSource(dataset, identity(data_kind(cfg), location(cfg.data.path), dataset), num_workers)
