@@ -84,6 +84,37 @@ def test_a_signal_saves_the_current_step_and_the_rerun_resumes_there(tmp_path, c
     assert logged_steps(run_dir) == list(range(1, step + 2))  # the log continues, each step once
 
 
+
+def test_a_second_repae_train_on_a_run_in_use_is_refused_and_the_first_goes_on(tmp_path, cache):
+    """Two real `repae train` processes on one run directory (issue 17): the second exits 2 with one
+    line naming the first's PID before touching anything; the first's log keeps each step once."""
+    args = [*TINY, *LONG, f"toy.cache_dir={cache}", f"output_dir={tmp_path}"]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "repae.cli", "train", "--no-progress", *args], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        run_dir = load_config("toy", overrides=args).run_dir
+        deadline = time.monotonic() + 60
+        while len(logged_steps(run_dir)) < 2 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, first.communicate()
+        second = subprocess.run([sys.executable, "-m", "repae.cli", "train", "--no-progress", *args], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        err = [line for line in second.stderr.strip().splitlines() if not line.startswith("toy world: ")]
+        assert len(err) == 1 and f"PID {first.pid}" in err[0] and "in use" in err[0], second.stderr
+        assert first.poll() is None  # the first run goes on
+        first.send_signal(signal.SIGTERM)
+        _, first_err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 143, first_err
+    steps = logged_steps(run_dir)
+    assert steps == list(range(1, steps[-1] + 1))  # one writer: each step once, in order
+    assert not (run_dir / "lock").exists()
+
 def test_a_second_signal_while_saving_leaves_no_damaged_checkpoint(tmp_path, cache, monkeypatch, request):
     """First SIGINT at step 3 -> the loop saves step 3; a second SIGINT in the middle of writing it
     stops at once (KeyboardInterrupt); the half-written checkpoint is never taken for one."""
