@@ -122,7 +122,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     import json
 
     from repae.train.loop import train
-
     from repae.train.report import is_default_toy_run, run_story
 
     cfg = _load_cfg(args)
