@@ -65,3 +65,19 @@ def test_summary_speed_is_the_median_of_the_log_lines():
 
     assert loop._median([120.0, None, 20.0, 130.0]) == 120.0  # not the last line (130) nor the mean
     assert loop._median([None]) is None
+
+
+def test_the_busy_cpu_note_goes_to_stderr_so_stdout_stays_the_json_summary(monkeypatch, capsys):
+    from repae import dist
+    from repae.config import load_config
+    from repae.train.loop import set_threads
+
+    monkeypatch.setattr(dist, "usable_cores", lambda: 2)
+    monkeypatch.setattr(dist, "runnable_elsewhere", lambda: 3)
+    before = torch.get_num_threads()
+    try:
+        set_threads(load_config("toy"))
+    finally:
+        torch.set_num_threads(before)
+    out, err = capsys.readouterr()
+    assert out == "" and "expect a large slowdown" in err

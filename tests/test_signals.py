@@ -80,7 +80,7 @@ def test_a_signal_saves_the_current_step_and_the_rerun_resumes_there(tmp_path, c
 
     args = [*TINY, *LONG, f"toy.cache_dir={cache}", f"output_dir={tmp_path}", f"train.max_steps={step + 1}"]
     assert main(["train", "--no-progress", *args]) == 0
-    assert f"resuming {run_dir} from step {step}" in capsys.readouterr().out
+    assert f"resuming {run_dir} from step {step}" in capsys.readouterr().err
     assert logged_steps(run_dir) == list(range(1, step + 2))  # the log continues, each step once
 
 

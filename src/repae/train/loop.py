@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,7 @@ def set_threads(cfg: RunConfig) -> None:
         torch.set_num_threads(cfg.train.num_threads)
     note = dist.oversubscription_note(torch.get_num_threads())
     if note and dist.is_main():
-        tqdm.write(note)
+        tqdm.write(note, file=sys.stderr)
 
 
 def setup_run(cfg: RunConfig, progress: bool = True) -> Run:
@@ -176,7 +177,7 @@ def try_resume(run: Run) -> bool:
                 opt.load_state_dict(state[key])
         except (CheckpointError, KeyError, ValueError) as err:  # a pre-manifest checkpoint that is damaged
             skipped.append(f"skipping checkpoint {path}: {err}")
-            tqdm.write(skipped[-1])
+            tqdm.write(skipped[-1], file=sys.stderr)
             continue
         run.step, run.nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
         run.data.load_state_dict(state["data"])
@@ -260,7 +261,7 @@ def step_verdict(m: Trainables, skipped: bool, stop: bool) -> Tuple[bool, bool]:
 
 def _count_nonfinite(run: Run, what: str) -> None:
     run.nonfinite_in_a_row += 1
-    tqdm.write(f"step {run.step}: {what} ({run.nonfinite_in_a_row} in a row)")
+    tqdm.write(f"step {run.step}: {what} ({run.nonfinite_in_a_row} in a row)", file=sys.stderr)
     if run.nonfinite_in_a_row >= run.cfg.train.max_nonfinite_in_a_row:
         raise FloatingPointError(f"{run.nonfinite_in_a_row} non-finite steps in a row at step {run.step}; "
                                  "stopping (the last checkpoint is intact)")
@@ -451,7 +452,7 @@ def _train(cfg: RunConfig, progress: bool) -> dict:
     if main:
         save_config(cfg, cfg.run_dir / "config.yaml")
         if resumed:
-            tqdm.write(f"resuming {cfg.run_dir} from step {run.step}")
+            tqdm.write(f"resuming {cfg.run_dir} from step {run.step}", file=sys.stderr)
         log = MetricsLog(cfg.run_dir / "metrics.jsonl", resumed_step=run.step if resumed else 0)
         sinks = [log, *extra_sinks(list(cfg.train.log_to), cfg.run_dir, to_dict(cfg))]
     first_step = run.step
