@@ -7,19 +7,17 @@ next readable one and counted once however often it is met, never fatal.
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import List, Set, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from repae.data.images import DEFAULT_MAX_PIXELS, adm_center_crop, decode_image
 from repae.data.records import ImageRecords, UnreadableImagesError
-from repae.data.sampler import ResumableOrder, rank_slice
-from repae.data.workers import worker_iter
-from repae.interrupt import ignore_stop_signals
+from repae.data.sampler import ResumableOrder
+from repae.data.workers import ordered_batches
 
 
 __all__ = ["IMAGE_SUFFIXES", "adm_center_crop", "list_image_folder", "ImageFolder", "DatasetBatches"]
@@ -88,13 +86,8 @@ class DatasetBatches:
         self._it, self._batch = None, None
 
     def _loader(self, batch_size: int):
-        ahead = ResumableOrder(self.order.n, self.order.seed)
-        ahead.load_state_dict(self.order.state_dict())
-        rank, world = self.rank, self.world  # locals: a generator holding `self` keeps workers alive 10 s at exit
-        batches = (rank_slice(ahead.take(batch_size), rank, world).tolist() for _ in itertools.count())
-        return worker_iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                                      collate_fn=_collate, persistent_workers=self.num_workers > 0,
-                                      worker_init_fn=ignore_stop_signals))
+        return ordered_batches(self.dataset, self.order, batch_size, self.rank, self.world, self.num_workers,
+                               _collate)
 
     def next(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._it is None or batch_size != self._batch:

@@ -10,18 +10,16 @@ The order is the loop's: ResumableOrder over the cache's items, each rank taking
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from repae import dist
 from repae.config import ConfigError, RunConfig
-from repae.data.sampler import ResumableOrder, rank_slice
-from repae.data.workers import worker_iter
-from repae.interrupt import ignore_stop_signals
+from repae.data.sampler import ResumableOrder
+from repae.data.workers import ordered_batches
 from repae.models.vae import VAEArgs
 from repae.fileio import sha256_file
 from repae.hub import is_hub_id, local_path
@@ -142,13 +140,8 @@ class LatentBatches:
         self._it, self._batch = None, None
 
     def _loader(self, batch_size: int):
-        ahead = ResumableOrder(self.order.n, self.order.seed)
-        ahead.load_state_dict(self.order.state_dict())
-        rank, world = self.rank, self.world  # locals: a generator holding `self` would make a reference cycle
-        batches = (rank_slice(ahead.take(batch_size), rank, world).tolist() for _ in itertools.count())
-        return worker_iter(DataLoader(self.items, sampler=batches, batch_size=None, collate_fn=_as_is,
-                                      num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                                      worker_init_fn=ignore_stop_signals))
+        return ordered_batches(self.items, self.order, batch_size, self.rank, self.world, self.num_workers,
+                               _as_is, batched=True)
 
     def next(self, batch_size: int):
         if self._it is None or batch_size != self._batch:
