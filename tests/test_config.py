@@ -114,3 +114,16 @@ def test_toy_teacher_on_real_data_names_the_overrides(capsys):
     assert cfg.encoder.names == ["dinov2-vit-b"] and cfg.data.source == "folder"
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert " ".join(REAL_DATA_SMALL) in readme.replace("\n", " ")
+
+
+def test_config_differences_names_dotted_keys_and_skips_what_it_is_told():
+    from repae.config import config_differences, to_dict
+
+    a = to_dict(load_config("toy"))
+    b = to_dict(load_config("toy", overrides=["loss.proj_coeff=0.7", "sample.cfg_scale=2", "train.max_steps=5"]))
+    assert config_differences(a, a) == []
+    assert config_differences(a, b) == ["loss.proj_coeff", "sample.cfg_scale", "train.max_steps"]
+    assert config_differences(a, b, ignore=("sample", "train.max_steps")) == ["loss.proj_coeff"]
+    assert config_differences(a, b, ignore=("train.max",)) == ["loss.proj_coeff", "sample.cfg_scale", "train.max_steps"]
+    del b["loss"]["proj_coeff"]  # a key only one side has differs
+    assert config_differences(a, b, ignore=("sample", "train")) == ["loss.proj_coeff"]

@@ -53,7 +53,7 @@ def test_resume_refuses_a_different_recipe(tmp_path):
     train(tiny_cfg(tmp_path, "train.max_steps=2"), progress=False)
     from repae.config import ConfigError
 
-    with pytest.raises(ConfigError, match="different config"):
+    with pytest.raises(ConfigError, match=r"different config \(loss.proj_coeff\)"):
         train(tiny_cfg(tmp_path, "train.max_steps=4", "loss.proj_coeff=0.7"), progress=False)
     # the train section holds recipe too (an ablation switch, the seed), not only the budget
     for change in ("train.stop_grad=false", "train.seed=1", "train.tune_vae=false"):

@@ -527,6 +527,22 @@ def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_differences(a: dict, b: dict, ignore: Sequence[str] = ()) -> List[str]:
+    """Dotted keys whose values differ between two config dicts (`to_dict` form), a key present in
+    only one of them included; `ignore` holds dotted keys or whole sections ("sample" skips sample.*)."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out: dict = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    def ignored(key: str) -> bool:
+        return any(key == i or key.startswith(i + ".") for i in ignore)
+
+    fa, fb = flat(a), flat(b)
+    return sorted(k for k in fa.keys() | fb.keys() if not ignored(k) and fa.get(k, ...) != fb.get(k, ...))
+
+
 def from_dict(data: dict) -> RunConfig:
     merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(data))
     return OmegaConf.to_object(merged)  # type: ignore[return-value]

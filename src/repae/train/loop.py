@@ -25,7 +25,7 @@ from repae import dist
 from repae.nn_utils import autocast
 from repae.build import build_sit, build_vae, uses_repa, vae_args
 from repae.models.vae import AutoencoderKL
-from repae.config import ConfigError, RunConfig, from_dict, read_yaml, save_config, to_dict
+from repae.config import ConfigError, RunConfig, config_differences, from_dict, read_yaml, save_config, to_dict
 from repae.data import sources
 from repae.interrupt import Interrupted, StopSignals
 from repae.generate import generate_images, sampler_settings, save_image_grid
@@ -203,14 +203,12 @@ def _check_same_config(cfg: RunConfig, saved: Path) -> None:
         old = to_dict(from_dict(old))
     except Exception:  # a key the schema no longer has: compare as saved (and differ)
         pass
-    # where the run lives is not part of what it is: a moved or copied run directory resumes
-    for section in ("sample", "eval", "output_dir", "exp_name"):
-        old.pop(section, None), new.pop(section, None)
-    for key in RESUMABLE_TRAIN_KEYS:  # train.* that may change between invocations; the rest is recipe
-        old.get("train", {}).pop(key, None), new.get("train", {}).pop(key, None)
-    if old != new:
-        diff = [k for k in new if old.get(k) != new[k]]
-        raise ConfigError(f"{cfg.run_dir} holds a run with a different config (sections {diff}); "
+    # where the run lives is not part of what it is: a moved or copied run directory resumes; nor are
+    # its sampling and evaluation settings, and train.* budget and cadence keys may change between invocations
+    ignore = ("sample", "eval", "output_dir", "exp_name", *(f"train.{key}" for key in RESUMABLE_TRAIN_KEYS))
+    diff = config_differences(old, new, ignore)
+    if diff:
+        raise ConfigError(f"{cfg.run_dir} holds a run with a different config ({', '.join(diff)}); "
                           "use a new exp_name or output_dir")
 
 

@@ -127,16 +127,9 @@ _WHERE = ("output_dir", "exp_name", "toy.cache_dir", "train.num_threads", "train
 
 def is_default_toy_run(cfg) -> bool:
     """Whether `cfg` (a RunConfig) is the toy preset's recipe, whatever its paths and step budget."""
-    from repae.config import load_config, to_dict
+    from repae.config import config_differences, load_config, to_dict
 
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    ours, preset = flat(to_dict(cfg)), flat(to_dict(load_config("toy")))
-    return all(ours.get(k) == v for k, v in preset.items() if k not in _WHERE) and set(ours) == set(preset)
+    return not config_differences(to_dict(cfg), to_dict(load_config("toy")), ignore=_WHERE)
 
 
 def run_story(summary: dict, run_dir: Path, default_toy_run: bool = False) -> List[str]:
