@@ -218,3 +218,25 @@ def test_compiled_regions_keep_names_and_outputs():
     assert list(sit.state_dict()) == names  # checkpoints load either way
     assert all(block._compiled_call_impl is not None for block in sit.blocks)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_a_non_finite_discriminator_gradient_skips_the_step(monkeypatch):
+    """The discriminator's gradient norm is checked with the losses before anything steps: an exploding
+    discriminator neither poisons its own weights nor moves the SiT and the VAE."""
+    cfg, m = make()
+    real = m.regulariser.discriminator_terms
+
+    def exploding(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        return {**terms, "total": terms["total"] * float("inf")}  # the loss logs stay finite, the gradients do not
+
+    monkeypatch.setattr(m.regulariser, "discriminator_terms", exploding)
+    params = {"disc": m.regulariser.discriminator.main[0].weight, "sit": m.sit.blocks[0].attn.qkv.weight,
+              "vae": m.vae.encoder.conv_in.weight}
+    before = {k: p.detach().clone() for k, p in params.items()}
+    logs = repae_step(m, [batch()], cfg, step=0, gen=torch.Generator().manual_seed(0))
+    assert logs["skipped"].item() == 1 and not torch.isfinite(logs["grad_norm_disc"])
+    assert torch.isfinite(logs["disc"]) and torch.isfinite(logs["grad_norm_sit"])
+    for k, p in params.items():
+        assert torch.equal(before[k], p), k
+    assert all(p.grad is None for p in m.regulariser.discriminator.parameters())

@@ -9,8 +9,9 @@ Per step, for each micro-batch of uint8 images x with labels y:
        through the frozen blocks.
   3. SiT loss  = L_diff + lambda_g * L_REPA on bn(sg(z)) noised at the same t and noise,
        BatchNorm in train mode; sg = stop-gradient, so the diffusion loss never reaches the VAE.
-Then the VAE and SiT optimisers step (each with its own gradient clip), the discriminator
-takes its hinge-loss step on the detached reconstructions, and the EMA follows the SiT.
+The discriminator's hinge loss on the detached reconstructions is backpropagated too; when every
+loss and gradient norm is finite, the VAE, SiT and discriminator optimisers step (each with its own
+gradient clip), and the EMA follows the SiT.
 Ablations are switches: tune_vae=False (REPA / vanilla SiT on a frozen VAE), stop_grad=False,
 use_reg_loss=False, latent_norm.mode="fixed", proj_coeff=0 (no REPA).
 Stage 2 (a frozen VAE with cached latents, repae.stage2): a micro-batch may carry the posterior's
@@ -225,6 +226,19 @@ def repae_step(m: Trainables, batches: Sequence[Tuple[torch.Tensor, torch.Tensor
     norms = {"grad_norm_sit": _grad_norm(m.sit_params)}
     if m.vae_opt is not None:
         norms["grad_norm_vae"] = _grad_norm(m.vae_params)
+    reg = m.regulariser
+    train_disc = reg is not None and m.disc_opt is not None and bool(for_disc) and reg.gan_active(step)
+    if train_disc:                                                                        # discriminator loss
+        # Its backward comes before any update so that its loss and gradient norm are checked with the
+        # others. The numbers are the official code's, which runs it after the VAE and SiT updates: it
+        # reads only x and the detached reconstructions, and the generator's GAN term ran with it frozen.
+        for i, (x, recon) in enumerate(for_disc):
+            with no_sync([m.disc_train], skip_sync=i < len(for_disc) - 1):
+                d_terms = reg.discriminator_terms(x, recon, discriminator=m.disc_train)
+                (scale * d_terms["total"]).backward()
+            for k in ("disc", "logits_real", "logits_fake"):
+                logs[k] = logs.get(k, 0) + scale * d_terms[k].detach()
+        norms["grad_norm_disc"] = _grad_norm(list(reg.discriminator.parameters()))
     # one host sync per step: skip the update when any loss or gradient norm is NaN/inf on any rank
     checked = torch.stack([v.float().to(norms["grad_norm_sit"].device) for v in [*logs.values(), *norms.values()]])
     nonfinite = (~torch.isfinite(checked)).any().float().reshape(1)
@@ -236,17 +250,9 @@ def repae_step(m: Trainables, batches: Sequence[Tuple[torch.Tensor, torch.Tensor
     if m.vae_opt is not None:                                                              # VAE update
         _clip_and_step(m.vae_opt, m.vae_params, cfg.optim_vae.max_grad_norm, norms["grad_norm_vae"])
     _clip_and_step(m.sit_opt, m.sit_params, cfg.optim_sit.max_grad_norm, norms["grad_norm_sit"])  # SiT update
-
-    reg = m.regulariser
-    if reg is not None and m.disc_opt is not None and for_disc and reg.gan_active(step):  # discriminator
-        for i, (x, recon) in enumerate(for_disc):
-            with no_sync([m.disc_train], skip_sync=i < len(for_disc) - 1):
-                d_terms = reg.discriminator_terms(x, recon, discriminator=m.disc_train)
-                (scale * d_terms["total"]).backward()
-            for k in ("disc", "logits_real", "logits_fake"):
-                logs[k] = logs.get(k, 0) + scale * d_terms[k].detach()
-        logs["grad_norm_disc"] = _clip_and_step(m.disc_opt, list(reg.discriminator.parameters()),
-                                                cfg.optim_disc.max_grad_norm)
+    if train_disc:                                                                        # discriminator update
+        _clip_and_step(m.disc_opt, list(reg.discriminator.parameters()), cfg.optim_disc.max_grad_norm,
+                       norms["grad_norm_disc"])
     m.ema.update(m.sit, step)                                                             # EMA of SiT + BN
     logs["skipped"] = torch.zeros((), device=nonfinite.device)  # beside the losses: the loop stacks them
     return logs
