@@ -24,6 +24,7 @@ from typing import Optional
 
 from repae import dist
 from repae.config import ConfigError, RunConfig
+from repae.data.images import DEFAULT_MAX_PIXELS
 from repae.data.records import ImageRecords
 
 _PATH_HELP = {
@@ -44,36 +45,77 @@ def resolve(cfg: RunConfig) -> None:
         resolve_latents(cfg)
 
 
-def _hf_root(cfg: RunConfig) -> str:
+def _hf_root(path: str, split: str) -> str:
+    """A local directory or file for data.source=hf: a hub id is resolved in the huggingface_hub cache
+    (the split's files and the metadata only)."""
     from repae.hub import dataset_dir, is_hub_id
 
-    path = cfg.data.path
     if not is_hub_id(path):
         return path
-    split = cfg.data.split
     return str(dataset_dir(path, [f"*{split}*.parquet", f"*{split}*.arrow", f"*{split}*/*.arrow", "*.json"]))
 
 
 def _open(cfg: RunConfig, root: str, hflip: bool) -> ImageRecords:
-    kw = dict(image_size=cfg.data.image_size, hflip=hflip, seed=cfg.train.seed, max_pixels=cfg.data.max_image_pixels)
-    if cfg.data.source == "packed":
+    return open_images(data_kind(cfg), root, cfg.data.image_size, split=cfg.data.split, hflip=hflip,
+                       seed=cfg.train.seed, max_pixels=cfg.data.max_image_pixels)
+
+
+def open_images(kind: str, path: str, image_size: int, split: str = "train", hflip: bool = False, seed: int = 0,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageRecords:
+    """The ImageRecords Dataset of `path` read as `kind` (folder | packed | hf | wds; hf: a local path or a
+    hub id, files named by split filtered by `split`), ADM-centre-cropped to `image_size`. The readers' own errors
+    (ValueError and subclasses, FileNotFoundError) name what is wrong."""
+    kw = dict(image_size=image_size, hflip=hflip, seed=seed, max_pixels=max_pixels)
+    if kind == "packed":
         from repae.data.packed import PackedDataset
 
-        dataset = PackedDataset(root, hflip, cfg.train.seed, cfg.data.max_image_pixels)
-        if dataset.image_size != cfg.data.image_size:
-            raise ValueError(f"{root} holds {dataset.image_size}px crops, data.image_size={cfg.data.image_size}")
+        dataset = PackedDataset(path, hflip, seed, max_pixels)
+        if dataset.image_size != image_size:
+            raise ValueError(f"{path} holds {dataset.image_size}px crops, not the {image_size}px asked for")
         return dataset
-    if cfg.data.source == "hf":
+    if kind == "hf":
         from repae.data.hf import open_table_images
 
-        return open_table_images(_hf_root(cfg), cfg.data.split, **kw)
-    if cfg.data.source == "wds":
+        return open_table_images(_hf_root(path, split), split, **kw)
+    if kind == "wds":
         from repae.data.wds import TarImages, list_tar_shards
 
-        return TarImages(list_tar_shards(root), **kw)
+        return TarImages(list_tar_shards(path), **kw)
     from repae.data.folder import ImageFolder
 
-    return ImageFolder(root, **kw)
+    return ImageFolder(path, **kw)
+
+
+def detect_kind(path: str) -> str:
+    """Which reader a bare path needs, for commands that take one (`repae evaluate ... --data PATH`):
+    a hub id, a .parquet/.arrow file, or a directory with such files at its top, in data/ or beside a
+    `datasets` dataset_dict.json / dataset_info.json -> hf; a .tar, a brace pattern or a glob, or a
+    directory of .tar files -> wds; a `repae prepare-data` output (manifest.json) -> packed; any other
+    directory -> folder. Only the top of a directory (and data/) is looked at: an ImageNet folder is not walked."""
+    from repae.data.hf import TABLE_SUFFIXES
+    from repae.hub import is_hub_id
+
+    if is_hub_id(path):
+        return "hf"
+    p = Path(path)
+    if "{" in path or (not p.exists() and any(c in path for c in "*?[")) or p.suffix == ".tar":
+        return "wds"
+    if p.is_file():
+        return "hf" if p.suffix in TABLE_SUFFIXES else "folder"
+    if not p.is_dir():
+        return "folder"  # the folder reader's "not found" names the path
+    from repae.data.packed import MANIFEST
+
+    top = {q.name: q for q in p.iterdir()}
+    if MANIFEST in top:
+        return "packed"
+    data = [q for q in (p / "data").iterdir()] if (p / "data").is_dir() else []
+    if ({"dataset_dict.json", "dataset_info.json"} & top.keys()
+            or any(q.suffix in TABLE_SUFFIXES and q.is_file() for q in [*top.values(), *data])):
+        return "hf"
+    if any(q.suffix == ".tar" and q.is_file() for q in top.values()):
+        return "wds"
+    return "folder"
 
 
 def image_dataset(cfg: RunConfig, folder: Optional[str] = None, hflip: bool = False) -> ImageRecords:

@@ -366,7 +366,8 @@ def cmd_vae(args) -> int:
     inception = load_inception(inc_path, device) if args.inception else None
     lpips = _lpips(args, device)
     data = open_data(args.data, _data_cfg(args, run), image_size=args.image_size, batch_size=args.batch_size,
-                     limit=args.num_images, workers=args.workers, max_pixels=args.max_image_pixels)
+                     limit=args.num_images, workers=args.workers, max_pixels=args.max_image_pixels,
+                     split=args.split)
     metrics = vae_metrics(vae, data.source, inception=inception, lpips=lpips, use_mean=not args.sample_posterior,
                           amp_dtype=autocast_dtype(args.precision), inception_autocast=autocast_dtype(args.precision),
                           progress=not args.no_progress)
@@ -443,7 +444,8 @@ def cmd_latents(args) -> int:
     bn, bn_files = _latent_norm(args, run)
     bn = bn.to(device) if bn is not None else None
     data = open_data(args.data, _data_cfg(args, run), image_size=args.image_size, batch_size=args.batch_size,
-                     limit=args.num_images, workers=args.workers, max_pixels=args.max_image_pixels)
+                     limit=args.num_images, workers=args.workers, max_pixels=args.max_image_pixels,
+                     split=args.split)
     batches = tqdm(data.source, total=len(data.source), desc="latents", unit="batch", disable=args.no_progress)
     metrics = measure_latent_structure(vae, batches, latent_norm=bn, use_mean=not args.sample_posterior)
     metrics.update(_skipped(data.source))
@@ -523,7 +525,8 @@ def cmd_spectrum(args) -> int:
     device = _device(args.device, distributed=False)
     vaes, run = _spectrum_vaes(args)
     data = open_data(args.data, _data_cfg(args, run), image_size=args.image_size, batch_size=args.batch_size,
-                     limit=args.num_images, workers=args.workers, max_pixels=args.max_image_pixels)
+                     limit=args.num_images, workers=args.workers, max_pixels=args.max_image_pixels,
+                     split=args.split)
     images, _ = first_images(data.source, args.num_images)
     dtype = autocast_dtype(args.precision)
     spectra, files = {}, {}
@@ -613,7 +616,7 @@ def cmd_cknna(args) -> int:
     if args.image_size and args.image_size != image_size:
         raise EvaluationError(f"this SiT/VAE pair takes {image_size}px images, not --image-size {args.image_size}")
     data = open_data(args.data, cfg, image_size=image_size, batch_size=args.batch_size, limit=args.num_images,
-                     workers=args.workers, max_pixels=args.max_image_pixels)
+                     workers=args.workers, max_pixels=args.max_image_pixels, split=args.split)
     images, labels = first_images(data.source, args.num_images)
     if images.shape[-1] != image_size:
         raise EvaluationError(f"the data's images are {images.shape[-1]}px; this SiT/VAE pair takes {image_size}px")
@@ -676,9 +679,16 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="dotted overrides on the run's (or preset's) config, e.g. sample.cfg_scale=1.8")
 
 
+def _split_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", default="validation",
+                   help="parquet/arrow data whose files are named by split: the split read (default validation)")
+
+
 def _data_args(p: argparse.ArgumentParser, image_size: bool = True) -> None:
-    p.add_argument("--data", help="image folder (class sub-folders give labels) or 'toy' (the toy world's "
+    p.add_argument("--data", help="image folder (class sub-folders give labels), parquet/arrow files or a hub "
+                                  "dataset id, tar shards, a prepare-data store, or 'toy' (the toy world's "
                                   "held-out set; the default for a toy-world run)")
+    _split_arg(p)
     if image_size:
         p.add_argument("--image-size", type=int, default=256, help="ADM centre crop size for folders (default 256)")
     p.add_argument("--sample-posterior", action="store_true", help="use a posterior sample, not its mean")
@@ -753,7 +763,9 @@ def _add_cknna(sub) -> None:
     p = sub.add_parser("cknna", help="CKNNA alignment of SiT hidden states with a vision encoder's features")
     p.add_argument("--ckpt", required=True, help="training run or SiT weight file")
     p.add_argument("--vae", help="VAE for a SiT weight file (a run brings its own)")
-    p.add_argument("--data", help="image folder or 'toy' (default for a toy-world run)")
+    p.add_argument("--data", help="image folder, parquet/arrow, tar shards, a prepare-data store, or 'toy' "
+                                  "(default for a toy-world run)")
+    _split_arg(p)
     p.add_argument("--image-size", type=int, help="checked against the SiT/VAE pair's image size")
     p.add_argument("--encoder", help="encoder name (default: the run's first; toy-teacher in the toy world)")
     p.add_argument("--encoder-path", help="the encoder's weight file (default: encoder.paths / $REPAE_WEIGHTS)")

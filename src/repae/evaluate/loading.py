@@ -20,7 +20,7 @@ from repae import dist
 from repae.evaluate.fid import REF_IMAGES_KEY, Reference, load_reference
 from repae.data.images import DEFAULT_MAX_PIXELS
 from repae.evaluate.sources import (
-    EvaluationError, TensorImages, is_run_or_checkpoint_dir, open_folder,
+    EvaluationError, RecordImages, TensorImages, is_run_or_checkpoint_dir, open_folder,
 )
 
 Files = Dict[str, Optional[str]]
@@ -177,7 +177,7 @@ def load_sit_and_vae(ckpt: str, vae_path: Optional[str], preset: Optional[str], 
 class Data:
     """The evaluated images of this process, what they are, and the files they came from."""
 
-    source: object  # FolderImages | TensorImages
+    source: object  # FolderImages | TensorImages | RecordImages
     info: dict
     files: Files = field(default_factory=dict)
     toy: Optional[object] = None  # the ToyWorld when the data is its held-out set
@@ -196,10 +196,12 @@ def toy_world(cfg):
 
 
 def open_data(data: Optional[str], cfg, *, image_size: Optional[int], batch_size: int, limit: Optional[int],
-              workers: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS) -> Data:
+              workers: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS, split: str = "validation") -> Data:
     """`--data`: 'toy' (the toy world's held-out images and labels; also the default when `cfg`
-    is a toy-world run) or an image folder (class sub-folders give labels; ADM centre crop to
-    `image_size`). This process gets its contiguous block."""
+    is a toy-world run), an image folder (class sub-folders give labels), or any other source
+    repae.data.sources reads (parquet/arrow tables, where files named by split are filtered by
+    `split`; tar shards; a prepare-data store), told apart by `detect_kind`; ADM centre crop to
+    `image_size`. This process gets its contiguous block."""
     rank, world = dist.rank(), dist.world_size()
     if data == "toy" or (data is None and cfg is not None and cfg.data.source == "toy"):
         if cfg is None:
@@ -210,7 +212,13 @@ def open_data(data: Optional[str], cfg, *, image_size: Optional[int], batch_size
                 "image_size": int(tw.heldout_images.shape[-1]), "num_images": source.num_images}
         return Data(source, info, {"data": str(tw.cache_dir / "heldout.npz")}, toy=tw)
     if data is None:
-        raise EvaluationError("--data is required: an image folder (class sub-folders give labels), or 'toy'")
+        raise EvaluationError("--data is required: an image folder (class sub-folders give labels), parquet/arrow "
+                              "files, tar shards, a prepare-data store, or 'toy'")
+    from repae.data.sources import detect_kind
+
+    kind = detect_kind(data)
+    if kind != "folder":
+        return _open_records(kind, data, image_size, batch_size, limit, max_pixels, split, rank, world)
     if not Path(data).is_dir():
         raise EvaluationError(f"data folder not found: {data}")
     source = open_folder(data, batch_size, image_size, rank, world, limit, labelled=True, workers=workers,
@@ -218,6 +226,23 @@ def open_data(data: Optional[str], cfg, *, image_size: Optional[int], batch_size
     info = {"data": str(Path(data).resolve()), "labelled": source.labels[0] != -1 if source.labels else False,
             "image_size": image_size, "crop": "ADM centre crop" if image_size else None,
             "num_images": source.num_images}
+    return Data(source, info)
+
+
+def _open_records(kind: str, data: str, image_size: Optional[int], batch_size: int, limit: Optional[int],
+                  max_pixels: int, split: str, rank: int, world: int) -> Data:
+    from repae.data.sources import open_images
+    from repae.hub import HubError
+
+    if not image_size:
+        raise EvaluationError(f"{data} is read as {kind} data, which needs an image size (--image-size)")
+    try:
+        dataset = open_images(kind, data, image_size, split=split, max_pixels=max_pixels)
+    except (FileNotFoundError, ValueError, HubError) as err:  # the readers' one-line errors
+        raise EvaluationError(f"--data {data} ({kind}): {err}") from None
+    source = RecordImages(dataset, batch_size, rank, world, limit)
+    info = {"data": data, "data_kind": kind, "labelled": True, "image_size": image_size, "crop": "ADM centre crop",
+            "num_images": source.num_images, **({"split": split} if kind == "hf" else {})}
     return Data(source, info)
 
 

@@ -190,6 +190,40 @@ class TensorImages:
             yield self.images[i:j], self.labels[i:j]
 
 
+class RecordImages:
+    """(uint8 [B,3,S,S], labels [B]) batches of this process's block of an ImageRecords dataset (parquet/arrow
+    tables, tar shards, a packed store; see repae.data.sources), each record once and in index order: an
+    unusable record is skipped and listed in `skipped` (not replaced by the next one, as training does)."""
+
+    def __init__(self, dataset, batch_size: int = 64, rank: int = 0, world: int = 1, limit: Optional[int] = None):
+        n = min(len(dataset), limit) if limit else len(dataset)
+        self.dataset, self.n = dataset, n
+        self.batch_size, self.block = batch_size, shard_range(n, rank, world, batch_size)
+        self.skipped: List[str] = []
+
+    @property
+    def num_images(self) -> int:
+        return self.n
+
+    def __len__(self) -> int:
+        return -(-len(self.block) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        self.skipped = []
+        for start in range(self.block.start, self.block.stop, self.batch_size):
+            images, labels = [], []
+            for j in range(start, min(start + self.batch_size, self.block.stop)):
+                try:
+                    arr = self.dataset._load(j)  # uint8 [S,S,3]
+                except UnreadableImage:
+                    self.skipped.append(self.dataset._describe(j))
+                    continue
+                images.append(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+                labels.append(int(self.dataset._label(j)))
+            if images:
+                yield torch.from_numpy(np.stack(images)), torch.tensor(labels)
+
+
 # ----------------------------------------------------------------------------- sampled images
 
 
