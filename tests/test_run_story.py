@@ -36,6 +36,11 @@ def test_the_default_run_is_compared_with_the_readme(tmp_path):
     assert lines[4].startswith(f"  files in {tmp_path}: summary.json, samples/")  # only the files that exist
 
 
+def test_a_frozen_vae_is_not_called_tuned(tmp_path):
+    lines = run_story(_summary(1200), tmp_path, vae_tuned=False)
+    assert "  frozen VAE: 29.9 dB held-out PSNR" in lines and not any("tuned" in line for line in lines)
+
+
 def test_other_budgets_and_recipes_get_no_reference(tmp_path):
     assert not any("README" in line for line in run_story(_summary(600), tmp_path, default_toy_run=True))
     assert not any("README" in line for line in run_story(_summary(1200), tmp_path, default_toy_run=False))
@@ -48,3 +53,19 @@ def test_which_configs_are_the_default_recipe():
                                                              "train.max_steps=4000", "train.num_threads=1"]))
     for change in ("train.tune_vae=false", "vae.ch=32", "sample.cfg_scale=2", "toy.vae_steps=10"):
         assert not is_default_toy_run(load_config("toy", overrides=[change])), change
+
+
+def test_cknna_references_only_for_the_toy_sit_at_the_commands_defaults():
+    from repae.config import load_config
+    from repae.train.report import TOY_CKNNA, TOY_CKNNA_SETTINGS, toy_cknna_comparison
+
+    toy, settings = load_config("toy"), dict(TOY_CKNNA_SETTINGS)
+    line = toy_cknna_comparison(toy, settings)
+    assert line is not None and all(f"{name} {value:.3f}" in line for name, value in TOY_CKNNA.items())
+    assert toy_cknna_comparison(load_config("toy", overrides=["train.tune_vae=false"]), settings) == line  # any toy arm
+    for key, other in (("depth", 1), ("t", 0.3), ("num_images", 24), ("encoder", "dinov2-vit-b"), ("labels", "null class")):
+        assert toy_cknna_comparison(toy, {**settings, key: other}) is None, key
+    assert toy_cknna_comparison(load_config("toy", overrides=["model.depth=2"]), settings) is None  # another SiT
+    text = " ".join(README.split())
+    for name, value in TOY_CKNNA.items():  # the README gives the same references
+        assert f"{value:.3f}" in text, name

@@ -128,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train(cfg, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
     if "wall_seconds" in summary:  # rank 0 (the others return only their step)
-        print("\n".join(run_story(summary, cfg.run_dir, is_default_toy_run(cfg))), file=sys.stderr)
+        print("\n".join(run_story(summary, cfg.run_dir, is_default_toy_run(cfg), cfg.train.tune_vae)), file=sys.stderr)
     return 0
 
 

@@ -639,6 +639,11 @@ def cmd_cknna(args) -> int:
             device, notes={"protocol": "CKNNA (PRH, unbiased HSIC) between SiT tokens after block `depth` at noise "
                                        "level t (t=0 data, t=1 noise) and encoder patch tokens, both mean-pooled "
                                        "and L2-normalised; latents are posterior means through the latent BatchNorm"})
+    from repae.train.report import toy_cknna_comparison  # the numbers a toy-world user should compare with
+
+    comparison = toy_cknna_comparison(cfg, {**settings, "num_images": len(images)})
+    if comparison:
+        print(comparison, file=sys.stderr)
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from repae.fileio import write_atomic
 
@@ -132,10 +132,36 @@ def is_default_toy_run(cfg) -> bool:
     return not config_differences(to_dict(cfg), to_dict(load_config("toy")), ignore=_WHERE)
 
 
-def run_story(summary: dict, run_dir: Path, default_toy_run: bool = False) -> List[str]:
+# `repae evaluate cknna --ckpt RUN` with its defaults, on a run of the toy preset's SiT: what to compare a
+# number with. Measured with the committed code on toy world v5 at step 1200, one seed each: the README's
+# default run (REPA-E), and the same recipe on the frozen pre-trained VAE with and without the REPA loss
+# (train.tune_vae=false latent_norm.mode=fixed [loss.proj_coeff=0]); commands in the README (Evaluation).
+TOY_CKNNA_SETTINGS = {"data": "toy world held-out set", "encoder": "toy-teacher", "depth": 2, "t": 0.5, "topk": 10,
+                      "seed": 0, "labels": "data", "num_images": 1000}
+TOY_CKNNA = {"REPA-E (the default run)": 0.109, "REPA on the frozen VAE": 0.085,
+             "vanilla SiT on the frozen VAE": 0.023}
+
+
+def toy_cknna_comparison(cfg, settings: dict) -> Optional[str]:
+    """One line of reference CKNNA values when `settings` (those `repae evaluate cknna` records, with
+    num_images) are its defaults on the toy world and `cfg` (a RunConfig) has the toy preset's SiT;
+    None otherwise (the references would mislead)."""
+    from repae.config import config_differences, load_config, to_dict
+
+    if any(settings.get(k) != v for k, v in TOY_CKNNA_SETTINGS.items()):
+        return None
+    if config_differences(to_dict(cfg)["model"], to_dict(load_config("toy"))["model"]):
+        return None
+    refs = "; ".join(f"{name} {value:.3f}" for name, value in TOY_CKNNA.items())
+    return (f"compare (toy world v5, step 1200, these settings): {refs}. Higher: the SiT's block-2 tokens share "
+            "more of the toy teacher's nearest-neighbour structure")
+
+
+def run_story(summary: dict, run_dir: Path, default_toy_run: bool = False, vae_tuned: bool = True) -> List[str]:
     """The end of a run in a few lines for people (stderr): time and median speed, the toy metrics with
     what they mean and, for the default toy run at its default budget, the README's figures to compare
-    with, and where the files are. `summary` is what `train` returns (and writes to summary.json)."""
+    with, and where the files are. `summary` is what `train` returns (and writes to summary.json);
+    `vae_tuned`: train.tune_vae (a frozen VAE is not called tuned)."""
     minutes = summary["wall_seconds"] / 60
     lines = [f"done: step {summary['steps']} ({summary['steps_this_invocation']} this time) in {minutes:.1f} min, "
              f"median {summary['images_per_s']} images/s"]
@@ -148,10 +174,12 @@ def run_story(summary: dict, run_dir: Path, default_toy_run: bool = False) -> Li
                      f"{100 * toy['sample_class_accuracy']:.1f}% of {toy['samples_scored']} (chance 10%{said})")
         said = f"; the README's default run: {ref['sample_toy_fid']}" if ref else ""
         lines.append(f"  samples: toy FID {toy['sample_toy_fid']} against the held-out images (lower is better{said})")
-    if "vae_heldout_psnr_db" in toy:
+    if "vae_heldout_psnr_db" in toy and vae_tuned:
         said = f"; the README's default run: {ref['vae_heldout_psnr_db']} dB" if ref else ""
         lines.append(f"  tuned VAE: {toy['vae_heldout_psnr_db']:.1f} dB held-out PSNR (pre-trained: "
                      f"{toy['toy_vae_pretrained_psnr_db']:.1f} dB{said})")
+    elif "vae_heldout_psnr_db" in toy:  # train.tune_vae=false: the pre-trained VAE, as it was
+        lines.append(f"  frozen VAE: {toy['vae_heldout_psnr_db']:.1f} dB held-out PSNR")
     files = [name for name in ("summary.json", "metrics.jsonl", "loss_curves.png") if (run_dir / name).is_file()]
     lines.append(f"  files in {run_dir}: {', '.join(files)}, samples/ (last grid {Path(summary['samples']).name}), "
                  f"checkpoints/; run the same command to resume or continue")
