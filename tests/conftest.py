@@ -1,8 +1,21 @@
+import os
+
 import pytest
 import torch
 
 from repae.models.sit import SiT, SiTArgs
 from repae.models.vae import AutoencoderKL, VAEArgs
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow (minutes in all) run in CI, where .ci/run sets REPAE_RUN_SLOW=1, and whenever -m
+    picks markers; a plain `python -m pytest` skips them and says how to run them."""
+    if os.environ.get("REPAE_RUN_SLOW") == "1" or config.getoption("markexpr"):
+        return
+    skip = pytest.mark.skip(reason="slow: REPAE_RUN_SLOW=1 (as in .ci/run) or -m slow runs it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
