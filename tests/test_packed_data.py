@@ -217,6 +217,6 @@ def test_training_reads_a_packed_store(tmp_path):
     a, b = _data_source(packed_cfg, None).next(4), _data_source(folder_cfg, None).next(4)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert train(packed_cfg, progress=False)["steps"] == 2
-    with pytest.raises(ConfigError, match="holds 32px crops, data.image_size=64"):
+    with pytest.raises(ConfigError, match="holds 32px crops, not 64px"):
         _data_source(load_config("toy", overrides=base + ["data.source=packed", f"data.path={tmp_path / 'packed'}",
                                                           "data.image_size=64", "model.arch=SiT-T/4"]), None)

@@ -71,7 +71,8 @@ def open_images(kind: str, path: str, image_size: int, split: str = "train", hfl
 
         dataset = PackedDataset(path, hflip, seed, max_pixels)
         if dataset.image_size != image_size:
-            raise ValueError(f"{path} holds {dataset.image_size}px crops, not the {image_size}px asked for")
+            raise ValueError(f"{path} holds {dataset.image_size}px crops, not {image_size}px "
+                             f"(data.image_size, or the model's image size when evaluating)")
         return dataset
     if kind == "hf":
         from repae.data.hf import open_table_images
