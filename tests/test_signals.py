@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import repae
 from repae import cli
@@ -190,3 +191,49 @@ def test_other_errors_keep_their_traceback(monkeypatch):
     with pytest.raises(ZeroDivisionError):
         main(["config"])
 
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_the_same_command_ends_bit_identical(tmp_path, cache):
+    """SIGKILL (no handler runs) of `repae train` at seeded random moments (while it imports, trains, writes a
+    checkpoint or its log), then the same command again, until one finishes: the weights equal an
+    uninterrupted run's bit for bit and the log holds each step once (issue 17)."""
+    import random
+
+    from repae.train.checkpoint import latest_checkpoint
+    from repae.weights import read_file
+
+    steps = 40  # enough that most kills land mid-run, though every restart pays the imports again
+    budget = [f"train.max_steps={steps}", "train.ckpt_every=1", "train.log_every=1", "train.keep_last=2",
+              "train.sample_every=100000", "eval.num_samples=0"]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+
+    def command(out):
+        return [sys.executable, "-m", "repae.cli", "train", "--no-progress", *TINY, *budget,
+                f"toy.cache_dir={cache}", f"output_dir={out}"]
+
+    start = time.monotonic()
+    subprocess.run(command(tmp_path / "straight"), env=env, check=True, capture_output=True, timeout=300)
+    whole = time.monotonic() - start
+    rng, kills, progress = random.Random(17), 0, []
+    killed_dir = load_config("toy", overrides=TINY + [f"output_dir={tmp_path / 'killed'}"]).run_dir
+    for _ in range(6):
+        proc = subprocess.Popen(command(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.2, whole / 2))  # from the imports to well into the run
+        if proc.poll() is not None:  # it finished first
+            break
+        proc.kill()
+        proc.wait()
+        kills += 1
+        progress.append(len(logged_steps(killed_dir)))
+    print(f"uninterrupted run {whole:.1f} s; steps logged at each kill: {progress}")
+    done = subprocess.run(command(tmp_path / "killed"), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert kills >= 3 and sum(0 < n < steps for n in progress) >= 2, progress  # kills landed mid-run
+    assert logged_steps(killed_dir) == list(range(1, steps + 1))
+    straight_dir = load_config("toy", overrides=TINY + [f"output_dir={tmp_path / 'straight'}"]).run_dir
+    for name in ("sit", "ema", "vae", "regulariser"):
+        a = read_file(latest_checkpoint(straight_dir) / f"{name}.safetensors")
+        b = read_file(latest_checkpoint(killed_dir) / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
