@@ -43,6 +43,15 @@ class ImageRecords(Dataset):
     def _describe(self, j: int) -> str:
         return f"record {j}"
 
+    def read_record(self, j: int) -> Tuple[np.ndarray, int]:
+        """Record j as stored: (uint8 [S,S,3] centre-cropped, label), never flipped or replaced. Raises
+        UnreadableImage when it cannot be used: evaluation skips such a record, training takes the next."""
+        return self._load(j), self._label(j)
+
+    def describe(self, j: int) -> str:
+        """Record j's name, for messages and skip lists."""
+        return self._describe(j)
+
     def _too_many_bad(self, i: int) -> Exception:
         return UnreadableImagesError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row from {self._describe(i)}: "
                                      f"is this an image dataset?")

@@ -214,12 +214,12 @@ class RecordImages:
             images, labels = [], []
             for j in range(start, min(start + self.batch_size, self.block.stop)):
                 try:
-                    arr = self.dataset._load(j)  # uint8 [S,S,3]
+                    arr, label = self.dataset.read_record(j)  # uint8 [S,S,3], int
                 except UnreadableImage:
-                    self.skipped.append(self.dataset._describe(j))
+                    self.skipped.append(self.dataset.describe(j))
                     continue
                 images.append(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-                labels.append(int(self.dataset._label(j)))
+                labels.append(int(label))
             if images:
                 yield torch.from_numpy(np.stack(images)), torch.tensor(labels)
 
