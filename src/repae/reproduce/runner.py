@@ -39,7 +39,8 @@ class Plan:
     jobs: int = 2  # runs at once
 
 
-# --quick: fits 30 minutes on the 2-core development CPU with nothing cached (measured: README)
+# --quick: 24 min on a 2-core AVX-512 BF16 CPU with nothing cached (toy world v3); over 30 on an AVX2-only one
+# (toy world v5): README
 QUICK = Plan(steps=300, eval_every=100, seeds=[0], samples=250, jobs=2)
 # the default: ~2.5 h on that CPU (1-thread runs: REPA-E arms ~64 images/s, frozen-VAE arms ~240);
 # re-running the same command after an interruption continues where it stopped
