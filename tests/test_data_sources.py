@@ -329,3 +329,20 @@ def test_evaluate_reads_every_source_as_the_folder(copies, tmp_path):
         for key in ("num_images", "unreadable_images_skipped", "psnr", "ssim"):
             assert rec["metrics"][key] == folder["metrics"][key], (data, key)
     assert evaluate(copies / "hf")["metrics"]["num_images"] == 3  # the default split is validation
+
+
+def test_reproduction_heldout_set_reads_any_source(copies):
+    """`repae bench reproduce --heldout PATH` takes parquet (its validation split) and tar shards as it takes a
+    folder: the same images and labels."""
+    from repae.reproduce.judges import heldout_set
+
+    cfg = cfg_for(copies, "folder", copies / "folder")
+    folder = image_dataset(cfg)
+    first3 = torch.stack([folder[i][0] for i in range(3)]), [folder[i][1] for i in range(3)]
+    images, labels, where = heldout_set(cfg, str(copies / "hf"), 3)  # validation-00000-of-00001: records 0..2
+    assert torch.equal(images, first3[0]) and labels.tolist() == first3[1] and where == str(copies / "hf")
+    a, ya, _ = heldout_set(cfg, str(copies / "wds"), 10)
+    b, yb, _ = heldout_set(cfg, str(copies / "folder"), 10)
+    assert torch.equal(a, b) and torch.equal(ya, yb)
+    with pytest.raises(ConfigError, match="nope"):
+        heldout_set(cfg, str(copies / "nope"), 3)

@@ -314,10 +314,11 @@ def add_parser(sub) -> None:
                                              "--warmup of them untimed)")
     g.add_argument("--eval-every", type=int, help="measure a checkpoint every this many steps")
     g.add_argument("--jobs", type=int, help="runs at once (cores are split between them)")
-    g.add_argument("--heldout", metavar="DIR", help="real data only: labelled images (class sub-folders) to measure "
-                                                    "against (default: the training data, data.path)")
+    g.add_argument("--heldout", metavar="PATH", help="real data only: labelled images to measure against: class "
+                                                     "sub-folders, parquet/arrow (validation split), tar shards or a "
+                                                     "prepare-data store (default: the training data, data.path)")
     g.add_argument("--heldout-images", type=int, default=None, metavar="N",
-                   help="real data only: how many held-out images, spread evenly over the folder (default 1000)")
+                   help="real data only: how many held-out images, spread evenly over them (default 1000)")
     p.set_defaults(func=run_bench)
 
 

@@ -119,18 +119,19 @@ def detect_kind(path: str) -> str:
     return "folder"
 
 
-def image_dataset(cfg: RunConfig, folder: Optional[str] = None, hflip: bool = False) -> ImageRecords:
-    """The Dataset of cfg.data at data.image_size (`folder`: that image folder instead).
-    ConfigError (one line, naming data.path) if it cannot be used."""
+def image_dataset(cfg: RunConfig, path: Optional[str] = None, hflip: bool = False) -> ImageRecords:
+    """The Dataset of cfg.data at data.image_size, or of `path` instead (held-out images: any source
+    `detect_kind` tells apart; tables named by split give their validation split).
+    ConfigError (one line, naming data.path or the path) if it cannot be used."""
     from repae.hub import HubError
 
-    if folder is not None:
-        from repae.data.folder import ImageFolder
-
+    if path is not None:
+        kind = detect_kind(path)
         try:
-            return ImageFolder(folder, cfg.data.image_size, hflip, cfg.train.seed, cfg.data.max_image_pixels)
-        except (FileNotFoundError, ValueError) as err:
-            raise ConfigError(f"{folder}: {err}") from None
+            return open_images(kind, path, cfg.data.image_size, split="validation", hflip=hflip, seed=cfg.train.seed,
+                               max_pixels=cfg.data.max_image_pixels)
+        except (FileNotFoundError, ValueError, HubError) as err:
+            raise ConfigError(f"{path} ({kind}): {err}") from None
     if not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path "
                           f"({_PATH_HELP.get(cfg.data.source, 'a folder of class sub-folders')})")

@@ -86,8 +86,10 @@ def toy_judges(cfg: RunConfig) -> Judges:
 
 
 def heldout_set(cfg: RunConfig, folder: Optional[str], n: int) -> Tuple[torch.Tensor, torch.Tensor, str]:
-    """(uint8 [m,3,S,S], labels [m], where from): m <= n images spread evenly over `folder` (class
-    sub-folders; ADM centre crop to data.image_size) or, without one, over the training data."""
+    """(uint8 [m,3,S,S], labels [m], where from): m <= n images spread evenly over `folder` (any labelled
+    source repae.data.sources reads: class sub-folders, parquet/arrow (its validation split where files are
+    named by split), tar shards, a prepare-data store; ADM centre crop to data.image_size) or, without
+    one, over the training data."""
     from repae.data.sources import image_dataset
 
     where = folder or cfg.data.path
