@@ -435,3 +435,26 @@ def test_samples_of_a_toy_run_add_inception_when_its_file_is_there(tmp_path, tin
     assert rec["settings"]["reference"] == "toy world held-out set"
     m = rec["metrics"]
     assert m["fid"] >= 0 and m["num_images"] == 20 and m["toy_num_images"] == 20 and m["precision"] is not None
+
+
+def test_ref_stats_of_tar_shards_equal_the_same_images_in_a_folder(tmp_path, tiny_inception):
+    """`repae evaluate ref-stats` reads WebDataset tar shards (and the other sources `repae train` reads) as it
+    reads a folder: the same images, cropped alike, give the same statistics."""
+    import io
+    import tarfile
+
+    images = random_images(6, 24, seed=5)
+    write_pngs(tmp_path / "png" / "a", images)  # one class folder: the folder reader's order is the file order
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        for k, path in enumerate(sorted((tmp_path / "png" / "a").iterdir())):
+            for name, payload in ((f"{k:04d}.png", path.read_bytes()), (f"{k:04d}.cls", b"0")):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    for source, out in ((tmp_path / "png", "folder.npz"), (tmp_path / "shard.tar", "tar.npz")):
+        assert run_cli("ref-stats", source, "--image-size", 16, "--out", tmp_path / out, "--inception",
+                       tiny_inception, "--no-progress") == 0
+    with np.load(tmp_path / "folder.npz") as a, np.load(tmp_path / "tar.npz") as b:
+        for key in ("mu", "sigma", "mu_s", "sigma_s"):
+            np.testing.assert_array_equal(a[key], b[key])
+    assert json.loads((tmp_path / "tar.json").read_text())["settings"]["source"]["kind"] == "wds"

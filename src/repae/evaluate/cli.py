@@ -262,14 +262,21 @@ def cmd_ref_stats(args) -> int:
     from repae import dist
     from repae.evaluate.loading import inception_path, save_npz_atomic
     from repae.evaluate.pipeline import reference_statistics
+    from repae.data.sources import detect_kind
     from repae.evaluate.sources import open_folder, open_npz, source_kind
 
     device = _device(args.device, distributed=True)
-    kind = source_kind(args.source)
+    data_kind = detect_kind(args.source)  # parquet/arrow, tar shards and prepare-data stores, as training reads them
+    kind = data_kind if data_kind != "folder" else source_kind(args.source)
     rank, world = dist.rank(), dist.world_size()
-    if kind == "checkpoint":
+    if kind in ("hf", "wds", "packed"):
+        from repae.evaluate.loading import open_data
+
+        source = open_data(args.source, None, image_size=args.image_size, batch_size=args.batch_size,
+                           limit=args.num_images, max_pixels=args.max_image_pixels, split=args.split).source
+    elif kind == "checkpoint":
         raise EvaluationError(f"ref-stats reads images (a folder or an .npz), not a checkpoint: {args.source}")
-    if kind == "npz":
+    elif kind == "npz":
         if args.image_size:
             raise EvaluationError("--image-size (ADM centre crop) applies to image folders, not to an .npz")
         source = open_npz(args.source, args.batch_size, rank, world, args.num_images)
@@ -288,7 +295,8 @@ def cmd_ref_stats(args) -> int:
     if args.with_images:
         arrays = {"arr_0": images, **arrays}
     out = save_npz_atomic(args.out, **arrays)
-    settings = {"source": {"kind": kind, "path": args.source}, "image_size": args.image_size,
+    settings = {"source": {"kind": kind, "path": args.source, **({"split": args.split} if kind == "hf" else {})},
+                "image_size": args.image_size,
                 "crop": "ADM centre crop" if args.image_size else None, "with_images": args.with_images,
                 "inception_precision": args.precision, "distributed_split": SPLIT_NOTE}
     metrics = {"num_images": n, "stats_file": str(out), "keys": sorted(arrays), **skipped}
@@ -725,7 +733,9 @@ def _add_ref_stats(sub) -> None:
     p = sub.add_parser("ref-stats", help="reference statistics (ADM keys mu, sigma, mu_s, sigma_s) of images",
                        description="Writes --out (.npz with mu, sigma, mu_s, sigma_s; with --with-images also "
                                    "arr_0, so precision/recall can use it) and a JSON record beside it.")
-    p.add_argument("source", help="image folder (recursive) or .npz with arr_0")
+    p.add_argument("source", help="image folder (recursive), .npz with arr_0, or parquet/arrow files (or a hub "
+                                  "dataset id), tar shards or a prepare-data store (these need --image-size)")
+    _split_arg(p)
     p.add_argument("--inception", help="pt_inception-2015-12-05-6726825d.pth")
     p.add_argument("--image-size", type=int, help="ADM centre crop of folder images to this size (default: as is)")
     p.add_argument("--with-images", action="store_true", help="also store the images as arr_0 (one size needed)")
