@@ -242,14 +242,16 @@ def test_train_ldm_refuses_a_config_that_does_not_fit_the_cache(world, tmp_path)
 def test_image_folder_cache_and_batches_with_workers(world, tmp_path):
     from PIL import Image
 
-    from repae.stage2.cache import FolderSource
+    from repae.data.sources import cache_source
     from repae.stage2.latents import LatentBatches
 
     for i in range(6):  # two classes, three images each
         folder = tmp_path / "folder" / f"class{i % 2}"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(world.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
-    source = FolderSource(tmp_path / "folder", image_size=32, num_workers=1)
+    cfg = load_config("toy", overrides=["data.source=folder", f"data.path={tmp_path / 'folder'}", "data.image_size=32",
+                                        "loss.proj_coeff=0", "loss.vae_align_proj_coeff=0"])
+    source = cache_source(cfg, num_workers=1)  # what `repae cache-latents --data FOLDER` reads
     manifest = cache_latents(world.vae, source, tmp_path / "c", vae_file=world.export / "vae.safetensors",
                              shard_size=4, batch_size=2, progress=False)
     assert manifest["source"]["kind"] == "folder" and manifest["classes"] == ["class0", "class1"]

@@ -107,21 +107,6 @@ class DatasetSource:
         return torch.stack([self.dataset[int(i)][0] for i in indices])
 
 
-class FolderSource(DatasetSource):
-    """An image folder (class sub-folders) with the ADM centre crop."""
-
-    def __init__(self, root: str | Path, image_size: int = 256, num_workers: int = 4,
-                 max_pixels: Optional[int] = None):
-        from repae.data.folder import ImageFolder
-        from repae.data.images import DEFAULT_MAX_PIXELS
-        from repae.data.sources import identity
-
-        self.root = Path(root).resolve()
-        dataset = ImageFolder(self.root, image_size, hflip=False, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
-        super().__init__(dataset, identity("folder", str(self.root), dataset), num_workers)
-
-
-
 # ----------------------------------------------------------------------------- writing
 
 
