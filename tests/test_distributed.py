@@ -155,6 +155,17 @@ def test_resume_under_two_processes_continues_exactly(tmp_path):
             assert torch.equal(a[name][key], b[name][key]), f"{name}.{key}"
 
 
+def test_under_compat_official_the_trained_pos_embed_stays_equal_on_every_rank(tmp_path):
+    """The official loop trains pos_embed without all-reducing its gradient, so its ranks drift apart;
+    under compat=official it is an ordinary parameter of repae's DDP-wrapped SiT: trained, yet the same on
+    both ranks after every step (_spawn compares every weight, pos_embed included)."""
+    train(tiny_cfg(tmp_path, *DDP_RUN, "exp_name=warm", "train.max_steps=1"), progress=False)  # build the world
+    _spawn(tmp_path, "exp_name=official", "compat=official", "train.max_steps=3")
+    frozen = _weights(tmp_path / "runs" / "warm")["sit"]["pos_embed"]  # compat=repae: still its initial value
+    trained = _weights(tmp_path / "runs" / "official")["sit"]["pos_embed"]
+    assert frozen.shape == trained.shape and not torch.equal(frozen, trained)
+
+
 def test_device_named_resolves_auto_and_keeps_explicit_names_without_a_process_group():
     from repae import dist
 
