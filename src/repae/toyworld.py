@@ -113,7 +113,7 @@ def teacher_accuracy(teacher: ToyTeacher, images, labels) -> float:
 # 500 held-out images): L1 17.4 dB with a per-pixel R,G,B spread of 2.1 (the data's: 29.7), MSE 19.0 dB
 # and 16.5; MSE at step 600 24.4 dB and 26.4. SD-VAE's own L1 came with LPIPS and a GAN, whose gradients
 # carry colour; the toy world has neither, so it pre-trains on MSE (+ the KL term at the official weight).
-# Batch and budget (issue 21 asks for the pre-training within 3 minutes; this recipe takes ~5-6 on 2 cores).
+# Batch and budget (issue 21 asks for the pre-training within 3 minutes; this recipe takes ~5-6 minutes on 2 cores).
 # Measured with one thread, lr 2e-3 one-cycle, 1000 held-out images, seed 0 unless said: batch 16 x 1300
 # steps 27.6 dB, 16 x 1600 28.0 (seed 1: 27.1), 8 x 2200 28.55 (seed 1: 22.3, colours off), 8 x 2600 28.6,
 # 8 x 1800 25.4. Narrower VAEs lose more: ch 12 x 1000 (batch 32) 27.0 dB, ch 8 x 1200 24.8. This recipe

@@ -43,7 +43,7 @@ class Plan:
 # measurement per arm at 150 steps. 300 steps with three measurements took over 30 minutes on a 2-core
 # AVX2-only CPU (toy world v5: one of eight arms done after 20.6 min); the time of this plan: README
 QUICK = Plan(steps=150, eval_every=150, seeds=[0], samples=200, jobs=2)
-# the default: ~2.5 h on that CPU (1-thread runs: REPA-E arms ~64 images/s, frozen-VAE arms ~240);
+# the default: ~2.5 h on a 2-core AVX-512 BF16 CPU, toy world v3 (1-thread runs: REPA-E arms ~64 images/s, frozen-VAE arms ~240);
 # re-running the same command after an interruption continues where it stopped
 FULL = Plan(steps=1200, eval_every=300, seeds=[0, 1], samples=500, jobs=2)
 
