@@ -270,10 +270,10 @@ def cmd_ref_stats(args) -> int:
     kind = data_kind if data_kind != "folder" else source_kind(args.source)
     rank, world = dist.rank(), dist.world_size()
     if kind in ("hf", "wds", "packed"):
-        from repae.evaluate.loading import open_data
+        from repae.evaluate.loading import open_records
 
-        source = open_data(args.source, None, image_size=args.image_size, batch_size=args.batch_size,
-                           limit=args.num_images, max_pixels=args.max_image_pixels, split=args.split).source
+        source = open_records(kind, args.source, args.image_size, args.batch_size, args.num_images,
+                              args.max_image_pixels, args.split, rank, world).source
     elif kind == "checkpoint":
         raise EvaluationError(f"ref-stats reads images (a folder or an .npz), not a checkpoint: {args.source}")
     elif kind == "npz":

@@ -218,7 +218,7 @@ def open_data(data: Optional[str], cfg, *, image_size: Optional[int], batch_size
 
     kind = detect_kind(data)
     if kind != "folder":
-        return _open_records(kind, data, image_size, batch_size, limit, max_pixels, split, rank, world)
+        return open_records(kind, data, image_size, batch_size, limit, max_pixels, split, rank, world)
     if not Path(data).is_dir():
         raise EvaluationError(f"data folder not found: {data}")
     source = open_folder(data, batch_size, image_size, rank, world, limit, labelled=True, workers=workers,
@@ -229,8 +229,10 @@ def open_data(data: Optional[str], cfg, *, image_size: Optional[int], batch_size
     return Data(source, info)
 
 
-def _open_records(kind: str, data: str, image_size: Optional[int], batch_size: int, limit: Optional[int],
-                  max_pixels: int, split: str, rank: int, world: int) -> Data:
+def open_records(kind: str, data: str, image_size: Optional[int], batch_size: int, limit: Optional[int],
+                 max_pixels: int, split: str, rank: int, world: int) -> Data:
+    """`data` read by the repae.data.sources reader of `kind` ('hf', 'wds' or 'packed', as `detect_kind`
+    named it), ADM centre crop to `image_size`; this process's contiguous block of batches."""
     from repae.data.sources import open_images
     from repae.hub import HubError
 
