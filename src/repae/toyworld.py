@@ -117,13 +117,12 @@ def teacher_accuracy(teacher: ToyTeacher, images, labels) -> float:
 # Measured with one thread, lr 2e-3 one-cycle, 1000 held-out images, seed 0 unless said: batch 16 x 1300
 # steps 27.6 dB, 16 x 1600 28.0 (seed 1: 27.1), 8 x 2200 28.55 (seed 1: 22.3, colours off), 8 x 2600 28.6,
 # 8 x 1800 25.4. Narrower VAEs lose more: ch 12 x 1000 (batch 32) 27.0 dB, ch 8 x 1200 24.8. This recipe
-# itself depends on the seed too: 32 x 1200 gave 29.6 (seed 0, the toy world's), 28.7 (seed 1) and 26.3 dB
-# (seed 2). Its result is a function of the seed, so the world is reproducible, but not robust yet.
-# Seed 2 lags from the start, not after a spike (200 held-out images: 21.6 dB at step 400 against seed
-# 0's 24.3). Seeds 0-4, 5% warm-up: 29.63, 28.7, 26.34, 28.15, 27.45 dB; 15% warm-up: 28.85, 28.74,
-# 28.36, 28.11, 27.44. The longer warm-up rescues seed 2 only (seeds 3 and 4 are unchanged, seed 0 loses
-# 0.8 dB), so it is no fix: at this budget 1 seed in 5 stays below 28 dB either way. Also seed 2: lr 1e-3
-# with 5% 27.3; batch 16 x 1400 with 15% 27.7 and 26.4 (seeds 0, 2).
+# (32 x 1200, 5% warm-up) depends on the seed too: 29.63, 28.7, 26.34, 28.15, 27.45 dB for seeds 0-4, so
+# the world (seed 0) is reproducible, but the recipe is not robust. Seed 2 lags from the start, not after
+# a spike (200 held-out images: 21.6 dB at step 400 against seed 0's 24.3). A 15% warm-up gave 28.85,
+# 28.74, 28.36, 28.11, 27.44: it rescues seed 2 only (seeds 3 and 4 are unchanged, seed 0 loses 0.8 dB),
+# so it is no fix: 1 seed in 5 stays below 28 dB either way. Also seed 2: lr 1e-3 with 5% 27.3; batch
+# 16 x 1400 with 15% 27.7 and 26.4 (seeds 0, 2).
 VAE_LOSS = "mse"
 VAE_KL_WEIGHT = 1e-6
 VAE_LR = 2e-3
