@@ -112,6 +112,30 @@ def test_verdicts_say_when_a_claim_fails():
     assert rep.claim_b(crashed)[0] == "does not reproduce"
 
 
+def test_unguided_claims_judge_the_samples_without_cfg_and_show_the_guided_ones():
+    # REPA-E ahead with the run's sampler (CFG) but behind without CFG, the paper's protocol; REPA
+    # ahead of vanilla without CFG in one seed of two, and on the mean
+    r = _results({"repae": (15, 10), "repa": (40, 20), "vanilla": (45, 25)})
+    unguided = {"repae": [30.0, 26.0], "repa": [24.0, 25.0], "vanilla": [23.0, 31.0]}  # per seed, last step
+    for arm, values in unguided.items():
+        r["metrics"][arm]["1"] = {step: dict(m) for step, m in r["metrics"][arm]["0"].items()}
+        for seed, value in enumerate(values):
+            r["metrics"][arm][str(seed)]["2"].update(fid_unguided=value, class_accuracy_unguided=0.1 * (seed + 1))
+    assert rep.claim_c(r)[0] == "reproduces"  # 10 < 20 in both seeds, with CFG
+    verdict, evidence = rep.claim_c_unguided(r)
+    assert verdict == "does not reproduce"  # 28 > 24.5
+    assert "REPA 24.5 ± 0.71, REPA-E 28 ± 2.8 (REPA-E lower in 0 of 2 seeds)" in evidence
+    assert "with the run's sampler: toy FID REPA 20 ± 0, REPA-E 10 ± 0" in evidence
+    verdict, evidence = rep.claim_f(r)
+    assert verdict == "partly"  # 24.5 < 27 on the mean, but 24 > 23 in seed 0
+    assert "vanilla 27 ± 5.7, REPA 24.5 ± 0.71 (REPA lower in 1 of 2 seeds)" in evidence
+    r["metrics"]["repa"]["0"]["2"]["fid_unguided"] = 22.0
+    assert rep.claim_f(r)[0] == "reproduces"
+    # results measured before samples without CFG were: not measured, not refuted
+    old = _results({"repae": (15, 10), "repa": (40, 20), "vanilla": (45, 25)})
+    assert rep.claim_c_unguided(old)[0] == rep.claim_f(old)[0] == "not measured"
+
+
 def test_claim_a_judges_the_last_step_and_names_an_earlier_collapse():
     r = _results({"repae": (15, 10), "e2e-diffusion": (90, 80)}, sv={"e2e-diffusion": 1.5})
     r["metrics"]["e2e-diffusion"]["0"]["1"]["latent_spatial_variance"] = 0.3  # shrank, then grew back
@@ -245,8 +269,14 @@ def test_reproduce_command_runs_every_arm_measures_and_reports(tmp_path):
     start = results["initial_vae"]["latent_spatial_variance"]
     assert results["metrics"]["repa"]["0"]["2"]["latent_spatial_variance"] == pytest.approx(start, rel=1e-5)
     assert results["metrics"]["repae"]["0"]["2"]["latent_spatial_variance"] != pytest.approx(start, rel=1e-5)
+    # samples without CFG beside the run's own (the toy preset samples with CFG 4): drawn, not copied
+    from repae.reproduce.measure import UNGUIDED_KEYS, measure_run
+
+    for arm in names:
+        assert set(UNGUIDED_KEYS) <= set(results["metrics"][arm]["0"]["2"]), arm
+    assert results["metrics"]["repae"]["0"]["2"]["fid_unguided"] != results["metrics"]["repae"]["0"]["2"]["fid"]
     text = report.read_text()
-    for claim in "abcde":
+    for claim in ["a", "b", "c", "c w/o CFG", "d", "e", "f"]:
         assert f"| ({claim}) |" in text
     assert (report.parent / "docs" / "reproduction" / "fid_vs_steps.png").is_file()
     assert (report.parent / "docs" / "reproduction" / "grid-repae.png").is_file()
@@ -261,6 +291,16 @@ def test_reproduce_command_runs_every_arm_measures_and_reports(tmp_path):
     assert len(again["invocations"]) == 2 and "over 2 invocations" in report.read_text()
     for name, run in again["runs"].items():  # training time adds up over invocations
         assert run["train_seconds"] >= results["runs"][name]["train_seconds"]
+    # a measurement made before samples without CFG were: only those are added, the rest is kept
+    run_dir = out / "runs" / "repa-s0"
+    stored = json.loads((run_dir / "reproduce-metrics.json").read_text())
+    for m in stored.values():
+        for key in UNGUIDED_KEYS:
+            del m[key]
+    (run_dir / "reproduce-metrics.json").write_text(json.dumps(stored))
+    filled = measure_run(run_dir, 10)
+    assert filled["2"]["fid_unguided"] == pytest.approx(results["metrics"]["repa"]["0"]["2"]["fid_unguided"])
+    assert filled["2"]["fid"] == results["metrics"]["repa"]["0"]["2"]["fid"]
 
 
 def test_generation_verdicts_are_inconclusive_when_no_arm_beats_chance(tmp_path):

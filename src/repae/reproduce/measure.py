@@ -4,7 +4,8 @@ reproduction's judges (`repae.reproduce.judges`: the toy world's, or real data a
 Per checkpoint (EMA SiT, the checkpoint's VAE):
 - FID and class accuracy of `num_samples` class-balanced samples (the run's sampler settings):
   the toy evaluator's features and class on the toy world; on real data Inception's pool_3
-  features and the nearest held-out class mean in that space;
+  features and the nearest held-out class mean in that space; and the same without CFG
+  (`*_unguided`), the protocol of the papers' training-speed tables (REPA-E's Table 2, REPA's);
 - latent spatial variance and total variation of the VAE's posterior means on held-out images,
   on the raw latents (the paper's Table 1 measured these: 17.06 is the scale of raw SD-VAE
   latents) and on the latents the SiT sees, normalised by the run's latent normaliser with its
@@ -176,16 +177,19 @@ def latent_metrics(ckpt: Path, judges: Judges) -> Dict[str, object]:
     return vae_metrics(vae, judges, latent_norm=sit_normalizer(sit))
 
 
-@torch.no_grad()
-def checkpoint_metrics(ckpt: Path, judges: Judges, num_samples: int, grid_path: Optional[Path] = None) -> dict:
-    from repae.train.checkpoint import load_for_sampling
+UNGUIDED_KEYS = ("fid_unguided", "class_accuracy_unguided")
 
-    cfg, sit, vae = load_for_sampling(ckpt)
-    device = device_named(cfg.train.device)  # as the run trained: sampling is most of a measurement
-    sit, vae = sit.to(device), vae.to(device)
+
+@torch.no_grad()
+def sample_metrics(cfg, sit, vae, judges: Judges, num_samples: int, device, guided: bool = True,
+                   grid_path: Optional[Path] = None) -> Dict[str, float]:
+    """FID and class accuracy of `num_samples` class-balanced samples with the run's sampler
+    settings, or the same settings without CFG (guided=False: keys "fid_unguided", "class_accuracy_unguided")."""
+    settings = sampler_settings(cfg, seed=cfg.sample.seed + 1, device=device)
+    if not guided:
+        settings["cfg_scale"] = 1.0
     labels = torch.arange(num_samples) % cfg.model.num_classes
-    images = generate_images(sit, vae, labels, batch_size=125, progress=False,
-                             **sampler_settings(cfg, seed=cfg.sample.seed + 1, device=device))
+    images = generate_images(sit, vae, labels, batch_size=125, progress=False, **settings)
     if grid_path is not None:  # four rows of the first (up to) ten classes
         classes = cfg.model.num_classes
         cols = min(classes, GRID_CLASSES)
@@ -195,13 +199,43 @@ def checkpoint_metrics(ckpt: Path, judges: Judges, num_samples: int, grid_path: 
     # a class the held-out images lack has no class mean to be recognised by: not counted
     known = (torch.isin(labels, judges.class_means[1]) if judges.class_means is not None
              else torch.ones_like(labels, dtype=torch.bool))
+    suffix = "" if guided else "_unguided"
+    return {"fid" + suffix: frechet_distance_to_features(feats, *judges.reference),
+            "class_accuracy" + suffix: (predicted.cpu() == labels)[known].float().mean().item()}
+
+
+def unguided_sample_metrics(cfg, sit, vae, judges: Judges, num_samples: int, device,
+                            guided: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+    """The UNGUIDED_KEYS; a run that samples without CFG already has them in `guided` (not sampled twice)."""
+    if cfg.sample.cfg_scale == 1.0 and guided is not None:
+        return {"fid_unguided": guided["fid"], "class_accuracy_unguided": guided["class_accuracy"]}
+    return sample_metrics(cfg, sit, vae, judges, num_samples, device, guided=False)
+
+
+@torch.no_grad()
+def unguided_metrics(ckpt: Path, judges: Judges, num_samples: int) -> Dict[str, float]:
+    """Only the samples without CFG of a checkpoint: fills in what older measurements lack."""
+    from repae.train.checkpoint import load_for_sampling
+
+    cfg, sit, vae = load_for_sampling(ckpt)
+    device = device_named(cfg.train.device)
+    return unguided_sample_metrics(cfg, sit.to(device), vae.to(device), judges, num_samples, device)
+
+
+@torch.no_grad()
+def checkpoint_metrics(ckpt: Path, judges: Judges, num_samples: int, grid_path: Optional[Path] = None) -> dict:
+    from repae.train.checkpoint import load_for_sampling
+
+    cfg, sit, vae = load_for_sampling(ckpt)
+    device = device_named(cfg.train.device)  # as the run trained: sampling is most of a measurement
+    sit, vae = sit.to(device), vae.to(device)
+    guided = sample_metrics(cfg, sit, vae, judges, num_samples, device, grid_path=grid_path)
+    unguided = unguided_sample_metrics(cfg, sit, vae, judges, num_samples, device, guided)
     z = heldout_latents(vae, judges)
     z_norm = sit.bn.normalize(z.to(device)).cpu() if sit.bn is not None else z
     alignment = sit_encoder_alignment(sit, z_norm, judges.heldout_labels, judges.alignment_feats,
                                       t=CKNNA_T, depth=cfg.model.encoder_depth, path_type=cfg.flow.path_type)
-    return {"fid": frechet_distance_to_features(feats, *judges.reference),
-            "class_accuracy": (predicted.cpu() == labels)[known].float().mean().item(),
-            "cknna": alignment, **vae_metrics(vae, judges, z, sit_normalizer(sit)),
+    return {**guided, **unguided, "cknna": alignment, **vae_metrics(vae, judges, z, sit_normalizer(sit)),
             "num_samples": num_samples}
 
 
@@ -221,13 +255,16 @@ def measure_run(run_dir: Path, num_samples: int, judges: Optional[Judges] = None
     for ckpt in ckpts:
         step = str(checkpoint_step(ckpt))
         measured = step in done and done[step].get("num_samples") == num_samples
-        if measured and all(k in done[step] for k in LATENT_KEYS):
+        lacks_latents = not all(k in done[step] for k in LATENT_KEYS) if measured else True
+        lacks_unguided = not all(k in done[step] for k in UNGUIDED_KEYS) if measured else True
+        if measured and not lacks_latents and not lacks_unguided:
             continue
         if judges is None:
             judges = judges_for(load_config(None, [ckpt / "config.yaml"], world_size=1), judges_dir)
         try:
-            if measured:  # measured before the normalised latents or spectra were: add them, keep the rest
-                done[step] = {**done[step], **latent_metrics(ckpt, judges)}
+            if measured:  # measured before the normalised latents, spectra or unguided samples were: add them
+                done[step] = {**done[step], **(latent_metrics(ckpt, judges) if lacks_latents else {}),
+                              **(unguided_metrics(ckpt, judges, num_samples) if lacks_unguided else {})}
             else:
                 done[step] = checkpoint_metrics(ckpt, judges, num_samples, run_dir / "reproduce-grids" / f"step-{step}.png")
         except Exception as err:  # e.g. a Frechet distance that cannot be computed on collapsed samples:
