@@ -291,16 +291,18 @@ def test_reproduce_command_runs_every_arm_measures_and_reports(tmp_path):
     assert len(again["invocations"]) == 2 and "over 2 invocations" in report.read_text()
     for name, run in again["runs"].items():  # training time adds up over invocations
         assert run["train_seconds"] >= results["runs"][name]["train_seconds"]
-    # a measurement made before samples without CFG were: only those are added, the rest is kept
+    # a measurement made before samples without CFG and latent spectra were: only those are added, the rest is kept
     run_dir = out / "runs" / "repa-s0"
     stored = json.loads((run_dir / "reproduce-metrics.json").read_text())
     for m in stored.values():
-        for key in UNGUIDED_KEYS:
+        for key in (*UNGUIDED_KEYS, "latent_high_frequency_fraction_normalized"):
             del m[key]
     (run_dir / "reproduce-metrics.json").write_text(json.dumps(stored))
     filled = measure_run(run_dir, 10)  # sampled again here, with this process's threads (the runner's differ)
     assert math.isfinite(filled["2"]["fid_unguided"]) and filled["2"]["fid_unguided"] != filled["2"]["fid"]
     assert filled["2"]["fid"] == results["metrics"]["repa"]["0"]["2"]["fid"]
+    before = results["metrics"]["repa"]["0"]["2"]["latent_high_frequency_fraction_normalized"]
+    assert filled["2"]["latent_high_frequency_fraction_normalized"] == pytest.approx(before, rel=1e-4)
 
 
 def test_generation_verdicts_are_inconclusive_when_no_arm_beats_chance(tmp_path):

@@ -167,16 +167,6 @@ LATENT_KEYS = ("latent_spatial_variance_normalized", "latent_total_variation_nor
                "latent_high_frequency_fraction", "latent_high_frequency_fraction_normalized")
 
 
-@torch.no_grad()
-def latent_metrics(ckpt: Path, judges: Judges) -> Dict[str, object]:
-    """Only the VAE metrics of a checkpoint (no sampling): fills in what older measurements lack."""
-    from repae.train.checkpoint import load_for_sampling
-
-    cfg, sit, vae = load_for_sampling(ckpt)
-    vae = vae.to(device_named(cfg.train.device))
-    return vae_metrics(vae, judges, latent_norm=sit_normalizer(sit))
-
-
 UNGUIDED_KEYS = ("fid_unguided", "class_accuracy_unguided")
 
 
@@ -213,13 +203,20 @@ def unguided_sample_metrics(cfg, sit, vae, judges: Judges, num_samples: int, dev
 
 
 @torch.no_grad()
-def unguided_metrics(ckpt: Path, judges: Judges, num_samples: int) -> Dict[str, float]:
-    """Only the samples without CFG of a checkpoint: fills in what older measurements lack."""
+def missing_metrics(ckpt: Path, judges: Judges, num_samples: int, stored: Dict[str, object]) -> Dict[str, object]:
+    """What a measurement made by an older version (`stored`) lacks: the VAE metrics (normalised
+    latents, spectra; no sampling) and the samples without CFG, the checkpoint loaded once."""
     from repae.train.checkpoint import load_for_sampling
 
     cfg, sit, vae = load_for_sampling(ckpt)
     device = device_named(cfg.train.device)
-    return unguided_sample_metrics(cfg, sit.to(device), vae.to(device), judges, num_samples, device)
+    sit, vae = sit.to(device), vae.to(device)
+    out: Dict[str, object] = {}
+    if not all(k in stored for k in LATENT_KEYS):
+        out.update(vae_metrics(vae, judges, latent_norm=sit_normalizer(sit)))
+    if not all(k in stored for k in UNGUIDED_KEYS):
+        out.update(unguided_sample_metrics(cfg, sit, vae, judges, num_samples, device, stored))
+    return out
 
 
 @torch.no_grad()
@@ -255,16 +252,13 @@ def measure_run(run_dir: Path, num_samples: int, judges: Optional[Judges] = None
     for ckpt in ckpts:
         step = str(checkpoint_step(ckpt))
         measured = step in done and done[step].get("num_samples") == num_samples
-        lacks_latents = not all(k in done[step] for k in LATENT_KEYS) if measured else True
-        lacks_unguided = not all(k in done[step] for k in UNGUIDED_KEYS) if measured else True
-        if measured and not lacks_latents and not lacks_unguided:
+        if measured and all(k in done[step] for k in LATENT_KEYS + UNGUIDED_KEYS):
             continue
         if judges is None:
             judges = judges_for(load_config(None, [ckpt / "config.yaml"], world_size=1), judges_dir)
         try:
             if measured:  # measured before the normalised latents, spectra or unguided samples were: add them
-                done[step] = {**done[step], **(latent_metrics(ckpt, judges) if lacks_latents else {}),
-                              **(unguided_metrics(ckpt, judges, num_samples) if lacks_unguided else {})}
+                done[step] = {**done[step], **missing_metrics(ckpt, judges, num_samples, done[step])}
             else:
                 done[step] = checkpoint_metrics(ckpt, judges, num_samples, run_dir / "reproduce-grids" / f"step-{step}.png")
         except Exception as err:  # e.g. a Frechet distance that cannot be computed on collapsed samples:
