@@ -304,7 +304,7 @@ def add_parser(sub) -> None:
                                       "there already (default: a temporary folder)")
     p.add_argument("--out", help="also write the result as JSON here")
     g = p.add_argument_group("reproduce")
-    g.add_argument("--quick", action="store_true", help="the short plan (1 seed, 300 steps) instead of the full "
+    g.add_argument("--quick", action="store_true", help="the short plan (1 seed, 150 steps) instead of the full "
                                                         "one (2 seeds, 1200 steps); times in the README")
     g.add_argument("--dir", help="runs, logs and results.json (default: runs/reproduce[-quick])")
     g.add_argument("--report", help="where REPRODUCTION.md goes, figures in docs/reproduction/ beside it "
