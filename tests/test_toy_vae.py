@@ -94,3 +94,23 @@ def test_the_preset_recipe_pretrains_a_colour_vae(tmp_path):
     stats = toyworld.colour_statistics(vae, held)
     assert toyworld.psnr(vae, held) >= 28.0
     assert toyworld.colours_are_faithful(stats), stats
+
+
+
+@pytest.mark.parametrize("which", ["vae", "teacher"])
+def test_muon_takes_the_hidden_filters_and_adamw_the_rest(which):
+    """The world's VAE and teacher (and evaluator) train every parameter once: Muon takes the hidden matrices and
+    filters, AdamW the vectors and the first and last layers, as Muon's authors keep them."""
+    if which == "vae":
+        model, edge, hidden = toyworld.AutoencoderKL(vae_args(load_config("toy"))), toyworld.VAE_EDGE_PARAMS, (
+            "decoder.mid.attn_1.q.weight", "encoder.down.0.block.0.conv1.weight")
+        muon, adamw = toyworld._vae_optimisers(model)
+    else:
+        model, edge, hidden = toyworld.ToyTeacher(), toyworld.TEACHER_EDGE_PARAMS, ("attn.in_proj_weight", "stem.1.0.weight")
+        muon, adamw = toyworld._teacher_optimisers(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert in_muon.isdisjoint(in_adamw) and in_muon | in_adamw == set(names.values())
+    assert set(edge) <= in_adamw and set(hidden) <= in_muon
+    assert all(model.get_parameter(n).ndim == 1 for n in in_adamw - set(edge))

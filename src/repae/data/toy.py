@@ -2,9 +2,10 @@
 
 Image i is a pure function of (seed, i): class = i mod 10 (so any contiguous range is
 class-balanced), and colour, size, position, rotation and background come from a
-generator seeded by (seed, i). Shapes are rasterised at 4x and averaged down, so edges
-are anti-aliased. No two classes are rotations of each other, so rotation is a nuisance
-variable, not a class cue.
+generator seeded by (seed, i). Each shape's mask is rasterised at 4x and averaged down to
+its coverage of each pixel, so edges are anti-aliased (toy world v6; v5 and earlier blended whole
+4x images, which differs by at most 1/255 on 0.2% of the pixels and took twice as long). No two
+classes are rotations of each other, so rotation is a nuisance variable, not a class cue.
 
 Shapes are tilted by at most MAX_TILT_DEG and fill 60-84% of the image width. Measured (v2 -> v3
 of the toy world, the default `repae train`, 1200 steps on an H100): with any rotation and 48-80%
@@ -64,28 +65,30 @@ def render(index: int, seed: int = 0, size: int = 32) -> Tuple[np.ndarray, int]:
     """Image `index` of the toy world: (uint8 [size,size,3], label)."""
     label = index % len(CLASSES)
     rng = np.random.default_rng([seed, index])
-    n = size * _SUPER
-    ys, xs = np.mgrid[0:n, 0:n].astype(np.float32) / n  # [0,1) coordinates
-    # background: a linear gradient between two colours in a random direction, plus faint noise
+    # background: a linear gradient between two colours in a random direction, plus faint noise.
+    # A linear ramp's mean over a pixel's supersamples is its value at their centre, so it is computed
+    # per pixel; only the shape's mask is supersampled (its coverage anti-aliases the edges)
     bg_hue = rng.random()
     bg_val = rng.uniform(0.1, 0.45) if rng.random() < 0.5 else rng.uniform(0.65, 0.95)
     c0 = _hsv(bg_hue, rng.uniform(0.0, 0.6), bg_val)
     c1 = _hsv(bg_hue + rng.uniform(-0.15, 0.15), rng.uniform(0.0, 0.6), np.clip(bg_val + rng.uniform(-0.15, 0.15), 0, 1))
     angle = rng.uniform(0, 2 * np.pi)
+    n = size * _SUPER
+    ys, xs = (np.mgrid[0:size, 0:size].astype(np.float32) * _SUPER + (_SUPER - 1) / 2) / n  # supersample centres
     ramp = (np.cos(angle) * (xs - 0.5) + np.sin(angle) * (ys - 0.5) + 0.71) / 1.42
-    image = c0 * (1 - ramp[..., None]) + c1 * ramp[..., None]
+    background = c0 * (1 - ramp[..., None]) + c1 * ramp[..., None]
     # shape: its own hue, value far from the background's so it always stands out
     fg_val = rng.uniform(0.75, 1.0) if bg_val < 0.5 else rng.uniform(0.05, 0.35)
     fg = _hsv(bg_hue + rng.uniform(0.25, 0.75), rng.uniform(0.55, 1.0), fg_val)
     radius = rng.uniform(*RADIUS_RANGE)
     cx, cy = rng.uniform(radius, 1 - radius, size=2)
     rot = np.deg2rad(rng.uniform(-MAX_TILT_DEG, MAX_TILT_DEG))
+    ys, xs = np.mgrid[0:n, 0:n].astype(np.float32) / n  # [0,1) coordinates of the supersamples
     dx, dy = (xs - cx) / radius, (ys - cy) / radius
     u = np.cos(rot) * dx + np.sin(rot) * dy
     v = -np.sin(rot) * dx + np.cos(rot) * dy
-    inside = _mask(label, u, -v).astype(np.float32)[..., None]
-    image = image * (1 - inside) + fg * inside
-    image = image.reshape(size, _SUPER, size, _SUPER, 3).mean(axis=(1, 3))
+    coverage = _mask(label, u, -v).reshape(size, _SUPER, size, _SUPER).mean(axis=(1, 3), dtype=np.float32)[..., None]
+    image = background * (1 - coverage) + fg * coverage
     image = image + rng.normal(0, 0.015, image.shape).astype(np.float32)
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), label
 
