@@ -96,7 +96,6 @@ def test_the_preset_recipe_pretrains_a_colour_vae(tmp_path):
     assert toyworld.colours_are_faithful(stats), stats
 
 
-
 @pytest.mark.parametrize("which", ["vae", "teacher"])
 def test_muon_takes_the_hidden_filters_and_adamw_the_rest(which):
     """The world's VAE and teacher (and evaluator) train every parameter once: Muon takes the hidden matrices and

@@ -6,8 +6,8 @@ torch.optim.Muon's rule exactly (Nesterov momentum, the quintic coefficients, de
 "match_rms_adamw" step size 0.2·sqrt(max(rows, cols))), with two differences: a filter [out, in, k, k]
 is orthogonalised as the matrix [out, in·k·k] (torch's Muon only takes 2-D parameters), and the
 Newton-Schulz steps run in `ns_dtype`, float32 by default (torch's run in bf16, which is slow on CPUs
-without native bf16 arithmetic). Orthogonalising commutes with permuting the columns, so the filter's
-memory layout (channels_last or not) does not change the update.
+without native bf16 arithmetic). The matrix is read in the filter's logical order, so its memory
+layout (channels_last or not) does not change the update.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ from repae.nn_utils import autocast
 from repae.pixels import from_vae_range, to_vae_range
 from repae.weights import load_strict, read_file, save_latent_stats, save_model, save_weights
 
-# bump when the dataset or the recipes change, so old caches are not reused (v6: the VAE pre-trains with Muon)
+# bump when the dataset or the recipes change, so old caches are not reused (v6: the VAE, teacher and evaluator
+# pre-train with Muon; the renderer supersamples only the shapes' masks)
 VERSION = "v6"
 
 
@@ -79,8 +80,7 @@ def train_teacher(images, labels, steps: int, batch: int, seed: int = 0, grid: i
     torch.manual_seed(seed)
     teacher = ToyTeacher(grid=grid).to(device)
     optimisers = _teacher_optimisers(teacher)
-    schedules = [torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opt.defaults["lr"], total_steps=steps, pct_start=0.1,
-                                                     cycle_momentum=False) for opt in optimisers]
+    schedules = _one_cycle(optimisers, steps, warmup=0.1)
     bar = tqdm(_batches(images, labels, batch, steps, seed), total=steps, desc=desc, disable=not progress)
     for step, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -90,8 +90,7 @@ def train_teacher(images, labels, steps: int, batch: int, seed: int = 0, grid: i
         x = torch.rot90(x, int(torch.randint(0, 4, ())), dims=(2, 3))
         with autocast("auto", device):
             loss = F.cross_entropy(teacher.logits(x).float(), y)
-        for opt in optimisers:
-            opt.zero_grad(set_to_none=True)
+        teacher.zero_grad(set_to_none=True)
         loss.backward()
         for opt, sched in zip(optimisers, schedules):
             opt.step()
@@ -104,7 +103,8 @@ def train_teacher(images, labels, steps: int, batch: int, seed: int = 0, grid: i
 # Muon for the teacher's (and the evaluator's) hidden matrices and filters, AdamW for the rest: measured on toy
 # world v5's data (one thread, batch 64, held-out accuracy): the teacher 99.35% after 150 Muon steps and 99.9% after
 # 200, where AdamW's 200 gave 91.1% and its 400 (the v5 recipe) 99.5%; the evaluator (8x8 grid) 99.85% after 150
-# Muon steps (v5: 99.75% after 400 AdamW steps). 150 steps keep the whole world build within 5 minutes on 2 cores.
+# Muon steps (v5: 99.75% after 400 AdamW steps). With 150 steps rather than 200 the teacher took 40.4 s instead of
+# 53.3 s in the world build (2 threads).
 TEACHER_LR, TEACHER_MUON_LR = 1e-3, 5e-3
 TEACHER_EDGE_PARAMS = ("stem.0.0.weight", "head.weight")  # first conv and class head
 
@@ -120,6 +120,12 @@ def _muon_and_adamw(model: torch.nn.Module, edge: Tuple[str, ...], muon_lr: floa
     rest = [p for name, p in model.named_parameters() if p.ndim < 2 or name in edge]
     return [Muon(hidden, lr=muon_lr, weight_decay=weight_decay),
             torch.optim.AdamW(rest, lr=adamw_lr, betas=betas, weight_decay=weight_decay)]
+
+
+def _one_cycle(optimisers: list, steps: int, warmup: float) -> list:
+    """A one-cycle learning-rate schedule per optimiser, peaking at its own lr after `warmup` of the steps."""
+    return [torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opt.defaults["lr"], total_steps=steps, pct_start=warmup,
+                                                cycle_momentum=False) for opt in optimisers]
 
 
 @torch.no_grad()
@@ -145,9 +151,9 @@ def teacher_accuracy(teacher: ToyTeacher, images, labels) -> float:
 # (15%: seed 2 rescued, seeds 3 and 4 unchanged), smaller batches (16 x 1600 28.0 dB, seed 1 27.1; 8 x 2200
 # 28.55, seed 1 22.3), narrower VAEs (ch 12: 27.0 dB) or random 16x16 crops (28.1 dB in 266.6 s: small maps
 # use 2 threads poorly). Muon (repae.muon: each filter's update orthogonalised, so all its directions move at
-# the same rate) for the hidden filters halves the steps and removes most of the seed dependence. Measured (fp32, batch 32, Muon lr 5e-3 + AdamW 2e-3 for biases, norms and the first
-# and last convs, one-cycle with 5% warm-up, 1000 held-out images, one thread): 600 steps, seeds 0-4: 30.30, 30.29,
-# 29.33, 30.23, 30.04 dB. Seed 0, 650 steps: Muon lr 2e-3 30.26, 5e-3 31.11. Seed 2, 500 steps: 28.2 (lr 7e-3:
+# the same rate) for the hidden filters halves the steps and removes most of the seed dependence. Measured
+# (fp32, batch 32, Muon lr 5e-3 + AdamW 2e-3 for biases, norms and the first and last convs, one-cycle with 5%
+# warm-up, 1000 held-out images, one thread): 600 steps, seeds 0-4: 30.30, 30.29, 29.33, 30.23, 30.04 dB. Seed 0, 650 steps: Muon lr 2e-3 30.26, 5e-3 31.11. Seed 2, 500 steps: 28.2 (lr 7e-3:
 # 28.03; AdamW 4e-3 for the rest: 27.55); batch 24 x 600: 28.19. In the v6 world build (2 threads, machine
 # otherwise idle): 30.6 dB in 203.6 s, where v5's 1200 AdamW steps took 295-348 s on other days; the machine's
 # speed varies by day (the REPA-E step ran at 59.8 images/s that day, 75.0 on v5's), so 3 minutes is not met
@@ -175,16 +181,14 @@ def train_toy_vae(images, steps: int, batch: int, args: VAEArgs, seed: int = 0, 
         vae = vae.to(memory_format=torch.channels_last)  # as in training: ~9% faster on a CPU
     vae = vae.to(device)
     optimisers = _vae_optimisers(vae)
-    schedules = [torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opt.defaults["lr"], total_steps=steps, pct_start=0.05,
-                                                     cycle_momentum=False) for opt in optimisers]
+    schedules = _one_cycle(optimisers, steps, warmup=0.05)
     bar = tqdm(_batches(images, images, batch, steps, seed + 1), total=steps, desc="toy VAE", disable=not progress)
     for step, (x, _) in enumerate(bar):
         x = to_vae_range(x.to(device, non_blocking=True))
         with autocast("auto", device):
             posterior, _, recon = vae(x)
         loss = reconstruction_loss(x, recon, VAE_LOSS) + VAE_KL_WEIGHT * kl_loss(posterior)
-        for opt in optimisers:
-            opt.zero_grad(set_to_none=True)
+        vae.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         for opt, sched in zip(optimisers, schedules):
