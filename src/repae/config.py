@@ -130,6 +130,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     eps: float = 1e-8
     max_grad_norm: float = 1.0
+    # the lr falls linearly to 0 over this last fraction of train.max_steps (repae.train.schedule);
+    # 0: constant, as the paper trains (its 400K steps are far from converged)
+    decay_fraction: float = 0.0
 
 
 @dataclass
@@ -657,6 +660,7 @@ _OPTIM = {
     "weight_decay": _real(0.0),
     "eps": _real(0.0, 1.0, lo_open=True),
     "max_grad_norm": _real(0.0),  # 0 = no clipping
+    "decay_fraction": _PROB,
 }
 
 # Every int / float (or list of them) field of RunConfig has a rule here: tests/test_config_ranges.py

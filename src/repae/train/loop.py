@@ -32,6 +32,7 @@ from repae.generate import generate_images, sampler_settings, save_image_grid
 from repae.losses import VAERegulariser
 from repae.train.checkpoint import WEIGHT_LIMIT, checkpoint_dir, load_checkpoint, rng_state, save_checkpoint, set_rng_state, usable_checkpoints
 from repae.train.setup import make_trainables
+from repae.train.schedule import set_lr
 from repae.train.step import Trainables, repae_step
 from repae.weights import CheckpointError, load_latent_stats
 
@@ -306,6 +307,9 @@ def _steps(run: Run, until: int, signals: StopSignals, on_log, progress: bool, o
     bar = tqdm(total=until, initial=run.step, desc=bar_label(cfg), unit="step", disable=not progress)
     while run.step < until:
         t0 = time.perf_counter()
+        for opt, opt_cfg in ((run.m.sit_opt, cfg.optim_sit), (run.m.vae_opt, cfg.optim_vae),
+                             (run.m.disc_opt, cfg.optim_disc)):
+            set_lr(opt, opt_cfg, run.step, cfg.train.max_steps)  # a function of the step: resume-exact
         with _autocast(run):
             logs = repae_step(run.m, _micro_batches(run), cfg, run.step, run.gen)
         skipped = bool(logs["skipped"].item())
