@@ -377,3 +377,21 @@ def test_a_stopped_reproduction_keeps_its_training_and_wall_time(tmp_path, monke
     assert results["invocations"][1]["interrupted"] and not results["invocations"][2].get("interrupted")
     assert results["runs"]["repae-s0"]["train_seconds"] >= 0.6  # every invocation's training counted
     assert json.loads((tmp_path / "results.json").read_text())["invocations"] == results["invocations"]
+
+
+def test_the_arms_train_at_a_constant_lr_whatever_the_preset_decays(tmp_path):
+    """The arms are compared at checkpoints along their learning curves: the toy preset's lr decay (for its
+    single default run) would make every checkpoint the end of a different schedule."""
+    from repae.config import load_config
+    from repae.reproduce.arms import arms_for
+    from repae.reproduce.runner import Plan, train_command
+
+    assert load_config("toy").optim_sit.decay_fraction > 0
+    plan = Plan(steps=8, eval_every=4)
+    for arm in arms_for(load_config("toy")):
+        cmd = train_command(arm, 0, plan, "toy", [], tmp_path)
+        cfg = load_config("toy", overrides=[a for a in cmd[cmd.index("--no-progress") + 1:] if "=" in a])
+        assert (cfg.optim_sit.decay_fraction, cfg.optim_vae.decay_fraction, cfg.optim_disc.decay_fraction) == (0, 0, 0)
+    # an explicit override still wins
+    cmd = train_command(arms_for(load_config("toy"))[0], 0, plan, "toy", ["optim_sit.decay_fraction=0.25"], tmp_path)
+    assert load_config("toy", overrides=cmd[cmd.index("--no-progress") + 1:]).optim_sit.decay_fraction == 0.25

@@ -55,7 +55,12 @@ def run_name(arm: Arm, seed: int) -> str:
 def train_command(arm: Arm, seed: int, plan: Plan, preset: str, overrides: Sequence[str], out: Path,
                   config_files: Sequence[str] = ()) -> List[str]:
     files = [a for f in config_files for a in ("--config", str(Path(f).resolve()))]
-    cmd = [sys.executable, "-m", "repae.cli", "train", "--preset", preset, *files, "--no-progress", *overrides,
+    # The arms are compared along their learning curves, at a checkpoint every plan.eval_every steps: at the
+    # paper's constant lr each is a mid-run state, not the end of a schedule decayed to that step (the toy
+    # preset's decay is for its single default run). An explicit override still wins.
+    constant_lr = [f"optim_{part}.decay_fraction=0" for part in ("sit", "vae", "disc")]
+    cmd = [sys.executable, "-m", "repae.cli", "train", "--preset", preset, *files, "--no-progress", *constant_lr,
+           *overrides,
            *arm.overrides, f"output_dir={out / 'runs'}", f"exp_name={run_name(arm, seed)}", f"train.seed={seed}",
            f"train.max_steps={plan.steps}", f"train.ckpt_every={plan.eval_every}", "train.keep_last=0",
            f"train.sample_every={plan.steps}", "eval.num_samples=0"]  # the runner measures; no end-of-run eval
