@@ -28,11 +28,11 @@ def _summary(steps: int) -> dict:
 
 def test_the_default_run_is_compared_with_the_readme(tmp_path):
     (tmp_path / "summary.json").write_text("{}")
-    lines = run_story(_summary(1200), tmp_path, default_toy_run=True)
-    assert lines[0] == "done: step 1200 (1200 this time) in 1.5 min, median 75.0 images/s"
-    assert "81.3% of 300 (chance 10%; the README's default run: 89.0%)" in lines[1]
-    assert lines[2].endswith("toy FID 5.1 against the held-out images (lower is better; the README's default run: 7.6)")
-    assert lines[3].endswith("29.9 dB held-out PSNR (pre-trained: 29.6 dB; the README's default run: 30.9 dB)")
+    lines = run_story(_summary(1000), tmp_path, default_toy_run=True)
+    assert lines[0] == "done: step 1000 (1000 this time) in 1.5 min, median 75.0 images/s"
+    assert "81.3% of 300 (chance 10%; the README's default run: 87.3%)" in lines[1]
+    assert lines[2].endswith("toy FID 5.1 against the held-out images (lower is better; the README's default run: 8.3)")
+    assert lines[3].endswith("29.9 dB held-out PSNR (pre-trained: 29.6 dB; the README's default run: 30.8 dB)")
     assert lines[4].startswith(f"  files in {tmp_path}: summary.json, samples/")  # only the files that exist
 
 
@@ -43,7 +43,7 @@ def test_a_frozen_vae_is_not_called_tuned(tmp_path):
 
 def test_other_budgets_and_recipes_get_no_reference(tmp_path):
     assert not any("README" in line for line in run_story(_summary(600), tmp_path, default_toy_run=True))
-    assert not any("README" in line for line in run_story(_summary(1200), tmp_path, default_toy_run=False))
+    assert not any("README" in line for line in run_story(_summary(1000), tmp_path, default_toy_run=False))
 
 
 def test_which_configs_are_the_default_recipe():
