@@ -37,3 +37,31 @@ def test_the_loop_sets_each_optimisers_scheduled_lr_before_its_update(tmp_path, 
     assert [s for s, _, _ in seen] == [0, 1, 2, 3]
     assert [lr for _, lr, _ in seen] == pytest.approx([2e-3, 2e-3, 2e-3, 1e-3])
     assert [lr for _, _, lr in seen] == pytest.approx([1e-4] * 4)  # the VAE's own config: no decay
+
+
+def test_a_run_stopped_mid_decay_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """The lr is a function of the step and the budget, not of the invocation: a run stopped by Ctrl-C in its
+    decay and run again ends bit-identical to one that never stopped."""
+    import os
+    import signal
+
+    import torch
+
+    from repae.interrupt import Interrupted
+    from test_train_loop import weights
+
+    recipe = ["train.max_steps=4", "optim_sit.decay_fraction=1.0", "optim_vae.decay_fraction=0.5"]
+    straight = tiny_cfg(tmp_path, "exp_name=straight", *recipe)
+    loop.train(straight, progress=False)
+    stopped = tiny_cfg(tmp_path, "exp_name=stopped", *recipe)
+    step_fn = loop.repae_step
+    monkeypatch.setattr(loop, "repae_step", lambda m, batches, c, step, gen: (
+        os.kill(os.getpid(), signal.SIGINT) if step == 1 else None, step_fn(m, batches, c, step, gen))[1])
+    with pytest.raises(Interrupted):
+        loop.train(stopped, progress=False)  # the loop finishes step 1's update, saves step 2 and stops
+    monkeypatch.undo()
+    assert loop.train(stopped, progress=False)["steps_this_invocation"] == 2
+    a, b = weights(straight.run_dir), weights(stopped.run_dir)
+    for name in a:
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), f"{name}.{key}"

@@ -153,7 +153,8 @@ def teacher_accuracy(teacher: ToyTeacher, images, labels) -> float:
 # use 2 threads poorly). Muon (repae.muon: each filter's update orthogonalised, so all its directions move at
 # the same rate) for the hidden filters halves the steps and removes most of the seed dependence. Measured
 # (fp32, batch 32, Muon lr 5e-3 + AdamW 2e-3 for biases, norms and the first and last convs, one-cycle with 5%
-# warm-up, 1000 held-out images, one thread): 600 steps, seeds 0-4: 30.30, 30.29, 29.33, 30.23, 30.04 dB. Seed 0, 650 steps: Muon lr 2e-3 30.26, 5e-3 31.11. Seed 2, 500 steps: 28.2 (lr 7e-3:
+# warm-up, 1000 held-out images, one thread): 600 steps, seeds 0-4: 30.30, 30.29, 29.33, 30.23, 30.04 dB.
+# Seed 0, 650 steps: Muon lr 2e-3 30.26, 5e-3 31.11. Seed 2, 500 steps: 28.2 (lr 7e-3:
 # 28.03; AdamW 4e-3 for the rest: 27.55); batch 24 x 600: 28.19. In the v6 world build (2 threads, machine
 # otherwise idle): 30.6 dB in 203.6 s, where v5's 1200 AdamW steps took 295-348 s on other days; the machine's
 # speed varies by day (the REPA-E step ran at 59.8 images/s that day, 75.0 on v5's), so 3 minutes is not met
