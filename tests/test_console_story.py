@@ -23,8 +23,12 @@ def test_a_toy_run_reports_its_world_and_labels_its_bars(tmp_path, capsys):
     assert bars == {"render toy train set", "render toy held-out set", "toy teacher", "toy VAE", "toy evaluator",
                     "REPA-E"}, bars
 
+    report = next((tmp_path / "cache").glob("toyworld-*/report.json"))
+    written = (report.stat().st_mtime_ns, report.stat().st_ino, report.read_bytes())
     assert main(["train", "--no-progress", *args[:-1], "train.max_steps=3", "exp_name=again"]) == 0
     err = capsys.readouterr().err  # built before: one line, and no bar under --no-progress
+    # a cached world is only read: runs started side by side once read report.json while another rewrote it (empty)
+    assert (report.stat().st_mtime_ns, report.stat().st_ino, report.read_bytes()) == written
     lines = [line for line in err.splitlines() if line.startswith("toy world:")]
     assert len(lines) == 1 and re.fullmatch(r"toy world: cached in .*toyworld-\S+ \(teacher \d+\.\d%, VAE \d+\.\d dB, "
                                             r"evaluator \d+\.\d% held-out; report.json there\)", lines[0]), err

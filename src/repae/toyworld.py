@@ -27,6 +27,7 @@ from repae import dist
 from repae import toyworld_console as console
 from repae.config import ToyWorldConfig
 from repae.data.toy import toy_arrays
+from repae.fileio import write_json_atomic
 from repae.losses import kl_loss, reconstruction_loss
 from repae.models.latent_norm import LatentNorm, measure_latent_stats
 from repae.models.toy_teacher import ToyTeacher
@@ -330,7 +331,8 @@ def _ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig, seed: int, progre
         save_latent_stats(mean, var, stats_path)
         save_model(vae, vae_path)
         built.append("vae")
-    report_path.write_text(json.dumps(report, indent=2))
+    if built:  # a cached world is only read: runs started side by side (bench reproduce --jobs) read this file
+        write_json_atomic(report_path, report, indent=2)
     console.say(console.built_lines(report, built) if built else [console.cached_line(cache, report, arch)])
     return ToyWorld(cache, train_x, train_y, held_x, held_y, teacher, vae_path, stats_path, report)
 
@@ -375,7 +377,7 @@ def ensure_toy_evaluator(world: ToyWorld, spec: ToyWorldConfig = ToyWorldConfig(
                                                                       world.heldout_labels)
         world.report["evaluator_train_seconds"] = round(time.perf_counter() - start, 1)
         save_weights(evaluator, path)
-        (world.cache_dir / "report.json").write_text(json.dumps(world.report, indent=2))
+        write_json_atomic(world.cache_dir / "report.json", world.report, indent=2)
         console.say(console.built_lines(world.report, ["evaluator"]))
         world.evaluator = evaluator
         return evaluator
