@@ -41,8 +41,11 @@ class Plan:
 
 # --quick, a check that the whole pipeline runs (its budget is too small for the generation claims): one
 # measurement per arm at 150 steps. 300 steps with three measurements took over 30 minutes on a 2-core
-# AVX2-only CPU (toy world v5: one of eight arms done after 20.6 min); the time of this plan: README
-QUICK = Plan(steps=150, eval_every=150, seeds=[0], samples=200, jobs=2)
+# AVX2-only CPU (toy world v5: one of eight arms done after 20.6 min). With 200 samples per measurement
+# (with and without CFG: 49.3 s and 25.8 s on one thread) it took 30.6 min on toy world v6, so it draws 100:
+# 10 per class, enough to tell a collapsed arm from a working one, which is all this budget can judge.
+# The time of this plan: README
+QUICK = Plan(steps=150, eval_every=150, seeds=[0], samples=100, jobs=2)
 # the default: ~2.5 h on a 2-core AVX-512 BF16 CPU, toy world v3 (1-thread runs: REPA-E arms ~64 images/s, frozen-VAE arms ~240);
 # re-running the same command after an interruption continues where it stopped
 FULL = Plan(steps=1200, eval_every=300, seeds=[0, 1], samples=500, jobs=2)
