@@ -190,7 +190,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     # torch.compile each repeated region (SiT blocks, VAE encoder/decoder, discriminator, LPIPS,
     # encoder blocks): one graph per block type keeps compile time to seconds-minutes, and the
-    # modules keep their names, so checkpoints do not change
+    # modules keep their names, so checkpoints do not change. Off for the toy preset on a CPU: `repae bench
+    # step --preset toy` (2 cores) 1159 -> 1053 ms per step, but compiling took ~3 minutes (bench wall
+    # 42 -> 237 s), more than the ~1.8 minutes it saves over the default run's 1000 steps
     compile: bool = False
     tune_vae: bool = True  # False: REPA / vanilla SiT with a frozen VAE
     stop_grad: bool = True  # False: the "no stop-grad" ablation (diffusion loss reaches the VAE)
@@ -279,7 +281,11 @@ VAE_ARCHS = {
     # 32x32 images -> 8x8x4 latents, small enough for a CPU. Widths 16/32/64 double at each level as
     # SD-VAE's 128/256/512 do. Toy world v5; v4 had 32/64/64, which costs 2.4x the FLOPs (1.26 against
     # 0.53 GFLOP per image for fwd+bwd) and, pre-trained with the same recipe, reconstructed worse:
-    # 29.1 dB (v4) against 29.6 dB held-out PSNR, 1200 steps of batch 32 on 2 cores.
+    # 29.1 dB (v4) against 29.6 dB held-out PSNR, 1200 steps of batch 32 on 2 cores. Tried for a faster
+    # default run, not kept: 16/32/32 (107 MFLOP forward per image against 179) cut `repae bench step --preset
+    # toy` from 1159 to 970 ms and the pre-training (600 Muon steps, 2 threads, seed 0) from 234.7 s to 157.1 s,
+    # but reconstructed worse and less reliably: 29.46, 29.23, 27.16 dB for seeds 0, 2, 3 (16/32/64: 30.62 dB
+    # that day; 29.3-30.3 dB over seeds 0-4 earlier). 16/16/32: 27.36 dB.
     "toy-f4d4": dict(ch=16, ch_mult=[1, 2, 4], num_res_blocks=1, z_channels=4, attn_resolutions=[]),
 }
 
