@@ -207,11 +207,11 @@ def test_cli_reports_a_binary_config_in_one_line(tmp_path, capsys):
 
 
 def test_a_broken_saved_run_config_is_a_config_error(tmp_path):
-    from repae.train.loop import _check_same_config
+    from repae.train.loop import check_same_config
 
     cfg = load_config("toy", overrides=[f"output_dir={tmp_path}"])
     saved = tmp_path / "config.yaml"
     for content in (b"", b"\x89PNG\r\n\x1a\n\x00\x00", b"a: &a [*a]\n"):
         saved.write_bytes(content)
         with pytest.raises(ConfigError, match="config.yaml"):
-            _check_same_config(cfg, saved)
+            check_same_config(cfg, saved)

@@ -281,16 +281,18 @@ def test_reproduce_command_runs_every_arm_measures_and_reports(tmp_path):
     assert (report.parent / "docs" / "reproduction" / "fid_vs_steps.png").is_file()
     assert (report.parent / "docs" / "reproduction" / "grid-repae.png").is_file()
     assert (report.parent / "docs" / "reproduction" / "latent_spectra.png").is_file() and "## Latent spectra" in text
-    # the same command again: nothing retrained (no new log lines), nothing re-measured
-    files = [*(out / "runs").glob("*/reproduce-metrics.json"), *(out / "runs").glob("*/metrics.jsonl")]
-    assert len(files) == 2 * len(names)
+    # the same command again: nothing retrained (no new log lines), nothing re-measured, and no process
+    # started to find that out (the runner's logs get each command it starts)
+    files = [*(out / "runs").glob("*/reproduce-metrics.json"), *(out / "runs").glob("*/metrics.jsonl"),
+             *(out / "logs").glob("*.log")]
+    assert len(files) == 3 * len(names)
     before = {p: p.read_bytes() for p in files}
     assert main(argv) == 0
     assert {p: p.read_bytes() for p in files} == before
     again = json.loads((out / "results.json").read_text())
     assert len(again["invocations"]) == 2 and "over 2 invocations" in report.read_text()
-    for name, run in again["runs"].items():  # training time adds up over invocations
-        assert run["train_seconds"] >= results["runs"][name]["train_seconds"]
+    for name, run in again["runs"].items():  # a finished run's training time is its first invocation's
+        assert run["train_seconds"] == results["runs"][name]["train_seconds"] and run["exit_code"] == 0
     # a measurement made before samples without CFG and latent spectra were: only those are added, the rest is kept
     run_dir = out / "runs" / "repa-s0"
     stored = json.loads((run_dir / "reproduce-metrics.json").read_text())
@@ -360,8 +362,7 @@ def test_a_stopped_reproduction_keeps_its_training_and_wall_time(tmp_path, monke
     assert saved["invocations"][0]["interrupted"] and saved["invocations"][0]["wall_seconds"] >= 0.2
 
     # a measurement that fails (as in a broken environment) stops the plan but keeps the training
-    (tmp_path / "runs" / "repa-s0" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "runs" / "repa-s0" / "checkpoints" / "latest").write_text("step-0000002")
+    (tmp_path / "runs" / "repa-s0" / "checkpoints" / "step-0000002").mkdir(parents=True)  # not yet measured
     monkeypatch.setattr(rr._Runner, "run", real_run)
     real_call = rr._Runner._call
     monkeypatch.setattr(rr._Runner, "_call", lambda self, cmd, log: 1 if "repae.reproduce.measure" in cmd
@@ -370,7 +371,7 @@ def test_a_stopped_reproduction_keeps_its_training_and_wall_time(tmp_path, monke
         rr.run_reproduction(tmp_path, plan, invocation={**first, "commit": "abd"})
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["runs"]["repa-s0"]["train_seconds"] >= 0.2 and len(saved["invocations"]) == 2
-    (tmp_path / "runs" / "repa-s0" / "checkpoints" / "latest").unlink()
+    (tmp_path / "runs" / "repa-s0" / "checkpoints" / "step-0000002").rmdir()
     monkeypatch.setattr(rr._Runner, "_call", real_call)
     results = rr.run_reproduction(tmp_path, plan, invocation={**first, "commit": "def"})
     assert [x["commit"] for x in results["invocations"]] == ["abc", "abd", "def"] and "partial" not in results
@@ -395,3 +396,38 @@ def test_the_arms_train_at_a_constant_lr_whatever_the_preset_decays(tmp_path):
     # an explicit override still wins
     cmd = train_command(arms_for(load_config("toy"))[0], 0, plan, "toy", ["optim_sit.decay_fraction=0.25"], tmp_path)
     assert load_config("toy", overrides=cmd[cmd.index("--no-progress") + 1:]).optim_sit.decay_fraction == 0.25
+
+
+def test_a_finished_run_is_skipped_only_with_the_same_recipe_and_budget(tmp_path):
+    """The runner starts no `repae train` for a run an earlier invocation finished with this recipe; a
+    changed recipe, a longer budget, a failed or unrecorded run still go to `repae train`."""
+    from repae.build import vae_args
+    from repae.config import load_config, save_config
+    from repae.reproduce.arms import Arm
+    from repae.reproduce.runner import Plan, _Runner, run_name, train_overrides
+    from repae.toyworld import toy_vae_files
+    from repae.train.loop import use_toy_vae
+
+    plan, arm, seed = Plan(steps=4, eval_every=2), Arm("repae", "REPA-E", ()), 0
+    run_dir = tmp_path / "runs" / run_name(arm, seed)
+    saved = load_config("toy", overrides=train_overrides(arm, seed, plan, TINY, tmp_path), world_size=1)
+    use_toy_vae(saved, *toy_vae_files(vae_args(saved), saved.toy))  # as `repae train` saves it
+    save_config(saved, run_dir / "config.yaml")
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 4}))
+
+    def skipped(overrides=TINY, steps=4, earlier=None):
+        earlier = {"repae-s0": {"exit_code": 0, "train_seconds": 9.0}} if earlier is None else earlier
+        runner = _Runner(Plan(steps=steps, eval_every=2), "toy", overrides, (), tmp_path, 1, earlier)
+        return runner._trained_already(arm, seed, run_dir)
+
+    assert skipped()
+    assert not skipped(overrides=[*TINY, "loss.proj_coeff=0.7"])  # `repae train` refuses it, as before
+    assert not skipped(steps=6)  # a larger budget resumes the run
+    assert not skipped(earlier={})  # no training time on record to carry over
+    assert not skipped(earlier={"repae-s0": {"exit_code": 1, "train_seconds": 9.0}})
+    (run_dir / "summary.json").write_text("{")  # torn
+    assert not skipped()
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 4}))
+    saved.vae.path = str(tmp_path / "another-world" / "vae.safetensors")  # trained from another world's VAE
+    save_config(saved, run_dir / "config.yaml")
+    assert not skipped()

@@ -70,8 +70,10 @@ def test_a_signal_saves_the_current_step_and_the_rerun_resumes_there(tmp_path, c
     rc, err, run_dir = interrupt_a_run(tmp_path, cache, signum)
     assert rc == code, err
     assert "Traceback" not in err
-    # the toy world's one line (cached here: repae.toyworld_console), then the interruption's one line
-    lines = [line for line in err.strip().splitlines() if not line.startswith("toy world: cached in ")]
+    # the toy world's one line (cached here: repae.toyworld_console), then the interruption's one line; on a
+    # machine busy with other work, a note on shared cores may come first (repae.dist.oversubscription_note)
+    lines = [line for line in err.strip().splitlines()
+             if not line.startswith("toy world: cached in ") and "expect a large slowdown" not in line]
     assert len(lines) == 1, err
     step = logged_steps(run_dir)[-1]
     ckpt = run_dir / "checkpoints" / f"step-{step:07d}"

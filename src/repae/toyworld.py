@@ -284,6 +284,17 @@ class ToyWorld:
     evaluator: Optional[ToyTeacher] = None  # set by ensure_toy_evaluator
 
 
+def _arch_id(vae_args: VAEArgs) -> str:
+    # one pre-trained VAE per architecture: a changed vae.* override must not load another's weights
+    return hashlib.sha256(json.dumps(asdict(vae_args), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def toy_vae_files(vae_args: VAEArgs, spec: ToyWorldConfig, seed: int = 0) -> Tuple[Path, Path]:
+    """(pre-trained VAE, its latent statistics): where the world keeps them, built or not."""
+    arch, cache = _arch_id(vae_args), cache_dir_for(spec, seed)
+    return cache / f"vae-{arch}.safetensors", cache / f"vae-{arch}-latent-stats.safetensors"
+
+
 def ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig = ToyWorldConfig(), seed: int = 0,
                      progress: bool = True, device: str = "auto") -> ToyWorld:
     """Load the toy world from its cache directory, building whatever is missing (with progress bars)
@@ -317,9 +328,7 @@ def _ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig, seed: int, progre
         save_weights(teacher, teacher_path)
         built.append("teacher")
 
-    # one pre-trained VAE per architecture: a changed vae.* override must not load another's weights
-    arch = hashlib.sha256(json.dumps(asdict(vae_args), sort_keys=True).encode()).hexdigest()[:8]
-    vae_path, stats_path = cache / f"vae-{arch}.safetensors", cache / f"vae-{arch}-latent-stats.safetensors"
+    arch, (vae_path, stats_path) = _arch_id(vae_args), toy_vae_files(vae_args, spec, seed)
     if not (vae_path.is_file() and stats_path.is_file()):
         start = time.perf_counter()
         vae = train_toy_vae(train_x, spec.vae_steps, spec.vae_batch_size, vae_args, seed, progress, device)

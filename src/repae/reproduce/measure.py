@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -236,23 +236,43 @@ def checkpoint_metrics(ckpt: Path, judges: Judges, num_samples: int, grid_path: 
             "num_samples": num_samples}
 
 
+def _checkpoints(run_dir: Path) -> List[Path]:
+    from repae.train.checkpoint import checkpoint_dir
+
+    return sorted(p for p in checkpoint_dir(run_dir).glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def _complete(record: Optional[dict], num_samples: int) -> bool:
+    """A checkpoint's stored measurement that this version would not add to (an error is retried)."""
+    return (record is not None and record.get("num_samples") == num_samples
+            and all(k in record for k in LATENT_KEYS + UNGUIDED_KEYS))
+
+
+def needs_measuring(run_dir: Path, num_samples: int) -> bool:
+    """Whether `measure_run` would measure anything: a checkpoint of the run not yet measured (fully)."""
+    out = run_dir / METRICS_FILE
+    try:
+        done = json.loads(out.read_text()) if out.is_file() else {}
+    except ValueError:
+        return True
+    return not all(_complete(done.get(str(checkpoint_step(c))), num_samples) for c in _checkpoints(run_dir))
+
+
 def measure_run(run_dir: Path, num_samples: int, judges: Optional[Judges] = None,
                 judges_dir: Optional[Path] = None) -> Dict[str, dict]:
     """{step: metrics} for every checkpoint of a run, reusing what RUN/reproduce-metrics.json holds
     (judges: built from the first checkpoint's config, or loaded from `judges_dir`, when not given)."""
     from repae.config import load_config
-    from repae.train.checkpoint import checkpoint_dir
 
     out = run_dir / METRICS_FILE
     done: Dict[str, dict] = json.loads(out.read_text()) if out.is_file() else {}
     for m in done.values():  # files written before the real-data judges called the FID "toy_fid"
         if "toy_fid" in m:
             m["fid"] = m.pop("toy_fid")
-    ckpts = sorted(p for p in checkpoint_dir(run_dir).glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for ckpt in ckpts:
+    for ckpt in _checkpoints(run_dir):
         step = str(checkpoint_step(ckpt))
         measured = step in done and done[step].get("num_samples") == num_samples
-        if measured and all(k in done[step] for k in LATENT_KEYS + UNGUIDED_KEYS):
+        if _complete(done.get(step), num_samples):
             continue
         if judges is None:
             judges = judges_for(load_config(None, [ckpt / "config.yaml"], world_size=1), judges_dir)

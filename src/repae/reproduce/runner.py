@@ -25,7 +25,7 @@ from repae.config import ConfigError, RunConfig, load_config
 from repae.fileio import write_json_atomic
 from repae.reproduce.arms import Arm, arms_for
 from repae.reproduce.judges import HELDOUT_IMAGES, Judges, build_real_judges, load_real_judges, save_real_judges, toy_judges
-from repae.reproduce.measure import image_spectrum_metrics, measure_run, vae_metrics
+from repae.reproduce.measure import image_spectrum_metrics, measure_run, needs_measuring, vae_metrics
 
 
 @dataclass
@@ -55,22 +55,27 @@ def run_name(arm: Arm, seed: int) -> str:
     return f"{arm.name}-s{seed}"
 
 
-def train_command(arm: Arm, seed: int, plan: Plan, preset: str, overrides: Sequence[str], out: Path,
-                  config_files: Sequence[str] = ()) -> List[str]:
-    files = [a for f in config_files for a in ("--config", str(Path(f).resolve()))]
+def train_overrides(arm: Arm, seed: int, plan: Plan, overrides: Sequence[str], out: Path) -> List[str]:
+    """The `a.b=value` overrides of one arm x seed's `repae train`, after the preset and config files."""
     # The arms are compared along their learning curves, at a checkpoint every plan.eval_every steps: at the
     # paper's constant lr each is a mid-run state, not the end of a schedule decayed to that step (the toy
     # preset's decay is for its single default run). An explicit override still wins.
     constant_lr = [f"optim_{part}.decay_fraction=0" for part in ("sit", "vae", "disc")]
-    cmd = [sys.executable, "-m", "repae.cli", "train", "--preset", preset, *files, "--no-progress", *constant_lr,
-           *overrides,
-           *arm.overrides, f"output_dir={out / 'runs'}", f"exp_name={run_name(arm, seed)}", f"train.seed={seed}",
-           f"train.max_steps={plan.steps}", f"train.ckpt_every={plan.eval_every}", "train.keep_last=0",
-           f"train.sample_every={plan.steps}", "eval.num_samples=0"]  # the runner measures; no end-of-run eval
+    args = [*constant_lr, *overrides,
+            *arm.overrides, f"output_dir={out / 'runs'}", f"exp_name={run_name(arm, seed)}", f"train.seed={seed}",
+            f"train.max_steps={plan.steps}", f"train.ckpt_every={plan.eval_every}", "train.keep_last=0",
+            f"train.sample_every={plan.steps}", "eval.num_samples=0"]  # the runner measures; no end-of-run eval
     if arm.vae_from:
         vae = out / "runs" / run_name(Arm(arm.vae_from, "", ()), seed) / "e2e-vae"
-        cmd += [f"vae.path={vae / 'vae.safetensors'}", f"vae.latent_stats_path={vae / 'latent_stats.safetensors'}"]
-    return cmd
+        args += [f"vae.path={vae / 'vae.safetensors'}", f"vae.latent_stats_path={vae / 'latent_stats.safetensors'}"]
+    return args
+
+
+def train_command(arm: Arm, seed: int, plan: Plan, preset: str, overrides: Sequence[str], out: Path,
+                  config_files: Sequence[str] = ()) -> List[str]:
+    files = [a for f in config_files for a in ("--config", str(Path(f).resolve()))]
+    return [sys.executable, "-m", "repae.cli", "train", "--preset", preset, *files, "--no-progress",
+            *train_overrides(arm, seed, plan, overrides, out)]
 
 
 class _Runner:
@@ -120,11 +125,16 @@ class _Runner:
             wait_for[run_name(Arm(arm.vae_from, "", ()), seed)].result()
         run_dir = self.out / "runs" / name
         log = self.out / "logs" / f"{name}.log"
-        self._log(f"train {name}")
-        start = time.perf_counter()
-        code = self._call(train_command(arm, seed, self.plan, self.preset, self.overrides, self.out,
-                                        self.config_files), log)
-        seconds = time.perf_counter() - start + self.earlier.get(name, {}).get("train_seconds", 0.0)
+        trained = self._trained_already(arm, seed, run_dir)
+        if trained:
+            self._log(f"{name}: trained already ({self.plan.steps} steps)")
+            code, seconds = 0, self.earlier[name]["train_seconds"]
+        else:
+            self._log(f"train {name}")
+            start = time.perf_counter()
+            code = self._call(train_command(arm, seed, self.plan, self.preset, self.overrides, self.out,
+                                            self.config_files), log)
+            seconds = time.perf_counter() - start + self.earlier.get(name, {}).get("train_seconds", 0.0)
         record = {"arm": arm.name, "seed": seed, "train_seconds": round(seconds, 1), "exit_code": code, "log": str(log)}
         if code != 0:  # e.g. the no-stop-grad arm aborting on non-finite losses: a result, not a crash
             record["failed"] = _last_line(log)
@@ -134,11 +144,11 @@ class _Runner:
             self.on_record()
         from repae.train.checkpoint import has_checkpoints
 
-        if has_checkpoints(run_dir):
-            if arm.name == "repae":  # its tuned VAE is stage 2's frozen VAE
-                from repae.stage2.export import export_vae
+        if has_checkpoints(run_dir) and arm.name == "repae" and not (trained and _exported(run_dir, self.plan.steps)):
+            from repae.stage2.export import export_vae
 
-                export_vae(run_dir)
+            export_vae(run_dir)  # its tuned VAE is stage 2's frozen VAE
+        if has_checkpoints(run_dir) and needs_measuring(run_dir, self.plan.samples):
             self._log(f"measure {name}")
             measure = [sys.executable, "-m", "repae.reproduce.measure", str(run_dir), "--samples", str(self.plan.samples)]
             if self.judges_dir is not None:
@@ -147,6 +157,41 @@ class _Runner:
                 raise RuntimeError(f"measuring {run_dir} failed; see {log}")
         self._log(f"done {name} ({record['train_seconds']:.0f} s training)")
         return record
+
+    def _trained_already(self, arm: Arm, seed: int, run_dir: Path) -> bool:
+        """Whether an earlier invocation trained this run to the plan's last step with this very recipe:
+        the same `repae train` would only load it and exit, at the cost of a process that imports torch
+        and loads the world (~10-20 s here). A different recipe still goes to `repae train`, which refuses it."""
+        from repae.build import vae_args
+        from repae.toyworld import toy_vae_files
+        from repae.train.loop import check_same_config, use_toy_vae
+
+        earlier = self.earlier.get(run_name(arm, seed), {})
+        if earlier.get("exit_code") != 0 or "train_seconds" not in earlier:
+            return False
+        try:
+            steps = json.loads((run_dir / "summary.json").read_text()).get("steps")
+        except (OSError, ValueError, AttributeError):
+            return False
+        if steps != self.plan.steps:
+            return False
+        cfg = load_config(self.preset, list(self.config_files),
+                          train_overrides(arm, seed, self.plan, self.overrides, self.out), world_size=1)
+        if cfg.data.source == "toy":  # as `repae train` resolves it before comparing
+            use_toy_vae(cfg, *toy_vae_files(vae_args(cfg), cfg.toy))
+        try:
+            check_same_config(cfg, run_dir / "config.yaml")
+        except ConfigError:
+            return False
+        return True
+
+
+def _exported(run_dir: Path, step: int) -> bool:
+    """Whether RUN/e2e-vae already holds the VAE of the checkpoint at `step`."""
+    try:
+        return json.loads((run_dir / "e2e-vae" / "export.json").read_text()).get("step") == step
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _last_line(log: Path) -> str:

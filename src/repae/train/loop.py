@@ -62,10 +62,16 @@ def _toy_setup(cfg: RunConfig, progress: bool = True):
     world = ensure_toy_world(vae_args(cfg), cfg.toy, progress=progress, device=cfg.train.device)
     if cfg.eval.num_samples > 0:  # it scores the run's samples at the end: built now, not after training
         ensure_toy_evaluator(world, cfg.toy, progress=progress, device=cfg.train.device)
-    if not cfg.vae.from_scratch:
-        cfg.vae.path = cfg.vae.path or str(world.vae_path)
-        cfg.vae.latent_stats_path = cfg.vae.latent_stats_path or str(world.latent_stats_path)
+    use_toy_vae(cfg, world.vae_path, world.latent_stats_path)
     return world
+
+
+def use_toy_vae(cfg: RunConfig, vae_path: Path, stats_path: Path) -> None:
+    """A toy run whose vae.* names no file trains from the world's pre-trained VAE and its statistics
+    (its saved config names them, so a resume with another world's VAE is refused)."""
+    if not cfg.vae.from_scratch:
+        cfg.vae.path = cfg.vae.path or str(vae_path)
+        cfg.vae.latent_stats_path = cfg.vae.latent_stats_path or str(stats_path)
 
 
 def _encoders(cfg: RunConfig, toy) -> List:
@@ -171,7 +177,7 @@ def try_resume(run: Run) -> bool:
     CheckpointError when the run has checkpoints and none of them loads."""
     skipped: List[str] = []
     for path in usable_checkpoints(run.cfg.run_dir, skipped):
-        _check_same_config(run.cfg, path / "config.yaml")
+        check_same_config(run.cfg, path / "config.yaml")
         try:
             state = load_checkpoint(path, _modules(run.m))
             for key, opt in _optimisers(run.m).items():
@@ -197,7 +203,7 @@ RESUMABLE_TRAIN_KEYS = ("max_steps", "grad_accum_steps", "log_every", "ckpt_ever
                         "max_nonfinite_in_a_row", "activation_checkpointing", "channels_last", "compile")
 
 
-def _check_same_config(cfg: RunConfig, saved: Path) -> None:
+def check_same_config(cfg: RunConfig, saved: Path) -> None:
     """Resuming is only honest with the same recipe; the step budget and cadences may change."""
     old, new = read_yaml(saved, "the saved config of the run"), to_dict(cfg)
     try:  # through the schema, so a section or field added since the run was saved reads as its default
