@@ -301,4 +301,11 @@ def load_for_sampling(path: Path, config_files=(), overrides=()):
     z_dims = [weights[f"projectors.{i}.4.weight"].shape[0] for i in range(n_proj)]
     sit = load_strict(build_sit(cfg, z_dims=z_dims), weights, str(ckpt))
     vae = load_strict(AutoencoderKL(vae_args(cfg)), read_file(ckpt / "vae.safetensors"), str(ckpt))
+    from repae.dist import device_named
+    from repae.train.setup import uses_channels_last
+
+    # the layout the run trained in, and decoded its own end-of-run samples in: the convolutions round
+    # differently per layout, so `repae evaluate samples` gives the run's own scores only in the same one
+    if uses_channels_last(cfg, device_named(cfg.train.device)):
+        vae = vae.to(memory_format=torch.channels_last)
     return cfg, sit.eval(), vae.eval()
