@@ -210,7 +210,7 @@ def test_folder_training_skips_the_bomb(tmp_path):
     cfg = load_config("toy", overrides=[
         "data.source=folder", f"data.path={root}", "data.image_size=32", "data.num_workers=0",
         "model.arch=SiT-T/2", "model.depth=2", "model.hidden_size=48", "model.num_heads=2", "model.encoder_depth=1",
-        "vae.ch=32", "vae.ch_mult=[1,2,2]", "vae.from_scratch=true", "train.tune_vae=false", "latent_norm.mode=fixed",
+        "vae.from_scratch=true", "train.tune_vae=false", "latent_norm.mode=fixed",
         "loss.proj_coeff=0", "model.num_classes=1", "train.global_batch_size=4", "train.max_steps=2",
         "train.sample_every=100", "sample.num_samples=1", "sample.batch_size=1", "sample.num_steps=2",
         "eval.num_samples=1", f"output_dir={tmp_path / 'runs'}"])

@@ -8,7 +8,7 @@ from repae.cli import main
 from repae.config import load_config
 
 TINY = ["model.depth=2", "model.hidden_size=48", "model.num_heads=2", "model.encoder_depth=1",
-        "model.projector_dim=64", "vae.ch=32", "vae.ch_mult=[1,2,2]", "train.global_batch_size=4"]
+        "model.projector_dim=64", "train.global_batch_size=4"]
 
 
 def test_flop_counter_known_answer():

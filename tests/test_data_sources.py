@@ -27,7 +27,7 @@ from repae.weights import read_file  # noqa: E402
 BROKEN = b"\x89PNG\r\n\x1a\n not really a png"
 CLASSES = ("cat", "dog", "eel")
 BASE = ["data.image_size=16", "data.num_workers=0", "model.arch=SiT-T/2", "model.depth=2", "model.hidden_size=48",
-        "model.num_heads=2", "model.encoder_depth=1", "vae.ch=32", "vae.ch_mult=[1,2,2]", "vae.from_scratch=true",
+        "model.num_heads=2", "model.encoder_depth=1", "vae.from_scratch=true",
         "train.tune_vae=false", "latent_norm.mode=fixed", "loss.proj_coeff=0", "model.num_classes=3",
         "train.global_batch_size=8", "train.sample_every=100", "sample.num_samples=2", "sample.batch_size=2",
         "sample.num_steps=2", "eval.num_samples=0"]

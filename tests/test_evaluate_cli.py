@@ -345,8 +345,7 @@ def test_vae_latents_cknna_on_the_toy_world(tmp_path, tiny_run, tiny_inception):
 
     # the toy world's own pre-trained VAE, no run: --data toy with the same toy world
     toy = [f"toy.{k}" for k in ("train_size=120", "heldout_size=40", "teacher_steps=2", "vae_steps=2",
-                                "batch_size=8")] + [f"toy.cache_dir={tiny_run.toy.cache_dir}", "vae.ch=32",
-                                                     "vae.ch_mult=[1,2,2]"]
+                                "batch_size=8")] + [f"toy.cache_dir={tiny_run.toy.cache_dir}"]
     assert run_cli("vae", "--data", "toy", "--out", tmp_path / "vae0.json", "--no-progress", *toy) == 0
     assert json.loads((tmp_path / "vae0.json").read_text())["metrics"]["num_images"] == 40
 

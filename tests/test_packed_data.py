@@ -208,7 +208,7 @@ def test_training_reads_a_packed_store(tmp_path):
     src = make_folder(tmp_path / "src")
     write_packed(src, tmp_path / "packed", image_size=32, codec="png", num_workers=0)
     base = ["data.image_size=32", "data.num_workers=0", "model.arch=SiT-T/2", "model.depth=2", "model.hidden_size=48",
-            "model.num_heads=2", "model.encoder_depth=1", "vae.ch=32", "vae.ch_mult=[1,2,2]", "vae.from_scratch=true",
+            "model.num_heads=2", "model.encoder_depth=1", "vae.from_scratch=true",
             "train.tune_vae=false", "latent_norm.mode=fixed", "loss.proj_coeff=0", "model.num_classes=3",
             "train.global_batch_size=4", "train.max_steps=2", "train.sample_every=100", "sample.num_samples=3",
             "sample.batch_size=3", "sample.num_steps=2", "eval.num_samples=3", f"output_dir={tmp_path / 'runs'}"]

@@ -48,7 +48,7 @@ def weights(tmp_path_factory):
     overrides = [
         "data.source=folder", f"data.path={data}", "data.image_size=64", "data.num_workers=0", "model.num_classes=3",
         "model.arch=SiT-T/4", "model.depth=2", "model.hidden_size=48", "model.num_heads=2", "model.encoder_depth=1",
-        "model.projector_dim=64", "vae.ch=32", "vae.ch_mult=[1,2,2]", "encoder.names=[dinov2-vit-s]",
+        "model.projector_dim=64", "encoder.names=[dinov2-vit-s]",
         f"encoder.paths=[{root / 'dinov2_vits14_pretrain.pth'}]", f"eval.inception_path={root / 'inception.pth'}",
         "train.global_batch_size=6", "train.log_every=1", "train.sample_every=100", "sample.num_steps=3",
     ]

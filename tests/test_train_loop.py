@@ -17,7 +17,6 @@ TINY = [
     "train.global_batch_size=8", "train.log_every=2", "train.ckpt_every=2", "train.sample_every=100",
     "sample.num_samples=10", "sample.batch_size=10", "sample.num_steps=3", "eval.num_samples=10",
     "model.depth=2", "model.hidden_size=48", "model.num_heads=2", "model.encoder_depth=1", "model.projector_dim=64",
-    "vae.ch=32", "vae.ch_mult=[1,2,2]",
     # The toy preset's SiT optimiser from before its lr schedule: a constant lr keeps a run split into two
     # budgets (2, then 4 steps) equal to one run of 4 steps, which the resume tests compare, and the DDP
     # tolerances were measured at 2e-3. The schedule itself is tested in test_lr_schedule.py.

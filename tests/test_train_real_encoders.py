@@ -26,7 +26,7 @@ def _cfg(tmp_path, paths, *extra):
     return load_config("toy", overrides=[
         "data.source=folder", f"data.path={make_folder(tmp_path / 'data', per_class=4, size=(70, 64))}",
         "data.image_size=64", "data.num_workers=0", "model.arch=SiT-T/4", "model.depth=2", "model.hidden_size=48",
-        "model.num_heads=2", "model.encoder_depth=1", "model.projector_dim=64", "vae.ch=32", "vae.ch_mult=[1,2,2]",
+        "model.num_heads=2", "model.encoder_depth=1", "model.projector_dim=64",
         "encoder.names=[dinov2-vit-s,mocov3-vit-s]", f"encoder.paths=[{paths[0]},{paths[1]}]",
         "train.global_batch_size=4", "train.max_steps=2", "train.log_every=1", "train.ckpt_every=2",
         "train.sample_every=100", "sample.num_samples=4", "sample.batch_size=4", "sample.num_steps=2",
