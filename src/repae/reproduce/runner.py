@@ -4,7 +4,8 @@ checkpoint, and collect the results (`results.json`) for the report.
 Each arm is a plain `repae train` in its own process, `jobs` at a time with the machine's cores
 split between them (on this 2-core CPU two 1-thread runs give more images/s than one 2-thread
 run). Everything is resumable: re-running the same command continues unfinished runs (they
-resume from their checkpoints) and measures only checkpoints not yet measured.
+resume from their checkpoints), measures only checkpoints not yet measured, and starts no process
+for a run that is trained and measured already.
 """
 
 from __future__ import annotations
