@@ -237,9 +237,10 @@ def checkpoint_metrics(ckpt: Path, judges: Judges, num_samples: int, grid_path: 
 
 
 def _checkpoints(run_dir: Path) -> List[Path]:
-    from repae.train.checkpoint import checkpoint_dir
+    """The run's step-numbered checkpoint directories, oldest first."""
+    from repae.train.checkpoint import step_dirs
 
-    return sorted(p for p in checkpoint_dir(run_dir).glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return step_dirs(run_dir)[::-1]
 
 
 def _complete(record: Optional[dict], num_samples: int) -> bool:

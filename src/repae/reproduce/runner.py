@@ -145,17 +145,19 @@ class _Runner:
             self.on_record()
         from repae.train.checkpoint import has_checkpoints
 
-        if has_checkpoints(run_dir) and arm.name == "repae" and not (trained and _exported(run_dir, self.plan.steps)):
-            from repae.stage2.export import export_vae
+        if has_checkpoints(run_dir):
+            if arm.name == "repae" and not (trained and _exported(run_dir, self.plan.steps)):
+                from repae.stage2.export import export_vae
 
-            export_vae(run_dir)  # its tuned VAE is stage 2's frozen VAE
-        if has_checkpoints(run_dir) and needs_measuring(run_dir, self.plan.samples):
-            self._log(f"measure {name}")
-            measure = [sys.executable, "-m", "repae.reproduce.measure", str(run_dir), "--samples", str(self.plan.samples)]
-            if self.judges_dir is not None:
-                measure += ["--judges", str(self.judges_dir)]
-            if self._call(measure, log) != 0:
-                raise RuntimeError(f"measuring {run_dir} failed; see {log}")
+                export_vae(run_dir)  # its tuned VAE is stage 2's frozen VAE
+            if needs_measuring(run_dir, self.plan.samples):
+                self._log(f"measure {name}")
+                measure = [sys.executable, "-m", "repae.reproduce.measure", str(run_dir), "--samples",
+                           str(self.plan.samples)]
+                if self.judges_dir is not None:
+                    measure += ["--judges", str(self.judges_dir)]
+                if self._call(measure, log) != 0:
+                    raise RuntimeError(f"measuring {run_dir} failed; see {log}")
         self._log(f"done {name} ({record['train_seconds']:.0f} s training)")
         return record
 
