@@ -517,14 +517,47 @@ def load_config(
     merged = OmegaConf.structured(base)
     for path in files:
         data = read_yaml(path)
+        _refuse_interpolation(data, f"config file {path}")
         merged = _merge(merged, lambda d=data: OmegaConf.create(d), f"file {path}")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         merged = _merge(merged, lambda i=item: OmegaConf.from_dotlist([i]), f"override {item!r}")
-    cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    cfg: RunConfig = _to_object(merged, "the overrides")
     validate(cfg, world_size=world_size)
     return cfg
+
+
+def _refuse_interpolation(data, where: str, key: str = "") -> None:
+    """ConfigError for an OmegaConf interpolation (`${...}`) anywhere in a file's values.
+
+    A config file is data: it may be shared, or be the saved config of someone else's run, and
+    OmegaConf would otherwise evaluate it when the config is built: `${oc.env:VAR}` copies an
+    environment variable (a token, a password) into the run's saved config.yaml, and any resolver
+    runs on the file's say. Values are never rewritten (the escaped form would silently change what
+    the user meant): such a file is refused with the key, and the remedy. Overrides on the command
+    line are the user's own words and keep OmegaConf's interpolation."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            _refuse_interpolation(v, where, f"{key}.{k}" if key else str(k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            _refuse_interpolation(v, where, f"{key}[{i}]")
+    elif isinstance(data, str) and "${" in data:
+        raise ConfigError(f"{where}: {key}={data[:80]!r} is an interpolation; config files hold plain values "
+                          f"(nothing in them is evaluated, environment variables included): write the value itself, "
+                          f"or pass it on the command line as an override")
+
+
+def _to_object(merged, where: str):
+    """The dataclasses of a merged config; an interpolation that cannot be resolved (`${no.such.key}`) or
+    gives a value of the wrong type is a ConfigError naming the key, not OmegaConf's traceback."""
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"{where}: bad key {key!r}: {reason}" if key else f"{where}: {reason}") from None
 
 
 def _merge(base, make_other, where: str):
@@ -558,8 +591,10 @@ def config_differences(a: dict, b: dict, ignore: Sequence[str] = ()) -> List[str
 
 
 def from_dict(data: dict) -> RunConfig:
-    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(data))
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    """A RunConfig from plain data (a run's saved config): values taken as written, never evaluated."""
+    _refuse_interpolation(data, "saved config")
+    merged = _merge(OmegaConf.structured(RunConfig), lambda: OmegaConf.create(data), "saved config")
+    return _to_object(merged, "saved config")
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:

@@ -1,7 +1,10 @@
-"""Small file helpers shared by everything that writes results: atomic writes and hashes.
+"""Small file helpers: atomic writes and hashes for everything that writes results, and a bounded
+.npy/.npz reader for arrays read back from files (`read_npy`).
 
 A crash never leaves a half-written file under the final name: data goes to `name.tmp`,
-is flushed to disk, then renamed over the target (rename is atomic on POSIX)."""
+is flushed to disk, then renamed over the target (rename is atomic on POSIX). An array file's
+header is never trusted: its claimed size is checked against the bytes really there before
+anything is allocated."""
 
 from __future__ import annotations
 
@@ -9,7 +12,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Optional, Tuple, Union
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PathLike = Union[str, os.PathLike]
 
@@ -38,3 +44,134 @@ def write_atomic(path: PathLike, data: bytes) -> Path:
 
 def write_json_atomic(path: PathLike, obj, indent: int = 1) -> Path:
     return write_atomic(path, (json.dumps(obj, indent=indent) + "\n").encode())
+
+
+# ----------------------------------------------------------------------------- bounded .npy / .npz reading
+
+
+class ArrayFileError(ValueError):
+    """An .npy file or .npz member that cannot be read safely: the message names the file (and member) and
+    what is wrong. A ValueError, so callers that already turn ValueError into their own error class keep
+    doing so; most catch it and re-raise their module's error with the remedy."""
+
+
+# .npy header versions numpy's public API parses (3.0 only adds UTF-8 field names, which nothing here writes)
+_NPY_HEADER_READERS = {(1, 0): "read_array_header_1_0", (2, 0): "read_array_header_2_0"}
+_READ_BLOCK = 1 << 24  # 16 MiB: a compressed member grows its buffer only with data that actually arrives
+
+
+def _npy_header(f, where: str) -> Tuple[Tuple[int, ...], bool, "np.dtype"]:
+    """(shape, fortran_order, dtype) from the header at f's position, refusing object dtypes and bad shapes."""
+    import numpy as np
+
+    try:
+        version = np.lib.format.read_magic(f)
+        reader = _NPY_HEADER_READERS.get(version)
+        if reader is None:
+            raise ArrayFileError(f"{where}: unsupported .npy format version {version}")
+        shape, fortran, dtype = getattr(np.lib.format, reader)(f)  # header <= 10000 chars, literal_eval'd
+    except ArrayFileError:
+        raise
+    except (ValueError, SyntaxError, RecursionError, MemoryError, EOFError) as err:
+        raise ArrayFileError(f"{where}: not a readable .npy array ({' '.join(str(err).split())[:200]})") from None
+    if dtype.hasobject:  # object arrays are pickles: code, not data
+        raise ArrayFileError(f"{where}: holds Python objects (dtype {dtype}); only plain numeric arrays are read")
+    if dtype.itemsize == 0:
+        raise ArrayFileError(f"{where}: dtype {dtype} has no size")
+    if any(n < 0 for n in shape):
+        raise ArrayFileError(f"{where}: negative dimension in shape {shape}")
+    return tuple(int(n) for n in shape), bool(fortran), dtype
+
+
+def read_npy(path: PathLike, key: Optional[str] = None, *, max_bytes: Optional[int] = None) -> "np.ndarray":
+    """One array from an .npy file (`key` None) or from member `key` of an .npz archive, read without
+    trusting its header: nothing is allocated for a size the file cannot back.
+
+    The header is parsed with numpy.lib.format (read_magic + read_array_header_1_0/2_0: a bounded
+    literal, never a pickle). Object dtypes are refused (`allow_pickle=False` semantics), and the
+    claimed size prod(shape) * itemsize is checked before any allocation against the bytes that are
+    really there: the .npy file's size, or an uncompressed (stored) .npz member's size, itself checked
+    against the archive's size. A compressed member's size is only a claim of its zip header, so its
+    data is read in blocks and the buffer grows only with bytes that actually decompress (a forged
+    header fails at the first short read). `max_bytes`, when given, caps the array's size on top.
+
+    Returns a writable array of the stored dtype and shape (Fortran order honoured). Raises
+    ArrayFileError (a ValueError) naming the file, and the member, for anything wrong: missing member,
+    not a zip / .npy, unsupported version, object dtype, a size over the file's or over `max_bytes`,
+    truncated or corrupt data; FileNotFoundError when `path` does not exist. Callers re-raise it as
+    their module's error class with the remedy (delete the cache, re-run the command, ...)."""
+    import zipfile
+    import zlib
+
+    path = Path(path)
+    where = str(path) if key is None else f"{path} (array '{key}')"
+    if not path.is_file():
+        raise FileNotFoundError(f"not found: {path}")
+    try:
+        if key is None:
+            with open(path, "rb") as f:
+                shape, fortran, dtype = _npy_header(f, where)
+                available: Optional[int] = os.fstat(f.fileno()).st_size - f.tell()
+                return _read_data(f, shape, fortran, dtype, available, max_bytes, where)
+        with zipfile.ZipFile(path) as zf:
+            try:
+                info = zf.getinfo(f"{key}.npy")
+            except KeyError:
+                found = sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
+                raise ArrayFileError(f"{path} has no array '{key}' (found {found[:20]})") from None
+            available = None
+            if info.compress_type == zipfile.ZIP_STORED:
+                # stored bytes lie inside the archive: their extent is real, unlike a compressed member's size
+                if info.header_offset + info.compress_size > path.stat().st_size or info.file_size != info.compress_size:
+                    raise ArrayFileError(f"{where}: its zip entry claims more bytes than the archive holds "
+                                         "(truncated or damaged)")
+                available = info.file_size
+            with zf.open(info) as f:
+                shape, fortran, dtype = _npy_header(f, where)
+                if available is not None:
+                    available -= f.tell()
+                return _read_data(f, shape, fortran, dtype, available, max_bytes, where)
+    except ArrayFileError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:  # NotImplementedError: codec
+        raise ArrayFileError(f"{where}: not a readable .npz archive ({' '.join(str(err).split())[:200]})") from None
+    except OSError as err:
+        raise ArrayFileError(f"{where}: cannot be read ({err.strerror or err})") from None
+
+
+def _read_data(f, shape: Tuple[int, ...], fortran: bool, dtype, available: Optional[int],
+               max_bytes: Optional[int], where: str):
+    import numpy as np
+
+    count = 1
+    for n in shape:  # Python ints: no overflow, however large the claim
+        count *= n
+    nbytes = count * dtype.itemsize
+    if max_bytes is not None and nbytes > max_bytes:
+        raise ArrayFileError(f"{where}: shape {shape} of {dtype} is {nbytes} bytes, over the {max_bytes} allowed")
+    if available is not None and nbytes > available:
+        raise ArrayFileError(f"{where}: its header claims shape {shape} of {dtype} ({nbytes} bytes), but only "
+                             f"{available} bytes follow it (truncated, or a forged header)")
+    if available is not None:  # the size is backed by the file: one allocation, filled in place
+        buf = bytearray(nbytes)
+        view, got = memoryview(buf), 0
+        while got < nbytes:
+            n = f.readinto(view[got:got + _READ_BLOCK])
+            if not n:
+                break
+            got += n
+    else:  # a compressed member: grow with the data that arrives, never with the claim
+        buf = bytearray()
+        while len(buf) < nbytes:
+            block = f.read(min(_READ_BLOCK, nbytes - len(buf)))
+            if not block:
+                break
+            buf += block
+        got = len(buf)
+    if got < nbytes:
+        raise ArrayFileError(f"{where}: truncated: {got} of the {nbytes} data bytes of shape {shape} are there")
+    try:
+        arr = np.frombuffer(buf, dtype=dtype, count=count)
+        return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+    except ValueError as err:  # e.g. more dimensions than numpy allows
+        raise ArrayFileError(f"{where}: shape {shape} cannot be built ({err})") from None

@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 
 from repae import dist
 from repae import toyworld_console as console
-from repae.config import ToyWorldConfig
-from repae.data.toy import toy_arrays
-from repae.fileio import write_json_atomic
+from repae.config import ConfigError, ToyWorldConfig
+from repae.data.toy import CLASSES, toy_arrays
+from repae.fileio import ArrayFileError, read_npy, write_json_atomic
 from repae.losses import kl_loss, reconstruction_loss
 from repae.models.latent_norm import LatentNorm, measure_latent_stats
 from repae.models.toy_teacher import ToyTeacher
@@ -50,11 +50,30 @@ def cache_dir_for(spec: ToyWorldConfig, seed: int = 0) -> Path:
     return root / f"toyworld-{VERSION}-{key}"
 
 
+def _damaged(path: Path, what: str) -> ConfigError:
+    what = what[len(str(path)):].lstrip(" :") if what.startswith(str(path)) else what  # named once
+    return ConfigError(f"toy-world cache file {path} is damaged: {what}; delete the directory {path.parent} "
+                       "and run again to rebuild it")
+
+
+def _read_pool(path: Path, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A cached pool, checked to be what _pool writes (uint8 [size,3,32,32], labels in [0, classes)): the
+    bounded reader allocates nothing a forged header claims, and a wrong array never reaches training."""
+    try:
+        images, labels = read_npy(path, "images"), read_npy(path, "labels")
+    except ArrayFileError as err:
+        raise _damaged(path, str(err)) from None
+    if images.dtype != np.uint8 or images.shape != (size, 3, 32, 32):
+        raise _damaged(path, f"images are {images.dtype} {list(images.shape)}, not uint8 [{size}, 3, 32, 32]")
+    if labels.dtype != np.int64 or labels.shape != (size,) or (size and not 0 <= labels.min() <= labels.max() < len(CLASSES)):
+        raise _damaged(path, f"labels are not {size} class ids in [0, {len(CLASSES)})")
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
 def _pool(path: Path, size: int, seed: int, desc: str, progress: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rendered images [N,3,32,32] uint8 and labels [N], cached as .npz."""
     if path.is_file():
-        data = np.load(path)
-        return torch.from_numpy(data["images"]), torch.from_numpy(data["labels"])
+        return _read_pool(path, size)
     # rendering is numpy on one core: one process per core halves the toy world's first build
     starts = range(0, size, 500)
     with ProcessPoolExecutor(max_workers=min(len(starts), dist.usable_cores())) as pool:
@@ -309,7 +328,7 @@ def _ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig, seed: int, progre
     cache = cache_dir_for(spec, seed)
     cache.mkdir(parents=True, exist_ok=True)
     report_path = cache / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {"spec": asdict(spec)}
+    report = _read_report(report_path) if report_path.is_file() else {"spec": asdict(spec)}
     built: list = []  # what this call trained, for the console
     train_x, train_y = _pool(cache / "train.npz", spec.train_size, seed, "render toy train set", progress)
     held_x, held_y = _pool(cache / "heldout.npz", spec.heldout_size, seed + 1000, "render toy held-out set",
@@ -344,6 +363,21 @@ def _ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig, seed: int, progre
         write_json_atomic(report_path, report, indent=2)
     console.say(console.built_lines(report, built) if built else [console.cached_line(cache, report, arch)])
     return ToyWorld(cache, train_x, train_y, held_x, held_y, teacher, vae_path, stats_path, report)
+
+
+def _read_report(path: Path) -> dict:
+    """report.json of a cached world: the measurements made when it was built (not rebuilt on their own)."""
+    try:
+        report = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise _damaged(path, " ".join(str(err).split())[:120]) from None
+    if not isinstance(report, dict):
+        raise _damaged(path, f"a JSON {type(report).__name__}, not an object")
+    for key, value in report.items():  # the numbers the console formats and the runs record
+        if key.endswith(("_accuracy", "_psnr_db", "_seconds")) and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise _damaged(path, f"{key}={str(value)[:40]!r} is not a number")
+    return report
 
 
 def _vae_report(vae: AutoencoderKL, held_x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, arch: str) -> dict:

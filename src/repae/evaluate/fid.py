@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from repae import dist
 from repae.evaluate.manifold import precision_recall
-from repae.evaluate.stats import FeatureStats, GaussianStats, frechet_distance
+from repae.fileio import read_npy
+from repae.evaluate.stats import FeatureStats, GaussianStats, frechet_distance, npz_keys, read_gaussian
 from repae.models.inception import InceptionV3
 
 PathLike = Union[str, os.PathLike]
@@ -145,8 +146,7 @@ class NpzImages:
     def __iter__(self) -> Iterator[torch.Tensor]:
         start, stop = self.block.start, self.block.stop
         if self.fortran:  # rare; cannot stream row blocks of a Fortran-ordered array
-            with np.load(self.path, allow_pickle=False) as f:
-                arr = f[self.key][start:stop]
+            arr = read_npy(self.path, self.key)[start:stop]  # size checked against the member before allocating
             for i in range(0, len(arr), self.batch_size):
                 yield torch.from_numpy(np.ascontiguousarray(arr[i:i + self.batch_size])).permute(0, 3, 1, 2)
             return
@@ -239,12 +239,11 @@ def load_reference(path: PathLike, inception: Optional[InceptionV3] = None, *, n
         raise FileNotFoundError(f"reference batch not found: {path}")
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not an .npz archive (expected an ADM reference batch)")
-    with np.load(path, allow_pickle=False) as f:
-        keys = set(f.keys())
-        pool = GaussianStats(f["mu"].astype(np.float64), f["sigma"].astype(np.float64)) \
-            if {"mu", "sigma"} <= keys else None
-        spatial = GaussianStats(f["mu_s"].astype(np.float64), f["sigma_s"].astype(np.float64)) \
-            if {"mu_s", "sigma_s"} <= keys else None
+    # each statistic is read with its header checked against the member's real size (ArrayFileError,
+    # a ValueError, otherwise): a forged header of a few hundred bytes must not allocate terabytes
+    keys = npz_keys(path)
+    pool = read_gaussian(path, "mu", "sigma") if {"mu", "sigma"} <= keys else None
+    spatial = read_gaussian(path, "mu_s", "sigma_s") if {"mu_s", "sigma_s"} <= keys else None
     has_images = REF_IMAGES_KEY in keys
     if pool is None and not has_images:
         raise KeyError(f"{path} is not a reference batch: expected '{REF_IMAGES_KEY}' (uint8 [N,H,W,3] images) "

@@ -20,6 +20,7 @@ import torch
 from scipy import linalg
 
 from repae import dist
+from repae.fileio import ArrayFileError, read_npy
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -172,17 +173,40 @@ def save_stats(path: Union[str, os.PathLike], pool: GaussianStats,
     return path
 
 
+def read_gaussian(path: Union[str, os.PathLike], mu_key: str = "mu", sigma_key: str = "sigma") -> GaussianStats:
+    """mu [D] and sigma [D,D] (as float64) from members of an .npz, read with the bounded reader, so a
+    forged .npy header cannot make it allocate; ArrayFileError (a ValueError) naming the file for a
+    damaged member, non-numeric data, or shapes that are not a mean and its covariance."""
+    mu, sigma = read_npy(path, mu_key), read_npy(path, sigma_key)
+    for key, arr in ((mu_key, mu), (sigma_key, sigma)):
+        if arr.dtype.kind not in "iuf":
+            raise ArrayFileError(f"{path}: '{key}' holds {arr.dtype}, not real numbers")
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ArrayFileError(f"{path}: '{mu_key}' {tuple(mu.shape)} and '{sigma_key}' {tuple(sigma.shape)} are not "
+                             "a mean [D] and its covariance [D,D]")
+    return GaussianStats(mu.astype(np.float64), sigma.astype(np.float64))
+
+
+def npz_keys(path: Union[str, os.PathLike]) -> set:
+    """Array names in an .npz archive (its `NAME.npy` members), from the zip directory alone."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ArrayFileError(f"{path} is not a readable .npz archive ({err})") from None
+
+
 def load_stats(path: Union[str, os.PathLike]) -> Tuple[GaussianStats, Optional[GaussianStats]]:
-    """(pool, spatial or None) from an .npz with mu, sigma [, mu_s, sigma_s]."""
+    """(pool, spatial or None) from an .npz with mu, sigma [, mu_s, sigma_s]. KeyError when the statistics
+    are absent, ArrayFileError (a ValueError) naming the file when they are damaged (see read_gaussian)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"statistics file not found: {path}")
-    with np.load(path, allow_pickle=False) as f:
-        keys = set(f.keys())
-        if not {"mu", "sigma"} <= keys:
-            raise KeyError(f"{path} holds no FID statistics: expected keys mu, sigma [, mu_s, sigma_s], found {sorted(keys)}")
-        pool = GaussianStats(f["mu"].astype(np.float64), f["sigma"].astype(np.float64))
-        spatial = None
-        if {"mu_s", "sigma_s"} <= keys:
-            spatial = GaussianStats(f["mu_s"].astype(np.float64), f["sigma_s"].astype(np.float64))
+    keys = npz_keys(path)
+    if not {"mu", "sigma"} <= keys:
+        raise KeyError(f"{path} holds no FID statistics: expected keys mu, sigma [, mu_s, sigma_s], found {sorted(keys)}")
+    pool = read_gaussian(path, "mu", "sigma")
+    spatial = read_gaussian(path, "mu_s", "sigma_s") if {"mu_s", "sigma_s"} <= keys else None
     return pool, spatial

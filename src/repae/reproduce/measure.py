@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -249,13 +250,32 @@ def _complete(record: Optional[dict], num_samples: int) -> bool:
             and all(k in record for k in LATENT_KEYS + UNGUIDED_KEYS))
 
 
+def _read_done(out: Path, warn: bool = False) -> Dict[str, dict]:
+    """{step: metrics} that METRICS_FILE holds. The file is our own record of measurements, which can be
+    made again: an unreadable one (a torn copy, a hand edit) reads as empty and every checkpoint is
+    measured anew, as is any entry that is not a step's metrics; `warn` says so on stderr."""
+    if not out.is_file():
+        return {}
+    try:
+        done = json.loads(out.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        problem = f"unreadable ({' '.join(str(err).split())[:120]})"
+    else:
+        if isinstance(done, dict):
+            kept = {k: v for k, v in done.items() if k.isdigit() and isinstance(v, dict)}
+            if warn and len(kept) != len(done):
+                print(f"warning: {out}: {len(done) - len(kept)} entries are not a step's metrics; measuring "
+                      "those checkpoints again", file=sys.stderr)
+            return kept
+        problem = f"a JSON {type(done).__name__}, not an object"
+    if warn:
+        print(f"warning: {out} is {problem}; measuring every checkpoint again", file=sys.stderr)
+    return {}
+
+
 def needs_measuring(run_dir: Path, num_samples: int) -> bool:
     """Whether `measure_run` would measure anything: a checkpoint of the run not yet measured (fully)."""
-    out = run_dir / METRICS_FILE
-    try:
-        done = json.loads(out.read_text()) if out.is_file() else {}
-    except ValueError:
-        return True
+    done = _read_done(run_dir / METRICS_FILE)
     return not all(_complete(done.get(str(checkpoint_step(c))), num_samples) for c in _checkpoints(run_dir))
 
 
@@ -266,7 +286,7 @@ def measure_run(run_dir: Path, num_samples: int, judges: Optional[Judges] = None
     from repae.config import load_config
 
     out = run_dir / METRICS_FILE
-    done: Dict[str, dict] = json.loads(out.read_text()) if out.is_file() else {}
+    done = _read_done(out, warn=True)
     for m in done.values():  # files written before the real-data judges called the FID "toy_fid"
         if "toy_fid" in m:
             m["fid"] = m.pop("toy_fid")

@@ -189,6 +189,32 @@ class _Runner:
         return True
 
 
+def _read_previous(path: Path) -> dict:
+    """An earlier invocation's results.json ({} when there is none), checked where this one builds on it:
+    `runs` (name -> record with a numeric train_seconds and an integer exit_code) and `invocations` (a list).
+    ConfigError with the remedy otherwise: the file is a record, and its runs are kept without it."""
+    if not path.is_file():
+        return {}
+    remedy = ("move it away or delete it to go on: the runs under runs/ are kept and not trained again, only "
+              "the training time of earlier invocations goes uncounted")
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ConfigError(f"{path} is unreadable ({' '.join(str(err).split())[:120]}); {remedy}") from None
+
+    def number(value, kind=(int, float)) -> bool:
+        return isinstance(value, kind) and not isinstance(value, bool)
+
+    runs = previous.get("runs", {}) if isinstance(previous, dict) else None
+    ok = (isinstance(runs, dict) and isinstance(previous.get("invocations", []), list)
+          and all(isinstance(r, dict) and number(r.get("train_seconds", 0.0))
+                  and number(r.get("exit_code", 0), int) for r in runs.values()))
+    if not ok:
+        raise ConfigError(f"{path} is not a results record this reproduction can continue (runs must map names to "
+                          f"records with numeric train_seconds and exit_code, invocations be a list); {remedy}")
+    return previous
+
+
 def _exported(run_dir: Path, step: int) -> bool:
     """Whether RUN/e2e-vae already holds the VAE of the checkpoint at `step`."""
     try:
@@ -277,7 +303,7 @@ def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequ
     # the starting VAE, and the held-out images' own DCT spectrum that the latents' are drawn against
     initial = {**vae_metrics(starting_vae(base, judges), judges), **image_spectrum_metrics(judges.heldout_images)}
     threads = max(1, dist.usable_cores() // plan.jobs)
-    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+    previous = _read_previous(out / "results.json")
     earlier, invocations = previous.get("runs", {}), previous.get("invocations", [])
 
     def this_invocation(**extra) -> list:

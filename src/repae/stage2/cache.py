@@ -34,14 +34,21 @@ import torch
 from tqdm.auto import tqdm
 
 from repae import dist
-from repae.config import ConfigError
-from repae.fileio import sha256_file, write_atomic, write_json_atomic
+from repae.config import RANGES, ConfigError
+from repae.fileio import ArrayFileError, read_npy, sha256_file, write_atomic, write_json_atomic
 from repae.hub import is_hub_id
 from repae.pixels import to_vae_range
 
 FORMAT, VERSION = "repae-latents", 1
 SETTINGS, MANIFEST, LABELS, STATS = "settings.json", "manifest.json", "labels.npy", "latent_stats.safetensors"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16"}  # the safetensors name of each stored dtype
+
+# Caps on what a manifest may describe, far above any real cache (SD-VAE at 512px: [4, 64, 64]) yet small
+# enough that nothing sized by them (per-channel sums, an output batch) can exhaust memory before the shard
+# headers, whose tensors must have exactly these shapes within the files' real sizes, are checked.
+MAX_LATENT_CHANNELS, MAX_LATENT_SIDE = 4096, 16384
+MAX_CLASSES = int(RANGES["model.num_classes"].hi)  # no model can use more (the same cap as repae.data.sources)
 
 
 def shard_name(k: int) -> str:
@@ -57,6 +64,10 @@ class ToySource:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         self.images, self.labels = images, labels
         self.image_size = images.shape[-1]
+        # checked before the names "0".."max" are built: a damaged label must not size a list of 10^12 strings
+        if len(labels) == 0 or int(labels.min()) < 0 or int(labels.max()) >= MAX_CLASSES:
+            raise ConfigError(f"toy labels must be class ids in [0, {MAX_CLASSES}); got "
+                              f"{'none' if len(labels) == 0 else f'{int(labels.min())}..{int(labels.max())}'}")
         self.classes = [str(c) for c in range(int(labels.max()) + 1)]
 
     def __len__(self) -> int:
@@ -126,7 +137,12 @@ def encode_moments(vae, images: torch.Tensor, device: torch.device,
 def _check_or_write_settings(out: Path, settings: dict) -> None:
     path = out / SETTINGS
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:
+            raise ConfigError(f"{path} is corrupt ({_why(err)}); delete {out} and run the command again") from None
+        if not isinstance(old, dict):
+            raise ConfigError(f"{path} is not a settings object; delete {out} and run the command again")
         if old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise ConfigError(f"{out} holds a latent cache made with other settings ({', '.join(diff)}); "
@@ -137,12 +153,13 @@ def _check_or_write_settings(out: Path, settings: dict) -> None:
 
 
 def _shard_on_disk(path: Path, count: int) -> bool:
-    """A finished shard of `count` items (renamed into place only when complete)."""
+    """A finished shard of `count` items (renamed into place only when complete; a damaged one, e.g.
+    truncated by a bad copy, is not finished and is written again)."""
     try:
-        header = _read_header(path)
-    except (OSError, ValueError, struct.error):
+        layout = _shard_layout(path)
+    except (OSError, ValueError, RecursionError):
         return False
-    return header.get("labels", {}).get("shape") == [count]
+    return "labels" in layout and layout["labels"][1] == (count,)
 
 
 def _write_shard(path: Path, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> None:
@@ -250,8 +267,17 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 # ----------------------------------------------------------------------------- reading
 
 
+def _why(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200] or type(err).__name__
+
+
+def _int(value, lo: int, hi: Optional[int] = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+
+
 def read_manifest(root: str | Path) -> dict:
-    """The manifest of a finished cache; ConfigError naming what is wrong otherwise."""
+    """The manifest of a finished cache, checked (types, required keys, bounds, consistency); ConfigError
+    naming what is wrong and the remedy otherwise."""
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
@@ -259,35 +285,107 @@ def read_manifest(root: str | Path) -> dict:
             raise ConfigError(f"latent cache {root} is unfinished (no {MANIFEST}): run the same "
                               "`repae cache-latents` command again to complete it")
         raise ConfigError(f"{root} is not a latent cache (no {MANIFEST}); make one with `repae cache-latents`")
-    manifest = json.loads(path.read_text())
+    remedy = (f"run the same `repae cache-latents` command again to rewrite it (it keeps the finished shards), "
+              f"or delete {root} and make the cache anew")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"{path} is corrupt ({_why(err)}); {remedy}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"{path} is damaged: a JSON {type(manifest).__name__}, not an object; {remedy}")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ConfigError(f"{path} is not a {FORMAT} v{VERSION} manifest")
+    problems = _manifest_problems(manifest)
+    if problems:
+        raise ConfigError(f"{path} is damaged or hand-edited: {'; '.join(problems[:5])}; {remedy}")
     return manifest
 
 
+def _manifest_problems(m: dict) -> List[str]:
+    """What is wrong with a manifest's fields (empty: usable). Every field a reader sizes or indexes by
+    is checked here, so nothing later meets a string for a number or a shape of a trillion."""
+    bad: List[str] = []
+    if m.get("complete") is not True:
+        bad.append("it is not marked complete")
+    count, size = m.get("count"), m.get("shard_size")
+    if not _int(count, 1):
+        bad.append(f"count={repr(count)[:40]} must be an integer >= 1")
+    if not _int(size, 1):
+        bad.append(f"shard_size={repr(size)[:40]} must be an integer >= 1")
+    if not isinstance(m.get("hflip_too"), bool):
+        bad.append("hflip_too must be true or false")
+    if m.get("dtype") not in _DTYPES:
+        bad.append(f"dtype={repr(m.get('dtype'))[:40]} must be one of {sorted(_DTYPES)}")
+    shape = m.get("latent_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and _int(shape[0], 1, MAX_LATENT_CHANNELS)
+            and all(_int(n, 1, MAX_LATENT_SIDE) for n in shape[1:])):
+        bad.append(f"latent_shape={str(shape)[:60]} must be [C, h, w] with 1 <= C <= {MAX_LATENT_CHANNELS} and "
+                   f"1 <= h, w <= {MAX_LATENT_SIDE}")
+    if _int(count, 1) and _int(size, 1):
+        n, shards = math.ceil(count / size), m.get("shards")
+        # compared name by name: a forged count must not build a list of 10^12 names to compare with
+        if m.get("num_shards") != n or not (isinstance(shards, list) and len(shards) == n
+                                            and all(name == shard_name(k) for k, name in enumerate(shards))):
+            bad.append(f"num_shards and shards must name the {n} shards of {count} images in shards of {size}")
+    classes = m.get("classes")
+    if not (isinstance(classes, list) and 1 <= len(classes) <= MAX_CLASSES and all(isinstance(c, str) for c in classes)):
+        bad.append(f"classes must be a list of 1 to {MAX_CLASSES} class names")
+    source = m.get("source")
+    if not (isinstance(source, dict) and isinstance(source.get("kind"), str) and _int(source.get("image_size"), 1)
+            and (source.get("kind") == "toy" or isinstance(source.get("path"), str))):
+        bad.append("source must record the kind, path and image_size of the images")
+    vae = m.get("vae")
+    if not (isinstance(vae, dict) and isinstance(vae.get("path"), str) and isinstance(vae.get("sha256"), str)
+            and isinstance(vae.get("latent_stats"), (str, type(None)))
+            and isinstance(vae.get("args"), (dict, type(None)))):
+        bad.append("vae must record the path, sha256, args and latent_stats of the VAE")
+    elif vae["args"] is not None:
+        from repae.weights import CheckpointError, args_from_metadata
+
+        try:  # the same known fields, types and caps as a weight file's architecture metadata
+            args_from_metadata(MANIFEST, "vae", json.dumps(vae["args"]))
+        except CheckpointError as err:
+            bad.append(f"vae.args: {str(err).split(': ', 2)[-1]}")
+    return bad
+
+
 _NP_DTYPES = {"F32": np.float32, "BF16": np.uint16, "I64": np.int64, "F16": np.float16}
+MAX_HEADER_BYTES = 100_000_000  # a shard's header is a few hundred bytes
 
 
-def _read_header(path: Path) -> dict:
+def _shard_layout(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...], int]]:
+    """{tensor name: (safetensors dtype, shape, byte offset in the file)} of a safetensors file, checked:
+    a JSON object header, known dtypes, integer shapes, and data offsets that match shape x itemsize and
+    lie within the file. ValueError (or OSError) saying what is wrong otherwise; memory-mapping the
+    result can neither fail nor read past the file."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > 100_000_000:
-            raise ValueError("not a safetensors file")
-        return json.loads(f.read(length))
-
-
-def _memmaps(path: Path) -> Dict[str, np.ndarray]:
-    """Each tensor of a safetensors file as a read-only np.memmap (bf16 as uint16 bits)."""
-    header = _read_header(path)
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-    out = {}
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"it has {size} bytes, fewer than a safetensors header")
+        (length,) = struct.unpack("<Q", raw)
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            raise ValueError(f"its header length {length} is beyond the file's {size} bytes: not a safetensors file")
+        header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    start, out = 8 + length, {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        begin, _ = info["data_offsets"]
-        out[name] = np.memmap(path, dtype=_NP_DTYPES[info["dtype"]], mode="r", offset=8 + length + begin,
-                              shape=tuple(info["shape"]))
+        if not isinstance(info, dict) or info.get("dtype") not in _NP_DTYPES:
+            raise ValueError(f"tensor {name[:40]!r} has no known dtype ({str(info)[:60]})")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(_int(n, 0) for n in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(_int(o, 0) for o in offsets)):
+            raise ValueError(f"tensor {name[:40]!r} has a malformed shape or data_offsets")
+        nbytes = math.prod(shape) * np.dtype(_NP_DTYPES[info["dtype"]]).itemsize
+        begin, end = offsets
+        if end - begin != nbytes or start + end > size:
+            raise ValueError(f"tensor {name[:40]!r} {shape} does not fit the file's {size} bytes (truncated?)")
+        out[name] = (info["dtype"], tuple(shape), start + begin)
     return out
 
 
@@ -303,6 +401,7 @@ class LatentCache:
         self.latent_shape = tuple(self.manifest["latent_shape"])
         self._maps: Dict[int, Dict[str, np.ndarray]] = {}
         self._labels: Optional[np.ndarray] = None
+        self._views(0)  # a damaged first shard is reported now, not in a data-loading worker mid-training
 
     def __len__(self) -> int:
         return self.count * (2 if self.hflip_too else 1)
@@ -311,14 +410,53 @@ class LatentCache:
         return {**self.__dict__, "_maps": {}}
 
     def _views(self, k: int) -> Dict[str, np.ndarray]:
+        """Shard k's tensors as read-only memmaps (bf16 as uint16 bits), once their dtypes and shapes are
+        the manifest's: ConfigError naming the shard, and the remedy, otherwise."""
         if k not in self._maps:
-            self._maps[k] = _memmaps(self.root / shard_name(k))
+            path = self.root / shard_name(k)
+            n = min(self.count, (k + 1) * self.shard_size) - k * self.shard_size
+            latent = (_ST_DTYPES[self.manifest["dtype"]], (n, *self.latent_shape))
+            want = {"mean": latent, "std": latent, "labels": ("I64", (n,))}
+            if self.hflip_too:
+                want.update(mean_flip=latent, std_flip=latent)
+            try:
+                layout = _shard_layout(path)
+                for name, (dtype, shape) in want.items():
+                    if name not in layout:
+                        raise ValueError(f"it holds no {name!r} tensor")
+                    if layout[name][:2] != (dtype, shape):
+                        raise ValueError(f"{name!r} is {layout[name][0]} {list(layout[name][1])}, the manifest "
+                                         f"says {dtype} {list(shape)}")
+            except FileNotFoundError:
+                raise ConfigError(f"latent cache shard {path} is missing: run the same `repae cache-latents` "
+                                  "command again (it writes the missing shards)") from None
+            except (OSError, ValueError, RecursionError) as err:
+                raise ConfigError(f"latent cache shard {path} is damaged ({_why(err)}): delete that file and run "
+                                  "the same `repae cache-latents` command again (it rewrites missing shards)") from None
+            self._maps[k] = {name: np.memmap(path, dtype=_NP_DTYPES[layout[name][0]], mode="r",
+                                             offset=layout[name][2], shape=shape) for name, (_, shape) in want.items()}
         return self._maps[k]
 
     @property
     def labels(self) -> np.ndarray:
+        """int64 [count]: every image's class id, below the manifest's number of classes."""
         if self._labels is None:
-            self._labels = np.load(self.root / LABELS)
+            path = self.root / LABELS
+            remedy = "run the same `repae cache-latents` command again to rewrite it"
+            try:  # bounded: a forged header cannot allocate more than the file (and `count` labels) holds
+                labels = read_npy(path, max_bytes=8 * self.count)
+            except FileNotFoundError:
+                raise ConfigError(f"latent cache labels {path} are missing: {remedy}") from None
+            except ArrayFileError as err:
+                raise ConfigError(f"latent cache labels unreadable: {err}; {remedy}") from None
+            classes = len(self.manifest["classes"])
+            if labels.shape != (self.count,) or labels.dtype.kind not in "iu":
+                raise ConfigError(f"latent cache labels {path} are {labels.dtype} {list(labels.shape)}, not "
+                                  f"{self.count} integer class ids: {remedy}")
+            if labels.min() < 0 or labels.max() >= classes:
+                raise ConfigError(f"latent cache labels {path} hold ids outside 0..{classes - 1} (the manifest's "
+                                  f"{classes} classes): {remedy}")
+            self._labels = labels.astype(np.int64, copy=False)
         return self._labels
 
     def split(self, items: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -332,6 +470,8 @@ class LatentCache:
         """(mean, std) float32 [len(items), C, h, w] for cache items (see the class docstring)."""
         base, flipped = self.split(np.asarray(items))
         shard, row = base // self.shard_size, base % self.shard_size
+        for k in np.unique(shard):  # checked against the manifest before latent_shape sizes anything
+            self._views(int(k))
         out = {key: np.empty((len(base), *self.latent_shape), dtype=np.float32) for key in ("mean", "std")}
         for k in np.unique(shard):
             views = self._views(int(k))

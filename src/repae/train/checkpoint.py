@@ -130,11 +130,18 @@ def _verify(path: Path) -> Tuple[str, str]:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
         step = int(manifest["step"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError) as err:
         return "damaged", f"manifest.json unreadable ({type(err).__name__})"
     match = _STEP_DIR.match(path.name)
     if match and int(match.group(1)) != step:
         return "damaged", f"manifest.json is for step {step}"
+    # a hand-edited or damaged manifest must read as a damaged checkpoint, never as a crash: each entry
+    # is a plain file name of this directory with an integer size and a hex digest
+    if not isinstance(files, dict) or not all(
+            isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and isinstance(want, dict) and isinstance(want.get("bytes"), int) and not isinstance(want["bytes"], bool)
+            and isinstance(want.get("sha256"), str) for name, want in files.items()):
+        return "damaged", "manifest.json is malformed (files must map file names to their bytes and sha256)"
     missing = [name for name in REQUIRED if name not in files]
     if missing:
         return "damaged", f"manifest.json lists no {', '.join(missing)}"
