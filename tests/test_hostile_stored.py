@@ -269,6 +269,16 @@ def test_damaged_cache_labels_are_a_config_error(made_cache, tmp_path, damage):
         LatentCache(out).labels
 
 
+def test_cache_labels_outside_the_models_classes_are_refused_before_training(made_cache):
+    """The cache's labels fit its own 3 classes but not a 2-class SiT: label 2 would be the CFG null class."""
+    from repae.stage2.latents import latent_batches
+
+    overrides = ["model.num_classes=2", "loss.proj_coeff=0", "train.tune_vae=false", f"latents.path={made_cache[0]}"]
+    with pytest.raises(ConfigError, match=r"outside 0\.\.1 \(model.num_classes=2\), e\.g\. 2 \(the id of the null"):
+        latent_batches(load_config("toy", overrides=overrides))
+    assert len(latent_batches(load_config("toy", overrides=overrides[1:] + ["model.num_classes=3"])).items) == 10
+
+
 def test_cache_settings_that_are_not_json_are_a_config_error(made_cache, tmp_path):
     out = _copy(made_cache, tmp_path)
     (out / "settings.json").write_text("{oops")

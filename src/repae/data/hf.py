@@ -17,9 +17,10 @@ read by index, so the training order is the global ResumableOrder every source s
   `save_to_disk`, or its download cache) or convert once (README: "Train on your ImageNet copy").
 
 Labels are read once, at open (only the label column). Class names come from the `datasets` ClassLabel
-metadata when the files carry it, else "0".."max label". An image cell may hold encoded bytes (binary),
-or a struct with `bytes` (and `path`); a null cell, null bytes or bytes that do not decode are bad records,
-skipped and counted (repae.data.records).
+metadata when the files carry it (every label must then be below their number), else "0".."max label"; a
+label over the config's cap on model.num_classes (MAX_CLASSES) is an error at open. An image cell may hold
+encoded bytes (binary), or a struct with `bytes` (and `path`); a null cell, null bytes or bytes that do not
+decode are bad records, skipped and counted (repae.data.records).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 
 from repae.data.images import DEFAULT_MAX_PIXELS, UnreadableImage, decode_image
 from repae.data.records import ImageRecords, PerProcess
+from repae.data.sources import MAX_CLASSES
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
 IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp")  # the first one present is the image column
@@ -199,6 +201,10 @@ class TableImages(ImageRecords):
         if len(self.labels) == 0:
             raise TableDataError(f"{self.root}: the tables hold no rows")
         names = _class_names(first.schema, self.label_column)
+        if names and int(self.labels.max()) >= len(names):  # the label would name no class, or the CFG null one
+            raise TableDataError(f"{self.root}: {int((self.labels >= len(names)).sum())} rows have a label of "
+                                 f"{len(names)} or more (e.g. {int(self.labels.max())}), but the ClassLabel metadata "
+                                 f"of {first.path} names {len(names)} classes")
         self.classes = names or [str(c) for c in range(int(self.labels.max()) + 1)]
         self._cache = PerProcess()  # image columns of the chunks read last, in the process that read them
 
@@ -210,7 +216,13 @@ class TableImages(ImageRecords):
                 raise TableDataError(f"{t.path}: {column.null_count} rows have no {self.label_column!r}")
             if not pa.types.is_integer(column.type):
                 raise TableDataError(f"{t.path}: column {self.label_column!r} is {column.type}, not integer class ids")
-            parts.append(np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.int64))
+            values = column.to_numpy(zero_copy_only=False)  # its own integer type: a uint64 must not wrap
+            # bounded before anything is sized by it (the class names "0".."max") or it becomes int64
+            if len(values) and values.max() >= MAX_CLASSES:
+                raise TableDataError(f"{t.path}: {int((values >= MAX_CLASSES).sum())} rows have a label over the "
+                                     f"largest class id any model can have, e.g. {int(values.max())} "
+                                     f"({MAX_CLASSES - 1}; model.num_classes <= {MAX_CLASSES})")
+            parts.append(np.asarray(values, dtype=np.int64))
         labels = np.concatenate(parts)
         if len(labels) and labels.min() < 0:
             raise TableDataError(f"{self.root}: {int((labels < 0).sum())} rows have a negative label (an unlabelled "

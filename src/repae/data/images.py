@@ -11,6 +11,9 @@ camera frame is 8688x5792, so 64 MP refuses no real photo while bounding one dec
 ~192 MB per reader process/thread (RGBA or 16-bit modes at most ~2.7x that, transiently).
 Pillow's own guard (DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS, ~179 MP; the
 DecompressionBombWarning above ~89 MP when warnings are errors) is caught and treated the same way.
+The limit also bounds the resize of the centre crop: scaling the short side of a thin image up to the crop
+size multiplies its pixels (an 89-byte 1x4000 PNG resized for a 256px crop is 256x1024000 = 262 MP), so an
+image whose resize would exceed the limit is refused from its header too (see crop_resize_size).
 
 Modes -> RGB (test_bad_images.py checks each against known values):
 - RGB as is; L, 1, CMYK, YCbCr, RGBX... through Pillow's conversion (1 -> 0/255, CMYK naive inversion);
@@ -30,7 +33,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -53,8 +56,11 @@ class ImageTooLarge(UnreadableImage):
     """The header claims more pixels than the limit: refused before decoding."""
 
 
-# what Pillow raises on bad files; DecompressionBombWarning is raised when warnings are errors
-PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
+# what Pillow raises on bad files; DecompressionBombWarning is raised when warnings are errors. MemoryError and
+# OverflowError: what Pillow raises when a file's sizes pass our checks but not its allocator or C ints (one
+# image that cannot be held is a record to skip, like any other; a process truly out of memory fails on the
+# next allocation anyway, and 100 skips in a row are an error)
+PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, MemoryError, OverflowError, Image.DecompressionBombError,
               Image.DecompressionBombWarning)
 
 
@@ -82,6 +88,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def crop_resize_size(width: int, height: int, size: int) -> Tuple[int, int]:
+    """The (width, height) adm_center_crop resizes a width x height image to before it crops `size` x `size`,
+    computed from the sizes alone (the same halving and rounding), so it can be checked before any pixel."""
+    while min(width, height) >= 2 * size:
+        width, height = width // 2, height // 2
+    scale = size / min(width, height)
+    return round(width * scale), round(height * scale)
+
+
 def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
     """ADM (guided-diffusion) centre crop: halve with BOX while >= 2x the size, BICUBIC-resize the
     short side to `size`, crop the centre. Returns uint8 [size,size,3]."""
@@ -103,14 +118,32 @@ def check_pixels(img: Image.Image, max_pixels: int) -> None:
                             f"{max_pixels / 1e6:.1f} (data.max_image_pixels)")
 
 
+def check_resize(img: Image.Image, size: int, max_pixels: int) -> None:
+    """ImageTooLarge if centre-cropping `img` to `size` would resize it to more than the limit; decodes nothing.
+    The limit is `max_pixels`, but never below 4 crops' worth (4 x size^2): a resize of that size costs no more
+    than a few crops, and refusing it would refuse every ordinary photo (aspect ratio up to 4:1) to a user who set
+    data.max_image_pixels below the crop's own pixel count."""
+    w, h = img.size
+    if min(w, h) <= 0:
+        raise UnreadableImage(f"the image is {w}x{h}: it has no pixels")
+    rw, rh = crop_resize_size(w, h, size)
+    limit = max(max_pixels, 4 * size * size)
+    if rw * rh > limit:
+        raise ImageTooLarge(f"{w}x{h} would be resized to {rw}x{rh} = {rw * rh / 1e6:.1f} megapixels for a {size}px "
+                            f"centre crop, over the limit of {limit / 1e6:.1f} (data.max_image_pixels; an image "
+                            f"this thin is not a photo to train on)")
+
+
 def decode_image(source: Source, max_pixels: int = DEFAULT_MAX_PIXELS, size: Optional[int] = None) -> np.ndarray:
     """A file path or encoded bytes -> uint8 [H,W,3] RGB, ADM-centre-cropped to [size,size,3] when `size`
-    is given. Raises UnreadableImage (ImageTooLarge over `max_pixels`, checked from the header before
-    decoding) for anything a reader should skip."""
+    is given. Raises UnreadableImage (ImageTooLarge over `max_pixels`, or when the crop's resize would be,
+    checked from the header before decoding) for anything a reader should skip."""
     opened = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source)
     try:
         with Image.open(opened) as img:
             check_pixels(img, max_pixels)
+            if size:
+                check_resize(img, size, max_pixels)
             img.load()
             return adm_center_crop(img, size) if size else np.asarray(to_rgb(img))
     except UnreadableImage:

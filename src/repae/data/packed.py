@@ -38,7 +38,7 @@ from repae.data.folder import list_image_folder
 from repae.data.images import DEFAULT_MAX_PIXELS, UnreadableImage
 from repae.data.images import decode_image as _decode
 from repae.data.records import ImageRecords, PerProcess
-from repae.fileio import sha256_file, write_atomic, write_json_atomic
+from repae.fileio import read_npy, sha256_file, write_atomic, write_json_atomic
 
 FORMAT, VERSION, MANIFEST = "repae-packed", 1, "manifest.json"
 CODECS = ("webp", "png", "jpeg")
@@ -243,7 +243,7 @@ def write_packed(src_root: str | Path, out_dir: str | Path, image_size: int = 25
     manifest = _finalise({**manifest, "complete": True})
     counts = np.zeros(len(classes), dtype=np.int64)
     for rec in manifest["shards"]:
-        np.add.at(counts, np.load(out_dir / rec["idx"])[:, 2], 1)
+        np.add.at(counts, read_npy(out_dir / rec["idx"])[:, 2], 1)
     manifest["class_counts"] = counts.tolist()
     _write_manifest(out_dir, manifest)
     return manifest
@@ -315,8 +315,9 @@ def read_manifest(out_dir: str | Path, require_complete: bool = True) -> dict:
     return manifest
 
 
-def _load_index(out_dir: Path, rec: dict) -> np.ndarray:
-    """A shard's index int64 [n,3] (offset, length, label), checked against the manifest and the .bin size."""
+def _load_index(out_dir: Path, rec: dict, num_classes: int) -> np.ndarray:
+    """A shard's index int64 [n,3] (offset, length, label), checked against the manifest and the .bin size:
+    every image inside the .bin, every label one of the manifest's `num_classes` classes."""
     bin_path, idx_path = out_dir / rec["bin"], out_dir / rec["idx"]
     for p, n in ((bin_path, rec["bin_bytes"]), (idx_path, rec["idx_bytes"])):
         size = p.stat().st_size if p.is_file() else None
@@ -325,13 +326,24 @@ def _load_index(out_dir: Path, rec: dict) -> np.ndarray:
             raise PackedDataError(f"shard file {p} {what}: the copy is incomplete or damaged; re-run "
                                   f"`repae prepare-data` on the source (it rewrites only damaged shards)")
     try:
-        index = np.load(idx_path, allow_pickle=False)
+        index = read_npy(idx_path)  # bounded: a forged header cannot allocate more than the file holds
     except (OSError, ValueError) as err:
         raise PackedDataError(f"shard index {idx_path} is unreadable: {err}") from None
-    ends = index[:, 0] + index[:, 1] if index.ndim == 2 and len(index) else np.zeros(0, np.int64)
-    if index.shape != (rec["count"], 3) or (len(ends) and ends.max() > rec["bin_bytes"]):
+    if index.shape != (rec["count"], 3) or index.dtype.kind not in "iu":
         raise PackedDataError(f"shard index {idx_path} does not match its manifest record / .bin file")
-    return index
+    offsets, lengths, labels = index[:, 0], index[:, 1], index[:, 2]
+    # each bounded before they are added, so the sum cannot wrap round int64; a negative offset or length would
+    # fail later as a raw OSError / ValueError from the read
+    bin_bytes = rec["bin_bytes"]  # the .bin's size on disk (checked above)
+    if len(index) and (min(offsets.min(), lengths.min()) < 0 or max(offsets.max(), lengths.max()) > bin_bytes
+                       or (offsets + lengths).max() > bin_bytes):
+        raise PackedDataError(f"shard index {idx_path} does not match its manifest record / .bin file (an image "
+                              f"at a negative offset or length, or past the {bin_bytes} bytes of {rec['bin']})")
+    if len(index) and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = (labels < 0) | (labels >= num_classes)
+        raise PackedDataError(f"shard index {idx_path}: {int(bad.sum())} labels are outside the {num_classes} classes "
+                              f"of its manifest, e.g. {int(labels[bad][0])}: damaged or hand-edited")
+    return index.astype(np.int64, copy=False)
 
 
 class PackedDataset(ImageRecords):
@@ -348,7 +360,9 @@ class PackedDataset(ImageRecords):
             self.image_size, self.codec = manifest["image_size"], manifest["codec"]
             self.classes: List[str] = manifest["classes"]
             shards = manifest["shards"]
-            indexes = [_load_index(self.root, rec) for rec in shards]
+            if not isinstance(self.classes, list):
+                raise PackedDataError(f"{self.root / MANIFEST}: 'classes' is not a list: damaged or hand-edited")
+            indexes = [_load_index(self.root, rec, len(self.classes)) for rec in shards]
             self._bins = [str(self.root / rec["bin"]) for rec in shards]
         except (KeyError, TypeError) as err:
             raise PackedDataError(f"{self.root / MANIFEST} lacks field {err}: damaged or hand-edited") from None

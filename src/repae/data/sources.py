@@ -22,10 +22,17 @@ import hashlib
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from repae import dist
-from repae.config import ConfigError, RunConfig
+from repae.config import RANGES, ConfigError, RunConfig
 from repae.data.images import DEFAULT_MAX_PIXELS
 from repae.data.records import ImageRecords
+
+# Every label must lie below model.num_classes, which the config caps here: readers that number classes by the
+# largest label (wds, hf) refuse a larger one at open, before anything is sized by it (a 20-byte label file
+# saying 10**12 would otherwise ask for a list of 10**12 class names).
+MAX_CLASSES = int(RANGES["model.num_classes"].hi)
 
 _PATH_HELP = {
     "folder": "a folder of class sub-folders",
@@ -141,6 +148,23 @@ def image_dataset(cfg: RunConfig, path: Optional[str] = None, hflip: bool = Fals
         raise ConfigError(f"data.path: {err}") from None
 
 
+def check_labels(labels, num_classes: int, where: str) -> None:
+    """ConfigError unless every label lies in [0, num_classes). Each reader keeps its labels consistent with its
+    own class list; this is the one check against the model, whatever the source: label num_classes is the
+    classifier-free-guidance null class (training on it is silently unconditional) and anything above it has
+    no embedding row (an IndexError, or a device assert on CUDA, mid-training)."""
+    labels = np.asarray(labels)  # [N] integers
+    if len(labels) == 0:
+        return
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        example = int(labels[bad][0])
+        raise ConfigError(f"{where}: {int(bad.sum())} of {len(labels)} labels are outside 0..{num_classes - 1} "
+                          f"(model.num_classes={num_classes}), e.g. {example}"
+                          + (" (the id of the null class of classifier-free guidance)" if example == num_classes
+                             else ""))
+
+
 def training_batches(cfg: RunConfig, toy=None):
     """The loop's batch source for cfg: `.next(global batch size)` -> this rank's (uint8 images [B,3,S,S],
     labels [B]) (stage 2: cached moments too), `.state_dict()`, `.load_state_dict()`. `toy`: the ToyWorld
@@ -159,6 +183,7 @@ def training_batches(cfg: RunConfig, toy=None):
     if len(dataset.classes) > cfg.model.num_classes:
         raise ConfigError(f"{cfg.data.path} has {len(dataset.classes)} classes but model.num_classes="
                           f"{cfg.model.num_classes}")
+    check_labels(dataset.labels, cfg.model.num_classes, cfg.data.path)
     return DatasetBatches(dataset, seed=cfg.train.seed, num_workers=cfg.data.num_workers, rank=dist.rank(),
                           world=dist.world_size())
 

@@ -13,7 +13,8 @@ labels (a few bytes each); an image is then one `pread` at its recorded offset, 
 Compressed tars (.tar.gz ...) have no offsets to seek to and are refused with the remedy (gunzip them).
 
 A sample without an image member, or whose image does not decode, is a bad record: skipped and counted
-(repae.data.records). A sample without a label, or a label that is not an integer, is an error at open.
+(repae.data.records). A sample without a label, or a label that is not an integer in [0, MAX_CLASSES) (the
+config's cap on model.num_classes), is an error at open.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 
 from repae.data.images import DEFAULT_MAX_PIXELS, UnreadableImage, decode_image
 from repae.data.records import ImageRecords, PerProcess
+from repae.data.sources import MAX_CLASSES
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "gif")
 LABEL_EXTENSIONS = ("cls", "label", "class", "cls.txt", "label.txt")
@@ -132,6 +134,9 @@ def _read_label(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> in
         raise TarDataError(f"{path}: {member.name} holds {text!r}, not an integer class id") from None
     if value < 0:
         raise TarDataError(f"{path}: {member.name} holds the negative label {value}")
+    if value >= MAX_CLASSES:  # checked here, before the labels become int64 and the class names a list
+        raise TarDataError(f"{path}: {member.name} holds the label {value}, over the largest class id any model "
+                           f"can have ({MAX_CLASSES - 1}; model.num_classes <= {MAX_CLASSES})")
     return value
 
 

@@ -160,7 +160,10 @@ class LatentBatches:
 
 def latent_batches(cfg: RunConfig, toy=None) -> LatentBatches:
     """The loop's data source for `latents.path` (after resolve_latents)."""
+    from repae.data.sources import check_labels
+
     cache = LatentCache(cfg.latents.path)
+    check_labels(cache.labels, cfg.model.num_classes, cfg.latents.path)
     recorded = cache.manifest["source"]
     need_images = cfg.loss.proj_coeff > 0
     images = None
