@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from repae.models.sit import SiT, SiTArgs
 from repae.models.vae import AutoencoderKL, VAEArgs
@@ -106,61 +107,140 @@ def save_weights(module_or_state: Union[nn.Module, StateDict], path: Union[str, 
     return path
 
 
+def architecture_metadata(module: nn.Module) -> Dict[str, str]:
+    """{"repae_kind", "repae_args"}: the architecture of a SiT or AutoencoderKL as `load_model` reads it back
+    from a file's metadata; {} for any other module (its file then holds weights only)."""
+    if not isinstance(module, (SiT, AutoencoderKL)):
+        return {}
+    kind = "sit" if isinstance(module, SiT) else "vae"
+    return {"repae_kind": kind, "repae_args": json.dumps(dataclasses.asdict(module.args))}
+
+
 def save_model(model: Union[SiT, AutoencoderKL], path: Union[str, os.PathLike]) -> Path:
     """Weights plus the architecture (as JSON metadata), so `load_model(path)` needs nothing else."""
-    kind = "sit" if isinstance(model, SiT) else "vae"
-    meta = {"repae_kind": kind, "repae_args": json.dumps(dataclasses.asdict(model.args))}
-    return save_weights(model, path, meta)
+    return save_weights(model, path, architecture_metadata(model))
 
 
 # ------------------------------------------------------------------- strict loading
 
 
-def load_strict(module: nn.Module, state: StateDict, source: str = "state dict") -> nn.Module:
-    """load_state_dict(strict=True) with one error listing missing, unexpected and mis-shaped keys."""
+def _short(value: object, limit: int = 80) -> str:
+    """A key or value for an error message: a file may hold a megabyte-long name."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_fits(module: nn.Module, state: dict, source: str = "state dict") -> None:
+    """load_strict's comparison alone: CheckpointError listing missing, unexpected and mis-shaped
+    keys (and keys that are not names or values that are not tensors). `module` may live on the
+    meta device, so a file can be compared with the model it describes before that is allocated."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source} holds a {type(state).__name__}, not a state dict")
     own = module.state_dict()
     missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    unexpected = [_short(k) for k in state if isinstance(k, str) and k not in own]
+    odd = [f"{_short(k)} ({type(k).__name__})" for k in state if not isinstance(k, str)]
+    not_tensors = [f"{k} ({type(state[k]).__name__})" for k in own if k in state
+                   and not isinstance(state[k], torch.Tensor)]
     shapes = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+        for k in own if k in state and isinstance(state[k], torch.Tensor)
+        and tuple(state[k].shape) != tuple(own[k].shape)
     ]
-    if missing or unexpected or shapes:
+    if missing or unexpected or odd or not_tensors or shapes:
         parts = [f"{source} does not match {type(module).__name__}:"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)):
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("keys that are not names", odd), ("values that are not tensors", not_tensors),
+                             ("wrong shapes", shapes)):
             if items:
                 shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
                 parts.append(f"  {title}: {shown}")
         raise CheckpointError("\n".join(parts))
+
+
+def load_strict(module: nn.Module, state: StateDict, source: str = "state dict") -> nn.Module:
+    """load_state_dict(strict=True) with one error listing missing, unexpected and mis-shaped keys."""
+    check_fits(module, state, source)
     module.load_state_dict(state, strict=True)
     return module
+
+
+# A file's tensors may be views of shared storage (stride 0, or many keys over one buffer), so a
+# few kilobytes can describe terabytes; the model built from them would then be allocated in full.
+# Genuine weight files store every tensor (tied weights at most double it): past this factor the
+# file is refused before anything is built.
+STORAGE_AMPLIFICATION = 4
+STORAGE_SLACK_BYTES = 16 << 20
+
+
+def check_state_dict(state: object, source: str) -> StateDict:
+    """`state` as a state dict: a dict of names to dense CPU tensors whose sizes the file really
+    stores. CheckpointError naming `source` and the first entry that is not, or when the tensors
+    describe far more bytes than their storage holds."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source} holds a {type(state).__name__}, not a state dict")
+    needed, storages = 0, {}
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{source}: key {_short(key)} is of type {type(key).__name__}; state dict keys "
+                                  f"are names")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{source}: {_short(key)!r} holds a value of type {type(value).__name__}, "
+                                  f"not a tensor")
+        if value.layout != torch.strided or value.device.type != "cpu":
+            raise CheckpointError(f"{source}: {_short(key)!r} is a {value.layout} tensor on {value.device}; "
+                                  f"weight files hold dense tensors")
+        needed += value.numel() * value.element_size()
+        storage = value.untyped_storage()
+        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+    stored = sum(storages.values())
+    if needed > STORAGE_AMPLIFICATION * stored + STORAGE_SLACK_BYTES:
+        raise CheckpointError(f"{source}: its tensors describe {needed / 2**20:.0f} MiB but store only "
+                              f"{stored / 2**20:.1f} MiB (views of shared or expanded storage); a weight file "
+                              f"stores its tensors, so nothing is built from this one")
+    return state
 
 
 # --------------------------------------------------------------- architecture inference
 
 
 def _count(state: StateDict, pattern: str) -> int:
-    ids = {int(m.group(1)) for k in state for m in [re.match(pattern, k)] if m}
+    # patterns take at most 6 digits: a longer index matches nothing and is named as an unexpected key
+    ids = {int(m.group(1)) for k in state if isinstance(k, str) for m in [re.match(pattern, k)] if m}
     return max(ids) + 1 if ids else 0
+
+
+INFERRED = "architecture inferred from key names and tensor shapes"
+
+
+def _tensor(state: StateDict, key: str, ndim: int, what: str) -> torch.Tensor:
+    """state[key], which the architecture is read from: CheckpointError when missing or not an
+    `ndim`-D tensor (a file may put anything under a known name)."""
+    value = state.get(key)
+    if value is None:
+        raise CheckpointError(f"not {what} state dict: missing key {key!r}")
+    if not isinstance(value, torch.Tensor) or value.dim() != ndim:
+        shape = f"a {value.dim()}-D tensor" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+        raise CheckpointError(f"not {what} state dict: {key} is {shape}, expected a {ndim}-D tensor")
+    return value
 
 
 def sit_args_from_state(state: StateDict, encoder_depth: int = 8, **overrides) -> SiTArgs:
     """Rebuild SiTArgs from an official SiT state dict. `encoder_depth` cannot be read from
     weights (the reference default is 8); pass it if the run used another."""
-    try:
-        proj = state["x_embedder.proj.weight"]  # [D, C, p, p]
-        hidden, in_ch, patch = proj.shape[0], proj.shape[1], proj.shape[2]
-        tokens = state["pos_embed"].shape[1]
-        table = state["y_embedder.embedding_table.weight"].shape[0]
-        mlp_hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
-    except KeyError as err:
-        raise CheckpointError(f"not a SiT state dict: missing key {err.args[0]!r}") from None
-    depth = _count(state, r"blocks\.(\d+)\.")
-    n_proj = _count(state, r"projectors\.(\d+)\.")
-    z_dims = [state[f"projectors.{i}.4.weight"].shape[0] for i in range(n_proj)]
-    projector_dim = state["projectors.0.0.weight"].shape[0] if n_proj else 2048
+    proj = _tensor(state, "x_embedder.proj.weight", 4, "a SiT")  # [D, C, p, p]
+    hidden, in_ch, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    tokens = _tensor(state, "pos_embed", 3, "a SiT").shape[1]
+    table = _tensor(state, "y_embedder.embedding_table.weight", 2, "a SiT").shape[0]
+    mlp_hidden = _tensor(state, "blocks.0.mlp.fc1.weight", 2, "a SiT").shape[0]
+    if hidden < 1:
+        raise CheckpointError("not a SiT state dict: x_embedder.proj.weight has no output channels")
+    depth = _count(state, r"blocks\.(\d{1,6})\.")
+    n_proj = _count(state, r"projectors\.(\d{1,6})\.")
+    z_dims = [_tensor(state, f"projectors.{i}.4.weight", 2, "a SiT").shape[0] for i in range(n_proj)]
+    projector_dim = _tensor(state, "projectors.0.0.weight", 2, "a SiT").shape[0] if n_proj else 2048
     qk_norm = "blocks.0.attn.q_norm.weight" in state
-    head_dim = state["blocks.0.attn.q_norm.weight"].shape[0] if qk_norm else None
+    head_dim = _tensor(state, "blocks.0.attn.q_norm.weight", 1, "a SiT").shape[0] if qk_norm else None
     num_heads = hidden // head_dim if head_dim else {384: 6, 768: 12, 1024: 16, 1152: 16}.get(hidden, hidden // 64)
     num_classes = overrides.pop("num_classes", None)
     if num_classes is None:  # official models: 1000 classes (+1 null row when trained with label dropout)
@@ -173,26 +253,31 @@ def sit_args_from_state(state: StateDict, encoder_depth: int = 8, **overrides) -
         projector_dim=projector_dim, encoder_depth=min(encoder_depth, depth), qk_norm=qk_norm,
         latent_norm="bn.running_mean" in state, num_classes=num_classes, with_null_class=table == num_classes + 1,
     )
-    return dataclasses.replace(args, **overrides)
+    args = dataclasses.replace(args, **overrides)
+    check_architecture(INFERRED, args, caps_only=True)  # numbers read from key names and shapes: capped
+    return args
 
 
 def vae_args_from_state(state: StateDict) -> VAEArgs:
     """Rebuild VAEArgs (LDM layout) from an LDM AutoencoderKL state dict; norm_groups is NOT read
     (it cannot be): use guess_vae_args to load a file that does not record it."""
-    try:
-        ch = state["encoder.conv_in.weight"].shape[0]
-        z = state["post_quant_conv.weight"].shape[0]
-    except KeyError as err:
-        raise CheckpointError(f"not an AutoencoderKL state dict: missing key {err.args[0]!r}") from None
-    levels = _count(state, r"encoder\.down\.(\d+)\.")
-    ch_mult = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)]
-    res_blocks = _count(state, r"encoder\.down\.0\.block\.(\d+)\.")
+    what = "an AutoencoderKL"
+    ch = _tensor(state, "encoder.conv_in.weight", 4, what).shape[0]
+    z = _tensor(state, "post_quant_conv.weight", 4, what).shape[0]
+    if ch < 1:
+        raise CheckpointError("not an AutoencoderKL state dict: encoder.conv_in.weight has no output channels")
+    levels = _count(state, r"encoder\.down\.(\d{1,6})\.")
+    ch_mult = [_tensor(state, f"encoder.down.{i}.block.0.conv1.weight", 4, what).shape[0] // ch
+               for i in range(levels)]
+    res_blocks = _count(state, r"encoder\.down\.0\.block\.(\d{1,6})\.")
     resolution = 256
     attn = [resolution // 2**i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in state]
     # the GroupNorm group count is not in the tensors: norm_groups is left at VAEArgs' 32 here;
     # loaders take it from a record (metadata, sidecar) or from guess_vae_args, which says so
-    return VAEArgs(ch=ch, ch_mult=ch_mult, num_res_blocks=res_blocks, z_channels=z,
+    args = VAEArgs(ch=ch, ch_mult=ch_mult, num_res_blocks=res_blocks, z_channels=z,
                    attn_resolutions=attn, resolution=resolution)
+    check_architecture(INFERRED, args, caps_only=True)  # capped before anything loops over or builds it
+    return args
 
 
 # ------------------------------------------------------------------------ load_model
@@ -247,6 +332,9 @@ def load_model(path: Union[str, os.PathLike], kind: Optional[str] = None, args=N
     if kind not in ("sit", "vae"):
         raise CheckpointError(f"kind must be 'sit' or 'vae', got {kind!r}")
     state, where = _pick(obj, kind, prefer_ema)
+    source = f"{path}{where}"
+    # names, dense tensors, sizes the file really stores: checked before anything reads a shape
+    check_state_dict(state, source)
     recorded = None
     if "repae_args" in meta:
         # checked against caps and against the tensors in the file before anything is allocated:
@@ -261,11 +349,40 @@ def load_model(path: Union[str, os.PathLike], kind: Optional[str] = None, args=N
         _check_norm_groups(path, recorded, args, norm_groups)
     args = args or recorded
     if kind == "sit":
-        args = args or sit_args_from_state(state, **sit_overrides)
-        model: nn.Module = SiT(args)
-    else:
-        model = AutoencoderKL(args or guess_vae_args(path, state, norm_groups))
-    return load_strict(model, state, f"{path}{where}")
+        if args is None:
+            try:
+                args = sit_args_from_state(state, **sit_overrides)
+            except CheckpointError as err:
+                raise CheckpointError(f"{source}: {err}") from None
+        return _build_checked(SiT, args, state, source)
+    return _build_checked(AutoencoderKL, args or guess_vae_args(path, state, norm_groups), state, source)
+
+
+def _build_checked(cls: type, args: Union[SiTArgs, VAEArgs], state: StateDict, source: str) -> nn.Module:
+    """`cls(args)` strictly loaded with `state`, compared first on the meta device: a file whose
+    key names claim a deeper or wider network than its tensors hold is refused before the
+    network is allocated (the tensors themselves were bounded by check_state_dict)."""
+    check_architecture(f"{source}: architecture", args)
+    try:
+        with torch.device("meta"), _NoNormalInit():  # key names and shapes only: nothing is allocated
+            skeleton = cls(args)
+    except (ValueError, AssertionError, RuntimeError) as err:
+        raise CheckpointError(f"{source}: cannot build a {cls.__name__} from these arguments ({err})") from None
+    check_fits(skeleton, state, source)
+    return load_strict(cls(args), state, source)
+
+
+class _NoNormalInit(TorchFunctionMode):
+    """For a build on the meta device: normal-distribution initialisation is skipped. Meta tensors
+    hold no values, and torch runs normal_ on them through its Python reference kernels, whose
+    first use imports torch._dynamo (seconds per process)."""
+
+    SKIPPED = (torch.nn.init.normal_, torch.nn.init.trunc_normal_, torch.Tensor.normal_)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.SKIPPED:  # torch.nn.init passes its tensor by keyword, Tensor.normal_ as self
+            return args[0] if args else (kwargs or {})["tensor"]
+        return func(*args, **(kwargs or {}))
 
 
 # ------------------------------------------------ VAE architecture beside a bare state dict
@@ -294,17 +411,22 @@ def read_vae_sidecar(path: Union[str, os.PathLike], state: StateDict) -> VAEArgs
     """VAEArgs from the sidecar of `path`, checked against the tensors. `repae_args` may name only
     some fields (e.g. {"norm_groups": 8}): the others are read from the tensor shapes."""
     side = vae_sidecar(path)
-    text = side.read_text()[: MAX_METADATA_CHARS + 1]
     try:
+        with open(side, "rb") as f:
+            text = f.read(MAX_METADATA_CHARS + 1).decode("utf-8")
         record = json.loads(text)
-    except (ValueError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"{side} (architecture of {Path(path).name}) is not valid JSON ({str(err)[:120]})") from None
     if not isinstance(record, dict) or record.get("repae_kind", "vae") != "vae" or not isinstance(
             record.get("repae_args"), dict):
         raise CheckpointError(f'{side} must be {{"repae_kind": "vae", "repae_args": {{VAEArgs fields}}}}')
     fields = record["repae_args"]
     args_from_metadata(side, "vae", json.dumps(fields))  # known fields, right types, within caps
-    args = dataclasses.replace(vae_args_from_state(state), **fields)
+    try:
+        found = vae_args_from_state(state)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    args = dataclasses.replace(found, **fields)
     check_args_match_weights(side, args, state)
     return args
 
@@ -349,7 +471,10 @@ def guess_vae_args(path: Union[str, os.PathLike], state: StateDict, norm_groups:
       32 groups): 32, the LDM convention;
     - otherwise several counts fit equally and nothing says which: CheckpointError naming the file,
       the counts that fit, the sidecar to write and the option to pass."""
-    found = vae_args_from_state(state)
+    try:
+        found = vae_args_from_state(state)  # capped: group_count_choices loops up to the widths' gcd
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     choices = group_count_choices(found)
     if norm_groups is not None:
         if norm_groups not in choices:
@@ -443,6 +568,47 @@ def args_from_metadata(path: Union[str, os.PathLike], kind: str, text: str) -> U
     return cls(**fields)
 
 
+# A SiT builds its fixed sin-cos position embedding (tokens x hidden, float64) even on the meta
+# device; SiT-XL/2 at 512 px holds 1.2M entries. Past this many the architecture is refused.
+MAX_SIT_POS_EMBED_ENTRIES = 1 << 25
+
+
+def check_architecture(source: Union[str, os.PathLike], args: Union[SiTArgs, VAEArgs], caps_only: bool = False) -> None:
+    """CheckpointError naming `source` when `args` exceeds the caps of `_metadata_rules` or cannot
+    describe a network (encoder_depth > depth, heads not dividing the width, ...). Applied to every
+    architecture read or inferred from a file, before anything loops over it or builds it. `caps_only`
+    for arguments inferred from tensors, whose head and group counts are guesses a record may replace."""
+    kind = "sit" if isinstance(args, SiTArgs) else "vae"
+    fields = dataclasses.asdict(args)
+    errors = [msg for key, rule in _metadata_rules()[kind].items() if key in fields
+              for msg in [rule.check(key, fields[key])] if msg]
+    if not errors and not caps_only:
+        errors = _inconsistencies(args)
+    if errors:
+        raise CheckpointError(f"{source}: out of bounds or inconsistent: " + "; ".join(errors[:10]))
+
+
+def _inconsistencies(args: Union[SiTArgs, VAEArgs]) -> list:
+    """What makes capped arguments unbuildable (or too costly to build even on the meta device)."""
+    errors = []
+    if isinstance(args, VAEArgs):
+        if any((args.ch * m) % args.norm_groups for m in [1, *args.ch_mult]):
+            errors.append(f"norm_groups={args.norm_groups} does not divide the VAE widths "
+                          f"(ch={args.ch}, ch_mult={list(args.ch_mult)})")
+        return errors
+    grid = args.input_size // args.patch_size
+    if args.input_size % args.patch_size:
+        errors.append(f"input_size={args.input_size} is not divisible by patch_size={args.patch_size}")
+    if args.encoder_depth > args.depth:
+        errors.append(f"encoder_depth={args.encoder_depth} is deeper than depth={args.depth}")
+    if args.hidden_size % args.num_heads:
+        errors.append(f"hidden_size={args.hidden_size} is not divisible by num_heads={args.num_heads}")
+    if grid * grid * args.hidden_size > MAX_SIT_POS_EMBED_ENTRIES:
+        errors.append(f"a {grid}x{grid} token grid of width {args.hidden_size} exceeds "
+                      f"{MAX_SIT_POS_EMBED_ENTRIES} position-embedding entries")
+    return errors
+
+
 def check_args_match_weights(path: Union[str, os.PathLike], args: Union[SiTArgs, VAEArgs], state: StateDict) -> None:
     """The architecture fields of `args` against what the file's tensor shapes imply, before building:
     CheckpointError naming the file and each field that differs."""
@@ -488,37 +654,77 @@ def _load_diffusers_dir(path: Path, args: Optional[VAEArgs], norm_groups: Option
     for f in (config_file, weights):
         if not f.is_file():
             raise CheckpointError(f"diffusers VAE directory {path} has no {f.name}")
+    if config_file.stat().st_size > MAX_DIFFUSERS_CONFIG_BYTES:
+        raise CheckpointError(f"{config_file} is {config_file.stat().st_size} bytes; a diffusers VAE config is "
+                              f"a few hundred")
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from None
+        config = json.loads(config_file.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{config_file} is not valid UTF-8 JSON: {str(err)[:200]}") from None
     try:
         recorded = vae_diffusers.args_from_diffusers_config(config)
+        # capped before the layout is built (even on the meta device) to list its keys
+        check_architecture(f"{config_file}: architecture", recorded)
         _check_norm_groups(path, recorded, args, norm_groups)
         args = args or recorded
-        state = vae_diffusers.from_diffusers_state(read_file(weights), args)
+        state = vae_diffusers.from_diffusers_state(check_state_dict(read_file(weights), str(weights)), args)
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{path}: {err.args[0]}") from None
-    return load_strict(AutoencoderKL(args), state, str(weights))
+    return _build_checked(AutoencoderKL, args, state, str(weights))
+
+
+MAX_DIFFUSERS_CONFIG_BYTES = 1 << 20  # SDXL's config.json is under 1 KB; FLUX's with latents_mean/std similar
 
 
 # ------------------------------------------------------------------- latent statistics
 
 
-def load_latent_stats(path: Union[str, os.PathLike]) -> Tuple[torch.Tensor, torch.Tensor]:
+MAX_LATENT_CHANNELS = 4096  # the z_channels cap of _metadata_rules
+
+
+def load_latent_stats(path: Union[str, os.PathLike], channels: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (mean [C], var [C]) from an official `*-latents-stats.pt`
     ({'latents_scale': 1/std, 'latents_bias': mean}) or our safetensors ({'mean', 'var'}); or a hub id
-    (without a file: the repo's `*-latents-stats.pt`)."""
+    (without a file: the repo's `*-latents-stats.pt`). CheckpointError naming the file unless both
+    are real tensors of the same C entries (C = `channels` when given), finite, with var > 0 (a
+    negative variance turns every sample into NaN, silently; a zero one has no latents_scale)."""
     path = _local(path, "latent_stats")
     obj = read_file(path)
-    if "latents_scale" in obj and "latents_bias" in obj:
+    names = [n for n in (("latents_scale", "latents_bias"), ("mean", "var"))
+             if isinstance(obj, dict) and all(k in obj for k in n)]
+    if not names:
+        found = sorted(_short(k, 40) for k in obj)[:10] if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise CheckpointError(f"{path} holds no latent statistics: expected keys latents_scale/latents_bias "
+                              f"or mean/var, found {found}")
+    first, second = names[0]
+    for key in (first, second):
+        value = obj[key]
+        if not isinstance(value, torch.Tensor) or value.is_complex() or value.dtype == torch.bool \
+                or value.layout != torch.strided or value.device.type != "cpu":
+            raise CheckpointError(f"{path}: {key} must be a real-valued tensor, found "
+                                  f"{type(value).__name__ if not isinstance(value, torch.Tensor) else value.dtype}")
+        if not 1 <= value.numel() <= MAX_LATENT_CHANNELS:
+            raise CheckpointError(f"{path}: {key} has {value.numel()} entries; expected one per latent channel "
+                                  f"(1 to {MAX_LATENT_CHANNELS})")
+    if obj[first].numel() != obj[second].numel():
+        raise CheckpointError(f"{path}: {first} has {obj[first].numel()} entries but {second} has "
+                              f"{obj[second].numel()}; both hold one per latent channel")
+    if first == "latents_scale":
         scale = obj["latents_scale"].reshape(-1).double()
-        return obj["latents_bias"].reshape(-1).float(), scale.pow(-2).float()
-    if "mean" in obj and "var" in obj:
-        return obj["mean"].reshape(-1).float(), obj["var"].reshape(-1).float()
-    raise CheckpointError(
-        f"{path} holds no latent statistics: expected keys latents_scale/latents_bias or mean/var, found {sorted(obj)}"
-    )
+        if not bool((scale > 0).all()):
+            raise CheckpointError(f"{path}: latents_scale (1/std) must be positive in every channel")
+        mean, var = obj["latents_bias"].reshape(-1).float(), scale.pow(-2).float()
+    else:
+        mean, var = obj["mean"].reshape(-1).float(), obj["var"].reshape(-1).float()
+    if channels is not None and mean.numel() != channels:
+        raise CheckpointError(f"{path} holds statistics of {mean.numel()} latent channels; the VAE has {channels}")
+    if not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()):
+        raise CheckpointError(f"{path}: latent statistics must be finite (found inf or NaN, or a variance "
+                              f"beyond float32)")
+    if not bool((var > 0).all()):
+        raise CheckpointError(f"{path}: latent variance must be positive in every channel, found "
+                              f"{[round(v, 6) for v in var.tolist()[:8]]}")
+    return mean, var
 
 
 def save_latent_stats(mean: torch.Tensor, var: torch.Tensor, path: Union[str, os.PathLike]) -> Path:

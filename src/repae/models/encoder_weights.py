@@ -20,14 +20,16 @@ Formats:
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List
 
 import torch
 
+from repae.models.vit import pos_embed_grid
 from repae.torchscript_archive import is_torchscript_archive, read_torchscript_state
-from repae.weights import CheckpointError, StateDict, read_file
+from repae.weights import CheckpointError, StateDict, check_state_dict, read_file
 
 # ------------------------------------------------------------------------ reading
 
@@ -48,13 +50,30 @@ def read_encoder_file(path: Path) -> dict:
 
 
 def _entry(obj: dict, names: Iterable[str], source: str) -> dict:
-    """The state dict inside a training checkpoint (first entry of `names` present), or obj itself."""
+    """The state dict inside a training checkpoint (first entry of `names` present), or obj itself;
+    CheckpointError unless it maps names to tensors (a file may hold anything)."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a state dict or checkpoint")
     for name in names:
         if name in obj and isinstance(obj[name], dict):
-            return obj[name]
+            return check_state_dict(obj[name], f"{source}[{name!r}]")
     if any(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    raise CheckpointError(f"{source}: expected a state dict or one of the entries {list(names)}, found {sorted(obj)[:10]}")
+        return check_state_dict(obj, source)
+    found = sorted(str(k)[:40] for k in obj)[:10]
+    raise CheckpointError(f"{source}: expected a state dict or one of the entries {list(names)}, found {found}")
+
+
+def _cat(state: dict, keys: List[str], source: str) -> torch.Tensor:
+    """The fused tensor of separately stored parts (q/k/v, gate/up): CheckpointError naming a
+    missing part or parts that do not stack."""
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"{source}: has {keys[0]} but not {', '.join(missing)}, which is fused with it")
+    try:
+        return torch.cat([state[k] for k in keys])
+    except RuntimeError as err:
+        shapes = ", ".join(f"{k} {tuple(state[k].shape)}" for k in keys)
+        raise CheckpointError(f"{source}: cannot fuse {shapes} ({str(err).splitlines()[0][:120]})") from None
 
 
 def _strip(state: dict, prefix: str) -> dict:
@@ -80,9 +99,10 @@ _HF_FUSED = {  # hub name -> parts to concatenate, in either naming scheme
 }
 
 
-def hf_dinov2_to_hub(state: dict) -> dict:
+def hf_dinov2_to_hub(state: dict, source: str = "state dict") -> dict:
     """Hugging Face `Dinov2Model` / `Dinov2WithRegistersModel` state dict (either transformers
-    naming scheme) -> DINOv2 hub layout (fused qkv and SwiGLU w12, ls*.gamma, blocks.N)."""
+    naming scheme) -> DINOv2 hub layout (fused qkv and SwiGLU w12, ls*.gamma, blocks.N). A layer
+    key without a layer number is kept as it is, for load_strict to name."""
     state = {k.removeprefix("dinov2."): v for k, v in state.items()}
     embed = {"embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
              "embeddings.position_embeddings": "pos_embed", "embeddings.register_tokens": "register_tokens",
@@ -91,13 +111,17 @@ def hf_dinov2_to_hub(state: dict) -> dict:
              "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
     out = {embed[k]: v for k, v in state.items() if k in embed}
     fused_parts = {p for schemes in _HF_FUSED.values() for scheme in schemes for p in scheme}
-    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layer.")})
-    for i in layers:
+    layers: Dict[int, List[str]] = {}  # layer -> its keys, in one pass (a file may hold many layers)
+    for key in state:
+        m = re.match(r"encoder\.layer\.(0|[1-9]\d{0,5})\.", key)
+        if m:
+            layers.setdefault(int(m.group(1)), []).append(key)
+        elif key.startswith("encoder.layer."):
+            out[key] = state[key]
+    for i in sorted(layers):
         prefix = f"encoder.layer.{i}."
-        for key, value in state.items():
-            if not key.startswith(prefix):
-                continue
-            rest = key[len(prefix):]
+        for key in layers[i]:
+            value, rest = state[key], key[len(prefix):]
             if rest.rsplit(".", 1)[0] in fused_parts:
                 continue
             for old, new in _HF_LAYER_RENAMES:
@@ -107,7 +131,8 @@ def hf_dinov2_to_hub(state: dict) -> dict:
             for scheme in schemes:
                 if f"{prefix}{scheme[0]}.weight" in state:
                     for part in ("weight", "bias"):
-                        out[f"blocks.{i}.{hub}.{part}"] = torch.cat([state[f"{prefix}{n}.{part}"] for n in scheme])
+                        out[f"blocks.{i}.{hub}.{part}"] = _cat(state, [f"{prefix}{n}.{part}" for n in scheme],
+                                                               source)
     return out
 
 
@@ -115,7 +140,7 @@ def convert_dinov2(obj: dict, source: str) -> StateDict:
     state = _entry(obj, ["teacher", "model"], source)
     state = _strip(_strip(state, "module."), "backbone.")
     if any(k.startswith(("embeddings.", "dinov2.embeddings.")) for k in state):
-        state = hf_dinov2_to_hub(_drop(state, [r"(dinov2\.)?pooler\.", r"classifier\."]))
+        state = hf_dinov2_to_hub(_drop(state, [r"(dinov2\.)?pooler\.", r"classifier\."]), source)
     return _drop(state, [r"head\.", r"dino_head\.", r"ibot_head\."])
 
 
@@ -167,7 +192,7 @@ def convert_clip(obj: dict, source: str) -> StateDict:
     if any(k.startswith("vision_model.") for k in state):  # CLIPModel: keep the vision tower
         state = _strip({k: v for k, v in state.items() if k.startswith("vision_model.")}, "vision_model.")
     if "embeddings.patch_embedding.weight" in state:  # Hugging Face naming
-        return _hf_clip(state)
+        return _hf_clip(state, source)
     if any(k.startswith("visual.") for k in state):
         state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     state = _drop(state, [r"proj$"])  # the image-text projection
@@ -191,7 +216,7 @@ def convert_clip(obj: dict, source: str) -> StateDict:
     return out
 
 
-def _hf_clip(state: dict) -> StateDict:
+def _hf_clip(state: dict, source: str = "state dict") -> StateDict:
     names = {"embeddings.class_embedding": "cls_token", "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
              "embeddings.position_embedding.weight": "pos_embed", "pre_layrnorm.weight": "norm_pre.weight",
              "pre_layrnorm.bias": "norm_pre.bias", "post_layernorm.weight": "norm.weight",
@@ -212,16 +237,32 @@ def _hf_clip(state: dict) -> StateDict:
         for old, new in [("self_attn.out_proj", "attn.proj"), ("layer_norm1", "norm1"), ("layer_norm2", "norm2")]:
             rest = rest.replace(old, new)
         out[f"blocks.{i}.{rest}"] = value
-    layers = {int(m.group(1)) for k in state for m in [re.match(r"encoder\.layers\.(\d+)\.", k)] if m}
+    layers = {int(m.group(1)) for k in state for m in [re.match(r"encoder\.layers\.(\d{1,6})\.", k)] if m}
     for i in layers:
         for part in ("weight", "bias"):
-            out[f"blocks.{i}.attn.qkv.{part}"] = torch.cat(
-                [state[f"encoder.layers.{i}.self_attn.{p}.{part}"] for p in ("q_proj", "k_proj", "v_proj")])
+            out[f"blocks.{i}.attn.qkv.{part}"] = _cat(
+                state, [f"encoder.layers.{i}.self_attn.{p}.{part}" for p in ("q_proj", "k_proj", "v_proj")], source)
     return out
 
 
+def _checked(convert: Callable[[dict, str], StateDict], num_prefix: int = 1) -> Callable[[dict, str], StateDict]:
+    """`convert`, then the position embedding it yields checked (shape, square grid, bounded size)
+    before anyone resamples it: CheckpointError naming the file otherwise."""
+    @functools.wraps(convert)
+    def run(obj: dict, source: str) -> StateDict:
+        state = convert(obj, source)
+        if "pos_embed" in state:
+            try:
+                pos_embed_grid(state["pos_embed"], num_prefix)
+            except ValueError as err:
+                raise CheckpointError(f"{source}: {err}") from None
+        return state
+    return run
+
+
 CONVERTERS: Dict[str, Callable[[dict, str], StateDict]] = {
-    "dinov2": convert_dinov2, "dinov1": convert_dinov1, "mocov3": convert_mocov3,
-    "mae": convert_mae, "jepa": convert_ijepa, "clip": convert_clip,
+    "dinov2": _checked(convert_dinov2), "dinov1": _checked(convert_dinov1), "mocov3": _checked(convert_mocov3),
+    "mae": _checked(convert_mae), "jepa": _checked(convert_ijepa, num_prefix=0),  # I-JEPA has no class token
+    "clip": _checked(convert_clip),
 }
 

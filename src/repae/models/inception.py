@@ -320,7 +320,7 @@ class InceptionV3(nn.Module):
     def from_file(cls, path: Optional[Union[str, os.PathLike]]) -> "InceptionV3":
         """Load the FID weights (`pt_inception-2015-12-05-6726825d.pth`) strictly from a local file or hub id."""
         from repae.hub import local_path
-        from repae.weights import load_strict, read_file
+        from repae.weights import CheckpointError, load_strict, read_file
 
         path = local_path(path, "inception")
         if not path or not Path(path).is_file():
@@ -330,6 +330,9 @@ class InceptionV3(nn.Module):
                 + (f"not found: {path}" if path else "no path was given")
             )
         state = read_file(path)
-        dropped: List[str] = [k for k in state if k.endswith(".num_batches_tracked")]
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path} holds a {type(state).__name__}, not the Inception state dict")
+        # keys that are not names stay in the dict for load_strict to list
+        dropped: List[str] = [k for k in state if isinstance(k, str) and k.endswith(".num_batches_tracked")]
         state = {k: v for k, v in state.items() if k not in dropped}
         return load_strict(cls(), state, str(path))

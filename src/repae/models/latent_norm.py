@@ -35,6 +35,12 @@ class LatentNorm(nn.BatchNorm2d):
     @torch.no_grad()
     def init_from_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
         """Set running stats from per-channel latent mean and variance (any shape with C elements)."""
+        if mean.numel() != self.num_features or var.numel() != self.num_features:
+            from repae.weights import CheckpointError  # repae.weights imports this module (via sit)
+
+            # statistics usually come from a file (vae.latent_stats_path): say so rather than a copy_ error
+            raise CheckpointError(f"latent statistics hold {mean.numel()} means and {var.numel()} variances, but "
+                                  f"the latent norm has {self.num_features} channels (the VAE's z_channels)")
         self.running_mean.copy_(mean.reshape(-1).to(self.running_mean))
         self.running_var.copy_(var.reshape(-1).to(self.running_var))
 

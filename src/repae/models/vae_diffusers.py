@@ -119,9 +119,28 @@ def diffusers_config(args: VAEArgs, latents_mean: Optional[torch.Tensor] = None,
     return config
 
 
+# Far above any AutoencoderKL (SD/SDXL/FLUX: 4 levels); keeps the per-level work below bounded
+# before the loader applies its architecture caps.
+MAX_LEVELS = 64
+
+
+def _config_int(config: dict, key: str, default: int) -> int:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"config.json: {key} must be an integer, found {str(value)[:40]!r}")
+    return value
+
+
 def args_from_diffusers_config(config: dict) -> VAEArgs:
-    """Our VAEArgs from a diffusers AutoencoderKL config; ValueError for layouts we cannot hold."""
-    widths = list(config.get("block_out_channels", [64]))
+    """Our VAEArgs from a diffusers AutoencoderKL config; ValueError for layouts we cannot hold or
+    fields of the wrong type (a config.json is data: sizes are capped by the loader before use)."""
+    if not isinstance(config, dict):
+        raise ValueError(f"config.json holds a JSON {type(config).__name__}, not an object of AutoencoderKL fields")
+    widths = config.get("block_out_channels", [64])
+    if not isinstance(widths, list) or not 1 <= len(widths) <= MAX_LEVELS or any(isinstance(w, bool) or not isinstance(w, int) or w < 1
+                                                          for w in widths):
+        raise ValueError(f"config.json: block_out_channels must be a list of 1 to {MAX_LEVELS} positive integers, "
+                         f"found {str(widths)[:60]}")
     ch = widths[0]
     if any(w % ch for w in widths):
         raise ValueError(f"block_out_channels {widths} are not multiples of the first width")
@@ -129,13 +148,16 @@ def args_from_diffusers_config(config: dict) -> VAEArgs:
         if config.get(opt, True) is not True:
             raise ValueError(f"diffusers VAE with {opt}=False is not supported")
     down = config.get("down_block_types", ["DownEncoderBlock2D"] * len(widths))
+    if not isinstance(down, list) or len(down) != len(widths) or not all(isinstance(t, str) for t in down):
+        raise ValueError(f"config.json: down_block_types must be a list of {len(widths)} block names (one per "
+                         f"block_out_channels entry), found {str(down)[:60]}")
     levels = [t.startswith("Attn") for t in down]
     resolution = 256
     return VAEArgs(
-        ch=ch, ch_mult=[w // ch for w in widths], num_res_blocks=int(config.get("layers_per_block", 1)),
-        z_channels=int(config.get("latent_channels", 4)),
+        ch=ch, ch_mult=[w // ch for w in widths], num_res_blocks=_config_int(config, "layers_per_block", 1),
+        z_channels=_config_int(config, "latent_channels", 4),
         attn_resolutions=[resolution // 2**i for i, a in enumerate(levels) if a], resolution=resolution,
-        norm_groups=int(config.get("norm_num_groups", 32)), in_channels=int(config.get("in_channels", 3)),
+        norm_groups=_config_int(config, "norm_num_groups", 32), in_channels=_config_int(config, "in_channels", 3),
     )
 
 

@@ -155,16 +155,38 @@ class ViT(nn.Module):
         return x[:, self.num_prefix + self.args.num_registers:]
 
 
+# Bounds on the position embedding a weight file may bring: resampling costs grid^2 x width, and a
+# stride-0 tensor can claim any grid in a few bytes. Published encoders hold at most 37x37 (DINOv2
+# at 518 px) x 1536 (ViT-g), 2.1M entries.
+MAX_POS_EMBED_GRID = 128
+MAX_POS_EMBED_ENTRIES = 1 << 25
+
+
+def pos_embed_grid(pos_embed: torch.Tensor, num_prefix: int = 1) -> int:
+    """Side G of the patch grid of a [1, prefix + G*G, D] position embedding; ValueError saying
+    what is wrong when it is not one, or is larger than MAX_POS_EMBED_GRID / MAX_POS_EMBED_ENTRIES."""
+    if not isinstance(pos_embed, torch.Tensor) or pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
+        shape = tuple(pos_embed.shape) if isinstance(pos_embed, torch.Tensor) else type(pos_embed).__name__
+        raise ValueError(f"position embedding must be a [1, tokens, width] tensor, found {shape}")
+    patches, width = pos_embed.shape[1] - num_prefix, pos_embed.shape[2]
+    side = int(round(max(patches, 0) ** 0.5))
+    if patches < 1 or side * side != patches:
+        raise ValueError(f"position embedding has {patches} patch entries (after {num_prefix} prefix tokens), "
+                         f"not a square grid")
+    if side > MAX_POS_EMBED_GRID or patches * width > MAX_POS_EMBED_ENTRIES:
+        raise ValueError(f"position embedding claims a {side}x{side} grid of width {width}; at most "
+                         f"{MAX_POS_EMBED_GRID}x{MAX_POS_EMBED_GRID} and {MAX_POS_EMBED_ENTRIES} entries are accepted")
+    return side
+
+
 def resample_pos_embed(pos_embed: torch.Tensor, grid: int, num_prefix: int = 1) -> torch.Tensor:
     """[1, prefix + G*G, D] -> [1, prefix + grid*grid, D], prefix tokens kept.
 
     Bicubic, align_corners=False, antialias=True, in fp32: the defaults of timm's
     `resample_abs_pos_embed`, which REPA / REPA-E call once at load time (DINOv2's 37x37
     grid -> 16x16 at 256 px). Antialiasing matters when shrinking, as DINOv2's grid is."""
+    old = pos_embed_grid(pos_embed, num_prefix)
     prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
-    old = int(round(patches.shape[1] ** 0.5))
-    if old * old != patches.shape[1]:
-        raise ValueError(f"position embedding has {patches.shape[1]} patch entries, not a square grid")
     if old == grid:
         return pos_embed
     d = patches.shape[-1]
