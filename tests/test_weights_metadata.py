@@ -109,3 +109,24 @@ def test_zero_byte_weight_file_is_a_checkpoint_error(tmp_path, capsys):
     empty.write_bytes(b"")
     assert main(["info", str(empty)]) == 2
     assert "empty.safetensors" in capsys.readouterr().err
+
+
+def test_a_runs_checkpoint_weight_files_record_their_architecture(tmp_path):
+    """A checkpoint's sit/ema/vae files load on their own with the run's architecture. Without the record
+    the SiT's head count is guessed from its width (64 -> 1 head of 64), and that wrong SiT loads strictly:
+    attention with other heads, the same tensor shapes."""
+    import copy
+
+    import torch
+
+    from repae.config import load_config
+    from repae.train.checkpoint import save_checkpoint
+
+    sit = SiT(tiny_sit_args(num_heads=4))
+    vae = AutoencoderKL(tiny_vae_args(norm_groups=4))  # 4 groups: not what a bare VAE file would be guessed to have
+    modules = {"sit": sit, "ema": copy.deepcopy(sit), "vae": vae, "regulariser": torch.nn.Linear(2, 2)}
+    ckpt = save_checkpoint(tmp_path, 7, modules, {"step": 7}, load_config("toy"))
+    for name in ("sit", "ema"):
+        assert load_model(ckpt / f"{name}.safetensors").args == sit.args
+    assert load_model(ckpt / "vae.safetensors").args == vae.args
+    assert file_metadata(ckpt / "regulariser.safetensors") == {}  # no architecture record for other modules

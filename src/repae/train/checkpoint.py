@@ -33,7 +33,7 @@ from torch import nn
 
 from repae.config import RunConfig, save_config
 from repae.fileio import sha256_file, write_json_atomic
-from repae.weights import CheckpointError, load_strict, read_file, save_weights
+from repae.weights import CheckpointError, architecture_metadata, load_strict, read_file, save_weights
 
 MODULES = ("sit", "ema", "vae", "regulariser")
 MANIFEST = "manifest.json"
@@ -180,7 +180,9 @@ def save_checkpoint(run_dir: Path, step: int, modules: Dict[str, nn.Module], sta
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name, module in modules.items():
-        save_weights(module, tmp / f"{name}.safetensors")
+        # with its architecture: `repae info` / `load_model` read a checkpoint's weight file on its own,
+        # and without the record they would infer it from shapes (guessing the SiT's head count)
+        save_weights(module, tmp / f"{name}.safetensors", architecture_metadata(module))
     torch.save(state, tmp / "state.pt")
     save_config(cfg, tmp / "config.yaml")
     for file in tmp.iterdir():

@@ -128,7 +128,7 @@ def setup_run(cfg: RunConfig, progress: bool = True) -> Run:
     sit = build_sit(cfg)
     vae = AutoencoderKL(vae_args(cfg)) if cfg.vae.from_scratch else build_vae(cfg)
     if cfg.vae.latent_stats_path and not cfg.vae.from_scratch:
-        mean, var = load_latent_stats(cfg.vae.latent_stats_path)
+        mean, var = load_latent_stats(cfg.vae.latent_stats_path, channels=vae.args.z_channels)
     else:  # no statistics given: measure them on the training data, without moving its position
         from repae.models.latent_norm import measure_latent_stats
 
