@@ -134,8 +134,8 @@ def test_a_second_signal_while_saving_leaves_no_damaged_checkpoint(tmp_path, cac
     monkeypatch.setattr(loop, "repae_step", lambda m, batches, c, step, gen: (
         os.kill(os.getpid(), signal.SIGINT) if step == 2 else None, real_step(m, batches, c, step, gen))[1])
 
-    def save_weights(module, path):
-        real_save(module, path)
+    def save_weights(module, path, metadata=None):
+        real_save(module, path, metadata)
         if "step-0000003" in str(path):
             os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, mid-checkpoint
 
