@@ -23,6 +23,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from repae.cli import NON_NEGATIVE, POSITIVE, SEED, UsageError, out_file
 from repae.config import RunConfig
 from repae.nn_utils import autocast, autocast_dtype, resolve_precision
 
@@ -233,11 +234,12 @@ def parse_modes(specs) -> list:
         try:
             sampler, rest = spec.split("-", 1)
             steps, scale = rest.split(":") if ":" in rest else (rest, "1")
-            if sampler not in ("ode", "sde"):
+            if sampler not in ("ode", "sde") or int(steps) < 1 or not 0 <= float(scale) <= 1000:
                 raise ValueError
             out.append((sampler, int(steps), float(scale)))
         except ValueError:
-            raise SystemExit(f"--modes {spec!r}: expected ode-STEPS:CFG or sde-STEPS:CFG, e.g. sde-250:4") from None
+            raise UsageError(f"--modes {spec!r}: expected ode-STEPS:CFG or sde-STEPS:CFG with STEPS >= 1 and "
+                             "CFG in [0, 1000], e.g. sde-250:4") from None
     return out
 
 
@@ -251,7 +253,7 @@ def bench_sample(cfg: RunConfig, device: torch.device, num_samples: Optional[int
 
     torch.manual_seed(0)
     sit, vae = build_sit(cfg).to(device).eval(), AutoencoderKL(vae_args(cfg)).to(device).eval()
-    n = num_samples or cfg.sample.batch_size
+    n = cfg.sample.batch_size if num_samples is None else num_samples
     labels = torch.arange(n) % cfg.model.num_classes
     guided = cfg.sample.cfg_scale if cfg.sample.cfg_scale != 1.0 else 4.0
     out = {"preset": cfg.preset, "device": str(device), "samples": n, "images_per_s": {}}
@@ -288,38 +290,49 @@ def bench_evaluate(device: torch.device, batch: int = 50, size: int = 256, iters
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="throughput benchmarks: step | loop | sample | evaluate; reproduce: the paper's "
                                      "claims on the toy world or your data and weights (REPRODUCTION.md)")
-    p.add_argument("what", choices=["step", "loop", "sample", "evaluate", "reproduce"])
-    p.add_argument("--preset", default="toy")
-    p.add_argument("--config", action="append", default=[], metavar="FILE")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--iters", type=int, default=5, help="timed repetitions (median reported); loop: of each "
-                                                        "part of the step breakdown (0: no breakdown)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs first; loop: untimed first steps")
-    p.add_argument("--samples", type=int, help="bench sample: how many images (default sample.batch_size); "
+    p.add_argument("what", choices=["step", "loop", "sample", "evaluate", "reproduce"],
+                   help="step: one REPA-E training step and its parts; loop: the training loop; sample: "
+                        "generation; evaluate: Inception features; reproduce: the paper's claims, measured")
+    p.add_argument("--preset", default="toy", help="starting preset (default: toy); see `repae config --list`")
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML file(s) merged in order")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. "
+                                                                     "train.global_batch_size=8")
+    p.add_argument("--iters", type=NON_NEGATIVE, default=5, help="timed repetitions (median reported); loop: of "
+                                                                 "each part of the step breakdown (0: no breakdown)")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=2, help="untimed runs first; loop: untimed first steps")
+    p.add_argument("--samples", type=POSITIVE, help="bench sample: how many images (default sample.batch_size); "
                                                "reproduce: class-balanced samples per measurement")
     p.add_argument("--modes", nargs="+", metavar="MODE-STEPS:CFG",
                    help="bench sample: which samplers, e.g. ode-50:1 sde-250:4 (default: ODE-50 and SDE-250, each "
                         "without CFG and with sample.cfg_scale or 4)")
     p.add_argument("--data-dir", help="bench loop: where its store of random images is made, and reused when "
                                       "there already (default: a temporary folder)")
-    p.add_argument("--out", help="also write the result as JSON here")
+    p.add_argument("--out", type=out_file(), help="also write the result as JSON here")
     g = p.add_argument_group("reproduce")
     g.add_argument("--quick", action="store_true", help="the short plan (1 seed, 150 steps) instead of the full "
                                                         "one (2 seeds, 1200 steps); times in the README")
     g.add_argument("--dir", help="runs, logs and results.json (default: runs/reproduce[-quick])")
     g.add_argument("--report", help="where REPRODUCTION.md goes, figures in docs/reproduction/ beside it "
                                     "(default: DIR/REPRODUCTION.md)")
-    g.add_argument("--seeds", type=int, nargs="+", help="training seeds (plan default: quick 0; full 0 1)")
-    g.add_argument("--steps", type=int, help="training steps per arm; bench loop: steps in all (default 12, "
+    g.add_argument("--seeds", type=SEED, nargs="+", help="training seeds (plan default: quick 0; full 0 1)")
+    g.add_argument("--steps", type=POSITIVE, help="training steps per arm; bench loop: steps in all (default 12, "
                                              "--warmup of them untimed)")
-    g.add_argument("--eval-every", type=int, help="measure a checkpoint every this many steps")
-    g.add_argument("--jobs", type=int, help="runs at once (cores are split between them)")
+    g.add_argument("--eval-every", type=POSITIVE, help="measure a checkpoint every this many steps")
+    g.add_argument("--jobs", type=POSITIVE, help="runs at once (cores are split between them)")
     g.add_argument("--heldout", metavar="PATH", help="real data only: labelled images to measure against: class "
                                                      "sub-folders, parquet/arrow (validation split), tar shards or a "
                                                      "prepare-data store (default: the training data, data.path)")
-    g.add_argument("--heldout-images", type=int, default=None, metavar="N",
+    g.add_argument("--heldout-images", type=POSITIVE, default=None, metavar="N",
                    help="real data only: how many held-out images, spread evenly over them (default 1000)")
     p.set_defaults(func=run_bench)
+
+
+def _check_bench_args(args: argparse.Namespace) -> None:
+    """What argparse cannot check alone, before any model is built."""
+    if args.what in ("step", "evaluate") and args.iters < 1:  # a median of no timings
+        raise UsageError(f"bench {args.what} needs --iters >= 1 (timed repetitions), got {args.iters}")
+    if args.what == "loop" and (12 if args.steps is None else args.steps) <= args.warmup:
+        raise UsageError(f"bench loop times the steps after --warmup {args.warmup}: give --steps above it")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -330,6 +343,8 @@ def run_bench(args: argparse.Namespace) -> int:
         from repae.reproduce.cli import run_reproduce
 
         return run_reproduce(args)
+    _check_bench_args(args)
+    modes = parse_modes(args.modes) if args.modes else None
     cfg = load_config(args.preset, args.config, args.overrides)
     device = init_from_env(cfg.train.device)
     if args.what == "step":
@@ -338,10 +353,11 @@ def run_bench(args: argparse.Namespace) -> int:
     elif args.what == "loop":
         from repae.bench_loop import bench_loop, print_loop
 
-        result = bench_loop(cfg, device, args.steps or 12, args.warmup, args.iters, args.warmup, args.data_dir)
+        steps = 12 if args.steps is None else args.steps
+        result = bench_loop(cfg, device, steps, args.warmup, args.iters, args.warmup, args.data_dir)
         print_loop(result)
     elif args.what == "sample":
-        result = bench_sample(cfg, device, args.samples, parse_modes(args.modes) if args.modes else None)
+        result = bench_sample(cfg, device, args.samples, modes)
         for name, value in result["images_per_s"].items():
             print(f"  {name:18s} {value:8.2f} images/s ({result['samples']} samples, {result['device']})")
     else:

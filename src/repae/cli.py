@@ -17,13 +17,125 @@ stops at the next step boundary with a checkpoint and exits 130 / 143; elsewhere
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, Collection, List, Optional, Union
 
 import yaml
+
+
+class UsageError(ValueError):
+    """Arguments that cannot work together or with the files given (exit 2, one line), found before any work."""
+
+
+# ----------------------------------------------------------------------------- argument types
+#
+# Checked by argparse itself, so a bad value stops the command before any model is built, and `0` is
+# never mistaken for "not given": every command's numeric flags use `bounded`.
+
+
+def bounded(lo: Optional[float] = None, hi: Optional[float] = None, kind: type = int) -> Callable[[str], float]:
+    """An argparse `type=`: `kind(text)` within [lo, hi] (None: open), finite; else argparse's usage error."""
+    what = "an integer" if kind is int else "a number"
+    if lo is not None and hi is not None:
+        rule = f"{what} in [{lo}, {hi}]"
+    elif lo is not None:
+        rule = f"{what} >= {lo}"
+    else:
+        rule = what if hi is None else f"{what} <= {hi}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
+        if (kind is float and not math.isfinite(value)) or (lo is not None and value < lo) \
+                or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = rule  # argparse names the type in some messages
+    return parse
+
+
+POSITIVE = bounded(1)
+NON_NEGATIVE = bounded(0)
+SEED = bounded(0, 2**32 - 1)  # numpy's seed range, as train.seed / sample.seed
+
+
+def _pil_suffixes() -> Collection[str]:
+    from PIL import Image
+
+    Image.init()
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+
+
+def _figure_suffixes() -> Collection[str]:
+    from matplotlib.figure import Figure
+
+    return {"." + ext for ext in Figure().canvas.get_supported_filetypes()}
+
+
+_SUFFIXES = {"image": _pil_suffixes, "figure": _figure_suffixes}
+
+
+def out_file(kind: Union[str, Collection[str], None] = None) -> Callable[[str], str]:
+    """An argparse `type=` for a file the command writes at its end: never an existing directory, and with
+    a suffix the writer understands (`kind`: 'image' (PIL), 'figure' (matplotlib), a set of suffixes such
+    as {'.npz'}, or None: any), checked before the work that would be lost."""
+    def parse(text: str) -> str:
+        path = Path(text)
+        if not text or path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} is a directory: give a file name inside it")
+        if kind is None:
+            return text
+        allowed = _SUFFIXES[kind]() if isinstance(kind, str) else kind
+        if path.suffix.lower() not in allowed:
+            shown = ", ".join(s for s in (".png", ".jpg", ".webp", ".pdf", ".svg", ".npz") if s in allowed)
+            raise argparse.ArgumentTypeError(f"{text!r} needs a file extension saying the format "
+                                             f"({shown or ', '.join(sorted(allowed))})")
+        return text
+
+    parse.__name__ = "output file"
+    return parse
+
+
+def out_dir(text: str) -> str:
+    """An argparse `type=` for a directory the command creates or resumes: not an existing file."""
+    if not text or (Path(text).exists() and not Path(text).is_dir()):
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; give a directory (created if missing)")
+    return text
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def device_arg(text: str) -> str:
+    """An argparse `type=` for --device: auto | cpu | mps | cuda | cuda:N, a CUDA one only where torch sees it."""
+    if not _DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N")
+    if text.startswith("cuda"):
+        import torch  # only when a CUDA device is asked for: `repae --help` stays fast
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(text.split(":")[1]) if ":" in text else 0
+        if index >= count:
+            raise argparse.ArgumentTypeError(
+                f"{text}: this torch sees {'no CUDA device' if not count else f'{count} CUDA device(s)'}"
+                f"{'' if torch.version.cuda else ' (it is a CPU-only build)'}; use cpu or auto")
+    return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a missing positional is not reported together with the optional key=value list
+    (`nargs="*"` positionals after it are listed as "required" by plain argparse)."""
+
+    def error(self, message: str):
+        message = re.sub(r"(required: .*?), key=value\b", r"\1", message)
+        super().error(message)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -60,7 +172,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from repae.stage2.latents import vae_files
     from repae.weights import load_latent_stats, load_model
 
-    if getattr(args, "num_samples", None):
+    _check_sample_inputs(args)
+    if getattr(args, "num_samples", None) is not None:
         args.overrides = [*args.overrides, f"sample.num_samples={args.num_samples}"]
     # a released SiT (hf:REPA-E/sit-...): its preset, VAE and the README's sampling protocol, under
     # the user's own --preset / --vae / overrides
@@ -79,8 +192,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         sit = load_model(args.ckpt, kind="sit", prefer_ema=cfg.sample.use_ema)
         vae_path = args.vae if hub.is_hub_id(args.vae) else vae_files(args.vae)[0] if args.vae else None
         vae = load_model(vae_path, kind="vae") if vae_path else build_vae(cfg)  # or an export dir
-    else:
-        raise SystemExit("repae sample: give --ckpt PATH (a run, a SiT checkpoint) or --random-init")
+    else:  # argparse requires one of them; a caller of cmd_sample may not have
+        raise UsageError("give --ckpt PATH (a run, a SiT checkpoint) or --random-init")
     device = dist.init_from_env(cfg.train.device)  # joins the torchrun process group when there is one
     is_main = dist.is_main()
     if args.random_init and is_main:
@@ -118,6 +231,35 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_sample_inputs(args: argparse.Namespace) -> None:
+    """What `repae sample` is given, checked before anything is loaded or sampled: the checkpoint and VAE
+    exist and are what they are given as, and --vae is not given with a run (whose tuned VAE it brings)."""
+    from repae.evaluate.sources import check_dir_role, is_run_or_checkpoint_dir
+    from repae.hub import is_hub_id
+
+    from repae.weights import CheckpointError
+
+    if args.ckpt and not is_hub_id(args.ckpt):
+        if not Path(args.ckpt).exists():
+            raise CheckpointError(f"checkpoint not found: {args.ckpt}")
+        check_dir_role(args.ckpt, "sit or run")
+        if args.vae and is_run_or_checkpoint_dir(args.ckpt):  # as `repae evaluate samples RUN --vae X` refuses it
+            raise UsageError(f"--vae is not used with a training run ({args.ckpt}): its tuned VAE is in the "
+                             "checkpoint; give --vae only with a SiT weight file")
+    if args.vae and not is_hub_id(args.vae):
+        if not Path(args.vae).exists():
+            raise CheckpointError(f"VAE not found: {args.vae}")
+        check_dir_role(args.vae, "vae")
+
+
+def _budget_note(summary: dict, max_steps: int) -> Optional[str]:
+    """Why a run trained nothing: it was already past train.max_steps (the final evaluation only re-ran)."""
+    if summary.get("steps_this_invocation") == 0 and summary.get("steps", 0) > max_steps:
+        return (f"note: the run was already at step {summary['steps']}, past train.max_steps={max_steps}: nothing "
+                f"was trained this time; raise train.max_steps above {summary['steps']} to train further")
+    return None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import json
 
@@ -129,14 +271,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     if "wall_seconds" in summary:  # rank 0 (the others return only their step)
         print("\n".join(run_story(summary, cfg.run_dir, is_default_toy_run(cfg), cfg.train.tune_vae)), file=sys.stderr)
+        note = _budget_note(summary, cfg.train.max_steps)
+        if note:
+            print(note, file=sys.stderr)
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from repae.hub import local_path
-    from repae.weights import file_metadata, load_model, vae_sidecar
+    from repae.evaluate.sources import check_dir_role, dir_kind
+    from repae.hub import is_hub_id, local_path
+    from repae.weights import CheckpointError, file_metadata, load_model, vae_sidecar
 
+    if not is_hub_id(args.path):
+        if not Path(args.path).exists():
+            raise CheckpointError(f"weight file not found: {args.path}")
+        check_dir_role(args.path, "weights")  # a run, a latent cache, ...: says what it is and what to run
     path = local_path(args.path, args.kind or "file")  # a hub id: the file in the hub cache
+    if dir_kind(path) == "export-vae":  # `repae export-vae` output: its VAE, as every other command reads it
+        path = str(Path(path) / "vae.safetensors")
     model = load_model(path, kind=args.kind, norm_groups=args.norm_groups)
     meta = file_metadata(path) if Path(path).is_file() else {}
     n_params = sum(p.numel() for p in model.parameters())
@@ -150,10 +302,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="repae", description="REPA-E: end-to-end VAE + latent diffusion training")
+    parser = Parser(prog="repae", description="REPA-E: end-to-end VAE + latent diffusion training")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of errors and interrupts (also accepted after the command)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("train", help="REPA-E training; re-run the same command to resume")
     _add_config_args(p)
@@ -167,15 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate a PNG grid (and optionally an ADM .npz)")
     _add_config_args(p)
-    p.add_argument("--ckpt", help="a training run directory (its EMA SiT, VAE and config), or SiT weights: "
-                                  "our .safetensors or an official .pt (EMA preferred), or a hub id "
-                                  "hf:owner/name[@revision][/file]; a released one (hf:REPA-E/sit-repae-sdvae, ...) "
-                                  "brings its preset, VAE and published sampling protocol")
-    p.add_argument("--vae", help="VAE weights: .safetensors, official .pt, diffusers directory, or a hub id")
-    p.add_argument("--random-init", action="store_true", help="smoke test with untrained models")
-    p.add_argument("--out", default="runs/samples.png", help="PNG grid path")
-    p.add_argument("--npz", help="also write the samples as an ADM-style .npz")
-    p.add_argument("--num-samples", type=int, help="number of samples (sets sample.num_samples)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--ckpt", help="a training run directory (its EMA SiT, VAE and config), or SiT weights: "
+                                     "our .safetensors or an official .pt (EMA preferred), or a hub id "
+                                     "hf:owner/name[@revision][/file]; a released one (hf:REPA-E/sit-repae-sdvae, ...) "
+                                     "brings its preset, VAE and published sampling protocol")
+    p.add_argument("--vae", help="VAE for a SiT weight file (a run brings its own): .safetensors, official .pt, "
+                                 "an export-vae or diffusers directory, or a hub id")
+    what.add_argument("--random-init", action="store_true", help="smoke test with untrained models")
+    p.add_argument("--out", default="runs/samples.png", type=out_file("image"),
+                   help="image grid path (.png, .jpg, .webp; default runs/samples.png)")
+    p.add_argument("--npz", type=out_file({".npz"}), help="also write the samples as an ADM-style .npz (FILE.npz)")
+    p.add_argument("--num-samples", type=POSITIVE, help="number of samples (sets sample.num_samples)")
     p.set_defaults(func=cmd_sample)
 
     from repae import bench
@@ -190,9 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_stage2_parsers(sub, _add_config_args)  # export-vae, cache-latents, train-ldm
 
     p = sub.add_parser("info", help="load a weight file strictly and describe it")
-    p.add_argument("path")
-    p.add_argument("--kind", choices=["sit", "vae"])
-    p.add_argument("--norm-groups", type=int, help="GroupNorm groups of a bare VAE state dict (.pt) that records "
+    p.add_argument("path", help="a SiT or VAE weight file (.safetensors, official .pt), an export-vae or diffusers "
+                                "directory, or a hub id hf:owner/name[@revision][/file]")
+    p.add_argument("--kind", choices=["sit", "vae"], help="what the file holds (default: from its metadata, "
+                                                          "else guessed from its tensor names)")
+    p.add_argument("--norm-groups", type=POSITIVE, help="GroupNorm groups of a bare VAE state dict (.pt) that records "
                                                     "no architecture and has no .json sidecar")
     p.set_defaults(func=cmd_info)
     return parser
@@ -206,7 +363,8 @@ def _user_errors() -> tuple:
     from repae.evaluate.errors import EvaluationError
     from repae.weights import CheckpointError
 
-    return ConfigError, CheckpointError, EvaluationError, FileNotFoundError, UnreadableImagesError, PackedDataError
+    return (ConfigError, CheckpointError, EvaluationError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            UnreadableImagesError, PackedDataError, UsageError)
 
 
 def _plain_message(err: BaseException) -> str:
@@ -214,6 +372,8 @@ def _plain_message(err: BaseException) -> str:
     worker, the worker traceback it carries reduced to its last line."""
     if isinstance(err, FileNotFoundError) and err.filename:
         return f"no such file or directory: {err.filename}"
+    if isinstance(err, (FileExistsError, NotADirectoryError)) and err.filename:  # a file where a directory goes
+        return f"{err.filename} is a file, where a directory is needed"
     text = str(err).strip()
     if "Traceback (most recent call last)" in text:
         # "[module.]Name: message", whichever module the class was defined in when the worker raised it
@@ -246,6 +406,22 @@ def _report(err: BaseException, command: str, debug: bool) -> Optional[int]:
     return code
 
 
+def _override_hint(extra: List[str]) -> str:
+    """For `--max-steps 3` and the like: the config keys of that name, which are set as key=value."""
+    from repae.config import RunConfig, to_dict
+
+    def keys(d: dict, prefix: str = ""):
+        for k, v in d.items():
+            yield from keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+
+    every = list(keys(to_dict(RunConfig())))
+    hints = []
+    for flag in (e for e in extra if e.startswith("--")):
+        name = flag[2:].split("=", 1)[0].replace("-", "_")
+        hints += [f"{key}=VALUE" for key in every if key == name or key.endswith("." + name)]
+    return f" (config settings are key=value overrides: {', '.join(hints)})" if hints else ""
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     # argparse takes positionals in one run, so `repae train --no-progress a=1` would reject a=1:
@@ -256,7 +432,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.debug = True
     if extra:
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            parser.error(f"unrecognized arguments: {' '.join(extra)}{_override_hint(extra)}")
         args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
@@ -268,4 +444,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m repae.cli`: run the `repae.cli` module the subcommands import (its UsageError is the one
+    # they raise), not this `__main__` copy of it
+    from repae.cli import main as package_main
+
+    sys.exit(package_main())

@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 
+from repae.cli import NON_NEGATIVE, POSITIVE, bounded, out_dir
+
 CODECS = ("webp", "png", "jpeg")  # = repae.data.packed.CODECS, not imported: building the parser stays torch-free
 
 
@@ -19,16 +21,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="ADM-centre-crop every image of SRC (one sub-folder per class), encode it and pack it into "
                     "large shard files in OUT with a manifest.json. Re-run the same command to resume.")
     p.add_argument("src", metavar="SRC", help="image folder: SRC/<class>/<image> (e.g. ILSVRC2012 train)")
-    p.add_argument("out", metavar="OUT", help="output directory (created; resumed if it holds a partial run)")
-    p.add_argument("--image-size", type=int, default=256, help="crop size in pixels (default: 256)")
+    p.add_argument("out", metavar="OUT", type=out_dir,
+                   help="output directory (created; resumed if it holds a partial run)")
+    p.add_argument("--image-size", type=POSITIVE, default=256, help="crop size in pixels (default: 256)")
     p.add_argument("--codec", choices=CODECS, default="webp",
                    help="webp: lossless (default); png: lossless, larger, slower; jpeg: lossy (4:4:4), ~2.2x "
                         "smaller than webp, ~40 dB PSNR at quality 95")
-    p.add_argument("--quality", type=int, default=95, help="jpeg quality 1-100 (default: 95; ignored if lossless)")
-    p.add_argument("--shard-size", type=int, default=5000, help="source images per shard (default: 5000)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--quality", type=bounded(1, 100), default=95, help="jpeg quality 1-100 (default: 95; ignored if lossless)")
+    p.add_argument("--shard-size", type=POSITIVE, default=5000, help="source images per shard (default: 5000)")
+    p.add_argument("--workers", type=NON_NEGATIVE, default=os.cpu_count() or 1,
                    help="encoding processes (default: all CPU cores; 0 = in this process)")
-    p.add_argument("--max-image-pixels", type=int, default=64_000_000, metavar="N",
+    p.add_argument("--max-image-pixels", type=POSITIVE, default=64_000_000, metavar="N",
                    help="skip (and list) source images whose header claims more than N pixels, without decoding "
                         "them (default 64000000, as data.max_image_pixels)")
     p.add_argument("--allow-empty-classes", action="store_true",

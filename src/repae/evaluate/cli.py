@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from repae.cli import NON_NEGATIVE, POSITIVE, SEED, Parser, bounded, device_arg, out_file
 from repae.evaluate.errors import EvaluationError
 
 # torch and the metric modules are imported inside the handlers: `repae --help` stays fast.
@@ -123,7 +124,7 @@ def _sample_source(args, device, kind: str, loaded):
                              workers=args.workers, max_pixels=args.max_image_pixels)
         return source, {"source": {"kind": "folder", "path": args.source}}, {}
     cfg, sit, vae = loaded.cfg, loaded.sit.to(device), loaded.vae.to(device)
-    n = args.num_images or cfg.eval.num_samples
+    n = cfg.eval.num_samples if args.num_images is None else args.num_images  # checked >= 1 in cmd_samples
     labels = class_labels(n, sit.num_classes, cfg.eval.label_sampling, cfg.sample.seed)
     s = cfg.sample
     sampler = {"mode": s.mode, "num_steps": s.num_steps, "heun": s.heun, "heun_cfg_at": s.heun_cfg_at,
@@ -195,6 +196,9 @@ def cmd_samples(args) -> int:
     loaded = None
     if kind == "checkpoint":
         loaded = load_sit_and_vae(args.source, args.vae, args.preset, args.config, args.overrides)
+        if args.num_images is None and loaded.cfg.eval.num_samples == 0:  # a run's "no end-of-run evaluation"
+            raise EvaluationError("eval.num_samples=0 draws no samples to evaluate: pass --num-images N "
+                                  "(or eval.num_samples=N)")
     elif args.overrides or args.config:
         raise EvaluationError("key=value overrides and --config only apply when SOURCE is a checkpoint to sample "
                               f"from; {args.source} is {'a folder' if kind == 'folder' else 'an .npz'}")
@@ -267,7 +271,8 @@ def cmd_ref_stats(args) -> int:
 
     device = _device(args.device, distributed=True)
     data_kind = detect_kind(args.source)  # parquet/arrow, tar shards and prepare-data stores, as training reads them
-    kind = data_kind if data_kind != "folder" else source_kind(args.source)
+    kind = data_kind if data_kind != "folder" else source_kind(
+        args.source, "image source", "parquet/arrow files, tar shards or a prepare-data store")
     rank, world = dist.rank(), dist.world_size()
     if kind in ("hf", "wds", "packed"):
         from repae.evaluate.loading import open_records
@@ -326,10 +331,12 @@ def _models(args):
     (and, for `latents`, its SiT's BatchNorm); with neither and --data toy, the toy world's VAE.
     The run is the one --ckpt names when it names one, else the one --vae names."""
     from repae.evaluate.loading import load_run, load_vae_file
-    from repae.evaluate.sources import is_run_or_checkpoint_dir
+    from repae.evaluate.sources import check_dir_role, is_run_or_checkpoint_dir
     from repae.hub import is_hub_id
 
     ckpt = getattr(args, "ckpt", None)
+    if ckpt:
+        check_dir_role(ckpt, "sit or run")  # before any VAE or toy world is loaded
     run = load_run(ckpt) if ckpt and is_run_or_checkpoint_dir(ckpt) else None
     if args.vae and is_run_or_checkpoint_dir(args.vae):
         vae_run = load_run(args.vae)
@@ -406,8 +413,11 @@ def _latent_norm(args, run):
     """(BatchNorm, files) of the SiT in --ckpt (a run or a SiT file), or (None, {})."""
     from repae.evaluate.sources import is_run_or_checkpoint_dir
 
+    from repae.evaluate.sources import check_dir_role
+
     if not args.ckpt:
         return None, {}
+    check_dir_role(args.ckpt, "sit or run")
     if is_run_or_checkpoint_dir(args.ckpt):  # then `run` is the one --ckpt names (see _models)
         return run.sit.bn, {"sit": run.files["sit"]}
     from repae.hub import is_hub_id
@@ -481,7 +491,7 @@ def _one_spectrum_vae(path: str, toy_cfg):
     (its tuned VAE; the SiT's latent BatchNorm), an `export-vae` directory (latent_stats.safetensors
     beside the VAE), or a VAE weight file / diffusers directory (raw latents only)."""
     from repae.evaluate.loading import load_run, toy_world
-    from repae.evaluate.sources import is_run_or_checkpoint_dir
+    from repae.evaluate.sources import check_dir_role, is_run_or_checkpoint_dir
     from repae.hub import is_hub_id
     from repae.stage2.latents import vae_files
     from repae.weights import load_latent_stats, load_model
@@ -495,6 +505,7 @@ def _one_spectrum_vae(path: str, toy_cfg):
         return run.vae, run.sit.bn, {"vae": run.files["vae"], "sit": run.files["sit"]}, run
     if not is_hub_id(path) and not Path(path).exists():
         raise EvaluationError(f"VAE not found: {path}")
+    check_dir_role(path, "vae or run")
     load_path, _, stats = vae_files(path)
     norm = load_latent_stats(stats) if stats else None
     return load_model(load_path, kind="vae"), norm, {"vae": str(load_path), "latent_stats": stats}, None
@@ -550,7 +561,7 @@ def cmd_spectrum(args) -> int:
     metrics = {"num_images": len(images), "spectra": {k: s.to_dict() for k, s in spectra.items()},
                "figure": figure, **_skipped(data.source)}
     settings = {**{k: v for k, v in data.info.items() if k != "labelled"}, "vaes": [v[0] for v in vaes],
-                "block": args.block, "image_block": args.image_block or args.block, "remove_mean": not args.keep_mean,
+                "block": args.block, "image_block": args.block if args.image_block is None else args.image_block, "remove_mean": not args.keep_mean,
                 "latent": "posterior sample" if args.sample_posterior else "posterior mean",
                 "precision": args.precision, "images_range": "[-1,1] (the VAE's input)"}
     _finish(args, "spectrum", metrics, settings, {**files, **data.files},
@@ -616,11 +627,16 @@ def cmd_cknna(args) -> int:
     from repae.evaluate.cknna import sit_encoder_alignment
     from repae.evaluate.loading import first_images, load_sit_and_vae, open_data
 
+    if args.topk >= args.num_images:  # the mutual k-NN needs k neighbours besides each image itself
+        raise EvaluationError(f"--topk {args.topk} must be below --num-images {args.num_images}")
     device = _device(args.device, distributed=False)
     loaded = load_sit_and_vae(args.ckpt, args.vae, args.preset, args.config, args.overrides)
     cfg, sit = loaded.cfg, loaded.sit.to(device).eval()
     loaded.vae.to(device).eval()
     image_size = sit.args.input_size * loaded.vae.downsample_factor
+    depth = cfg.model.encoder_depth if args.depth is None else args.depth
+    if not 1 <= depth <= len(sit.blocks):  # before the data is read and encoded
+        raise EvaluationError(f"--depth {depth}: this SiT has blocks 1..{len(sit.blocks)}")
     if args.image_size and args.image_size != image_size:
         raise EvaluationError(f"this SiT/VAE pair takes {image_size}px images, not --image-size {args.image_size}")
     data = open_data(args.data, cfg, image_size=image_size, batch_size=args.batch_size, limit=args.num_images,
@@ -628,6 +644,9 @@ def cmd_cknna(args) -> int:
     images, labels = first_images(data.source, args.num_images)
     if images.shape[-1] != image_size:
         raise EvaluationError(f"the data's images are {images.shape[-1]}px; this SiT/VAE pair takes {image_size}px")
+    if len(images) <= args.topk or len(images) < 4:  # CKNNA's mutual k-NN and unbiased HSIC
+        raise EvaluationError(f"--topk {args.topk} needs more than {args.topk} images (and at least 4); "
+                              f"the data gave {len(images)}")
     use_data_labels = args.labels == "data" or (args.labels == "auto" and data.has_labels)
     if use_data_labels and (not data.has_labels or int(labels.max()) >= sit.num_classes):
         raise EvaluationError("--labels data needs class labels below the SiT's num_classes "
@@ -635,7 +654,6 @@ def cmd_cknna(args) -> int:
     y = labels if use_data_labels else torch.full_like(labels, sit.null_class)
     encoder, enc_name, enc_files = _encoder(args, cfg, data, image_size, device)
     latents, feats = _cknna_inputs(loaded, encoder, images, device, args.batch_size)
-    depth = args.depth or cfg.model.encoder_depth
     score = sit_encoder_alignment(sit, latents, y, feats, t=args.t, depth=depth, topk=args.topk,
                                   path_type=cfg.flow.path_type, seed=args.seed, batch_size=args.batch_size)
     metrics = {"cknna": score, "num_images": len(images), **_skipped(data.source)}
@@ -673,13 +691,14 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 
 
 def _common(p: argparse.ArgumentParser, out_help: str = "JSON result path", out_required: bool = False) -> None:
-    p.add_argument("--out", help=out_help, required=out_required)
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (under torchrun: this rank's GPU)")
+    p.add_argument("--out", help=out_help, required=out_required, type=out_file())
+    p.add_argument("--batch-size", type=POSITIVE, default=64, help="images per batch (default 64)")
+    p.add_argument("--device", default="auto", type=device_arg,
+                   help="auto | cpu | cuda | cuda:N (under torchrun: this rank's GPU)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="Inception / VAE arithmetic (default fp32, as the published evaluators)")
-    p.add_argument("--workers", type=int, default=4, help="image decoding threads (default 4)")
-    p.add_argument("--max-image-pixels", type=int, default=64_000_000, metavar="N",
+    p.add_argument("--workers", type=NON_NEGATIVE, default=4, help="image decoding threads (default 4)")
+    p.add_argument("--max-image-pixels", type=POSITIVE, default=64_000_000, metavar="N",
                    help="skip (and count) image files whose header claims more than N pixels, without decoding "
                         "them (default 64000000, as data.max_image_pixels)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -703,7 +722,8 @@ def _data_args(p: argparse.ArgumentParser, image_size: bool = True) -> None:
                                   "held-out set; the default for a toy-world run)")
     _split_arg(p)
     if image_size:
-        p.add_argument("--image-size", type=int, default=256, help="ADM centre crop size for folders (default 256)")
+        p.add_argument("--image-size", type=POSITIVE, default=256,
+                       help="ADM centre crop size for folders (default 256)")
     p.add_argument("--sample-posterior", action="store_true", help="use a posterior sample, not its mean")
 
 
@@ -722,7 +742,7 @@ def _add_samples(sub) -> None:
                                        "then $REPAE_WEIGHTS)")
     p.add_argument("--no-pr", action="store_true", help="skip precision/recall (then REF may hold statistics only)")
     p.add_argument("--vae", help="VAE for a SiT weight file (a run brings its own)")
-    p.add_argument("--num-images", type=int, help="evaluate the first N images / draw N samples "
+    p.add_argument("--num-images", type=POSITIVE, help="evaluate the first N images / draw N samples "
                                                   "(default: all / eval.num_samples)")
     _common(p, "JSON result (default: RUN/eval/samples-stepN.json for a run, else eval-samples.json)")
     _config_args(p)
@@ -737,10 +757,11 @@ def _add_ref_stats(sub) -> None:
                                   "dataset id), tar shards or a prepare-data store (these need --image-size)")
     _split_arg(p)
     p.add_argument("--inception", help="pt_inception-2015-12-05-6726825d.pth")
-    p.add_argument("--image-size", type=int, help="ADM centre crop of folder images to this size (default: as is)")
+    p.add_argument("--image-size", type=POSITIVE,
+                   help="ADM centre crop of folder images to this size (default: as is)")
     p.add_argument("--with-images", action="store_true", help="also store the images as arr_0 (one size needed)")
-    p.add_argument("--num-images", type=int, help="only the first N images")
-    p.add_argument("--json", help="JSON record path (default: --out with .json)")
+    p.add_argument("--num-images", type=POSITIVE, help="only the first N images")
+    p.add_argument("--json", type=out_file(), help="JSON record path (default: --out with .json)")
     _common(p, "statistics .npz to write", out_required=True)
     p.set_defaults(func=_guarded(cmd_ref_stats))
 
@@ -750,7 +771,7 @@ def _add_vae(sub) -> None:
     p.add_argument("--vae", help="VAE weights, diffusers directory or training run (default with --data toy: "
                                  "the toy world's pre-trained VAE)")
     _data_args(p)
-    p.add_argument("--num-images", type=int, help="only the first N images")
+    p.add_argument("--num-images", type=POSITIVE, help="only the first N images")
     p.add_argument("--inception", help="Inception weights: adds rFID")
     p.add_argument("--lpips-vgg", help="torchvision vgg16-397923af.pth: with --lpips-heads adds LPIPS")
     p.add_argument("--lpips-heads", help="LPIPS v0.1 vgg.pth linear heads")
@@ -765,9 +786,10 @@ def _add_latents(sub) -> None:
     p.add_argument("--vae", help="VAE weights, diffusers directory or training run (default: the --ckpt run's)")
     p.add_argument("--ckpt", help="run or SiT weights whose latent BatchNorm normalises the latents")
     _data_args(p)
-    p.add_argument("--num-images", type=int, help="only the first N images")
-    p.add_argument("--pca-figure", help="PNG: images, then latents' top-3 principal components as RGB")
-    p.add_argument("--pca-images", type=int, default=8, help="images in the figure (default 8)")
+    p.add_argument("--num-images", type=POSITIVE, help="only the first N images")
+    p.add_argument("--pca-figure", type=out_file("image"),
+                   help="PNG: images, then latents' top-3 principal components as RGB")
+    p.add_argument("--pca-images", type=POSITIVE, default=8, help="images in the figure (default 8)")
     p.add_argument("--compare-vae", help="a second VAE: one more PCA row (e.g. before E2E tuning)")
     _common(p, "JSON result (default: RUN/eval/latents-stepN.json for a run, else eval-latents.json)")
     _config_args(p)
@@ -781,16 +803,18 @@ def _add_cknna(sub) -> None:
     p.add_argument("--data", help="image folder, parquet/arrow, tar shards, a prepare-data store, or 'toy' "
                                   "(default for a toy-world run)")
     _split_arg(p)
-    p.add_argument("--image-size", type=int, help="checked against the SiT/VAE pair's image size")
+    p.add_argument("--image-size", type=POSITIVE, help="checked against the SiT/VAE pair's image size")
     p.add_argument("--encoder", help="encoder name (default: the run's first; toy-teacher in the toy world)")
     p.add_argument("--encoder-path", help="the encoder's weight file (default: encoder.paths / $REPAE_WEIGHTS)")
-    p.add_argument("--depth", type=int, help="SiT block whose output is compared (default: model.encoder_depth)")
-    p.add_argument("--t", type=float, default=0.5, help="noise level, t=0 data, t=1 noise (default 0.5)")
-    p.add_argument("--topk", type=int, default=10, help="k of the mutual nearest neighbours (default 10)")
-    p.add_argument("--num-images", type=int, default=1000, help="images used (default 1000)")
+    p.add_argument("--depth", type=POSITIVE, help="SiT block whose output is compared (default: model.encoder_depth)")
+    p.add_argument("--t", type=bounded(0.0, 1.0, float), default=0.5,
+                   help="noise level in [0, 1], t=0 data, t=1 noise (default 0.5)")
+    p.add_argument("--topk", type=bounded(2), default=10,
+                   help="k of the mutual nearest neighbours, below the image count (default 10)")
+    p.add_argument("--num-images", type=bounded(4), default=1000, help="images used (default 1000)")
     p.add_argument("--labels", choices=["auto", "data", "null"], default="auto",
                    help="SiT class input: the data's labels or the null class (auto: data labels when known)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (per image index)")
+    p.add_argument("--seed", type=SEED, default=0, help="noise seed (per image index)")
     _common(p, "JSON result (default: RUN/eval/cknna-stepN.json for a run, else eval-cknna.json)")
     _config_args(p)
     p.set_defaults(func=_guarded(cmd_cknna))
@@ -804,17 +828,18 @@ def _add_spectrum(sub) -> None:
                    "BatchNorm), an export-vae directory, a weight file or diffusers directory")
     p.add_argument("--label", action="append", help="a name per --vae, in order (default: the --vae value)")
     _data_args(p)
-    p.add_argument("--num-images", type=int, default=1000, help="images encoded (default 1000)")
-    p.add_argument("--block", type=int, default=8, help="DCT block size for latents (default 8)")
-    p.add_argument("--image-block", type=int, help="DCT block size for the images (default: --block)")
+    p.add_argument("--num-images", type=POSITIVE, default=1000, help="images encoded (default 1000)")
+    p.add_argument("--block", type=POSITIVE, default=8, help="DCT block size for latents (default 8)")
+    p.add_argument("--image-block", type=POSITIVE, help="DCT block size for the images (default: --block)")
     p.add_argument("--keep-mean", action="store_true", help="keep each channel's per-image mean (in DC)")
-    p.add_argument("--figure", help="PNG: energy fraction per band (log) of every series")
+    p.add_argument("--figure", type=out_file("figure"),
+                   help="figure (.png, .pdf, .svg, ...): energy fraction per band (log) of every series")
     _common(p, "JSON result (default: RUN/eval/spectrum-stepN.json for a run, else eval-spectrum.json)")
     _config_args(p)
     p.set_defaults(func=_guarded(cmd_spectrum))
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(Parser):
     """Also takes key=value overrides after options (`samples RUN --ref R sample.cfg_scale=2`), which
     plain argparse refuses once an option has split the positionals."""
 
@@ -842,7 +867,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """`repae evaluate ...` on its own: main(["evaluate", "samples", ...])."""
-    parser = argparse.ArgumentParser(prog="repae")
+    parser = Parser(prog="repae")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
     args = parser.parse_args(argv)

@@ -20,7 +20,7 @@ from repae import dist
 from repae.evaluate.fid import REF_IMAGES_KEY, Reference, load_reference
 from repae.data.images import DEFAULT_MAX_PIXELS
 from repae.evaluate.sources import (
-    EvaluationError, RecordImages, TensorImages, is_run_or_checkpoint_dir, open_folder,
+    EvaluationError, RecordImages, TensorImages, check_dir_role, is_run_or_checkpoint_dir, open_folder,
 )
 
 Files = Dict[str, Optional[str]]
@@ -124,6 +124,7 @@ def load_vae_file(path: str):
     """(VAE, files) from a weight file, a diffusers directory, or a run / checkpoint directory."""
     from repae.weights import load_model
 
+    check_dir_role(path, "vae or run")  # a latent cache, a packed store: say so, not "no config.json"
     if is_run_or_checkpoint_dir(path):
         run = load_run(path)
         return run.vae, {"vae": run.files["vae"]}
@@ -163,6 +164,7 @@ def load_sit_and_vae(ckpt: str, vae_path: Optional[str], preset: Optional[str], 
         return load_sit_file(ckpt, load_cfg(preset, config_files, overrides), vae_path)
     if not Path(ckpt).exists():
         raise EvaluationError(f"checkpoint not found: {ckpt}")
+    check_dir_role(ckpt, "sit or run")  # an exported VAE, a latent cache, ...: say what it is
     if is_run_or_checkpoint_dir(ckpt):
         if vae_path:
             raise EvaluationError(f"--vae is not used with a training run ({ckpt}): its tuned VAE is in the checkpoint")

@@ -14,6 +14,7 @@ are those of a single process.
 from __future__ import annotations
 
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -287,17 +288,93 @@ def is_run_or_checkpoint_dir(path: PathLike) -> bool:
                            or (p.name == "checkpoints" and has_checkpoints(p.parent)))
 
 
-def source_kind(path: PathLike) -> str:
-    """'checkpoint' (run / checkpoint dir, SiT weight file or hub id), 'npz' or 'folder'; EvaluationError otherwise."""
+# What each directory repae writes is, and what to do with it: said when one is given where another
+# thing is expected (a run where a VAE file goes, a latent cache where a SiT goes, ...), instead of the
+# loader's guess ("diffusers VAE directory X has no config.json").
+DIR_KINDS = {
+    "run": ("a training run directory",
+            "`repae sample --ckpt {p}` and `repae evaluate ... {p}` take the run itself; for its VAE alone run "
+            "`repae export-vae {p}` first and pass the export ({p}/e2e-vae)"),
+    "export-vae": ("an exported VAE (`repae export-vae` output)",
+                   "pass it where a VAE goes: --vae {p} or vae.path={p}"),
+    "latents": ("a latent cache (`repae cache-latents` output)",
+                "train a SiT on it with `repae train-ldm latents.path={p}`"),
+    "packed": ("a packed image store (`repae prepare-data` output)",
+               "use it as data: --data {p}, or data.source=packed data.path={p}"),
+    "diffusers": ("a diffusers VAE directory", "pass it where a VAE goes: --vae {p} or vae.path={p}"),
+}
+_SNIFF_BYTES = 4096  # our manifests write "format" first: the head of the file is enough to tell them apart
+_FORMAT = re.compile(rb'"format"\s*:\s*"(repae-[a-z0-9-]+)"')
+
+
+def _sniff_format(path: Path) -> Optional[str]:
+    """The "format" a repae JSON record names near its start (a bounded read, nothing parsed), or None."""
+    try:
+        with open(path, "rb") as f:
+            m = _FORMAT.search(f.read(_SNIFF_BYTES))
+    except OSError:
+        return None
+    return m.group(1).decode() if m else None
+
+
+def dir_kind(path: PathLike) -> Optional[str]:
+    """Which DIR_KINDS entry a directory is (from the files repae writes into it), or None (not a
+    directory, or none of them: an image folder, a foreign directory)."""
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    if is_run_or_checkpoint_dir(p):
+        return "run"
+    if (p / "vae.safetensors").is_file():  # what stage2.latents.vae_files takes for an export
+        return "export-vae"
+    formats = {_sniff_format(p / name) for name in ("manifest.json", "settings.json")}
+    if "repae-latents" in formats:
+        return "latents"
+    if "repae-packed" in formats:
+        return "packed"
+    if (p / "config.json").is_file() and any(p.glob("diffusion_pytorch_model.*")):
+        return "diffusers"
+    return None
+
+
+# role -> (what the command wanted, the directory kinds it takes)
+DIR_ROLES = {
+    "vae": ("a VAE", ("export-vae", "diffusers")),
+    "vae or run": ("a VAE", ("export-vae", "diffusers", "run")),
+    "sit or run": ("a SiT checkpoint or training run", ("run",)),
+    "weights": ("a weight file", ("export-vae", "diffusers")),
+    "images": ("images to evaluate", ("run",)),
+}
+
+
+def check_dir_role(path: PathLike, role: str) -> None:
+    """CheckpointError when `path` is a repae directory of a kind `role` (a DIR_ROLES key) does not take,
+    saying what it is and what to run; nothing for a file, a hub id or an unknown directory (its
+    loader reports those)."""
+    from repae.weights import CheckpointError
+
+    kind = dir_kind(path)
+    wanted, takes = DIR_ROLES[role]
+    if kind is None or kind in takes:
+        return
+    what, hint = DIR_KINDS[kind]
+    raise CheckpointError(f"{path} is {what}, not {wanted}: {hint.format(p=path)}")
+
+
+def source_kind(path: PathLike, what: str = "sample source",
+                expected: str = "a run directory / SiT checkpoint to sample from") -> str:
+    """'checkpoint' (run / checkpoint dir, SiT weight file or hub id), 'npz' or 'folder'; EvaluationError otherwise.
+    `what` / `expected`: how a missing path is reported (ref-stats reads images only)."""
     from repae.hub import is_hub_id
 
     if is_hub_id(path):  # resolved (and its errors raised) when the SiT is loaded
         return "checkpoint"
     p = Path(path)
     if not p.exists():
-        raise EvaluationError(f"sample source not found: {p} (give a folder of images, an .npz with "
-                              f"'{REF_IMAGES_KEY}', or a run directory / SiT checkpoint to sample from)")
+        raise EvaluationError(f"{what} not found: {p} (give a folder of images, an .npz with "
+                              f"'{REF_IMAGES_KEY}', or {expected})")
     if p.is_dir():
+        check_dir_role(p, "images")
         return "checkpoint" if is_run_or_checkpoint_dir(p) else "folder"
     if p.suffix == ".npz":
         return "npz"

@@ -96,14 +96,15 @@ def _machine() -> str:
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
+    from repae.cli import UsageError
+
     plan = dataclasses.replace(QUICK if args.quick else FULL)
     for name in ("seeds", "steps", "eval_every", "jobs", "samples"):
-        if getattr(args, name, None):
+        if getattr(args, name, None) is not None:  # argparse keeps them positive: 0 is refused, not "default"
             setattr(plan, name, getattr(args, name))
     plan.seeds = list(dict.fromkeys(plan.seeds))  # a repeated seed would train twice into one directory
-    if plan.steps % plan.eval_every:
-        print(f"repae bench reproduce: error: --steps {plan.steps} is not a multiple of --eval-every {plan.eval_every}")
-        return 2
+    if plan.steps % plan.eval_every:  # checked before any arm trains
+        raise UsageError(f"--steps {plan.steps} is not a multiple of --eval-every {plan.eval_every}")
     out = Path(args.dir or ("runs/reproduce-quick" if args.quick else "runs/reproduce"))
     context = {"command": "repae " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "commit": _commit(),
                "machine": _machine(), "method_note": METHOD_NOTE}

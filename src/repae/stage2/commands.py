@@ -10,6 +10,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from repae.cli import NON_NEGATIVE, POSITIVE, out_dir
+
 # train-ldm's defaults, applied before --config files and overrides (which win)
 LDM_DEFAULTS = {"train": {"tune_vae": False}, "latent_norm": {"mode": "fixed"}}
 
@@ -32,8 +34,12 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
     from repae.stage2.cache import ToySource, cache_latents
     from repae.hub import is_hub_id
     from repae.stage2.latents import vae_files
-    from repae.weights import load_model
+    from repae.evaluate.sources import check_dir_role
+    from repae.weights import CheckpointError, load_model
 
+    if not is_hub_id(args.vae) and not Path(args.vae).exists():
+        raise CheckpointError(f"VAE not found: {args.vae}")
+    check_dir_role(args.vae, "vae")  # a training run: export its VAE first (and say so)
     cfg = load_config(args.preset, args.config, args.overrides)  # device, and the toy world's spec (toy.*)
     device = dist.init_from_env(cfg.train.device)
     load_path, weights, stats = vae_files(args.vae)
@@ -80,11 +86,17 @@ def load_ldm_config(preset_name, files, overrides):
 
 
 def cmd_train_ldm(args: argparse.Namespace) -> int:
+    import sys
+
+    from repae.cli import _budget_note
     from repae.train.loop import train
 
     cfg = load_ldm_config(args.preset, args.config, args.overrides)
     summary = train(cfg, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
+    note = _budget_note(summary, cfg.train.max_steps)
+    if note:
+        print(note, file=sys.stderr)
     return 0
 
 
@@ -92,7 +104,7 @@ def add_parsers(sub, add_config_args) -> None:
     """Register export-vae, cache-latents and train-ldm on `sub` (argparse sub-parsers)."""
     p = sub.add_parser("export-vae", help="export a run's tuned VAE (E2E-VAE) with its latent statistics")
     p.add_argument("run", help="a training run directory (its newest checkpoint is exported)")
-    p.add_argument("--out", help="output directory (default: RUN/e2e-vae)")
+    p.add_argument("--out", type=out_dir, help="output directory (default: RUN/e2e-vae)")
     p.add_argument("--use-ema-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="statistics from the EMA SiT's latent BatchNorm (default) or, with --no-use-ema-bn, "
                         "from the online SiT's")
@@ -106,15 +118,15 @@ def add_parsers(sub, add_config_args) -> None:
                                                   "what data.path takes for that data.source")
     p.add_argument("--source", choices=("folder", "packed", "hf", "wds"), default="folder",
                    help="the format of --data (default folder; see data.source)")
-    p.add_argument("--out", required=True, help="cache directory; re-run the same command to resume")
-    p.add_argument("--image-size", type=int, help="ADM centre crop size for folders (default 256)")
+    p.add_argument("--out", required=True, type=out_dir, help="cache directory; re-run the same command to resume")
+    p.add_argument("--image-size", type=POSITIVE, help="ADM centre crop size for folders (default 256)")
     p.add_argument("--hflip-too", action="store_true", help="also cache every image mirrored")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard file (default 1000)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward")
-    p.add_argument("--num-workers", type=int, help="image decoding workers (default: data.num_workers)")
+    p.add_argument("--shard-size", type=POSITIVE, default=1000, help="images per shard file (default 1000)")
+    p.add_argument("--batch-size", type=POSITIVE, default=64, help="images per VAE forward (default 64)")
+    p.add_argument("--num-workers", type=NON_NEGATIVE, help="image decoding workers (default: data.num_workers)")
     p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast (moments still stored fp32)")
     p.add_argument("--store-bf16", action="store_true", help="store the moments as bf16 (half the disk)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_cache_latents)
 
     p = sub.add_parser("train-ldm", help="train a SiT on cached latents of a frozen VAE (stage 2); resumes")
