@@ -44,6 +44,11 @@ def test_overrides_are_typed():
     ("sample.guidance_low=0.9", "guidance_low <= sample.guidance_high"),
     ("vae.norm_groups=3", r"vae.norm_groups=3 must divide every VAE width \[16, 32, 64\]"),
     ("sample.cfg_scale=2", "needs a null class"),
+    ("train.device=gpu", "train.device='gpu' must be auto, cpu, mps, cuda or cuda:N"),
+    ("train.log_to=[tensorbord]", r"train.log_to has unknown sink\(s\) \['tensorbord'\]: use tensorboard or wandb"),
+    ("train.max_steps=abc", "bad value for train.max_steps: Value 'abc'"),
+    ("encoder.names=dinov2-vit-b", r"encoder.names expects a list, e.g. encoder.names=\[a,b\]"),
+    ("train.max_steps=", "train.max_steps has no value"),
 ])
 def test_impossible_configs_are_clear_errors(override, message):
     extra = ["model.class_dropout_prob=0"] if "cfg_scale" in override else []
@@ -127,3 +132,19 @@ def test_config_differences_names_dotted_keys_and_skips_what_it_is_told():
     assert config_differences(a, b, ignore=("train.max",)) == ["loss.proj_coeff", "sample.cfg_scale", "train.max_steps"]
     del b["loss"]["proj_coeff"]  # a key only one side has differs
     assert config_differences(a, b, ignore=("sample", "train")) == ["loss.proj_coeff"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a torch that sees no GPU")
+def test_a_cuda_device_without_a_gpu_is_refused_before_any_work(monkeypatch, tmp_path):
+    """On a CPU-only torch, train.device=cuda failed mid-setup with torch's AttributeError
+    (torch._C has no _cuda_setDevice); now a ConfigError before the toy world is looked at."""
+    from repae import dist
+    from repae.train import loop
+
+    monkeypatch.setattr(loop, "_toy_setup", lambda *a, **k: pytest.fail("the toy world was loaded"))
+    with pytest.raises(ConfigError, match="train.device=cuda: this torch sees no CUDA device"):
+        dist.device_named("cuda")
+    cfg = load_config("toy", overrides=["train.device=cuda:1", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="train.device=cuda:1: this torch sees no CUDA device"):
+        loop.train(cfg, progress=False)
+    assert dist.device_named("cpu").type == "cpu"

@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 
 class ConfigError(ValueError):
@@ -169,6 +170,9 @@ class ToyWorldConfig:
     vae_batch_size: int = 32
 
 
+LOG_SINKS = ("tensorboard", "wandb")  # what train.log_to may name (repae.train.report opens each)
+
+
 @dataclass
 class TrainConfig:
     """Training cadence and the REPA-E switches (each ablation of the paper is one switch)."""
@@ -203,7 +207,7 @@ class TrainConfig:
     sample_every: int = 10_000
     max_nonfinite_in_a_row: int = 10
     num_threads: int = 0  # CPU threads for torch (0: torch's default, one per usable core)
-    log_to: List[str] = field(default_factory=list)  # extra sinks besides metrics.jsonl: tensorboard, wandb
+    log_to: List[str] = field(default_factory=list)  # extra sinks besides metrics.jsonl: LOG_SINKS
 
 
 @dataclass
@@ -564,9 +568,22 @@ def _merge(base, make_other, where: str):
     try:
         return OmegaConf.merge(base, make_other())
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        reason = str(err).splitlines()[0]
-        raise ConfigError(f"{where}: bad key {key!r}: {reason}" if key else f"{where}: {reason}") from None
+        raise ConfigError(_merge_message(err, where)) from None
+
+
+def _merge_message(err: OmegaConfBaseException, where: str) -> str:
+    """OmegaConf's error in the user's terms: a value of the wrong type is a bad value, not a bad key."""
+    key = getattr(err, "full_key", None)
+    reason = str(err).splitlines()[0]
+    if not key:
+        return f"{where}: {reason}"
+    if isinstance(err, ValidationError):
+        if "is not a ListConfig" in reason:
+            return f"{where}: {key} expects a list, e.g. {key}=[a,b]"
+        if "Incompatible value 'None'" in reason:
+            return f"{where}: {key} has no value: give one after '='"
+        return f"{where}: bad value for {key}: {reason}"
+    return f"{where}: bad key {key!r}: {reason}"
 
 
 def to_dict(cfg: RunConfig) -> dict:
@@ -833,6 +850,11 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             errors.append(f"{key}={_get(cfg, key)!r} must be one of {choices}")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.train.device):
+        errors.append(f"train.device={cfg.train.device!r} must be auto, cpu, mps, cuda or cuda:N")
+    unknown_sinks = [s for s in cfg.train.log_to if s not in LOG_SINKS]
+    if unknown_sinks:  # found now, not after the toy world is built
+        errors.append(f"train.log_to has unknown sink(s) {unknown_sinks}: use {' or '.join(LOG_SINKS)}")
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 

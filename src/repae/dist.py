@@ -84,7 +84,22 @@ def device_named(name: str = "auto") -> torch.device:
     current GPU when there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_cuda_device(name)
     return torch.device(name)
+
+
+def check_cuda_device(name: str) -> None:
+    """ConfigError when `name` is cuda[:N] and this torch sees no such GPU: found here, before any work,
+    rather than as torch's AttributeError from a CPU-only build's missing CUDA bindings mid-run."""
+    if not name.startswith("cuda"):
+        return
+    from repae.config import ConfigError  # late: config is a higher layer than this module
+
+    index = torch.device(name).index or 0
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        seen = "no CUDA device (a CPU-only build of torch, or no GPU)" if count == 0 else f"{count} CUDA device(s)"
+        raise ConfigError(f"train.device={name}: this torch sees {seen}; use train.device=cpu or auto")
 
 
 def init_from_env(device_name: str = "auto") -> torch.device:
@@ -94,6 +109,8 @@ def init_from_env(device_name: str = "auto") -> torch.device:
     device is `device_name` (auto: cuda if available)."""
     import os
 
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        check_cuda_device(device_name)  # with torchrun, each rank's GPU is its local rank's (checked by torch)
     want_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
         # CUDA runs still all-reduce a few CPU tensors (log means, counts of bad images): gloo
