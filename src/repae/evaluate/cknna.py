@@ -160,6 +160,7 @@ def sit_encoder_alignment(
     seed: int = 0,
     batch_size: int = 256,
     outlier_q: Optional[float] = None,
+    progress: bool = False,
 ) -> float:
     """CKNNA between mean-pooled SiT hidden states and encoder features of the same images.
 
@@ -171,6 +172,7 @@ def sit_encoder_alignment(
        batch_size; then SiT blocks 1..depth (the SiT in eval mode, no gradients).
     Both sides: token mean-pooling, optional outlier clipping, row L2-normalisation, then
     `cknna(sit_feats, encoder_feats, topk, unbiased=True)` — the PRH pipeline's defaults.
+    progress: a bar of the SiT batches, on the main process.
 
     Protocol note: neither REPA's (sihyun-yu/REPA) nor REPA-E's public code contains its CKNNA
     script. Token mean-pooling is needed anyway (SiT has no class token); a public reproduction
@@ -178,12 +180,14 @@ def sit_encoder_alignment(
     PRH cknna with topk=10, unbiased). The noise level and depth are therefore explicit
     arguments, to be reported with the score.
     """
+    from repae.evaluate.pipeline import progress_bar
+
     sit_was_training = sit.training
     sit.eval()
     device = next(sit.parameters()).device
     pooled = []
     try:
-        for start in range(0, vae_latents_normalised.shape[0], batch_size):
+        for start in progress_bar(range(0, vae_latents_normalised.shape[0], batch_size), "cknna: SiT", progress):
             z = vae_latents_normalised[start : start + batch_size].float()
             eps = sample_noise(range(start, start + z.shape[0]), z.shape[1:], seed)  # per-sample seeds
             tt = torch.full((z.shape[0],), float(t))

@@ -13,6 +13,11 @@ the indices (`repae.evaluate.sources.shard_range`), statistics are all-reduced, 
 precision/recall features are gathered on rank 0, and only rank 0 writes. `latents`, `spectrum` and `cknna`
 are small: under torchrun only rank 0 computes them. Every record holds the metric values, the
 sha256 of every file read, the settings, versions, date and command line (`report.py`).
+
+Without --out a record goes to RUN/eval/<command>-stepN.json (a run) or eval-<command>.json, unless that
+file holds a record of other settings or files (e.g. `samples RUN` then `samples RUN sample.cfg_scale=1`):
+then it is kept, and the new record goes beside it as <command>-stepN-HASH.json, HASH naming its settings
+(the same settings again reuse that name). The path written is printed on stderr.
 """
 
 from __future__ import annotations
@@ -79,13 +84,20 @@ def _skipped(source) -> Dict[str, object]:
 
 def _finish(args, kind: str, metrics: dict, settings: dict, files: Dict[str, Optional[str]], out: Path,
             device, notes: Optional[dict] = None) -> dict:
-    """Hash the files, write the record atomically, print it (JSON on stdout)."""
+    """Hash the files, write the record atomically, print it (JSON on stdout) and the path written (stderr).
+    Under a default name (no --out) it never replaces the record of another measurement
+    (`repae.evaluate.report.record_path`): then it goes beside it, named by its settings."""
     from repae import dist
-    from repae.evaluate.report import describe_files, environment, make_record, write_json_atomic
+    from repae.evaluate.report import describe_files, environment, make_record, record_path, write_json_atomic
 
     argv = getattr(args, "argv", None)
     env = environment(["repae", *(sys.argv[1:] if argv is None else argv)], str(device), dist.world_size())
     record = make_record(kind, metrics, settings, describe_files(files), env, notes)
+    if not getattr(args, "out", None):
+        default = out
+        out, why = record_path(default, record)
+        if why:
+            print(f"{why}: this one goes beside it, named by its settings", file=sys.stderr)
     write_json_atomic(out, record)
     print(json.dumps(record, indent=2))
     print(f"wrote {out}", file=sys.stderr)
@@ -187,7 +199,7 @@ def cmd_samples(args) -> int:
 
     from repae import dist
     from repae.evaluate.loading import check_reference, inception_path, load_sit_and_vae, read_reference
-    from repae.evaluate.pipeline import fid_family, on_main
+    from repae.evaluate.pipeline import fid_family, on_main, progress_bar
     from repae.evaluate.sources import TensorImages, source_kind
     from repae.evaluate.toy import INCEPTION_JUDGE, TOY_JUDGE
 
@@ -215,7 +227,8 @@ def cmd_samples(args) -> int:
     metrics, judges, heldout = {}, [], None
     if toy:
         evaluator, heldout, toy_files = _toy_judge(cfg, device)
-        local = torch.cat([b.cpu() for b in source]) if len(source) else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+        drawn = [b.cpu() for b in progress_bar(source, "samples: sampling", progress)]
+        local = torch.cat(drawn) if drawn else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
         metrics.update(_toy_scores(source, local, evaluator, heldout) or {})
         files.update(toy_files)
         judges.append(TOY_JUDGE)
@@ -227,8 +240,10 @@ def cmd_samples(args) -> int:
                                                    progress) if ref else
                             _toy_inception_reference(heldout, inception, not args.no_pr, args.batch_size, device,
                                                      autocast, progress))
+        sampled = kind == "checkpoint" and not toy  # then this pass draws the samples as it goes
         metrics.update(fid_family(source, inception, reference, with_precision_recall=not args.no_pr, device=device,
-                                  autocast=autocast, progress=progress) or {})
+                                  autocast=autocast, progress=progress,
+                                  desc="samples: sampling + inception" if sampled else "samples: inception") or {})
         judges.append(INCEPTION_JUDGE)
         settings.update(reference=ref or "toy world held-out set", precision_recall=not args.no_pr,
                         inception_precision=args.precision, inception_batch_size=args.batch_size,
@@ -451,10 +466,9 @@ def _pca_figure(args, vae, data, device) -> Optional[str]:
 def cmd_latents(args) -> int:
     if _only_rank0():
         return 0
-    from tqdm.auto import tqdm
-
     from repae.evaluate.latents import measure_latent_structure
     from repae.evaluate.loading import open_data
+    from repae.evaluate.pipeline import progress_bar
 
     device = _device(args.device, distributed=False)
     vae, files, run = _models(args)
@@ -464,7 +478,7 @@ def cmd_latents(args) -> int:
     data = open_data(args.data, _data_cfg(args, run), image_size=args.image_size, batch_size=args.batch_size,
                      limit=args.num_images, workers=args.workers, max_pixels=args.max_image_pixels,
                      split=args.split)
-    batches = tqdm(data.source, total=len(data.source), desc="latents", unit="batch", disable=args.no_progress)
+    batches = progress_bar(data.source, "latents", not args.no_progress)
     metrics = measure_latent_structure(vae, batches, latent_norm=bn, use_mean=not args.sample_posterior)
     metrics.update(_skipped(data.source))
     metrics["pca_figure"] = _pca_figure(args, vae, data, device)
@@ -546,14 +560,15 @@ def cmd_spectrum(args) -> int:
     data = open_data(args.data, _data_cfg(args, run), image_size=args.image_size, batch_size=args.batch_size,
                      limit=args.num_images, workers=args.workers, max_pixels=args.max_image_pixels,
                      split=args.split)
-    images, _ = first_images(data.source, args.num_images)
+    progress = not args.no_progress
+    images, _ = first_images(data.source, args.num_images, progress, desc="spectrum: read images")
     dtype = autocast_dtype(args.precision)
     spectra, files = {}, {}
     for label, vae, norm, vae_files in vaes:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             got = latent_spectra(vae.to(device).eval(), images, norm, block=args.block, image_block=args.image_block,
                                  remove_mean=not args.keep_mean, use_mean=not args.sample_posterior,
-                                 batch_size=args.batch_size)
+                                 batch_size=args.batch_size, progress=progress, desc=f"spectrum: {label}")
         spectra.setdefault("images", got.pop("images"))
         spectra.update({f"{label}/{kind}": s for kind, s in got.items()})
         files.update({f"{label}/{role}": p for role, p in vae_files.items()})
@@ -602,15 +617,16 @@ def _encoder(args, cfg, data, image_size: int, device):
     return enc.to(device).eval(), name, {"encoder": path}
 
 
-def _cknna_inputs(loaded, encoder, images, device, batch_size: int):
+def _cknna_inputs(loaded, encoder, images, device, batch_size: int, progress: bool = False):
     """(normalised clean latents [n,C,h,w], mean-pooled encoder features [n,D]) of the images."""
     import torch
 
+    from repae.evaluate.pipeline import progress_bar
     from repae.pixels import to_vae_range
 
     latents, feats = [], []
     with torch.no_grad():
-        for i in range(0, len(images), batch_size):
+        for i in progress_bar(range(0, len(images), batch_size), "cknna: VAE + encoder", progress):
             x = images[i:i + batch_size].to(device)
             z = loaded.vae.encode(to_vae_range(x)).mode().float()
             latents.append((loaded.sit.bn.normalize(z) if loaded.sit.bn is not None else z).cpu())
@@ -641,7 +657,8 @@ def cmd_cknna(args) -> int:
         raise EvaluationError(f"this SiT/VAE pair takes {image_size}px images, not --image-size {args.image_size}")
     data = open_data(args.data, cfg, image_size=image_size, batch_size=args.batch_size, limit=args.num_images,
                      workers=args.workers, max_pixels=args.max_image_pixels, split=args.split)
-    images, labels = first_images(data.source, args.num_images)
+    progress = not args.no_progress
+    images, labels = first_images(data.source, args.num_images, progress, desc="cknna: read images")
     if images.shape[-1] != image_size:
         raise EvaluationError(f"the data's images are {images.shape[-1]}px; this SiT/VAE pair takes {image_size}px")
     if len(images) <= args.topk or len(images) < 4:  # CKNNA's mutual k-NN and unbiased HSIC
@@ -653,9 +670,10 @@ def cmd_cknna(args) -> int:
                               f"({sit.num_classes}); use --labels null")
     y = labels if use_data_labels else torch.full_like(labels, sit.null_class)
     encoder, enc_name, enc_files = _encoder(args, cfg, data, image_size, device)
-    latents, feats = _cknna_inputs(loaded, encoder, images, device, args.batch_size)
+    latents, feats = _cknna_inputs(loaded, encoder, images, device, args.batch_size, progress)
     score = sit_encoder_alignment(sit, latents, y, feats, t=args.t, depth=depth, topk=args.topk,
-                                  path_type=cfg.flow.path_type, seed=args.seed, batch_size=args.batch_size)
+                                  path_type=cfg.flow.path_type, seed=args.seed, batch_size=args.batch_size,
+                                  progress=progress)
     metrics = {"cknna": score, "num_images": len(images), **_skipped(data.source)}
     settings = {**{k: v for k, v in data.info.items() if k != "labelled"}, "encoder": enc_name, "depth": depth,
                 "t": args.t, "topk": args.topk, "seed": args.seed, "path_type": cfg.flow.path_type,
@@ -688,6 +706,12 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
             print(f"repae evaluate: error: {err}", file=sys.stderr)
             return 2
     return run
+
+
+def _out_help(name: str) -> str:
+    return (f"JSON result (default: RUN/eval/{name}-stepN.json for a run, else eval-{name}.json; when that file "
+            f"holds a record of other settings, it is kept and this one is written beside it as "
+            f"{name}-stepN-HASH.json, HASH naming its settings)")
 
 
 def _common(p: argparse.ArgumentParser, out_help: str = "JSON result path", out_required: bool = False) -> None:
@@ -744,7 +768,7 @@ def _add_samples(sub) -> None:
     p.add_argument("--vae", help="VAE for a SiT weight file (a run brings its own)")
     p.add_argument("--num-images", type=POSITIVE, help="evaluate the first N images / draw N samples "
                                                   "(default: all / eval.num_samples)")
-    _common(p, "JSON result (default: RUN/eval/samples-stepN.json for a run, else eval-samples.json)")
+    _common(p, _out_help("samples"))
     _config_args(p)
     p.set_defaults(func=_guarded(cmd_samples))
 
@@ -775,7 +799,7 @@ def _add_vae(sub) -> None:
     p.add_argument("--inception", help="Inception weights: adds rFID")
     p.add_argument("--lpips-vgg", help="torchvision vgg16-397923af.pth: with --lpips-heads adds LPIPS")
     p.add_argument("--lpips-heads", help="LPIPS v0.1 vgg.pth linear heads")
-    _common(p, "JSON result (default: RUN/eval/vae-stepN.json for a run, else eval-vae.json)")
+    _common(p, _out_help("vae"))
     _config_args(p)
     p.set_defaults(func=_guarded(cmd_vae))
 
@@ -791,7 +815,7 @@ def _add_latents(sub) -> None:
                    help="PNG: images, then latents' top-3 principal components as RGB")
     p.add_argument("--pca-images", type=POSITIVE, default=8, help="images in the figure (default 8)")
     p.add_argument("--compare-vae", help="a second VAE: one more PCA row (e.g. before E2E tuning)")
-    _common(p, "JSON result (default: RUN/eval/latents-stepN.json for a run, else eval-latents.json)")
+    _common(p, _out_help("latents"))
     _config_args(p)
     p.set_defaults(func=_guarded(cmd_latents))
 
@@ -815,7 +839,7 @@ def _add_cknna(sub) -> None:
     p.add_argument("--labels", choices=["auto", "data", "null"], default="auto",
                    help="SiT class input: the data's labels or the null class (auto: data labels when known)")
     p.add_argument("--seed", type=SEED, default=0, help="noise seed (per image index)")
-    _common(p, "JSON result (default: RUN/eval/cknna-stepN.json for a run, else eval-cknna.json)")
+    _common(p, _out_help("cknna"))
     _config_args(p)
     p.set_defaults(func=_guarded(cmd_cknna))
 
@@ -834,7 +858,7 @@ def _add_spectrum(sub) -> None:
     p.add_argument("--keep-mean", action="store_true", help="keep each channel's per-image mean (in DC)")
     p.add_argument("--figure", type=out_file("figure"),
                    help="figure (.png, .pdf, .svg, ...): energy fraction per band (log) of every series")
-    _common(p, "JSON result (default: RUN/eval/spectrum-stepN.json for a run, else eval-spectrum.json)")
+    _common(p, _out_help("spectrum"))
     _config_args(p)
     p.set_defaults(func=_guarded(cmd_spectrum))
 

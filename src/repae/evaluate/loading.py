@@ -250,18 +250,25 @@ def open_records(kind: str, data: str, image_size: Optional[int], batch_size: in
     return Data(source, info)
 
 
-def first_images(source, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The first `n` (images uint8 [n,3,H,W], labels [n]) of a labelled source's batches."""
+def first_images(source, n: int, progress: bool = False,
+                 desc: str = "read images") -> Tuple[torch.Tensor, torch.Tensor]:
+    """The first `n` (images uint8 [n,3,H,W], labels [n]) of a labelled source's batches (with
+    `progress`, a bar of the images read: decoding a thousand files takes a while)."""
+    from repae.evaluate.pipeline import progress_bar
+
     images: List[torch.Tensor] = []
     labels: List[torch.Tensor] = []
     count = 0
-    for batch in source:
-        x, y = batch if isinstance(batch, (tuple, list)) else (batch, torch.full((len(batch),), -1))
-        images.append(x)
-        labels.append(y)
-        count += len(x)
-        if count >= n:
-            break
+    total = min(n, source.num_images) if isinstance(getattr(source, "num_images", None), int) else n
+    with progress_bar(desc=desc, progress=progress, unit="img", total=total) as bar:
+        for batch in source:
+            x, y = batch if isinstance(batch, (tuple, list)) else (batch, torch.full((len(batch),), -1))
+            images.append(x)
+            labels.append(y)
+            bar.update(min(count + len(x), total) - min(count, total))
+            count += len(x)
+            if count >= n:
+                break
     if not images:
         raise EvaluationError("no readable images in the data")
     return torch.cat(images)[:n], torch.cat(labels)[:n]

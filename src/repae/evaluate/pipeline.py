@@ -31,8 +31,12 @@ def _images_of(batch) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def _bar(items, desc: str, progress: bool, unit: str = "batch"):
-    total = len(items) if hasattr(items, "__len__") else None
+def progress_bar(items=None, desc: str = "", progress: bool = True, unit: str = "batch",
+                 total: Optional[int] = None) -> tqdm:
+    """The evaluations' progress bar (tqdm, on stderr): over `items`, or updated by hand without them;
+    shown only with `progress` and on the main process (rank 0 under torchrun)."""
+    if total is None and items is not None and hasattr(items, "__len__"):
+        total = len(items)
     return tqdm(items, total=total, desc=desc, unit=unit, disable=not progress or not dist.is_main())
 
 
@@ -119,7 +123,7 @@ def inception_pass(batches: Iterable, inception, *, keep_logits: bool = True, ke
     logits: List[np.ndarray] = []
     feats: List[np.ndarray] = []
     images: List[np.ndarray] = []
-    for batch in _bar(batches, desc, progress):
+    for batch in progress_bar(batches, desc, progress):
         x = _images_of(batch)
         out = inception(x.to(device), autocast=autocast)
         pool.update(out.pool)
@@ -150,12 +154,12 @@ def inception_score_of(logits: np.ndarray, split_size: int = 5000) -> float:
 def fid_family(batches: Iterable, inception, reference: Optional[Reference], *, with_precision_recall: bool = True,
                k: int = 3, is_split_size: int = 5000, pr_fp16: bool = True, pr_batch: int = 10000,
                device: Device = None, autocast: Optional[torch.dtype] = None,
-               progress: bool = True) -> Optional[Dict[str, Optional[float]]]:
+               progress: bool = True, desc: str = "samples: inception") -> Optional[Dict[str, Optional[float]]]:
     """FID, sFID, IS, precision, recall of this process's sample batches against `reference`
     (needed on rank 0 only). Returns the metrics on rank 0, None elsewhere; same keys and, in one
     process, the same numbers as `compute_fid_family`."""
     got = inception_pass(batches, inception, keep_pool=with_precision_recall, device=device, autocast=autocast,
-                         progress=progress, desc="samples: inception")
+                         progress=progress, desc=desc)
     all_reduce_stats(got.pool, got.spatial)
     logits = gather_rows(got.logits)
     feats = gather_rows(got.pool_feats) if with_precision_recall else None

@@ -186,15 +186,17 @@ def _as_norm(latent_norm):
 @torch.no_grad()
 def latent_spectra(vae, images: torch.Tensor, latent_norm=None, block: int = DEFAULT_BLOCK,
                    image_block: Optional[int] = None, remove_mean: bool = True, use_mean: bool = True,
-                   batch_size: int = 64) -> Dict[str, Spectrum]:
+                   batch_size: int = 64, progress: bool = False, desc: str = "spectrum") -> Dict[str, Spectrum]:
     """Spectra of a VAE's latents of `images` and of the images themselves.
 
     vae: module with `encode(x [-1,1]) -> posterior` (.mode() / .sample()); images: uint8
     [N,3,H,W]; latent_norm: a LatentNorm (its running statistics) or (mean [C], var [C]) or None.
     use_mean: posterior mean (default) or a sample. image_block: block for the images (default
     `block`). Returns {'images', 'raw'[, 'normalized']} -> Spectrum; images are taken in the
-    VAE's [-1,1] range.
+    VAE's [-1,1] range. progress: a bar of the batches encoded (`desc`), on the main process.
     """
+    from repae.evaluate.pipeline import progress_bar
+
     norm = _as_norm(latent_norm)
     device = next(vae.parameters()).device
     if norm is not None:
@@ -203,7 +205,7 @@ def latent_spectra(vae, images: torch.Tensor, latent_norm=None, block: int = DEF
             "raw": SpectrumAccumulator(block, remove_mean)}
     if norm is not None:
         accs["normalized"] = SpectrumAccumulator(block, remove_mean)
-    for start in range(0, len(images), batch_size):
+    for start in progress_bar(range(0, len(images), batch_size), desc, progress):
         x = to_vae_range(images[start:start + batch_size].to(device))
         posterior = vae.encode(x)
         z = (posterior.mode() if use_mean else posterior.sample()).float()
