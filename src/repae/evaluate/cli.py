@@ -426,9 +426,7 @@ def _run_place(run):
 
 def _latent_norm(args, run):
     """(BatchNorm, files) of the SiT in --ckpt (a run or a SiT file), or (None, {})."""
-    from repae.evaluate.sources import is_run_or_checkpoint_dir
-
-    from repae.evaluate.sources import check_dir_role
+    from repae.evaluate.sources import check_dir_role, is_run_or_checkpoint_dir
 
     if not args.ckpt:
         return None, {}
@@ -512,7 +510,8 @@ def _one_spectrum_vae(path: str, toy_cfg):
 
     if path == "toy":
         tw = toy_world(toy_cfg())
-        return (load_model(tw.vae_path, kind="vae"), load_latent_stats(tw.latent_stats_path),
+        vae = load_model(tw.vae_path, kind="vae")
+        return (vae, load_latent_stats(tw.latent_stats_path, channels=vae.args.z_channels),
                 {"vae": str(tw.vae_path), "latent_stats": str(tw.latent_stats_path)}, None)
     if is_run_or_checkpoint_dir(path):
         run = load_run(path)
@@ -521,8 +520,9 @@ def _one_spectrum_vae(path: str, toy_cfg):
         raise EvaluationError(f"VAE not found: {path}")
     check_dir_role(path, "vae or run")
     load_path, _, stats = vae_files(path)
-    norm = load_latent_stats(stats) if stats else None
-    return load_model(load_path, kind="vae"), norm, {"vae": str(load_path), "latent_stats": stats}, None
+    vae = load_model(load_path, kind="vae")
+    norm = load_latent_stats(stats, channels=vae.args.z_channels) if stats else None
+    return vae, norm, {"vae": str(load_path), "latent_stats": stats}, None
 
 
 def _spectrum_vaes(args):

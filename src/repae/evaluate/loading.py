@@ -147,7 +147,7 @@ def load_sit_file(path: str, cfg, vae_path: Optional[str]) -> Loaded:
     else:
         raise EvaluationError(f"{path} is a SiT weight file: give its VAE with --vae PATH (or vae.path=...)")
     if cfg.vae.latent_stats_path and sit.bn is not None:
-        sit.bn.init_from_stats(*load_latent_stats(cfg.vae.latent_stats_path))
+        sit.bn.init_from_stats(*load_latent_stats(cfg.vae.latent_stats_path, channels=sit.bn.num_features))
         files["latent_stats"] = cfg.vae.latent_stats_path
     return Loaded(cfg, sit, vae, files)
 
