@@ -12,6 +12,8 @@
 Errors the user can fix (config, missing files, unusable checkpoints or data) print one line and
 exit 2; `repae --debug ...` also prints the traceback. Ctrl-C (SIGINT) or SIGTERM during training
 stops at the next step boundary with a checkpoint and exits 130 / 143; elsewhere Ctrl-C exits 130.
+`repae sample --npz` writes its .npz whole or not at all: Ctrl-C, SIGTERM (exit 143) or an error removes
+its temporary files.
 """
 
 from __future__ import annotations
@@ -200,7 +202,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         print("smoke run: randomly initialised SiT and VAE; the images show the pipeline works, not a model")
     torch.manual_seed(cfg.sample.seed)
     if cfg.vae.latent_stats_path and sit.bn is not None and not from_run:
-        mean, var = load_latent_stats(cfg.vae.latent_stats_path)
+        # the SiT's latent channels: a stats file of another VAE is named as such, not a shape error later
+        mean, var = load_latent_stats(cfg.vae.latent_stats_path, channels=sit.args.in_channels)
         sit.bn.init_from_stats(mean, var)
     sit.to(device)
     vae.to(device)
@@ -211,8 +214,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
     sampler = sampler_settings(cfg, device=device)
     start = time.perf_counter()
     if args.npz:  # every rank generates its batches; rank 0 assembles the .npz
-        images = generate_npz(sit, vae, labels, args.npz, batch_size=cfg.sample.batch_size, keep=shown,
-                              progress=is_main, **sampler)
+        try:
+            images = generate_npz(sit, vae, labels, args.npz, batch_size=cfg.sample.batch_size, keep=shown,
+                                  progress=is_main, **sampler)
+        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: generate_npz removed its partial files
+            err.args = (f"nothing was kept: {args.npz} was not written and its partial samples were removed",)
+            raise
+        except Exception:
+            if is_main:
+                print(f"repae sample: {args.npz} was not written; its partial samples were removed", file=sys.stderr)
+            raise
     elif is_main:  # a grid only: rank 0 alone
         images = generate_images(sit, vae, labels[:shown], batch_size=cfg.sample.batch_size, **sampler)
     if not is_main:
@@ -391,8 +402,10 @@ def _report(err: BaseException, command: str, debug: bool) -> Optional[int]:
 
     if isinstance(err, Interrupted):  # a clean stop at a step boundary; rank 0 says where it saved
         code, line = err.exit_code, str(err) if dist.is_main() else None
-    elif isinstance(err, KeyboardInterrupt):
-        code, line = 130, f"repae {command}: interrupted"
+    elif isinstance(err, KeyboardInterrupt):  # Ctrl-C (130), or SIGTERM turned into one (its exit_code, 143)
+        code, line = getattr(err, "exit_code", 130), f"repae {command}: interrupted"
+        if str(err):  # what was kept or lost, e.g. by `repae sample --npz`
+            line += f"; {err}"
     elif isinstance(err, _user_errors()):
         code, line = 2, f"repae {command}: error: {_plain_message(err)}"
     else:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
 
 if TYPE_CHECKING:
     import numpy as np
@@ -175,3 +175,52 @@ def _read_data(f, shape: Tuple[int, ...], fortran: bool, dtype, available: Optio
         return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
     except ValueError as err:  # e.g. more dimensions than numpy allows
         raise ArrayFileError(f"{where}: shape {shape} cannot be built ({err})") from None
+
+
+def safe_name(name: str) -> str:
+    """A file or class name as valid Unicode for the manifest and messages: a name that is not UTF-8 on disk
+    (Python holds its stray bytes as lone surrogates, which strict JSON readers and terminals reject) gets
+    each such byte written as a \\xNN escape."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+# ------------------------------------------------- output directories (every command that writes one)
+
+# what an operating system or file system puts into a directory by itself (a fresh volume's root, a folder a
+# file browser has shown): not a sign that the directory holds something else
+_SYSTEM_NAMES = frozenset({"lost+found", ".DS_Store"})
+
+
+def unrelated_entries(directory: Path, is_own: Callable[[str], bool], limit: int = 3) -> List[str]:
+    """Up to `limit` names in `directory` (not recursive) that `is_own` does not claim as a file the writing
+    command makes; [] for an empty or missing directory. Stops early: an image folder of a million files is
+    not listed in full."""
+    found: List[str] = []
+    try:
+        entries = os.scandir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    with entries:
+        for entry in entries:
+            if entry.name not in _SYSTEM_NAMES and not is_own(entry.name):
+                found.append(safe_name(entry.name))
+                if len(found) >= limit:
+                    break
+    return sorted(found)
+
+
+def paths_overlap(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two directories are the same or one lies inside the other (after resolving symlinks and
+    `..`; either may not exist yet)."""
+    ra, rb = Path(a).resolve(), Path(b).resolve()
+    return ra == rb or ra.is_relative_to(rb) or rb.is_relative_to(ra)
+
+
+def refuse_unrelated(directory: Path, is_own: Callable[[str], bool], command: str, error: type) -> None:
+    """`error` when `directory` holds files that an earlier (possibly partial) run of `command` did not write:
+    its output goes beside them, and its clean-up (stale temporary files) would touch them."""
+    other = unrelated_entries(directory, is_own, limit=4)
+    if other:
+        raise error(f"{directory} is not empty and is not an earlier `repae {command}` output: it holds "
+                    f"{', '.join(other[:3])}{', ...' if len(other) > 3 else ''}; give a new or empty directory "
+                    f"(an earlier output of the same command is resumed or rewritten)")

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import zipfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -69,8 +71,9 @@ def generate_images(
     first_index: int = 0,
     autocast_dtype: Optional[torch.dtype] = None,
     progress: bool = True,
+    desc: str = "sampling",
 ) -> torch.Tensor:
-    """Class-conditional samples as uint8 [N,3,H,W]. labels: [N] class ids.
+    """Class-conditional samples as uint8 [N,3,H,W]. labels: [N] class ids. `desc`: the progress bar's label.
 
     The SiT samples in BN-normalised latent space; its `bn` running stats (from the EMA model
     when you pass the EMA) map back to VAE latents before decoding. Without `bn` the
@@ -85,7 +88,7 @@ def generate_images(
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     out = []
     starts = range(0, len(labels), batch_size)
-    for start in tqdm(starts, desc="sampling", disable=not progress, unit="batch"):
+    for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
         y = labels[start : start + batch_size].to(device)
         idx = range(first_index + start, first_index + start + len(y))
         noise = sample_noise(idx, latent_shape, seed).to(device)
@@ -129,6 +132,57 @@ def _part_path(path: Path, rank: int, world: int) -> Path:
     return path.with_name(f"{path.name}.part{rank}-of-{world}.npy")
 
 
+def _tmp_part_path(path: Path, rank: int, world: int) -> Path:
+    """The part file while this rank still writes it (renamed to _part_path when complete)."""
+    return path.with_name(f"{path.name}.part{rank}-of-{world}.tmp.npy")
+
+
+class SamplingTerminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop or time limit, torchrun ending a failed job's other ranks) while
+    `generate_npz` runs: raised like Ctrl-C's KeyboardInterrupt, so the same clean-up runs. Exit 143."""
+
+    exit_code = 128 + int(signal.SIGTERM)
+
+
+@contextmanager
+def _sigterm_raises():
+    """Within: SIGTERM raises SamplingTerminated in the main thread instead of ending the process on the spot,
+    which would skip every clean-up. Elsewhere than the main thread nothing is installed (Python forbids it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SamplingTerminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _remove_unfinished(path: Path, rank: int, world: int) -> None:
+    """What a failed or interrupted `generate_npz` leaves of `path` on this rank: its temporary and finished
+    part files and, on rank 0, every rank's parts and the assembly's work files. Nothing of it can be resumed
+    (the parts record no settings nor which batches are complete), and at 50k 256px samples it is ~10 GB."""
+    work = path.with_name(path.name + ".assemble")
+    doomed = [_tmp_part_path(path, rank, world), _part_path(path, rank, world)]
+    if rank == 0:
+        doomed += [_part_path(path, r, world) for r in range(world)]
+        doomed += [path.with_name(path.name + ".tmp"), work / "arr_0.npy", work / "labels.npy"]
+    for f in doomed:
+        try:
+            f.unlink(missing_ok=True)
+        except OSError:  # best effort: the error being reported matters more than the debris
+            pass
+    if rank == 0:
+        try:
+            work.rmdir()
+        except OSError:
+            pass
+
+
 def generate_npz(sit: SiT, vae: AutoencoderKL, labels: torch.Tensor, path: str | Path, *, batch_size: int = 64,
                  keep: int = 0, progress: bool = True, **sampler) -> Optional[torch.Tensor]:
     """Generate len(labels) samples across the ranks of the process group (one process: all of them)
@@ -138,21 +192,38 @@ def generate_npz(sit: SiT, vae: AutoencoderKL, labels: torch.Tensor, path: str |
     rank 0 assembles them after a barrier and removes them. `sampler`: generate_images' keyword
     arguments (mode, num_steps, cfg_scale, seed, ...). Returns the first `keep` samples as uint8
     [keep,3,H,W] on rank 0 (None elsewhere).
+
+    All or nothing: an error, Ctrl-C (KeyboardInterrupt) or SIGTERM (SamplingTerminated) before `path`
+    is complete removes every temporary file of it and re-raises; nothing partial is kept to resume from.
     """
     path = Path(path)
+    rank, world = dist.rank(), dist.world_size()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _sigterm_raises():
+            return _generate_npz(sit, vae, labels, path, batch_size, keep, progress, sampler)
+    except BaseException:
+        _remove_unfinished(path, rank, world)
+        raise
+
+
+def _generate_npz(sit: SiT, vae: AutoencoderKL, labels: torch.Tensor, path: Path, batch_size: int, keep: int,
+                  progress: bool, sampler: dict) -> Optional[torch.Tensor]:
     rank, world, n = dist.rank(), dist.world_size(), len(labels)
     size = sit.args.input_size * vae.downsample_factor
     mine = rank_batches(n, batch_size, rank, world)
-    part, tmp = _part_path(path, rank, world), path.with_name(f"{path.name}.part{rank}-of-{world}.tmp.npy")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    part, tmp = _part_path(path, rank, world), _tmp_part_path(path, rank, world)
     rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(sum(b - a for a, b in mine), size, size, 3))
-    at = 0
-    for a, b in tqdm(mine, desc="sampling", unit="batch", disable=not progress or rank != 0):
-        images = generate_images(sit, vae, labels[a:b], batch_size=batch_size, first_index=a, progress=False, **sampler)
-        rows[at:at + b - a] = images.permute(0, 2, 3, 1).numpy()
-        at += b - a
-    rows.flush()
-    del rows
+    try:
+        at = 0
+        for a, b in tqdm(mine, desc="sampling", unit="batch", disable=not progress or rank != 0):
+            images = generate_images(sit, vae, labels[a:b], batch_size=batch_size, first_index=a, progress=False,
+                                     **sampler)
+            rows[at:at + b - a] = images.permute(0, 2, 3, 1).numpy()
+            at += b - a
+        rows.flush()
+    finally:
+        del rows  # unmapped before the rename, or before a failure's clean-up removes the file
     os.replace(tmp, part)
     dist.barrier()
     first = None

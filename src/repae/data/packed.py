@@ -26,6 +26,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
@@ -38,7 +39,8 @@ from repae.data.folder import list_image_folder
 from repae.data.images import DEFAULT_MAX_PIXELS, UnreadableImage
 from repae.data.images import decode_image as _decode
 from repae.data.records import ImageRecords, PerProcess
-from repae.fileio import read_npy, sha256_file, write_atomic, write_json_atomic
+from repae.fileio import (paths_overlap, read_npy, refuse_unrelated, safe_name, sha256_file, write_atomic,
+                          write_json_atomic)
 
 FORMAT, VERSION, MANIFEST = "repae-packed", 1, "manifest.json"
 CODECS = ("webp", "png", "jpeg")
@@ -152,13 +154,6 @@ def _listing_digest(root: Path, files: List[Path], labels: List[int], classes: L
     return h.hexdigest()
 
 
-def safe_name(name: str) -> str:
-    """A file or class name as valid Unicode for the manifest and messages: a name that is not UTF-8 on disk
-    (Python holds its stray bytes as lone surrogates, which strict JSON readers and terminals reject) gets
-    each such byte written as a \\xNN escape."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
 def _skip_record(rel: str, error: str) -> dict:
     record = {"path": safe_name(rel), "error": safe_name(error)}  # Pillow's messages quote the path
     if record["path"] != rel:  # not UTF-8: keep the exact bytes too
@@ -170,6 +165,14 @@ def empty_classes(labels: List[int], classes: List[str]) -> List[str]:
     """The class folders that hold no image file."""
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
     return [name for name, n in zip(classes, counts) if n == 0]
+
+
+_OWN = re.compile(r"(manifest\.json|shard-\d{5,}\.(bin|idx\.npy))(\.tmp)?")
+
+
+def _own_name(name: str) -> bool:
+    """A file write_packed makes (an unfinished run before its first shard has no manifest yet)."""
+    return _OWN.fullmatch(name) is not None
 
 
 def _start_manifest(out_dir: Path, fresh: dict) -> dict:
@@ -220,6 +223,11 @@ def write_packed(src_root: str | Path, out_dir: str | Path, image_size: int = 25
                          f"{shard_size}, {num_workers}, {max_pixels}")
     settings = encoder_settings(codec, quality)
     src_root, out_dir = Path(src_root), Path(out_dir)
+    if paths_overlap(src_root, out_dir):  # the shards would land among the images (a class folder of shards)
+        raise PackedDataError(f"the output {out_dir} and the image folder {src_root} are the same directory or "
+                              f"one lies inside the other; give an output directory outside the image folder")
+    if not (out_dir / MANIFEST).is_file():  # with one, _start_manifest decides whether it is ours to resume
+        refuse_unrelated(out_dir, _own_name, "prepare-data", PackedDataError)
     files, labels, classes = list_image_folder(src_root)
     empty = [safe_name(c) for c in empty_classes(labels, classes)]
     if empty and not allow_empty_classes:
@@ -227,8 +235,6 @@ def write_packed(src_root: str | Path, out_dir: str | Path, image_size: int = 25
                          f"{' ...' if len(empty) > 10 else ''} (an incomplete copy?); fill or remove them, or pass "
                          f"--allow-empty-classes to keep them as classes with no images")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("*.tmp"):  # debris of an interrupted run; never part of the data
-        stale.unlink()
     fresh = {"format": FORMAT, "version": VERSION, "complete": False, "image_size": image_size, "codec": codec,
              "quality": settings["quality"] if codec == "jpeg" else None, "encoder": settings,
              "pillow": PIL.__version__, "crop": "adm_center_crop", "shard_size": shard_size,
@@ -236,7 +242,10 @@ def write_packed(src_root: str | Path, out_dir: str | Path, image_size: int = 25
              "source": safe_name(str(src_root.resolve())),
              "classes": [safe_name(c) for c in classes], "empty_classes": empty, "num_source_files": len(files),
              "source_digest": _listing_digest(src_root, files, labels, classes), "shards": []}
-    manifest = _start_manifest(out_dir, fresh)
+    manifest = _start_manifest(out_dir, fresh)  # a foreign or other-settings manifest is refused here
+    for stale in out_dir.glob("*.tmp"):  # debris of an interrupted run of ours; never part of the data
+        if _own_name(stale.name):
+            stale.unlink()
     done = {rec["index"] for rec in manifest["shards"]}
     todo = [k for k in range(-(-len(files) // shard_size)) if k not in done]
     manifest = _write_shards(out_dir, manifest, src_root, files, labels, todo, settings, num_workers, progress)

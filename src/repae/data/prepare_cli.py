@@ -22,7 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "large shard files in OUT with a manifest.json. Re-run the same command to resume.")
     p.add_argument("src", metavar="SRC", help="image folder: SRC/<class>/<image> (e.g. ILSVRC2012 train)")
     p.add_argument("out", metavar="OUT", type=out_dir,
-                   help="output directory (created; resumed if it holds a partial run)")
+                   help="output directory outside SRC: new or empty (created), or a partial run of the same "
+                        "command, which is resumed")
     p.add_argument("--image-size", type=POSITIVE, default=256, help="crop size in pixels (default: 256)")
     p.add_argument("--codec", choices=CODECS, default="webp",
                    help="webp: lossless (default); png: lossless, larger, slower; jpeg: lossy (4:4:4), ~2.2x "

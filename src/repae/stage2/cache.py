@@ -134,22 +134,48 @@ def encode_moments(vae, images: torch.Tensor, device: torch.device,
     return posterior.mean.float().cpu(), posterior.std.float().cpu()
 
 
-def _check_or_write_settings(out: Path, settings: dict) -> None:
+def _before_settings(name: str) -> bool:
+    """What an earlier cache_latents can have left in a directory without settings.json: only that file's
+    temporary copy, as it writes settings.json first. Shards without it record no settings (which VAE, which
+    images) and are never taken as a resumable cache."""
+    return name == SETTINGS + ".tmp"
+
+
+def check_cache_dir(out: str | Path) -> Optional[dict]:
+    """The settings of the earlier cache in `out` (None: a new or empty directory, where a cache can start);
+    ConfigError for a directory that is neither, e.g. one holding other files (the cache would be mixed into
+    them), and for damaged settings. Cheap: `repae cache-latents` calls it before loading anything."""
+    from repae.fileio import refuse_unrelated
+
+    out = Path(out)
     path = out / SETTINGS
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except (UnicodeDecodeError, ValueError, RecursionError) as err:
-            raise ConfigError(f"{path} is corrupt ({_why(err)}); delete {out} and run the command again") from None
-        if not isinstance(old, dict):
-            raise ConfigError(f"{path} is not a settings object; delete {out} and run the command again")
+    if not path.is_file():
+        refuse_unrelated(out, _before_settings, "cache-latents", ConfigError)
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ConfigError(f"{path} is corrupt ({_why(err)}); delete {out} and run the command again") from None
+    if not isinstance(old, dict):
+        raise ConfigError(f"{path} is not a settings object; delete {out} and run the command again")
+    if old.get("format") != FORMAT:  # another program's settings.json: not ours to resume or delete
+        raise ConfigError(f"{out} is not a latent cache ({path} is not a {FORMAT} settings file); give a new "
+                          "or empty --out directory")
+    return old
+
+
+def _check_or_write_settings(out: Path, settings: dict) -> None:
+    """Resume a cache made with the same settings, or start one in a new or empty directory; ConfigError for
+    a cache with other settings and for a directory that holds anything else."""
+    old = check_cache_dir(out)
+    if old is not None:
         if old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise ConfigError(f"{out} holds a latent cache made with other settings ({', '.join(diff)}); "
                               "use another --out directory or delete it")
         return
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, settings)
+    write_json_atomic(out / SETTINGS, settings)
 
 
 def _shard_on_disk(path: Path, count: int) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,8 +22,12 @@ def cmd_export_vae(args: argparse.Namespace) -> int:
 
     record = export_vae(args.run, args.out, use_ema_bn=args.use_ema_bn)
     out = Path(args.out) if args.out else Path(args.run) / "e2e-vae"
-    print(f"wrote {out}: E2E-VAE of {record['checkpoint']} (step {record['step']}), latent stats from the "
+    what = "E2E-VAE" if record["vae_tuned"] else "frozen (not tuned) VAE"
+    print(f"wrote {out}: {what} of {record['checkpoint']} (step {record['step']}), latent stats from the "
           f"{record['latent_stats_from']} BatchNorm; ours, official (.pt) and diffusers/ formats")
+    if not record["vae_tuned"]:  # a warning, not an error: exporting a frozen VAE with its stats is legitimate
+        print(f"warning: {args.run} did not tune its VAE (train.tune_vae=false): the export is the frozen VAE "
+              f"it started from ({record['vae_source']}), not an E2E-VAE", file=sys.stderr)
     return 0
 
 
@@ -31,7 +36,8 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
 
     from repae import dist
     from repae.config import ConfigError, load_config
-    from repae.stage2.cache import ToySource, cache_latents
+    from repae.fileio import paths_overlap
+    from repae.stage2.cache import ToySource, cache_latents, check_cache_dir
     from repae.hub import is_hub_id
     from repae.stage2.latents import vae_files
     from repae.evaluate.sources import check_dir_role
@@ -40,6 +46,11 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
     if not is_hub_id(args.vae) and not Path(args.vae).exists():
         raise CheckpointError(f"VAE not found: {args.vae}")
     check_dir_role(args.vae, "vae")  # a training run: export its VAE first (and say so)
+    if args.data != "toy" and Path(args.data).exists() and paths_overlap(args.data, args.out):
+        # shards inside an image folder become a class folder of its next listing; images inside the cache mix
+        raise ConfigError(f"--out {args.out} and --data {args.data} are the same directory or one lies inside "
+                          "the other; give a cache directory outside the data")
+    check_cache_dir(args.out)  # a foreign or damaged --out refused before the VAE and the data are loaded
     cfg = load_config(args.preset, args.config, args.overrides)  # device, and the toy world's spec (toy.*)
     device = dist.init_from_env(cfg.train.device)
     load_path, weights, stats = vae_files(args.vae)
@@ -86,8 +97,6 @@ def load_ldm_config(preset_name, files, overrides):
 
 
 def cmd_train_ldm(args: argparse.Namespace) -> int:
-    import sys
-
     from repae.cli import _budget_note
     from repae.train.loop import train
 
@@ -104,7 +113,8 @@ def add_parsers(sub, add_config_args) -> None:
     """Register export-vae, cache-latents and train-ldm on `sub` (argparse sub-parsers)."""
     p = sub.add_parser("export-vae", help="export a run's tuned VAE (E2E-VAE) with its latent statistics")
     p.add_argument("run", help="a training run directory (its newest checkpoint is exported)")
-    p.add_argument("--out", type=out_dir, help="output directory (default: RUN/e2e-vae)")
+    p.add_argument("--out", type=out_dir, help="output directory: new, empty or an earlier export, which is "
+                                               "rewritten (default: RUN/e2e-vae)")
     p.add_argument("--use-ema-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="statistics from the EMA SiT's latent BatchNorm (default) or, with --no-use-ema-bn, "
                         "from the online SiT's")
@@ -118,7 +128,8 @@ def add_parsers(sub, add_config_args) -> None:
                                                   "what data.path takes for that data.source")
     p.add_argument("--source", choices=("folder", "packed", "hf", "wds"), default="folder",
                    help="the format of --data (default folder; see data.source)")
-    p.add_argument("--out", required=True, type=out_dir, help="cache directory; re-run the same command to resume")
+    p.add_argument("--out", required=True, type=out_dir,
+                   help="cache directory, new or empty; re-run the same command to resume")
     p.add_argument("--image-size", type=POSITIVE, help="ADM centre crop size for folders (default 256)")
     p.add_argument("--hflip-too", action="store_true", help="also cache every image mirrored")
     p.add_argument("--shard-size", type=POSITIVE, default=1000, help="images per shard file (default 1000)")

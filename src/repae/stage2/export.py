@@ -12,6 +12,10 @@ de-normalises with them), or of the online SiT with `use_ema_bn=False`. Files in
     diffusers/                                  diffusers.AutoencoderKL.from_pretrained(...), with
                                                 latents_mean / latents_std (= sqrt(var)) in its config
     export.json, README.txt                     which run, checkpoint and step; sha256 of each file
+
+The output directory must be new, empty or an earlier export (rewritten in place). A run that did not tune
+its VAE (train.tune_vae=false: REPA or vanilla SiT on a frozen VAE, `repae train-ldm`) exports the frozen VAE
+it started from; export.json then says "vae_tuned": false.
 """
 
 from __future__ import annotations
@@ -32,6 +36,24 @@ from repae.weights import CheckpointError, load_strict, read_file, save_latent_s
 # what write_vae_exports writes, relative to the output directory
 EXPORT_FILES = ["vae.safetensors", "latent_stats.safetensors", "e2e-vae.pt", "e2e-vae.json", "latents-stats.pt",
                 "diffusers/config.json", "diffusers/diffusion_pytorch_model.safetensors"]
+RECORD_FILES = ["export.json", "README.txt"]  # written by export_vae after them
+
+
+def _own_names(prefix: str = "") -> set:
+    """The names an export writes directly inside `out/prefix` (with their temporary `.tmp` copies)."""
+    names = {f[len(prefix):].split("/")[0] for f in EXPORT_FILES + RECORD_FILES if f.startswith(prefix)}
+    return names | {n + ".tmp" for n in names}
+
+
+def check_export_dir(out: Path) -> None:
+    """ConfigError unless `out` is new, empty or an earlier (possibly unfinished) export: an export is rewritten
+    in place, so it must not be mixed into, or overwrite, files of anything else (a run, a latent cache, notes)."""
+    from repae.config import ConfigError
+    from repae.fileio import refuse_unrelated
+
+    own, sub = _own_names(), _own_names("diffusers/")
+    refuse_unrelated(out, own.__contains__, "export-vae", ConfigError)
+    refuse_unrelated(out / "diffusers", sub.__contains__, "export-vae", ConfigError)
 
 
 def _save_torch(obj: dict, path: Path) -> None:
@@ -71,12 +93,17 @@ def export_vae(run_dir: str | Path, out_dir: Optional[str | Path] = None, use_em
     Returns the export record (also in export.json)."""
     from repae.fileio import sha256_file
 
-    ckpt, cfg, vae, mean, var = load_run_vae(run_dir, use_ema_bn)
     out = Path(out_dir) if out_dir else Path(run_dir) / "e2e-vae"
+    check_export_dir(out)
+    ckpt, cfg, vae, mean, var = load_run_vae(run_dir, use_ema_bn)
     files = write_vae_exports(vae, mean, var, out, cfg.data.image_size)
     record = {
         "format": "repae-e2e-vae", "run": str(Path(run_dir).resolve()), "checkpoint": ckpt.name,
-        "step": int(ckpt.name.split("-")[-1]), "latent_stats_from": "ema" if use_ema_bn else "sit",
+        "step": int(ckpt.name.split("-")[-1]),
+        # False: the run trained only its SiT (train.tune_vae=false, e.g. train-ldm): this is the VAE it started
+        # from, unchanged, not an E2E-VAE
+        "vae_tuned": bool(cfg.train.tune_vae), "vae_source": frozen_vae_source(cfg),
+        "latent_stats_from": "ema" if use_ema_bn else "sit",
         "latent_norm_mode": cfg.latent_norm.mode, "image_size": cfg.data.image_size,
         "vae_args": dataclasses.asdict(vae.args), "latents_mean": mean.tolist(), "latents_var": var.tolist(),
         "sha256": {f: sha256_file(out / f) for f in files},
@@ -84,6 +111,18 @@ def export_vae(run_dir: str | Path, out_dir: Optional[str | Path] = None, use_em
     (out / "export.json").write_text(json.dumps(record, indent=1) + "\n")
     (out / "README.txt").write_text(_readme(record))
     return record
+
+
+def frozen_vae_source(cfg) -> Optional[str]:
+    """Where a run that did not tune its VAE got it (None for a run that tuned it): vae.path, the toy world's
+    pretrained VAE, or the random initialisation it kept."""
+    if cfg.train.tune_vae:
+        return None
+    if cfg.vae.from_scratch:
+        return "random initialisation (vae.from_scratch=true)"
+    if cfg.vae.path:
+        return str(cfg.vae.path)
+    return "the toy world's pretrained VAE" if cfg.data.source == "toy" else "the preset's VAE"
 
 
 def write_vae_exports(vae: AutoencoderKL, mean: torch.Tensor, var: torch.Tensor, out: Path,
@@ -113,8 +152,16 @@ def _groups_note(r: dict) -> str:
             f"their AutoencoderKL with {groups} groups (export.json['vae_args']), or use diffusers/, which records it.\n")
 
 
+def _frozen_note(r: dict) -> str:
+    if r["vae_tuned"]:
+        return ""
+    return (f"\nNot an E2E-VAE: this run did not tune its VAE (train.tune_vae=false); the VAE is the frozen one it\n"
+            f"started from ({r['vae_source']}), unchanged.\n")
+
+
 def _readme(r: dict) -> str:
-    return f"""E2E-VAE exported by `repae export-vae` from {r['run']}
+    what = "E2E-VAE" if r["vae_tuned"] else "Frozen (not tuned) VAE"
+    return f"""{what} exported by `repae export-vae` from {r['run']}
 checkpoint {r['checkpoint']} (step {r['step']}); latent statistics: the {r['latent_stats_from'].upper()} SiT's
 latent BatchNorm running stats (latent_norm.mode={r['latent_norm_mode']}), images {r['image_size']}px.
 
@@ -127,7 +174,7 @@ latents-stats.pt           official convention: latents_scale = 1/sqrt(var), lat
 diffusers/                 diffusers.AutoencoderKL.from_pretrained(...); config holds latents_mean and
                            latents_std = sqrt(var)
 export.json                this record, with the sha256 of every file
-{_groups_note(r)}
+{_frozen_note(r)}{_groups_note(r)}
 Stage 2: repae cache-latents --vae THIS_DIR --data ... --out LATENTS, then
          repae train-ldm latents.path=LATENTS
 """

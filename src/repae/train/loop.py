@@ -396,15 +396,20 @@ def write_samples(run: Run) -> Path:
 
 
 @torch.no_grad()
-def toy_summary(run: Run) -> dict:
+def toy_summary(run: Run, progress: bool = False) -> dict:
     """Toy-world metrics of the finished run: the tuned VAE's PSNR and, for `eval.num_samples`
     class-balanced EMA samples (0: none), the toy evaluator's class accuracy and toy FID against
-    the held-out set (`repae.evaluate.toy`), and the teacher's accuracy on them."""
+    the held-out set (`repae.evaluate.toy`), and the teacher's accuracy on them. `progress`: say that the
+    final evaluation runs and show a bar while it samples (its longest part, after the training bar ended)."""
     from repae.evaluate.toy import score_samples
     from repae.toyworld import PSNR_DEFINITION, psnr
 
     cfg = run.cfg
     run.m.vae.eval()
+    if progress:
+        samples = f" and {cfg.eval.num_samples} EMA samples scored" if cfg.eval.num_samples > 0 else ""
+        tqdm.write(f"final evaluation: VAE PSNR on {len(run.toy.heldout_images)} held-out images{samples}",
+                   file=sys.stderr)
     summary = {
         # the whole held-out set, as `repae evaluate vae RUN --data toy` and the toy VAE's own report
         # (toy_vae_pretrained_psnr_db) take it: one image set, one definition (toyworld.PSNR_DEFINITION)
@@ -417,7 +422,8 @@ def toy_summary(run: Run) -> dict:
     if cfg.eval.num_samples <= 0:
         return summary
     labels = torch.arange(cfg.eval.num_samples) % cfg.model.num_classes
-    images = generate_images(run.m.ema.model, run.m.vae, labels, batch_size=100, progress=False,
+    images = generate_images(run.m.ema.model, run.m.vae, labels, batch_size=100, progress=progress,
+                             desc="final evaluation: sampling",
                              **sampler_settings(cfg, seed=cfg.sample.seed + 1, device=run.device))
     evaluator = run.toy.evaluator.to(run.device)  # built with the toy world (_toy_setup)
     scores = score_samples(evaluator, images, labels, run.toy.heldout_images)
@@ -478,7 +484,7 @@ def _train(cfg: RunConfig, progress: bool) -> dict:
     if hasattr(run.data, "bad_images"):
         summary["unreadable_images_skipped"] = bad
     if run.toy is not None:
-        summary["toy"] = toy_summary(run)
+        summary["toy"] = toy_summary(run, progress=progress)  # rank 0 only, as the training bar
     if records:
         summary["loss_curves"] = str(plot_losses(records, cfg.run_dir / "loss_curves.png"))
     summary["samples"] = str(cfg.run_dir / "samples" / f"step-{run.step:07d}.png")
