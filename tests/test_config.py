@@ -143,8 +143,8 @@ def test_a_cuda_device_without_a_gpu_is_refused_before_any_work(monkeypatch, tmp
 
     monkeypatch.setattr(loop, "_toy_setup", lambda *a, **k: pytest.fail("the toy world was loaded"))
     with pytest.raises(ConfigError, match="train.device=cuda: this torch sees no CUDA device"):
-        dist.device_named("cuda")
+        dist.init_from_env("cuda")
     cfg = load_config("toy", overrides=["train.device=cuda:1", f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="train.device=cuda:1: this torch sees no CUDA device"):
         loop.train(cfg, progress=False)
-    assert dist.device_named("cpu").type == "cpu"
+    assert dist.init_from_env("cpu").type == "cpu" and dist.device_named("cuda:1").index == 1  # named, not checked
