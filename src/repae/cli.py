@@ -112,22 +112,20 @@ def out_dir(text: str) -> str:
     return text
 
 
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
 def device_arg(text: str) -> str:
-    """An argparse `type=` for --device: auto | cpu | mps | cuda | cuda:N, a CUDA one only where torch sees it."""
-    if not _DEVICE.match(text):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N")
-    if text.startswith("cuda"):
-        import torch  # only when a CUDA device is asked for: `repae --help` stays fast
+    """An argparse `type=` for --device: the names train.device takes (config.DEVICE_NAMES), a CUDA one only
+    where torch sees it (dist.check_cuda_device, the rule train.device follows too)."""
+    from repae.config import DEVICE_NAMES, ConfigError
 
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(text.split(":")[1]) if ":" in text else 0
-        if index >= count:
-            raise argparse.ArgumentTypeError(
-                f"{text}: this torch sees {'no CUDA device' if not count else f'{count} CUDA device(s)'}"
-                f"{'' if torch.version.cuda else ' (it is a CPU-only build)'}; use cpu or auto")
+    if not DEVICE_NAMES.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, mps, cuda or cuda:N")
+    if text.startswith("cuda"):  # only then is torch imported: `repae --help` stays fast
+        from repae.dist import check_cuda_device
+
+        try:
+            check_cuda_device(text, setting="--device")
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
     return text
 
 

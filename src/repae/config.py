@@ -170,6 +170,7 @@ class ToyWorldConfig:
     vae_batch_size: int = 32
 
 
+DEVICE_NAMES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what train.device and every --device may say
 LOG_SINKS = ("tensorboard", "wandb")  # what train.log_to may name (repae.train.report opens each)
 
 
@@ -850,7 +851,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             errors.append(f"{key}={_get(cfg, key)!r} must be one of {choices}")
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.train.device):
+    if not DEVICE_NAMES.fullmatch(cfg.train.device):
         errors.append(f"train.device={cfg.train.device!r} must be auto, cpu, mps, cuda or cuda:N")
     unknown_sinks = [s for s in cfg.train.log_to if s not in LOG_SINKS]
     if unknown_sinks:  # found now, not after the toy world is built

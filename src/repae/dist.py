@@ -89,9 +89,10 @@ def device_named(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def check_cuda_device(name: str) -> None:
+def check_cuda_device(name: str, setting: str = "train.device") -> None:
     """ConfigError when `name` is cuda[:N] and this torch sees no such GPU: found here, before any work,
-    rather than as torch's AttributeError from a CPU-only build's missing CUDA bindings mid-run."""
+    rather than as torch's AttributeError from a CPU-only build's missing CUDA bindings mid-run.
+    `setting`: what the user set (train.device, --device), as the message names it."""
     if not name.startswith("cuda"):
         return
     from repae.config import ConfigError  # late: config is a higher layer than this module
@@ -100,7 +101,7 @@ def check_cuda_device(name: str) -> None:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if index >= count:
         seen = "no CUDA device (a CPU-only build of torch, or no GPU)" if count == 0 else f"{count} CUDA device(s)"
-        raise ConfigError(f"train.device={name}: this torch sees {seen}; use train.device=cpu or auto")
+        raise ConfigError(f"{setting}={name}: this torch sees {seen}; use {setting}=cpu or auto")
 
 
 def init_from_env(device_name: str = "auto") -> torch.device:
