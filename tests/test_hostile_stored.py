@@ -282,7 +282,7 @@ def test_cache_labels_outside_the_models_classes_are_refused_before_training(mad
 def test_cache_settings_that_are_not_json_are_a_config_error(made_cache, tmp_path):
     out = _copy(made_cache, tmp_path)
     (out / "settings.json").write_text("{oops")
-    with pytest.raises(ConfigError, match="settings.json is corrupt"):
+    with pytest.raises(ConfigError, match="settings.json is not valid JSON"):
         made_cache[1](out)
 
 
@@ -429,3 +429,49 @@ def test_a_damaged_results_record_is_a_config_error_with_the_remedy(tmp_path, te
         _read_previous(tmp_path / "results.json")
     (tmp_path / "results.json").write_text('{"runs": {"a": {"train_seconds": 9.5, "exit_code": 0}}, "invocations": []}')
     assert _read_previous(tmp_path / "results.json")["runs"]["a"]["train_seconds"] == 9.5
+
+
+# ------------------------------------------------------------------------------ JSON records read back
+
+DEEP = b"[" * 200_000  # deeper than the JSON parser's recursion limit
+
+
+@pytest.mark.parametrize("data, why", [(b"[1]", "JSON list, not an object"), (b'{"a": ', "not valid JSON"),
+                                       (b"\xff{}", "not valid JSON"), (DEEP, "nested too deeply"),
+                                       (b'{"a": "' + b"x" * 100 + b'"}', "larger than 64 bytes")])
+def test_a_json_record_is_one_bounded_object_or_a_clear_error(tmp_path, data, why):
+    from repae.fileio import JsonFileError, read_json_object
+
+    path = tmp_path / "record.json"
+    path.write_bytes(data)
+    with pytest.raises(JsonFileError, match=why) as err:
+        read_json_object(path, max_bytes=64 if b"xxx" in data else 1 << 20)
+    assert str(path) in str(err.value)
+    with pytest.raises(JsonFileError, match="cannot read"):
+        read_json_object(tmp_path / "missing.json")
+    path.write_text('{"step": 3, "files": {"a": [1, 2]}}')
+    assert read_json_object(path) == {"step": 3, "files": {"a": [1, 2]}}
+
+
+def test_a_packed_manifest_nested_too_deeply_is_a_packed_data_error(tmp_path):
+    from repae.data.packed import MANIFEST, PackedDataError, read_manifest
+
+    (tmp_path / MANIFEST).write_bytes(DEEP)
+    with pytest.raises(PackedDataError, match="nested too deeply.*re-run `repae prepare-data`"):
+        read_manifest(tmp_path)
+
+
+def test_damaged_saved_judges_are_a_config_error_with_the_remedy(tmp_path):
+    from safetensors.torch import save_file
+
+    from repae.reproduce.judges import JUDGES_FILE, JUDGES_INFO, load_real_judges
+
+    (tmp_path / JUDGES_INFO).write_text("[1]")
+    with pytest.raises(ConfigError, match=f"JSON list.*delete {tmp_path} to measure the held-out images again"):
+        load_real_judges(tmp_path, "cpu")
+    (tmp_path / JUDGES_INFO).write_text('{"inception": "inception.pth", "starting_vae": "vae.safetensors"}')
+    with pytest.raises(ConfigError, match=f"not found.*delete {tmp_path}"):  # judges.safetensors missing
+        load_real_judges(tmp_path, "cpu")
+    save_file({"heldout_images": torch.zeros(2, 3, 8, 8)}, str(tmp_path / JUDGES_FILE))
+    with pytest.raises(ConfigError, match="lack heldout_labels, reference_mu"):
+        load_real_judges(tmp_path, "cpu")

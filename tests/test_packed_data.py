@@ -192,7 +192,7 @@ def test_clear_errors_for_damaged_or_foreign_stores(tmp_path):
     with pytest.raises(PackedDataError, match="other settings.*codec"):
         write_packed(src, out, image_size=SIZE, shard_size=5, codec="jpeg", progress=False)
     (out / "manifest.json").write_text("{not json")
-    with pytest.raises(PackedDataError, match="corrupt"):
+    with pytest.raises(PackedDataError, match="manifest.json is not valid JSON"):
         PackedDataset(out)
     with pytest.raises(ValueError, match="unknown codec"):
         write_packed(src, tmp_path / "x", codec="gif")

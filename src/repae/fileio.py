@@ -1,5 +1,5 @@
-"""Small file helpers: atomic writes and hashes for everything that writes results, and a bounded
-.npy/.npz reader for arrays read back from files (`read_npy`).
+"""Small file helpers: atomic writes and hashes for everything that writes results, bounded readers for
+JSON records (`read_json_object`) and for .npy/.npz arrays read back from files (`read_npy`).
 
 A crash never leaves a half-written file under the final name: data goes to `name.tmp`,
 is flushed to disk, then renamed over the target (rename is atomic on POSIX). An array file's
@@ -44,6 +44,39 @@ def write_atomic(path: PathLike, data: bytes) -> Path:
 
 def write_json_atomic(path: PathLike, obj, indent: int = 1) -> Path:
     return write_atomic(path, (json.dumps(obj, indent=indent) + "\n").encode())
+
+
+# ----------------------------------------------------------------------------- JSON records read back
+
+# the largest JSON record repae reads back: a manifest listing tens of thousands of shards is a few MiB
+MAX_JSON_BYTES = 64 << 20
+
+
+class JsonFileError(ValueError):
+    """A JSON file that is not one readable object: the message names the file and what is wrong (missing,
+    unreadable, too large, not UTF-8 JSON, too deeply nested, or a JSON list / number instead of an object).
+    Callers add their remedy, or treat it as "no record" where the file is only a cache of their own."""
+
+
+def read_json_object(path: PathLike, max_bytes: int = MAX_JSON_BYTES) -> dict:
+    """The JSON object stored in `path`, read with its size bounded before it is parsed; JsonFileError
+    otherwise. The file is data: nothing in it is interpreted beyond JSON."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as err:
+        raise JsonFileError(f"cannot read {p}: {err.strerror or err}") from None
+    if len(data) > max_bytes:
+        raise JsonFileError(f"{p} is larger than {max_bytes} bytes, more than any record of this kind")
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        why = "nested too deeply" if isinstance(err, RecursionError) else " ".join(str(err).split())[:120]
+        raise JsonFileError(f"{p} is not valid JSON ({why})") from None
+    if not isinstance(obj, dict):
+        raise JsonFileError(f"{p} holds a JSON {type(obj).__name__}, not an object")
+    return obj
 
 
 # ----------------------------------------------------------------------------- bounded .npy / .npz reading

@@ -27,7 +27,7 @@ from repae import dist
 from repae import toyworld_console as console
 from repae.config import ConfigError, ToyWorldConfig
 from repae.data.toy import CLASSES, toy_arrays
-from repae.fileio import ArrayFileError, read_npy, write_json_atomic
+from repae.fileio import ArrayFileError, JsonFileError, read_json_object, read_npy, write_json_atomic
 from repae.losses import kl_loss, reconstruction_loss
 from repae.models.latent_norm import LatentNorm, measure_latent_stats
 from repae.models.toy_teacher import ToyTeacher
@@ -368,11 +368,9 @@ def _ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig, seed: int, progre
 def _read_report(path: Path) -> dict:
     """report.json of a cached world: the measurements made when it was built (not rebuilt on their own)."""
     try:
-        report = json.loads(path.read_text())
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise _damaged(path, " ".join(str(err).split())[:120]) from None
-    if not isinstance(report, dict):
-        raise _damaged(path, f"a JSON {type(report).__name__}, not an object")
+        report = read_json_object(path)
+    except JsonFileError as err:
+        raise _damaged(path, str(err)) from None
     for key, value in report.items():  # the numbers the console formats and the runs record
         if key.endswith(("_accuracy", "_psnr_db", "_seconds")) and (
                 isinstance(value, bool) or not isinstance(value, (int, float))):

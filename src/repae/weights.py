@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from repae.fileio import JsonFileError, read_json_object, sha256_file
 from repae.models.sit import SiT, SiTArgs
 from repae.models.vae import AutoencoderKL, VAEArgs
 from repae.models import vae_diffusers
@@ -412,13 +413,10 @@ def read_vae_sidecar(path: Union[str, os.PathLike], state: StateDict) -> VAEArgs
     some fields (e.g. {"norm_groups": 8}): the others are read from the tensor shapes."""
     side = vae_sidecar(path)
     try:
-        with open(side, "rb") as f:
-            text = f.read(MAX_METADATA_CHARS + 1).decode("utf-8")
-        record = json.loads(text)
-    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
-        raise CheckpointError(f"{side} (architecture of {Path(path).name}) is not valid JSON ({str(err)[:120]})") from None
-    if not isinstance(record, dict) or record.get("repae_kind", "vae") != "vae" or not isinstance(
-            record.get("repae_args"), dict):
+        record = read_json_object(side, max_bytes=MAX_METADATA_CHARS)
+    except JsonFileError as err:
+        raise CheckpointError(f"architecture of {Path(path).name}: {err}") from None
+    if record.get("repae_kind", "vae") != "vae" or not isinstance(record.get("repae_args"), dict):
         raise CheckpointError(f'{side} must be {{"repae_kind": "vae", "repae_args": {{VAEArgs fields}}}}')
     fields = record["repae_args"]
     args_from_metadata(side, "vae", json.dumps(fields))  # known fields, right types, within caps
@@ -435,15 +433,13 @@ def _export_record_args(path: Path, state: StateDict) -> Optional[VAEArgs]:
     """VAEArgs from the export.json an older `repae export-vae` (before sidecars) wrote beside this
     very file (its sha256 listed there), else None."""
     record_file = path.parent / "export.json"
-    if not record_file.is_file() or record_file.stat().st_size > 1 << 20:
+    if not record_file.is_file():
         return None
     try:
-        record = json.loads(record_file.read_text())
+        record = read_json_object(record_file, max_bytes=1 << 20)
         listed, fields = record["sha256"][path.name], record["vae_args"]
-    except (ValueError, KeyError, TypeError, RecursionError):
+    except (JsonFileError, KeyError, TypeError):
         return None
-    from repae.fileio import sha256_file
-
     if not isinstance(fields, dict) or listed != sha256_file(path):
         return None
     args = args_from_metadata(record_file, "vae", json.dumps(fields))
@@ -654,13 +650,10 @@ def _load_diffusers_dir(path: Path, args: Optional[VAEArgs], norm_groups: Option
     for f in (config_file, weights):
         if not f.is_file():
             raise CheckpointError(f"diffusers VAE directory {path} has no {f.name}")
-    if config_file.stat().st_size > MAX_DIFFUSERS_CONFIG_BYTES:
-        raise CheckpointError(f"{config_file} is {config_file.stat().st_size} bytes; a diffusers VAE config is "
-                              f"a few hundred")
-    try:
-        config = json.loads(config_file.read_bytes().decode("utf-8"))
-    except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise CheckpointError(f"{config_file} is not valid UTF-8 JSON: {str(err)[:200]}") from None
+    try:  # a diffusers VAE config is a few hundred bytes
+        config = read_json_object(config_file, max_bytes=MAX_DIFFUSERS_CONFIG_BYTES)
+    except JsonFileError as err:
+        raise CheckpointError(f"diffusers VAE config: {err}") from None
     try:
         recorded = vae_diffusers.args_from_diffusers_config(config)
         # capped before the layout is built (even on the meta device) to list its keys

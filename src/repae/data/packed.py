@@ -39,7 +39,7 @@ from repae.data.folder import list_image_folder
 from repae.data.images import DEFAULT_MAX_PIXELS, UnreadableImage
 from repae.data.images import decode_image as _decode
 from repae.data.records import ImageRecords, PerProcess
-from repae.fileio import (paths_overlap, read_npy, refuse_unrelated, safe_name, sha256_file, write_atomic,
+from repae.fileio import (JsonFileError, paths_overlap, read_json_object, read_npy, refuse_unrelated, safe_name, sha256_file, write_atomic,
                           write_json_atomic)
 
 FORMAT, VERSION, MANIFEST = "repae-packed", 1, "manifest.json"
@@ -310,10 +310,10 @@ def read_manifest(out_dir: str | Path, require_complete: bool = True) -> dict:
         raise PackedDataError(f"no {MANIFEST} in {out_dir}: not a packed dataset{hint}; "
                               f"make one with `repae prepare-data SRC {out_dir}`")
     try:
-        manifest = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PackedDataError(f"{path} is corrupt ({err}); delete it and re-run `repae prepare-data`") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        manifest = read_json_object(path)
+    except JsonFileError as err:
+        raise PackedDataError(f"{err}; delete it and re-run `repae prepare-data`") from None
+    if manifest.get("format") != FORMAT:
         raise PackedDataError(f"{path} is not a {FORMAT} manifest")
     if manifest.get("version") != VERSION:
         raise PackedDataError(f"{path} has format version {manifest.get('version')}; this repae reads {VERSION}")

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from repae.fileio import sha256_file, write_atomic
+from repae.fileio import JsonFileError, read_json_object, sha256_file, write_atomic
 
 PathLike = Union[str, os.PathLike]
 WEIGHT_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".npz", ".json", ".yaml", ".tar"}
@@ -142,14 +142,11 @@ def measurement_key(record: Mapping[str, Any]) -> str:
 def read_record(path: PathLike) -> Optional[dict]:
     """The evaluation record in `path`, or None when it is not one (unreadable, too large, not JSON,
     not a record): such a file is never replaced by `record_path`, only kept."""
-    p = Path(path)
     try:
-        if not p.is_file() or p.stat().st_size > MAX_RECORD_BYTES:
-            return None
-        record = json.loads(p.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        record = read_json_object(path, max_bytes=MAX_RECORD_BYTES)
+    except JsonFileError:
         return None
-    return record if isinstance(record, dict) and "evaluation" in record and "settings" in record else None
+    return record if "evaluation" in record and "settings" in record else None
 
 
 def _flat(value: Any, prefix: str = "") -> Dict[str, Any]:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from repae.config import ConfigError, RunConfig
 from repae.dist import device_named
+from repae.fileio import read_json_object
 from repae.evaluate.stats import GaussianStats
 
 HELDOUT_IMAGES = 1000  # for latent structure, CKNNA and PSNR (and the real FID reference)
@@ -210,10 +211,19 @@ def save_real_judges(judges: Judges, directory: Path) -> Path:
 def load_real_judges(directory: Path, device: str = "auto") -> Judges:
     """Judges saved by `save_real_judges`; the Inception network is loaded again from its file."""
     from repae.models.inception import InceptionV3
-    from repae.weights import read_file
+    from repae.weights import CheckpointError, read_file
 
-    t = read_file(directory / JUDGES_FILE)
-    info = json.loads((directory / JUDGES_INFO).read_text())
+    remedy = f"delete {directory} to measure the held-out images again"
+    try:
+        info = read_json_object(directory / JUDGES_INFO)
+        t = read_file(directory / JUDGES_FILE)
+        missing = [k for k in ("inception", "starting_vae") if not isinstance(info.get(k), str)] + [
+            k for k in ("heldout_images", "heldout_labels", "reference_mu", "reference_sigma", "class_means",
+                        "classes", "alignment_feats") if k not in t]
+    except (ValueError, CheckpointError) as err:  # JsonFileError is a ValueError
+        raise ConfigError(f"{err}; {remedy}") from None
+    if missing:
+        raise ConfigError(f"saved judges in {directory} lack {', '.join(missing)}; {remedy}")
     inception = InceptionV3.from_file(info["inception"]).to(device_named(device)).eval()
     reference = GaussianStats(t["reference_mu"].double().numpy(), t["reference_sigma"].double().numpy())
     return Judges(t["heldout_images"], t["heldout_labels"], reference,

@@ -28,7 +28,6 @@ that file after each one, so a crash loses at most the checkpoint being measured
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -41,7 +40,7 @@ from repae.evaluate.latents import latent_structure
 from repae.evaluate.loading import checkpoint_step
 from repae.evaluate.spectrum import DEFAULT_BLOCK, SpectrumAccumulator
 from repae.evaluate.stats import frechet_distance_to_features
-from repae.fileio import write_json_atomic
+from repae.fileio import JsonFileError, read_json_object, write_json_atomic
 from repae.generate import generate_images, sampler_settings, save_image_grid
 from repae.pixels import to_vae_range
 from repae.reproduce.judges import Judges, load_real_judges, toy_judges
@@ -257,20 +256,16 @@ def _read_done(out: Path, warn: bool = False) -> Dict[str, dict]:
     if not out.is_file():
         return {}
     try:
-        done = json.loads(out.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        problem = f"unreadable ({' '.join(str(err).split())[:120]})"
-    else:
-        if isinstance(done, dict):
-            kept = {k: v for k, v in done.items() if k.isdigit() and isinstance(v, dict)}
-            if warn and len(kept) != len(done):
-                print(f"warning: {out}: {len(done) - len(kept)} entries are not a step's metrics; measuring "
-                      "those checkpoints again", file=sys.stderr)
-            return kept
-        problem = f"a JSON {type(done).__name__}, not an object"
-    if warn:
-        print(f"warning: {out} is {problem}; measuring every checkpoint again", file=sys.stderr)
-    return {}
+        done = read_json_object(out)
+    except JsonFileError as err:
+        if warn:
+            print(f"warning: {err}; measuring every checkpoint again", file=sys.stderr)
+        return {}
+    kept = {k: v for k, v in done.items() if k.isdigit() and isinstance(v, dict)}
+    if warn and len(kept) != len(done):
+        print(f"warning: {out}: {len(done) - len(kept)} entries are not a step's metrics; measuring "
+              "those checkpoints again", file=sys.stderr)
+    return kept
 
 
 def needs_measuring(run_dir: Path, num_samples: int) -> bool:

@@ -10,7 +10,6 @@ for a run that is trained and measured already.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from repae import dist
 from repae.config import ConfigError, RunConfig, load_config
-from repae.fileio import write_json_atomic
+from repae.fileio import JsonFileError, read_json_object, write_json_atomic
 from repae.reproduce.arms import Arm, arms_for
 from repae.reproduce.judges import HELDOUT_IMAGES, Judges, build_real_judges, load_real_judges, save_real_judges, toy_judges
 from repae.reproduce.measure import image_spectrum_metrics, measure_run, needs_measuring, vae_metrics
@@ -173,8 +172,8 @@ class _Runner:
         if earlier.get("exit_code") != 0 or "train_seconds" not in earlier:
             return False
         try:
-            steps = json.loads((run_dir / "summary.json").read_text()).get("steps")
-        except (OSError, ValueError, AttributeError):
+            steps = read_json_object(run_dir / "summary.json").get("steps")
+        except JsonFileError:
             return False
         if steps != self.plan.steps:
             return False
@@ -198,14 +197,14 @@ def _read_previous(path: Path) -> dict:
     remedy = ("move it away or delete it to go on: the runs under runs/ are kept and not trained again, only "
               "the training time of earlier invocations goes uncounted")
     try:
-        previous = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise ConfigError(f"{path} is unreadable ({' '.join(str(err).split())[:120]}); {remedy}") from None
+        previous = read_json_object(path)
+    except JsonFileError as err:
+        raise ConfigError(f"{err}; {remedy}") from None
 
     def number(value, kind=(int, float)) -> bool:
         return isinstance(value, kind) and not isinstance(value, bool)
 
-    runs = previous.get("runs", {}) if isinstance(previous, dict) else None
+    runs = previous.get("runs", {})
     ok = (isinstance(runs, dict) and isinstance(previous.get("invocations", []), list)
           and all(isinstance(r, dict) and number(r.get("train_seconds", 0.0))
                   and number(r.get("exit_code", 0), int) for r in runs.values()))
@@ -218,8 +217,8 @@ def _read_previous(path: Path) -> dict:
 def _exported(run_dir: Path, step: int) -> bool:
     """Whether RUN/e2e-vae already holds the VAE of the checkpoint at `step`."""
     try:
-        return json.loads((run_dir / "e2e-vae" / "export.json").read_text()).get("step") == step
-    except (OSError, ValueError, AttributeError):
+        return read_json_object(run_dir / "e2e-vae" / "export.json").get("step") == step
+    except JsonFileError:
         return False
 
 

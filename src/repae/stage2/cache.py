@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from repae import dist
 from repae.config import RANGES, ConfigError
-from repae.fileio import ArrayFileError, read_npy, sha256_file, write_atomic, write_json_atomic
+from repae.fileio import (ArrayFileError, JsonFileError, read_json_object, read_npy, sha256_file, write_atomic,
+                          write_json_atomic)
 from repae.hub import is_hub_id
 from repae.pixels import to_vae_range
 
@@ -153,11 +154,9 @@ def check_cache_dir(out: str | Path) -> Optional[dict]:
         refuse_unrelated(out, _before_settings, "cache-latents", ConfigError)
         return None
     try:
-        old = json.loads(path.read_text())
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise ConfigError(f"{path} is corrupt ({_why(err)}); delete {out} and run the command again") from None
-    if not isinstance(old, dict):
-        raise ConfigError(f"{path} is not a settings object; delete {out} and run the command again")
+        old = read_json_object(path)
+    except JsonFileError as err:
+        raise ConfigError(f"{err}; delete {out} and run the command again") from None
     if old.get("format") != FORMAT:  # another program's settings.json: not ours to resume or delete
         raise ConfigError(f"{out} is not a latent cache ({path} is not a {FORMAT} settings file); give a new "
                           "or empty --out directory")
@@ -314,13 +313,9 @@ def read_manifest(root: str | Path) -> dict:
     remedy = (f"run the same `repae cache-latents` command again to rewrite it (it keeps the finished shards), "
               f"or delete {root} and make the cache anew")
     try:
-        manifest = json.loads(path.read_text())
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
-        raise ConfigError(f"{path} is corrupt ({_why(err)}); {remedy}") from None
-    except OSError as err:
-        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
-    if not isinstance(manifest, dict):
-        raise ConfigError(f"{path} is damaged: a JSON {type(manifest).__name__}, not an object; {remedy}")
+        manifest = read_json_object(path)
+    except JsonFileError as err:
+        raise ConfigError(f"{err}; {remedy}") from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ConfigError(f"{path} is not a {FORMAT} v{VERSION} manifest")
     problems = _manifest_problems(manifest)

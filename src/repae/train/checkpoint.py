@@ -18,7 +18,6 @@ read back with `weights_only=True`. No checkpoint is written with non-finite wei
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 
 from repae.config import RunConfig, save_config
-from repae.fileio import sha256_file, write_json_atomic
+from repae.fileio import read_json_object, sha256_file, write_json_atomic
 from repae.weights import CheckpointError, architecture_metadata, load_strict, read_file, save_weights
 
 MODULES = ("sit", "ema", "vae", "regulariser")
@@ -127,10 +126,10 @@ def check_checkpoint(path: Path, cached: bool = False) -> Tuple[str, str]:
 
 def _verify(path: Path) -> Tuple[str, str]:
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = read_json_object(path / MANIFEST)
         files = manifest["files"]
         step = int(manifest["step"])
-    except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError) as err:
+    except (ValueError, KeyError, TypeError, OverflowError) as err:  # JsonFileError is a ValueError
         return "damaged", f"manifest.json unreadable ({type(err).__name__})"
     match = _STEP_DIR.match(path.name)
     if match and int(match.group(1)) != step:
