@@ -244,21 +244,14 @@ def _check_sample_inputs(args: argparse.Namespace) -> None:
     """What `repae sample` is given, checked before anything is loaded or sampled: the checkpoint and VAE
     exist and are what they are given as, and --vae is not given with a run (whose tuned VAE it brings)."""
     from repae.evaluate.sources import check_dir_role, is_run_or_checkpoint_dir
-    from repae.hub import is_hub_id
 
-    from repae.weights import CheckpointError
-
-    if args.ckpt and not is_hub_id(args.ckpt):
-        if not Path(args.ckpt).exists():
-            raise CheckpointError(f"checkpoint not found: {args.ckpt}")
-        check_dir_role(args.ckpt, "sit or run")
+    if args.ckpt:
+        check_dir_role(args.ckpt, "sit or run", missing="checkpoint")
         if args.vae and is_run_or_checkpoint_dir(args.ckpt):  # as `repae evaluate samples RUN --vae X` refuses it
             raise UsageError(f"--vae is not used with a training run ({args.ckpt}): its tuned VAE is in the "
                              "checkpoint; give --vae only with a SiT weight file")
-    if args.vae and not is_hub_id(args.vae):
-        if not Path(args.vae).exists():
-            raise CheckpointError(f"VAE not found: {args.vae}")
-        check_dir_role(args.vae, "vae")
+    if args.vae:
+        check_dir_role(args.vae, "vae", missing="VAE")
 
 
 def _budget_note(summary: dict, max_steps: int) -> Optional[str]:
@@ -276,10 +269,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from repae.train.report import is_default_toy_run, run_story
 
     cfg = _load_cfg(args)
+    default_run = is_default_toy_run(cfg)  # asked before training fills vae.path with the toy world's VAE
     summary = train(cfg, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
     if "wall_seconds" in summary:  # rank 0 (the others return only their step)
-        print("\n".join(run_story(summary, cfg.run_dir, is_default_toy_run(cfg), cfg.train.tune_vae)), file=sys.stderr)
+        print("\n".join(run_story(summary, cfg.run_dir, default_run, cfg.train.tune_vae)), file=sys.stderr)
         note = _budget_note(summary, cfg.train.max_steps)
         if note:
             print(note, file=sys.stderr)
@@ -288,13 +282,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from repae.evaluate.sources import check_dir_role, dir_kind
-    from repae.hub import is_hub_id, local_path
-    from repae.weights import CheckpointError, file_metadata, load_model, vae_sidecar
+    from repae.hub import local_path
+    from repae.weights import file_metadata, load_model, vae_sidecar
 
-    if not is_hub_id(args.path):
-        if not Path(args.path).exists():
-            raise CheckpointError(f"weight file not found: {args.path}")
-        check_dir_role(args.path, "weights")  # a run, a latent cache, ...: says what it is and what to run
+    check_dir_role(args.path, "weights", missing="weight file")  # a run, a latent cache, ...: says what it is
     path = local_path(args.path, args.kind or "file")  # a hub id: the file in the hub cache
     if dir_kind(path) == "export-vae":  # `repae export-vae` output: its VAE, as every other command reads it
         path = str(Path(path) / "vae.safetensors")

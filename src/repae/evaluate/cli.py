@@ -504,7 +504,6 @@ def _one_spectrum_vae(path: str, toy_cfg):
     beside the VAE), or a VAE weight file / diffusers directory (raw latents only)."""
     from repae.evaluate.loading import load_run, toy_world
     from repae.evaluate.sources import check_dir_role, is_run_or_checkpoint_dir
-    from repae.hub import is_hub_id
     from repae.stage2.latents import vae_files
     from repae.weights import load_latent_stats, load_model
 
@@ -516,9 +515,7 @@ def _one_spectrum_vae(path: str, toy_cfg):
     if is_run_or_checkpoint_dir(path):
         run = load_run(path)
         return run.vae, run.sit.bn, {"vae": run.files["vae"], "sit": run.files["sit"]}, run
-    if not is_hub_id(path) and not Path(path).exists():
-        raise EvaluationError(f"VAE not found: {path}")
-    check_dir_role(path, "vae or run")
+    check_dir_role(path, "vae or run", missing="VAE")
     load_path, _, stats = vae_files(path)
     vae = load_model(load_path, kind="vae")
     norm = load_latent_stats(stats, channels=vae.args.z_channels) if stats else None

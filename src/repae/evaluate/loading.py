@@ -162,9 +162,7 @@ def load_sit_and_vae(ckpt: str, vae_path: Optional[str], preset: Optional[str], 
     if hub.is_hub_id(ckpt):
         preset, overrides, vae_path = hub.apply_sample_protocol(ckpt, preset, overrides, vae_path)
         return load_sit_file(ckpt, load_cfg(preset, config_files, overrides), vae_path)
-    if not Path(ckpt).exists():
-        raise EvaluationError(f"checkpoint not found: {ckpt}")
-    check_dir_role(ckpt, "sit or run")  # an exported VAE, a latent cache, ...: say what it is
+    check_dir_role(ckpt, "sit or run", missing="checkpoint")  # an exported VAE, a latent cache, ...: say what it is
     if is_run_or_checkpoint_dir(ckpt):
         if vae_path:
             raise EvaluationError(f"--vae is not used with a training run ({ckpt}): its tuned VAE is in the checkpoint")

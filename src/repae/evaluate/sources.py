@@ -347,12 +347,16 @@ DIR_ROLES = {
 }
 
 
-def check_dir_role(path: PathLike, role: str) -> None:
+def check_dir_role(path: PathLike, role: str, missing: Optional[str] = None) -> None:
     """CheckpointError when `path` is a repae directory of a kind `role` (a DIR_ROLES key) does not take,
     saying what it is and what to run; nothing for a file, a hub id or an unknown directory (its
-    loader reports those)."""
+    loader reports those). `missing`, e.g. "VAE": a local path that does not exist is then a
+    CheckpointError "VAE not found: PATH", said before anything is loaded."""
+    from repae.hub import is_hub_id
     from repae.weights import CheckpointError
 
+    if missing and not is_hub_id(path) and not Path(path).exists():
+        raise CheckpointError(f"{missing} not found: {path}")
     kind = dir_kind(path)
     wanted, takes = DIR_ROLES[role]
     if kind is None or kind in takes:

@@ -41,11 +41,9 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
     from repae.hub import is_hub_id
     from repae.stage2.latents import vae_files
     from repae.evaluate.sources import check_dir_role
-    from repae.weights import CheckpointError, load_model
+    from repae.weights import load_model
 
-    if not is_hub_id(args.vae) and not Path(args.vae).exists():
-        raise CheckpointError(f"VAE not found: {args.vae}")
-    check_dir_role(args.vae, "vae")  # a training run: export its VAE first (and say so)
+    check_dir_role(args.vae, "vae", missing="VAE")  # a training run: export its VAE first (and say so)
     if args.data != "toy" and Path(args.data).exists() and paths_overlap(args.data, args.out):
         # shards inside an image folder become a class folder of its next listing; images inside the cache mix
         raise ConfigError(f"--out {args.out} and --data {args.data} are the same directory or one lies inside "
