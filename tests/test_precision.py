@@ -25,6 +25,25 @@ def test_auto_follows_the_cpu_measurement(monkeypatch):
         assert out.dtype == (dtype or torch.float32)
 
 
+def _scripted_timings(monkeypatch, fp32, bf16):
+    """_matmul_seconds returns the next of `fp32` / `bf16` for the dtype it is given."""
+    queues = {torch.float32: list(fp32), torch.bfloat16: list(bf16)}
+    monkeypatch.setattr(nn_utils, "_matmul_seconds", lambda a: queues[a.dtype].pop(0))
+    nn_utils.cpu_bf16_is_fast.cache_clear()
+
+
+def test_a_burst_of_load_during_one_timing_does_not_pick_bf16(monkeypatch):
+    try:  # another process busy while fp32 was first timed (5 ms); fp32 is 2x faster otherwise
+        _scripted_timings(monkeypatch, [5.0, 1.0, 1.0], [2.0, 2.0, 2.0])
+        assert nn_utils.cpu_bf16_is_fast(trials=3) is False
+        _scripted_timings(monkeypatch, [1.2] * 3, [1.1] * 3)  # a near tie: keep fp32's precision
+        assert nn_utils.cpu_bf16_is_fast(trials=3) is False
+        _scripted_timings(monkeypatch, [1.0, 1.0, 1.0], [0.3, 3.0, 0.3])  # bf16 clearly faster, one slow timing
+        assert nn_utils.cpu_bf16_is_fast(trials=3) is True
+    finally:
+        nn_utils.cpu_bf16_is_fast.cache_clear()
+
+
 def test_the_measurement_returns_a_bool_and_is_cached():
     first = nn_utils.cpu_bf16_is_fast()
     assert isinstance(first, bool) and nn_utils.cpu_bf16_is_fast() is first

@@ -36,6 +36,13 @@ def test_the_default_run_is_compared_with_the_readme(tmp_path):
     assert lines[4].startswith(f"  files in {tmp_path}: summary.json, samples/")  # only the files that exist
 
 
+def test_the_speed_line_is_rounded_names_the_precision_and_survives_no_log_line(tmp_path):
+    summary = dict(_summary(1000), images_per_s=73.63499999999999, precision="fp32")  # a median of two
+    assert run_story(summary, tmp_path)[0] == "done: step 1000 (1000 this time) in 1.5 min, median 73.6 images/s in fp32"
+    summary.update(images_per_s=None, steps_this_invocation=0)  # already at max_steps: nothing logged
+    assert run_story(summary, tmp_path)[0] == "done: step 1000 (0 this time) in 1.5 min in fp32"
+
+
 def test_a_frozen_vae_is_not_called_tuned(tmp_path):
     lines = run_story(_summary(1200), tmp_path, vae_tuned=False)
     assert "  frozen VAE: 29.9 dB held-out PSNR" in lines and not any("tuned" in line for line in lines)
@@ -69,3 +76,16 @@ def test_cknna_references_only_for_the_toy_sit_at_the_commands_defaults():
     text = " ".join(README.split())
     for name, value in TOY_CKNNA.items():  # the README gives the same references
         assert f"{value:.3f}" in text, name
+
+
+def test_repae_train_compares_the_default_run_although_training_names_the_toy_vae(tmp_path, monkeypatch, capsys):
+    from repae import cli
+    from repae.train import loop
+
+    def fake_train(cfg, progress=True):  # as the real one: the toy world's VAE files go into the config
+        loop.use_toy_vae(cfg, tmp_path / "vae.safetensors", tmp_path / "stats.pt")
+        return _summary(cfg.train.max_steps)
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    assert cli.main(["train", f"output_dir={tmp_path}", "--no-progress"]) == 0
+    assert f"the README's default run: {100 * DEFAULT_TOY_RUN['sample_class_accuracy']:.1f}%" in capsys.readouterr().err

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from repae import dist
-from repae.nn_utils import autocast
+from repae.nn_utils import autocast, resolve_precision
 from repae.build import build_sit, build_vae, uses_repa, vae_args
 from repae.models.vae import AutoencoderKL
 from repae.config import ConfigError, RunConfig, config_differences, from_dict, read_yaml, save_config, to_dict
@@ -480,6 +480,8 @@ def _train(cfg: RunConfig, progress: bool) -> dict:
                "wall_seconds": round(time.perf_counter() - start, 1),
                # the median of the log lines: the first and last intervals carry set-up and sampling
                "images_per_s": _median([r.get("images_per_s") for r in records]),
+               # what train.precision=auto chose on this device: a run's speed is read against it
+               "precision": resolve_precision(cfg.train.precision, run.device),
                "world_size": dist.world_size(), "final": records[-1] if records else {}}
     if hasattr(run.data, "bad_images"):
         summary["unreadable_images_skipped"] = bad

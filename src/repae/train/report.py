@@ -163,8 +163,10 @@ def run_story(summary: dict, run_dir: Path, default_toy_run: bool = False, vae_t
     with, and where the files are. `summary` is what `train` returns (and writes to summary.json);
     `vae_tuned`: train.tune_vae (a frozen VAE is not called tuned)."""
     minutes = summary["wall_seconds"] / 60
-    lines = [f"done: step {summary['steps']} ({summary['steps_this_invocation']} this time) in {minutes:.1f} min, "
-             f"median {summary['images_per_s']} images/s"]
+    speed = summary.get("images_per_s")  # None when no step was logged
+    lines = [f"done: step {summary['steps']} ({summary['steps_this_invocation']} this time) in {minutes:.1f} min"
+             + (f", median {speed:.1f} images/s" if speed is not None else "")
+             + (f" in {summary['precision']}" if summary.get("precision") else "")]
     toy = summary.get("toy") or {}
     expected = default_toy_run and summary["steps"] == DEFAULT_TOY_RUN["steps"]
     ref = DEFAULT_TOY_RUN if expected else {}
