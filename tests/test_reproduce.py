@@ -274,7 +274,10 @@ def test_reproduce_command_runs_every_arm_measures_and_reports(tmp_path):
 
     for arm in names:
         assert set(UNGUIDED_KEYS) <= set(results["metrics"][arm]["0"]["2"]), arm
-    assert results["metrics"]["repae"]["0"]["2"]["fid_unguided"] != results["metrics"]["repae"]["0"]["2"]["fid"]
+    # (copied, they would equal the guided FID in every arm; the tiny world's evaluator is nearly blind, so
+    # one arm's two FIDs can agree to every digit: seen for repae on a 2-core Xeon)
+    assert any(results["metrics"][arm]["0"]["2"]["fid_unguided"] != results["metrics"][arm]["0"]["2"]["fid"]
+               for arm in names)
     text = report.read_text()
     for claim in ["a", "b", "c", "c w/o CFG", "d", "e", "f"]:
         assert f"| ({claim}) |" in text
