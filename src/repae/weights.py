@@ -433,9 +433,7 @@ def _export_record_args(path: Path, state: StateDict) -> Optional[VAEArgs]:
     """VAEArgs from the export.json an older `repae export-vae` (before sidecars) wrote beside this
     very file (its sha256 listed there), else None."""
     record_file = path.parent / "export.json"
-    if not record_file.is_file():
-        return None
-    try:
+    try:  # none there (the usual case) is a JsonFileError too
         record = read_json_object(record_file, max_bytes=1 << 20)
         listed, fields = record["sha256"][path.name], record["vae_args"]
     except (JsonFileError, KeyError, TypeError):

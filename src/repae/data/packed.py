@@ -39,8 +39,8 @@ from repae.data.folder import list_image_folder
 from repae.data.images import DEFAULT_MAX_PIXELS, UnreadableImage
 from repae.data.images import decode_image as _decode
 from repae.data.records import ImageRecords, PerProcess
-from repae.fileio import (JsonFileError, paths_overlap, read_json_object, read_npy, refuse_unrelated, safe_name, sha256_file, write_atomic,
-                          write_json_atomic)
+from repae.fileio import (JsonFileError, paths_overlap, read_json_object, read_npy, refuse_unrelated, safe_name,
+                          sha256_file, write_atomic, write_json_atomic)
 
 FORMAT, VERSION, MANIFEST = "repae-packed", 1, "manifest.json"
 CODECS = ("webp", "png", "jpeg")

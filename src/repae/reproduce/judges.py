@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from repae.config import ConfigError, RunConfig
 from repae.dist import device_named
-from repae.fileio import read_json_object
+from repae.fileio import JsonFileError, read_json_object
 from repae.evaluate.stats import GaussianStats
 
 HELDOUT_IMAGES = 1000  # for latent structure, CKNNA and PSNR (and the real FID reference)
@@ -217,11 +217,11 @@ def load_real_judges(directory: Path, device: str = "auto") -> Judges:
     try:
         info = read_json_object(directory / JUDGES_INFO)
         t = read_file(directory / JUDGES_FILE)
-        missing = [k for k in ("inception", "starting_vae") if not isinstance(info.get(k), str)] + [
-            k for k in ("heldout_images", "heldout_labels", "reference_mu", "reference_sigma", "class_means",
-                        "classes", "alignment_feats") if k not in t]
-    except (ValueError, CheckpointError) as err:  # JsonFileError is a ValueError
+    except (JsonFileError, CheckpointError) as err:
         raise ConfigError(f"{err}; {remedy}") from None
+    missing = [k for k in ("inception", "starting_vae") if not isinstance(info.get(k), str)] + [
+        k for k in ("heldout_images", "heldout_labels", "reference_mu", "reference_sigma", "class_means", "classes",
+                    "alignment_feats") if k not in t]
     if missing:
         raise ConfigError(f"saved judges in {directory} lack {', '.join(missing)}; {remedy}")
     inception = InceptionV3.from_file(info["inception"]).to(device_named(device)).eval()
