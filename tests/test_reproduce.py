@@ -434,3 +434,52 @@ def test_a_finished_run_is_skipped_only_with_the_same_recipe_and_budget(tmp_path
     saved.vae.path = str(tmp_path / "another-world" / "vae.safetensors")  # trained from another world's VAE
     save_config(saved, run_dir / "config.yaml")
     assert not skipped()
+
+
+def test_arms_named_are_the_arms_trained_in_that_order_and_a_stage2_arm_needs_its_vae():
+    from repae.config import ConfigError, load_config
+    from repae.reproduce.arms import arms_for, select_arms
+
+    every = arms_for(load_config("toy"))
+    assert select_arms(every, None) == every
+    chosen = select_arms(every, ["vanilla", "repae", "vanilla", "stage2-e2e-vae"])
+    assert [a.name for a in chosen] == ["vanilla", "repae", "stage2-e2e-vae"]  # as named, once each
+    with pytest.raises(ConfigError, match=r"unknown arm\(s\) no-gan, repea; this config's arms: repae, repa, vanilla"):
+        select_arms(every, ["repa", "no-gan", "repea"])  # the toy preset has no GAN term, so no no-gan arm
+    with pytest.raises(ConfigError, match="stage2-e2e-vae trains on the VAE that arm repae tunes"):
+        select_arms(every, ["repa", "stage2-e2e-vae"])
+
+
+def test_reproduce_trains_and_measures_only_the_named_arms(tmp_path, monkeypatch):
+    import sys
+
+    from repae.reproduce import runner as rr
+
+    monkeypatch.setattr(rr, "judges_for_plan", lambda cfg, out, heldout, n: (types.SimpleNamespace(info={}, heldout_images=None), None))
+    monkeypatch.setattr(rr, "starting_vae", lambda cfg, judges: None)
+    monkeypatch.setattr(rr, "vae_metrics", lambda vae, judges: {})
+    monkeypatch.setattr(rr, "image_spectrum_metrics", lambda images: {})
+    measured = []
+    monkeypatch.setattr(rr, "measure_run", lambda run_dir, samples, judges: measured.append(run_dir.name) or {})
+    started = []
+    monkeypatch.setattr(rr, "train_command", lambda arm, seed, *a: started.append(f"{arm.name}-s{seed}")
+                        or [sys.executable, "-c", "pass"])
+    plan = rr.Plan(steps=2, eval_every=1, seeds=[0, 1], samples=1, jobs=1, arms=["vanilla", "repae"])
+    results = rr.run_reproduction(tmp_path, plan)
+    assert started == ["vanilla-s0", "vanilla-s1", "repae-s0", "repae-s1"]  # one job: exactly the plan's order
+    assert [a["name"] for a in results["arms"]] == ["vanilla", "repae"] and list(results["metrics"]) == ["vanilla", "repae"]
+    assert sorted(measured) == sorted(started) and sorted(results["runs"]) == sorted(started)
+
+
+def test_an_unknown_arm_is_refused_before_the_world_is_built(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    argv = ["bench", "reproduce", "--dir", str(tmp_path / "out"), *TINY, f"toy.cache_dir={cache}", "--arms", "repae",
+            "repa-e"]
+    assert main(argv) != 0
+    assert "unknown arm(s) repa-e; this config's arms: repae, repa" in capsys.readouterr().err
+    assert not cache.exists() and not (tmp_path / "out").exists()
+    # overrides after --arms would be taken for arm names: refused with the remedy
+    with pytest.raises(SystemExit):
+        main(["bench", "reproduce", "--arms", "repae", f"toy.cache_dir={cache}"])
+    err = capsys.readouterr().err
+    assert f"'toy.cache_dir={cache}' is not an arm name: put key=value overrides before --arms" in err

@@ -287,6 +287,13 @@ def bench_evaluate(device: torch.device, batch: int = 50, size: int = 256, iters
 # ------------------------------------------------------------------------------ CLI
 
 
+def arm_name(text: str) -> str:
+    """An argparse `type=` for --arms: nargs="+" would also take the key=value overrides that follow it."""
+    if "=" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an arm name: put key=value overrides before --arms")
+    return text
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="throughput benchmarks: step | loop | sample | evaluate; reproduce: the paper's "
                                      "claims on the toy world or your data and weights (REPRODUCTION.md)")
@@ -315,6 +322,10 @@ def add_parser(sub) -> None:
     g.add_argument("--report", help="where REPRODUCTION.md goes, figures in docs/reproduction/ beside it "
                                     "(default: DIR/REPRODUCTION.md)")
     g.add_argument("--seeds", type=SEED, nargs="+", help="training seeds (plan default: quick 0; full 0 1)")
+    g.add_argument("--arms", nargs="+", metavar="ARM", type=arm_name,
+                   help="train and report only these arms, in this order (default: all): repae repa vanilla "
+                        "e2e-diffusion no-stopgrad no-bn no-reg, no-gan where the config has a GAN term, "
+                        "stage2-e2e-vae (needs repae)")
     g.add_argument("--steps", type=POSITIVE, help="training steps per arm; bench loop: steps in all (default 12, "
                                              "--warmup of them untimed)")
     g.add_argument("--eval-every", type=POSITIVE, help="measure a checkpoint every this many steps")

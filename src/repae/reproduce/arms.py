@@ -4,9 +4,9 @@ config overrides on the same preset, trained with the same seeds, budget and dat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-from repae.config import RunConfig
+from repae.config import ConfigError, RunConfig
 
 FROZEN_VAE = ("train.tune_vae=false", "latent_norm.mode=fixed")
 
@@ -48,3 +48,21 @@ def arms_for(cfg: RunConfig) -> List[Arm]:
     # stage 2: a new REPA SiT on the frozen E2E-VAE; its counterpart on the original VAE is "repa"
     arms.append(Arm("stage2-e2e-vae", "REPA on the E2E-VAE (stage 2)", FROZEN_VAE, vae_from="repae"))
     return arms
+
+
+def select_arms(arms: List[Arm], names: Optional[Sequence[str]]) -> List[Arm]:
+    """The arms a plan trains: every one (`names` None) or the named ones, in the order named (a CPU
+    user can run the core comparison first, or give two arms a longer budget). A stage-2 arm freezes
+    the VAE another arm tunes, so naming it without that arm is refused before anything trains."""
+    if names is None:
+        return list(arms)
+    by_name = {arm.name: arm for arm in arms}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ConfigError(f"unknown arm(s) {', '.join(unknown)}; this config's arms: {', '.join(by_name)}")
+    chosen = [by_name[n] for n in dict.fromkeys(names)]
+    for arm in chosen:
+        if arm.vae_from and arm.vae_from not in names:
+            raise ConfigError(f"arm {arm.name} trains on the VAE that arm {arm.vae_from} tunes: name "
+                              f"{arm.vae_from} too (a run it finished already is not trained again)")
+    return chosen

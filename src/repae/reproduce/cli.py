@@ -99,7 +99,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
     from repae.cli import UsageError
 
     plan = dataclasses.replace(QUICK if args.quick else FULL)
-    for name in ("seeds", "steps", "eval_every", "jobs", "samples"):
+    for name in ("seeds", "steps", "eval_every", "jobs", "samples", "arms"):
         if getattr(args, name, None) is not None:  # argparse keeps them positive: 0 is refused, not "default"
             setattr(plan, name, getattr(args, name))
     plan.seeds = list(dict.fromkeys(plan.seeds))  # a repeated seed would train twice into one directory

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from repae import dist
 from repae.config import ConfigError, RunConfig, load_config
 from repae.fileio import JsonFileError, read_json_object, write_json_atomic
-from repae.reproduce.arms import Arm, arms_for
+from repae.reproduce.arms import Arm, arms_for, select_arms
 from repae.reproduce.judges import HELDOUT_IMAGES, Judges, build_real_judges, load_real_judges, save_real_judges, toy_judges
 from repae.reproduce.measure import image_spectrum_metrics, measure_run, needs_measuring, vae_metrics
 
@@ -37,6 +37,7 @@ class Plan:
     seeds: List[int] = field(default_factory=lambda: [0])
     samples: int = 250  # class-balanced samples per measurement
     jobs: int = 2  # runs at once
+    arms: Optional[List[str]] = None  # arm names to train, in this order (None: every arm of the config)
 
 
 # --quick, a check that the whole pipeline runs (its budget is too small for the generation claims): one
@@ -296,7 +297,7 @@ def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequ
     stops (Ctrl-C, a crash) still counts its training time and wall time in the next one's report."""
     start = time.perf_counter()
     base: RunConfig = load_config(preset, list(config_files), list(overrides), world_size=1)
-    arms = arms_for(base)
+    arms = select_arms(arms_for(base), plan.arms)  # before the world is built: a wrong name fails at once
     out.mkdir(parents=True, exist_ok=True)
     judges, judges_dir = judges_for_plan(base, out, heldout, heldout_images)
     # the starting VAE, and the held-out images' own DCT spectrum that the latents' are drawn against
