@@ -155,6 +155,27 @@ def test_the_metrics_log_keeps_each_step_once_up_to_the_resumed_step(tmp_path):
     assert [(r["step"], r["loss"]) for r in log.read()] == [(2, 2), (4, 3)]
 
 
+def test_a_deeply_nested_line_in_the_metrics_log_is_dropped_like_a_torn_one(tmp_path, capsys):
+    from repae.train.report import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 2}) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    log = MetricsLog(path, resumed_step=2)  # undefended: RecursionError, the resume crashes
+    assert log.read() == [{"step": 2}]
+    assert "dropped unreadable line 2" in capsys.readouterr().err
+
+
+def test_a_lock_file_of_deeply_nested_json_is_a_torn_lock_and_is_taken_over(tmp_path):
+    import os
+
+    from repae.train.runlock import RunLock
+
+    (tmp_path / "lock").write_text("[" * 100_000 + "]" * 100_000)
+    os.utime(tmp_path / "lock", (0, 0))  # written long ago: no creator is still writing it
+    with RunLock(tmp_path) as lock:  # undefended: RecursionError
+        assert lock.held and json.loads((tmp_path / "lock").read_text())["pid"] == os.getpid()
+
+
 # ------------------------------------------------------------------ one process per run directory
 
 

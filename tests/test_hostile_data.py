@@ -294,3 +294,14 @@ def test_packed_index_with_a_forged_header_is_refused_before_allocating(packed):
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(PackedDataError, match="unreadable"):
         PackedDataset(out)
+
+
+def test_table_with_deeply_nested_classlabel_metadata_falls_back_to_label_ids(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from repae.data.hf import open_table_images
+
+    path = write_table(tmp_path / "train.parquet", [0, 1], pa.int64())
+    table = pq.read_table(path).replace_schema_metadata({"huggingface": "[" * 100_000 + "]" * 100_000})
+    pq.write_table(table, path)  # undefended: RecursionError out of json.loads
+    assert open_table_images(path, image_size=16).classes == ["0", "1"]

@@ -105,7 +105,7 @@ def _class_names(schema, label_column: str) -> Optional[List[str]]:
         feature = json.loads(raw)["info"]["features"][label_column]
         names = feature.get("names")
         return [str(n) for n in names] if names else None
-    except (TypeError, ValueError, KeyError, AttributeError):
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError):  # deep nesting: RecursionError
         return None
 
 

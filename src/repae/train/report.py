@@ -43,7 +43,7 @@ class MetricsLog:
                 if not isinstance(record, dict):
                     raise ValueError("not an object")
                 records.append(record)
-            except ValueError:
+            except (ValueError, RecursionError):  # json.loads raises RecursionError on deeply nested input
                 if report:
                     print(f"{self.path}: dropped unreadable line {number} ({line[:40]!r}...; torn by a crash?)",
                           file=sys.stderr)

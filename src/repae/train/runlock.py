@@ -75,7 +75,7 @@ def _read(path: Path) -> Optional[dict]:
         return holder if isinstance(holder, dict) else {}
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deeply
         return {}  # empty or torn: a holder that died between creating and writing it
 
 
