@@ -305,3 +305,87 @@ def test_table_with_deeply_nested_classlabel_metadata_falls_back_to_label_ids(tm
     table = pq.read_table(path).replace_schema_metadata({"huggingface": "[" * 100_000 + "]" * 100_000})
     pq.write_table(table, path)  # undefended: RecursionError out of json.loads
     assert open_table_images(path, image_size=16).classes == ["0", "1"]
+
+
+@pytest.mark.parametrize("cell", [5, "/etc/hostname", [1, 2]])
+def test_table_image_struct_whose_bytes_are_not_binary_is_refused_at_open(tmp_path, cell):
+    """A string there was opened as a path on this machine: another file read as the image."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from repae.data.hf import TableDataError, open_table_images
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"image": pa.array([{"bytes": cell, "path": "a.png"}] * 2), "label": [0, 1]}), path)
+    with pytest.raises(TableDataError, match="column 'image' is struct<bytes: .*not image bytes"):
+        open_table_images(path, image_size=8)
+
+
+def test_arrow_file_with_offsets_beyond_its_data_is_refused_at_open(tmp_path):
+    """Undefended, reading the row dereferences memory past the file's map: the process dies of SIGBUS."""
+    import struct
+    import subprocess
+    import sys
+
+    pa = pytest.importorskip("pyarrow")
+    image = png(8, 8, "RGB")
+    path = tmp_path / "train.arrow"
+    with pa.ipc.new_file(str(path), pa.schema([("image", pa.binary()), ("label", pa.int64())])) as w:
+        w.write_table(pa.table({"image": pa.array([image] * 3, pa.binary()), "label": pa.array([0, 1, 2])}))
+    raw = bytearray(path.read_bytes())
+    at = raw.find(struct.pack("<4i", 0, len(image), 2 * len(image), 3 * len(image)))  # the binary column's offsets
+    assert at > 0
+    raw[at + 4:at + 8] = struct.pack("<i", 0x7FFF0000)
+    path.write_bytes(raw)
+    code = ("import sys\nfrom repae.data.hf import TableDataError, open_table_images\n"
+            f"try:\n    open_table_images({str(path)!r}, image_size=8)[0]\n"
+            "except TableDataError as err:\n    print(err)\n    sys.exit(3)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, (done.returncode, done.stderr[-500:])  # a clear error, not a dead process
+    assert f"{path} is not a readable arrow file" in done.stdout
+
+
+@pytest.mark.parametrize("label", ["0" * 64 + "7", "1_0", "\u0663", "\uff15"])
+def test_tar_label_that_int_would_misread_is_refused(tmp_path, label):
+    """Undefended: the first 64 bytes of a 65-byte label were read as 0, and int() took "1_0" as 10 and
+    Arabic-Indic or fullwidth digits as 3 and 5."""
+    shard = write_tar(tmp_path / "s.tar", label)
+    with pytest.raises(TarDataError, match=r"s0.cls holds .*(not an integer class id|not a class id)"):
+        TarImages([shard], image_size=16)
+
+
+def _forged_header(kind: bytes, name: str, size: int) -> bytes:
+    """A 512-byte tar header of type `kind` whose size field (base-256) claims `size` bytes."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    block = bytearray(info.tobuf(tarfile.GNU_FORMAT)[:512])
+    block[124:136] = b"\x80" + size.to_bytes(11, "big")
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+@pytest.mark.parametrize("kind,name", [(tarfile.GNUTYPE_LONGNAME, "././@LongLink"),
+                                       (tarfile.XHDTYPE, "././@PaxHeader")])
+def test_tar_long_name_or_pax_header_with_a_forged_size_is_a_tar_error(tmp_path, kind, name):
+    """tarfile reads these with one read(size) of the claimed size: 100 GB asked of a 2 KB file was a MemoryError."""
+    shard = write_tar(tmp_path / "good.tar", "1")
+    forged = tmp_path / "forged.tar"
+    forged.write_bytes(_forged_header(kind, name, 10**11) + shard.read_bytes())
+    result = in_child_with_memory_limit(lambda: TarImages([forged], image_size=16))
+    assert result.startswith("TarDataError") and f"{forged} is not a readable tar file" in result, result
+
+
+def test_tar_pax_field_that_does_not_parse_names_the_shard(tmp_path):
+    """A garbage GNU.sparse.map raised a bare ValueError("invalid literal for int()") naming no shard."""
+    record = b"GNU.sparse.map=x,y\n"
+    record = b"%d %s" % (len(record) + 3, record)
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, len(record)
+    body = pax.tobuf(tarfile.USTAR_FORMAT)[:512] + record + b"\0" * (512 - len(record))
+    member = tarfile.TarInfo("s0.png")
+    data = png(8, 8, "RGB")
+    member.size = len(data)
+    shard = tmp_path / "bad.tar"
+    shard.write_bytes(body + member.tobuf(tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512) + b"\0" * 1024)
+    with pytest.raises(TarDataError, match=f"{shard} is not a readable tar file"):
+        TarImages([shard], image_size=16)

@@ -110,9 +110,11 @@ def _class_names(schema, label_column: str) -> Optional[List[str]]:
 
 
 def _is_image_type(pa, t) -> bool:
-    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
-        return True
-    return pa.types.is_struct(t) and t.get_field_index("bytes") >= 0
+    def binary(t) -> bool:
+        return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+    # or the `datasets` Image struct, whose `bytes` must be binary too (a string there would be taken for a path)
+    return binary(t) or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and binary(t.field("bytes").type))
 
 
 class _TableFile:
@@ -131,7 +133,10 @@ class _TableFile:
                 self.chunk_rows = [meta.row_group(k).num_rows for k in range(meta.num_row_groups)]
             else:
                 self.schema = _arrow_reader(pa, path).schema
-                self.chunk_rows = [b.num_rows for b in self.batches()]
+                batches = self.batches()
+                for b in batches:  # offsets pointing outside the memory map would crash the process (SIGBUS)
+                    b.validate(full=True)
+                self.chunk_rows = [b.num_rows for b in batches]
         except (OSError, pa.ArrowException) as err:
             raise TableDataError(f"{path} is not a readable {path.suffix[1:]} file ({err})") from None
 

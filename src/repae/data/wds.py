@@ -20,6 +20,7 @@ config's cap on model.num_classes), is an error at open.
 from __future__ import annotations
 
 import glob
+import io
 import os
 import re
 import tarfile
@@ -97,11 +98,21 @@ def _split_key(name: str) -> Tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext.lower() if dot else ""
 
 
+class _ReadsWithinFile(io.FileIO):
+    """A file whose read(n) asks for no more than the file still holds: tarfile reads a GNU long name or a
+    pax header with one read of the size the header claims, so a forged size would ask for terabytes."""
+
+    def read(self, size: int = -1) -> bytes:
+        if size is not None and size > 0:
+            size = min(size, max(0, os.fstat(self.fileno()).st_size - self.tell()))
+        return super().read(size)
+
+
 def index_tar(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     """(int64 [n,2] image (offset, size) per sample, -1 where it has none; int64 [n] labels) of one shard."""
     samples: Dict[str, Dict[str, tarfile.TarInfo]] = {}
     try:
-        with tarfile.open(path, "r:") as tar:
+        with _ReadsWithinFile(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 if member.isfile():
                     key, ext = _split_key(member.name)
@@ -121,17 +132,26 @@ def index_tar(path: Path) -> Tuple[np.ndarray, np.ndarray]:
                                        f"it has .{', .'.join(members)})")
                 labels.append(_read_label(tar, label, path))
                 rows.append((image.offset_data, image.size) if image is not None else (-1, 0))
-    except tarfile.ReadError as err:
-        raise TarDataError(f"{path} is not a readable tar file ({err})") from None
+    except TarDataError:
+        raise
+    except (tarfile.TarError, ValueError, OverflowError, EOFError) as err:  # pax fields that do not parse, too
+        raise TarDataError(f"{path} is not a readable tar file ({type(err).__name__}: {str(err)[:160]})") from None
     return np.asarray(rows, dtype=np.int64).reshape(-1, 2), np.asarray(labels, dtype=np.int64)
 
 
+MAX_LABEL_BYTES = 64  # a class id and whitespace: a longer member is not a label (nor read whole)
+LABEL_TEXT = re.compile(rb"\s*([+-]?[0-9]+)\s*")  # ASCII digits only: int() also takes "1_0", "٣" and "５"
+
+
 def _read_label(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> int:
-    text = tar.extractfile(member).read(64).decode("utf-8", "replace").strip()
-    try:
-        value = int(text)
-    except ValueError:
-        raise TarDataError(f"{path}: {member.name} holds {text!r}, not an integer class id") from None
+    raw = tar.extractfile(member).read(MAX_LABEL_BYTES + 1)
+    if len(raw) > MAX_LABEL_BYTES:
+        raise TarDataError(f"{path}: {member.name} holds {member.size} bytes, not a class id")
+    match = LABEL_TEXT.fullmatch(raw)
+    if match is None:
+        text = raw.decode("utf-8", "replace").strip()
+        raise TarDataError(f"{path}: {member.name} holds {text!r}, not an integer class id")
+    value = int(match.group(1))
     if value < 0:
         raise TarDataError(f"{path}: {member.name} holds the negative label {value}")
     if value >= MAX_CLASSES:  # checked here, before the labels become int64 and the class names a list
