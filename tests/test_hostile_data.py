@@ -389,3 +389,17 @@ def test_tar_pax_field_that_does_not_parse_names_the_shard(tmp_path):
     shard.write_bytes(body + member.tobuf(tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512) + b"\0" * 1024)
     with pytest.raises(TarDataError, match=f"{shard} is not a readable tar file"):
         TarImages([shard], image_size=16)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_fifo_named_like_an_image_is_not_listed(tmp_path, flat):
+    """Undefended, the folder listed it and the first read of it blocked forever."""
+    from repae.data.folder import ImageFolder
+
+    where = tmp_path if flat else tmp_path / "cats"
+    where.mkdir(exist_ok=True)
+    (where / "a.png").write_bytes(png(8, 8, "RGB"))
+    os.mkfifo(where / "pipe.jpg")
+    if not flat:  # (in a flat folder a directory would be a class)
+        (where / "dir.jpg").mkdir()
+    assert [p.name for p in ImageFolder(tmp_path, image_size=8).files] == ["a.png"]

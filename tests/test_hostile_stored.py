@@ -475,3 +475,47 @@ def test_damaged_saved_judges_are_a_config_error_with_the_remedy(tmp_path):
     save_file({"heldout_images": torch.zeros(2, 3, 8, 8)}, str(tmp_path / JUDGES_FILE))
     with pytest.raises(ConfigError, match="lack heldout_labels, reference_mu"):
         load_real_judges(tmp_path, "cpu")
+
+
+def _covariance(n: int, d: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return np.cov(x, rowvar=False).astype(np.float32)  # as a float32 pipeline stores it
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda mu, s: s.__setitem__((1, 2), np.nan), "NaN or infinite"),  # undefended: scipy LinAlgError after sampling
+    (lambda mu, s: mu.__setitem__(0, np.inf), "NaN or infinite"),  # undefended: FID inf, silently
+    (lambda mu, s: s.__setitem__((0, 1), s[0, 1] + 1.0), "not symmetric"),  # undefended: "Imaginary component"
+    (lambda mu, s: np.negative(s, out=s), "negative eigenvalue"),  # undefended: "Imaginary component"
+])
+def test_reference_statistics_that_are_no_covariance_are_refused_when_read(tmp_path, damage, message):
+    from repae.evaluate.errors import EvaluationError
+    from repae.evaluate.loading import read_reference
+
+    mu, sigma = np.zeros(64), _covariance(200, 64).astype(np.float64)
+    damage(mu, sigma)
+    np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma)
+    with pytest.raises(EvaluationError, match=f"ref.npz: .*{message}"):
+        read_reference(str(tmp_path / "ref.npz"), None, False, 64, "cpu", None, False)
+
+
+def test_a_rank_deficient_float32_covariance_is_still_a_covariance(tmp_path):
+    from repae.evaluate.stats import load_stats
+
+    sigma = _covariance(40, 256)  # fewer samples than dimensions: eigenvalues down to ~-1e-8 of the largest
+    np.savez(tmp_path / "ref.npz", mu=np.ones(256), sigma=sigma)
+    pool, _ = load_stats(tmp_path / "ref.npz")
+    np.testing.assert_array_equal(pool.sigma, sigma.astype(np.float64))
+
+
+def test_reference_statistics_of_another_network_are_refused_before_sampling(tmp_path):
+    """16-d statistics against the 2048-d Inception pool: undefended, a ValueError from frechet_distance
+    after every sample was drawn and embedded."""
+    from repae.evaluate.errors import EvaluationError
+    from repae.evaluate.loading import read_reference
+    from repae.models.inception import InceptionV3
+
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(16), sigma=np.eye(16))
+    with pytest.raises(EvaluationError, match="mu, sigma are 16-dimensional, but the Inception features they are "
+                                              "compared with are 2048-dimensional"):
+        read_reference(str(tmp_path / "ref.npz"), InceptionV3(), False, 64, "cpu", None, False)

@@ -25,6 +25,11 @@ __all__ = ["IMAGE_SUFFIXES", "adm_center_crop", "list_image_folder", "ImageFolde
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jpe"}
 
 
+def _is_image_file(p: Path) -> bool:
+    """An image by its suffix, and a regular file (or a link to one): reading a FIFO named x.jpg blocks forever."""
+    return p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+
+
 def list_image_folder(root: str | Path) -> Tuple[List[Path], List[int], List[str]]:
     """(files, labels, class names): one class per sub-directory, sorted by name; files sorted."""
     root = Path(root)
@@ -34,11 +39,11 @@ def list_image_folder(root: str | Path) -> Tuple[List[Path], List[int], List[str
     files, labels = [], []
     if classes:
         for label, name in enumerate(classes):
-            found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in (root / name).rglob("*") if _is_image_file(p))
             files += found
             labels += [label] * len(found)
     else:  # a flat folder: one unlabelled class
-        files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in root.iterdir() if _is_image_file(p))
         labels = [0] * len(files)
         classes = [root.name]
     if not files:

@@ -34,7 +34,7 @@ from repae import dist
 from repae.evaluate.manifold import precision_recall
 from repae.fileio import read_npy
 from repae.evaluate.stats import FeatureStats, GaussianStats, frechet_distance, npz_keys, read_gaussian
-from repae.models.inception import InceptionV3
+from repae.models.inception import POOL_DIM, SPATIAL_DIM, InceptionV3
 
 PathLike = Union[str, os.PathLike]
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -244,6 +244,11 @@ def load_reference(path: PathLike, inception: Optional[InceptionV3] = None, *, n
     keys = npz_keys(path)
     pool = read_gaussian(path, "mu", "sigma") if {"mu", "sigma"} <= keys else None
     spatial = read_gaussian(path, "mu_s", "sigma_s") if {"mu_s", "sigma_s"} <= keys else None
+    if isinstance(inception, InceptionV3):  # else the mismatch shows only after every sample is drawn
+        for names, stats, dim in (("mu, sigma", pool, POOL_DIM), ("mu_s, sigma_s", spatial, SPATIAL_DIM)):
+            if stats is not None and len(stats.mu) != dim:
+                raise ValueError(f"{path}: {names} are {len(stats.mu)}-dimensional, but the Inception features "
+                                 f"they are compared with are {dim}-dimensional (statistics of another network?)")
     has_images = REF_IMAGES_KEY in keys
     if pool is None and not has_images:
         raise KeyError(f"{path} is not a reference batch: expected '{REF_IMAGES_KEY}' (uint8 [N,H,W,3] images) "

@@ -173,6 +173,9 @@ def save_stats(path: Union[str, os.PathLike], pool: GaussianStats,
     return path
 
 
+COVARIANCE_RTOL = 1e-5  # of the largest eigenvalue: how negative a stored covariance's eigenvalues may be
+
+
 def read_gaussian(path: Union[str, os.PathLike], mu_key: str = "mu", sigma_key: str = "sigma") -> GaussianStats:
     """mu [D] and sigma [D,D] (as float64) from members of an .npz, read with the bounded reader, so a
     forged .npy header cannot make it allocate; ArrayFileError (a ValueError) naming the file for a
@@ -184,7 +187,21 @@ def read_gaussian(path: Union[str, os.PathLike], mu_key: str = "mu", sigma_key: 
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise ArrayFileError(f"{path}: '{mu_key}' {tuple(mu.shape)} and '{sigma_key}' {tuple(sigma.shape)} are not "
                              "a mean [D] and its covariance [D,D]")
-    return GaussianStats(mu.astype(np.float64), sigma.astype(np.float64))
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+    # what a covariance must be, checked here: otherwise an infinite FID, or a scipy error (NaN) or an
+    # "imaginary component" (not symmetric, not PSD) only after every sample is drawn, and from the small-N
+    # formula (frechet_distance_to_features clips negative eigenvalues) a wrong number with no error at all
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ArrayFileError(f"{path}: '{mu_key}' or '{sigma_key}' holds NaN or infinite values")
+    scale = float(np.abs(sigma).max()) if sigma.size else 0.0
+    if sigma.size and float(np.abs(sigma - sigma.T).max()) > 1e-6 * scale:
+        raise ArrayFileError(f"{path}: '{sigma_key}' is not symmetric, so not a covariance")
+    if sigma.size:
+        eig = np.linalg.eigvalsh(sigma)  # ascending; ~1 s at D = 2048
+        if eig[0] < -COVARIANCE_RTOL * max(eig[-1], 0.0):  # a float32 covariance of N < D samples: ~-1e-8 relative
+            raise ArrayFileError(f"{path}: '{sigma_key}' has the negative eigenvalue {eig[0]:.3g} (largest "
+                                 f"{eig[-1]:.3g}), so it is not a covariance")
+    return GaussianStats(mu, sigma)
 
 
 def npz_keys(path: Union[str, os.PathLike]) -> set:

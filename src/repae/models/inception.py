@@ -63,6 +63,8 @@ from torch import nn
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
 SFID_CHANNELS = 7
+POOL_DIM = 2048  # pool_3 features (FID, precision/recall)
+SPATIAL_DIM = 17 * 17 * SFID_CHANNELS  # mixed_6/conv[..., :7] flattened (sFID): 2023
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILE
 
