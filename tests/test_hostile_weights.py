@@ -283,3 +283,41 @@ def test_bad_encoder_files_are_named(tmp_path, name, content, message):
     with pytest.raises(CheckpointError, match=message) as err:
         load_encoder_from_spec(tiny(name), str(tmp_path / "enc.pth"), 256)
     assert "enc.pth" in str(err.value)
+
+
+
+def _saved_sit_with(tmp_path, key: str, change):
+    """A tiny SiT saved by save_model, then one tensor replaced by change(tensor), metadata kept."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from repae.weights import save_model
+
+    path = save_model(SiT(tiny_sit_args()), tmp_path / "sit.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    state = load_file(str(path))
+    state[key] = change(state[key])
+    save_file(state, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda t: t.to(torch.complex64) + 1j, "wrong kinds of number: x_embedder.proj.weight: file torch.complex64"),
+    (lambda t: (t * 100).to(torch.int8), "wrong kinds of number: x_embedder.proj.weight: file torch.int8"),
+    (lambda t: t > 0, "wrong kinds of number: x_embedder.proj.weight: file torch.bool"),
+    (lambda t: t.index_fill(0, torch.tensor([3]), float("nan")), "NaN or infinite values in x_embedder.proj.weight"),
+    (lambda t: t.index_fill(0, torch.tensor([0]), float("inf")), "NaN or infinite values in x_embedder.proj.weight"),
+])
+def test_weights_of_the_wrong_kind_or_not_finite_are_refused(tmp_path, damage, message):
+    """Undefended, each loaded: complex with a warning and its imaginary part dropped, int8 and bool cast to
+    float silently, NaN and inf kept, for NaN samples later with nothing naming the file."""
+    path = _saved_sit_with(tmp_path, "x_embedder.proj.weight", damage)
+    with pytest.raises(CheckpointError, match=f"(?s)sit.safetensors.*{message}"):
+        load_model(path, kind="sit")
+
+
+def test_weights_stored_in_another_float_width_still_load(tmp_path):
+    path = _saved_sit_with(tmp_path, "x_embedder.proj.weight", lambda t: t.double() + 0.25)
+    weight = load_model(path, kind="sit").x_embedder.proj.weight
+    assert weight.dtype == torch.float32 and bool((weight >= 0.25 - 1).all())

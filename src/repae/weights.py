@@ -148,11 +148,15 @@ def check_fits(module: nn.Module, state: dict, source: str = "state dict") -> No
         for k in own if k in state and isinstance(state[k], torch.Tensor)
         and tuple(state[k].shape) != tuple(own[k].shape)
     ]
-    if missing or unexpected or odd or not_tensors or shapes:
+    # a complex, integer or bool tensor where the model holds floats would be cast on loading (the
+    # imaginary part dropped, weights rounded to integers) instead of refused
+    dtypes = [f"{k}: file {state[k].dtype} vs model {own[k].dtype}" for k in own if k in state
+              and isinstance(state[k], torch.Tensor) and state[k].dtype.is_floating_point != own[k].dtype.is_floating_point]
+    if missing or unexpected or odd or not_tensors or shapes or dtypes:
         parts = [f"{source} does not match {type(module).__name__}:"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
                              ("keys that are not names", odd), ("values that are not tensors", not_tensors),
-                             ("wrong shapes", shapes)):
+                             ("wrong shapes", shapes), ("wrong kinds of number", dtypes)):
             if items:
                 shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
                 parts.append(f"  {title}: {shown}")
@@ -162,6 +166,10 @@ def check_fits(module: nn.Module, state: dict, source: str = "state dict") -> No
 def load_strict(module: nn.Module, state: StateDict, source: str = "state dict") -> nn.Module:
     """load_state_dict(strict=True) with one error listing missing, unexpected and mis-shaped keys."""
     check_fits(module, state, source)
+    bad = [k for k, t in state.items() if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+    if bad:  # else NaN samples or metrics much later, with nothing naming the file
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(f"{source}: NaN or infinite values in {shown}: a damaged (or diverged) weight file")
     module.load_state_dict(state, strict=True)
     return module
 
