@@ -519,3 +519,27 @@ def test_reference_statistics_of_another_network_are_refused_before_sampling(tmp
     with pytest.raises(EvaluationError, match="mu, sigma are 16-dimensional, but the Inception features they are "
                                               "compared with are 2048-dimensional"):
         read_reference(str(tmp_path / "ref.npz"), InceptionV3(), False, 64, "cpu", None, False)
+
+
+def test_an_image_batch_of_huge_images_is_refused_from_its_header(tmp_path):
+    """A 800 KB deflated .npz of two 12000x12000 images read as one 864 MB batch (64 such images: 28 GB)."""
+    from repae.evaluate.errors import EvaluationError
+    from repae.evaluate.sources import open_npz
+
+    path = write_npz(tmp_path / "b.npz", {"arr_0": forged_npy((2, 12000, 12000, 3), "|u1")})
+    with pytest.raises(EvaluationError, match=r"b\.npz: 'arr_0' holds 12000x12000 images, over the limit of "
+                                              r"64000000 pixels"):
+        open_npz(path)
+    assert open_npz(path, max_pixels=12000 * 12000).num_images == 2  # the limit is the user's to raise
+
+
+def test_an_image_batch_is_read_at_most_max_batch_bytes_at_a_time(tmp_path, monkeypatch):
+    from repae.evaluate import fid
+    from repae.evaluate.sources import open_npz
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "b.npz", arr_0=images)
+    monkeypatch.setattr(fid, "MAX_BATCH_BYTES", 2 * 8 * 8 * 3)
+    batches = list(open_npz(tmp_path / "b.npz", batch_size=64))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    np.testing.assert_array_equal(torch.cat(batches).permute(0, 2, 3, 1).numpy(), images)

@@ -129,7 +129,7 @@ def _sample_source(args, device, kind: str, loaded):
 
     rank, world = dist.rank(), dist.world_size()
     if kind == "npz":
-        source = open_npz(args.source, args.batch_size, rank, world, args.num_images)
+        source = open_npz(args.source, args.batch_size, rank, world, args.num_images, args.max_image_pixels)
         return source, {"source": {"kind": "npz", "path": args.source}}, {"samples_npz": args.source}
     if kind == "folder":
         source = open_folder(args.source, args.batch_size, None, rank, world, args.num_images,
@@ -299,7 +299,7 @@ def cmd_ref_stats(args) -> int:
     elif kind == "npz":
         if args.image_size:
             raise EvaluationError("--image-size (ADM centre crop) applies to image folders, not to an .npz")
-        source = open_npz(args.source, args.batch_size, rank, world, args.num_images)
+        source = open_npz(args.source, args.batch_size, rank, world, args.num_images, args.max_image_pixels)
     else:
         source = open_folder(args.source, args.batch_size, args.image_size, rank, world, args.num_images,
                              workers=args.workers, max_pixels=args.max_image_pixels)

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from repae import dist
+from repae.data.images import DEFAULT_MAX_PIXELS
 from repae.evaluate.manifold import precision_recall
 from repae.fileio import read_npy
 from repae.evaluate.stats import FeatureStats, GaussianStats, frechet_distance, npz_keys, read_gaussian
@@ -103,13 +104,16 @@ class InceptionScoreAccumulator:
 # ----------------------------------------------------------------------------- ADM .npz batches
 
 
+MAX_BATCH_BYTES = 1 << 30  # of uint8 pixels read from an image batch at a time
+
+
 class NpzImages:
     """Stream `arr_0` (uint8 [N,H,W,3], an ADM sample/reference batch) as uint8 [B,3,H,W] tensors,
     reading `batch_size` images at a time from the zip member (the file never loads whole)."""
 
     def __init__(self, path: PathLike, batch_size: int = 64, key: str = REF_IMAGES_KEY,
-                 block: Optional[range] = None):
-        self.path, self.batch_size, self.key = Path(path), batch_size, key
+                 block: Optional[range] = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.path, self.key = Path(path), key
         if not self.path.is_file():
             raise FileNotFoundError(f"image batch not found: {self.path}")
         with self._member() as f:
@@ -117,6 +121,13 @@ class NpzImages:
         if self.dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] != 3:
             raise ValueError(f"{self.path}: '{key}' must be uint8 [N,H,W,3] images, "
                              f"got {self.dtype} {tuple(self.shape)}")
+        # the header's sizes, bounded before a batch is sized by them (a deflated member of zeros is ~1000x
+        # smaller than its images): the pixel limit of every image source, and batches of at most 1 GiB
+        height, width = int(self.shape[1]), int(self.shape[2])
+        if height * width > max_pixels:
+            raise ValueError(f"{self.path}: '{key}' holds {height}x{width} images, over the limit of {max_pixels} "
+                             f"pixels (--max-image-pixels)")
+        self.batch_size = max(1, min(batch_size, MAX_BATCH_BYTES // max(1, height * width * 3)))
         self.block = block if block is not None else range(self.num_images)  # rows to stream
 
     def _member(self):

@@ -117,8 +117,9 @@ class FolderImages:
 class NpzBlock(NpzImages):
     """`NpzImages` over rows [block.start, block.stop) of `arr_0`, with evaluation errors."""
 
-    def __init__(self, path: PathLike, batch_size: int = 64, block: Optional[range] = None):
-        super().__init__(path, batch_size, block=block)
+    def __init__(self, path: PathLike, batch_size: int = 64, block: Optional[range] = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        super().__init__(path, batch_size, block=block, max_pixels=max_pixels)
         self.skipped: List[str] = []
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -129,10 +130,10 @@ class NpzBlock(NpzImages):
 
 
 def open_npz(path: PathLike, batch_size: int = 64, rank: int = 0, world: int = 1,
-             limit: Optional[int] = None) -> NpzBlock:
+             limit: Optional[int] = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> NpzBlock:
     """This process's block of an ADM image batch, with the errors said plainly."""
     try:
-        whole = NpzBlock(path, batch_size)
+        whole = NpzBlock(path, batch_size, max_pixels=max_pixels)
     except FileNotFoundError:
         raise EvaluationError(f"image batch not found: {path}") from None
     except KeyError as err:
@@ -141,7 +142,7 @@ def open_npz(path: PathLike, batch_size: int = 64, rank: int = 0, world: int = 1
     except ValueError as err:
         raise EvaluationError(str(err)) from None
     n = min(whole.num_images, limit) if limit else whole.num_images
-    whole.block = shard_range(n, rank, world, batch_size)
+    whole.block = shard_range(n, rank, world, batch_size)  # blocks as the ranks agree, whatever one batch holds
     return whole
 
 
