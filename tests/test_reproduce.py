@@ -281,6 +281,13 @@ def test_reproduce_command_runs_every_arm_measures_and_reports(tmp_path):
     text = report.read_text()
     for claim in ["a", "b", "c", "c w/o CFG", "d", "e", "f"]:
         assert f"| ({claim}) |" in text
+    # where real images stand with the same judges and sample count: the training images and their reconstructions
+    real = results["real_images"]
+    assert list(real) == ["real images", "starting VAE reconstructions"]
+    assert all(row["num_images"] == 10 and math.isfinite(row["fid"]) and 0 <= row["class_accuracy"] <= 1
+               for row in real.values())
+    assert real["real images"]["fid"] != real["starting VAE reconstructions"]["fid"]  # reconstructed, not copied
+    assert "| real images (10) | " in text and "| starting VAE reconstructions (10) | " in text
     assert (report.parent / "docs" / "reproduction" / "fid_vs_steps.png").is_file()
     assert (report.parent / "docs" / "reproduction" / "grid-repae.png").is_file()
     assert (report.parent / "docs" / "reproduction" / "latent_spectra.png").is_file() and "## Latent spectra" in text
@@ -346,6 +353,7 @@ def test_a_stopped_reproduction_keeps_its_training_and_wall_time(tmp_path, monke
     monkeypatch.setattr(rr, "starting_vae", lambda cfg, judges: None)
     monkeypatch.setattr(rr, "vae_metrics", lambda vae, judges: {})
     monkeypatch.setattr(rr, "image_spectrum_metrics", lambda images: {})
+    monkeypatch.setattr(rr, "real_image_rows", lambda cfg, judges, vae, n: {})
     monkeypatch.setattr(rr, "measure_run", lambda run_dir, samples, judges: {})
     monkeypatch.setattr(rr, "train_command", lambda arm, *a: [sys.executable, "-c", "import time; time.sleep(0.2)"])
     plan = rr.Plan(steps=2, eval_every=1, seeds=[0], samples=1, jobs=1)
@@ -459,6 +467,7 @@ def test_reproduce_trains_and_measures_only_the_named_arms(tmp_path, monkeypatch
     monkeypatch.setattr(rr, "starting_vae", lambda cfg, judges: None)
     monkeypatch.setattr(rr, "vae_metrics", lambda vae, judges: {})
     monkeypatch.setattr(rr, "image_spectrum_metrics", lambda images: {})
+    monkeypatch.setattr(rr, "real_image_rows", lambda cfg, judges, vae, n: {})
     measured = []
     monkeypatch.setattr(rr, "measure_run", lambda run_dir, samples, judges: measured.append(run_dir.name) or {})
     started = []

@@ -150,6 +150,31 @@ def vae_metrics(vae, judges: Judges, z: Optional[torch.Tensor] = None, latent_no
             "vae_psnr_db": psnr(vae, judges.heldout_images[: len(z)], z, batch_size=vae_batch(judges.heldout_images))}
 
 
+def real_image_rows(cfg, judges: Judges, vae, num_samples: int) -> Dict[str, Dict[str, float]]:
+    """What the judges give real images, measured as a run's samples are (`num_samples` class-balanced
+    images, the same reference): the toy world's training images (the FID reference is the held-out set),
+    and their reconstructions by the starting VAE, the best a generator of its latents can do. They place
+    the arms' numbers: a toy FID of 7 against real images' 0.2 is far from the data, not a saturated task.
+    {} on real data (its held-out images are the reference itself)."""
+    if cfg.data.source != "toy":
+        return {}
+    from repae.build import vae_args
+    from repae.evaluate.recon import reconstruct
+    from repae.toyworld import ensure_toy_world
+
+    world = ensure_toy_world(vae_args(cfg), cfg.toy, seed=0, progress=False)
+    images, labels = world.train_images[:num_samples], world.train_labels[:num_samples]  # class = index mod classes
+    device = next(vae.parameters()).device
+    with torch.no_grad():
+        recons = torch.cat([reconstruct(vae, images[i : i + 250].to(device)).cpu() for i in range(0, len(images), 250)])
+    rows = {}
+    for name, x in (("real images", images), ("starting VAE reconstructions", recons)):
+        feats, predicted = judges.score(x)
+        rows[name] = {"fid": frechet_distance_to_features(feats, *judges.reference),
+                      "class_accuracy": (predicted.cpu() == labels).float().mean().item(), "num_images": len(x)}
+    return rows
+
+
 def sit_normalizer(sit):
     """The normaliser between a run's VAE and its SiT: its latent BatchNorm (running statistics),
     or the identity where the SiT takes raw latents."""

@@ -25,7 +25,7 @@ from repae.config import ConfigError, RunConfig, load_config
 from repae.fileio import JsonFileError, read_json_object, write_json_atomic
 from repae.reproduce.arms import Arm, arms_for, select_arms
 from repae.reproduce.judges import HELDOUT_IMAGES, Judges, build_real_judges, load_real_judges, save_real_judges, toy_judges
-from repae.reproduce.measure import image_spectrum_metrics, measure_run, needs_measuring, vae_metrics
+from repae.reproduce.measure import image_spectrum_metrics, measure_run, needs_measuring, real_image_rows, vae_metrics
 
 
 @dataclass
@@ -301,7 +301,10 @@ def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequ
     out.mkdir(parents=True, exist_ok=True)
     judges, judges_dir = judges_for_plan(base, out, heldout, heldout_images)
     # the starting VAE, and the held-out images' own DCT spectrum that the latents' are drawn against
-    initial = {**vae_metrics(starting_vae(base, judges), judges), **image_spectrum_metrics(judges.heldout_images)}
+    vae = starting_vae(base, judges)
+    initial = {**vae_metrics(vae, judges), **image_spectrum_metrics(judges.heldout_images)}
+    real = real_image_rows(base, judges, vae, plan.samples)  # where real images stand, for the report
+    del vae
     threads = max(1, dist.usable_cores() // plan.jobs)
     previous = _read_previous(out / "results.json")
     earlier, invocations = previous.get("runs", {}), previous.get("invocations", [])
@@ -334,7 +337,7 @@ def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequ
                           for seed in plan.seeds} for arm in arms}
     results = {
         "plan": asdict(plan), "preset": preset, "overrides": list(overrides), "num_classes": base.model.num_classes,
-        "arms": [asdict(a) for a in arms], "initial_vae": initial, "judges": judges.info,
+        "arms": [asdict(a) for a in arms], "initial_vae": initial, "real_images": real, "judges": judges.info,
         "runs": runner.runs, "metrics": metrics, "threads_per_run": threads,
         "wall_seconds": round(time.perf_counter() - start, 1), "invocations": invocations + this_invocation(),
     }
