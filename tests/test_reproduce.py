@@ -354,7 +354,7 @@ def test_a_stopped_reproduction_keeps_its_training_and_wall_time(tmp_path, monke
     monkeypatch.setattr(rr, "vae_metrics", lambda vae, judges: {})
     monkeypatch.setattr(rr, "image_spectrum_metrics", lambda images: {})
     monkeypatch.setattr(rr, "real_image_rows", lambda cfg, judges, vae, n: {})
-    monkeypatch.setattr(rr, "measure_run", lambda run_dir, samples, judges: {})
+    monkeypatch.setattr(rr, "measure_run", lambda run_dir, samples, judges, every=None: {})
     monkeypatch.setattr(rr, "train_command", lambda arm, *a: [sys.executable, "-c", "import time; time.sleep(0.2)"])
     plan = rr.Plan(steps=2, eval_every=1, seeds=[0], samples=1, jobs=1)
     first = {"command": "repae bench reproduce", "commit": "abc", "machine": "here"}
@@ -469,7 +469,7 @@ def test_reproduce_trains_and_measures_only_the_named_arms(tmp_path, monkeypatch
     monkeypatch.setattr(rr, "image_spectrum_metrics", lambda images: {})
     monkeypatch.setattr(rr, "real_image_rows", lambda cfg, judges, vae, n: {})
     measured = []
-    monkeypatch.setattr(rr, "measure_run", lambda run_dir, samples, judges: measured.append(run_dir.name) or {})
+    monkeypatch.setattr(rr, "measure_run", lambda run_dir, samples, judges, every=None: measured.append(run_dir.name) or {})
     started = []
     monkeypatch.setattr(rr, "train_command", lambda arm, seed, *a: started.append(f"{arm.name}-s{seed}")
                         or [sys.executable, "-c", "pass"])
@@ -492,3 +492,19 @@ def test_an_unknown_arm_is_refused_before_the_world_is_built(tmp_path, capsys):
         main(["bench", "reproduce", "--arms", "repae", f"toy.cache_dir={cache}"])
     err = capsys.readouterr().err
     assert f"'toy.cache_dir={cache}' is not an arm name: put key=value overrides before --arms" in err
+
+
+def test_only_checkpoints_on_the_plans_grid_are_measured(tmp_path):
+    """An interrupted run leaves a checkpoint where it stopped (step 36, say): measured, it added a one-seed
+    point to the curves of the full plan (seen: steps 80 and 81 beside 300, 600, 900, 1200)."""
+    from repae.reproduce.measure import LATENT_KEYS, METRICS_FILE, UNGUIDED_KEYS, measure_run, needs_measuring
+
+    for step in (2, 4, 8):
+        (tmp_path / "checkpoints" / f"step-{step:07d}").mkdir(parents=True)
+    record = {"num_samples": 10, "fid": 1.0, **{k: 0.5 for k in LATENT_KEYS + UNGUIDED_KEYS}}
+    (tmp_path / METRICS_FILE).write_text(json.dumps({"4": record, "8": record}))
+    assert needs_measuring(tmp_path, 10)  # every checkpoint: step 2 is not measured
+    assert not needs_measuring(tmp_path, 10, every=4)
+    (tmp_path / METRICS_FILE).write_text(json.dumps({"2": record, "4": record, "8": record}))
+    assert list(measure_run(tmp_path, 10, every=4)) == ["4", "8"]  # a stored off-grid one is left out too
+    assert list(measure_run(tmp_path, 10)) == ["2", "4", "8"]

@@ -261,11 +261,13 @@ def checkpoint_metrics(ckpt: Path, judges: Judges, num_samples: int, grid_path: 
             "num_samples": num_samples}
 
 
-def _checkpoints(run_dir: Path) -> List[Path]:
-    """The run's step-numbered checkpoint directories, oldest first."""
+def _checkpoints(run_dir: Path, every: Optional[int] = None) -> List[Path]:
+    """The run's step-numbered checkpoint directories, oldest first; with `every`, only those at a multiple
+    of it: an interrupted run also leaves a checkpoint where it stopped (step 36, say), which is no point of
+    the plan's grid and would add a one-seed point to its curves."""
     from repae.train.checkpoint import step_dirs
 
-    return step_dirs(run_dir)[::-1]
+    return [c for c in step_dirs(run_dir)[::-1] if every is None or checkpoint_step(c) % every == 0]
 
 
 def _complete(record: Optional[dict], num_samples: int) -> bool:
@@ -293,16 +295,17 @@ def _read_done(out: Path, warn: bool = False) -> Dict[str, dict]:
     return kept
 
 
-def needs_measuring(run_dir: Path, num_samples: int) -> bool:
+def needs_measuring(run_dir: Path, num_samples: int, every: Optional[int] = None) -> bool:
     """Whether `measure_run` would measure anything: a checkpoint of the run not yet measured (fully)."""
     done = _read_done(run_dir / METRICS_FILE)
-    return not all(_complete(done.get(str(checkpoint_step(c))), num_samples) for c in _checkpoints(run_dir))
+    return not all(_complete(done.get(str(checkpoint_step(c))), num_samples) for c in _checkpoints(run_dir, every))
 
 
 def measure_run(run_dir: Path, num_samples: int, judges: Optional[Judges] = None,
-                judges_dir: Optional[Path] = None) -> Dict[str, dict]:
-    """{step: metrics} for every checkpoint of a run, reusing what RUN/reproduce-metrics.json holds
-    (judges: built from the first checkpoint's config, or loaded from `judges_dir`, when not given)."""
+                judges_dir: Optional[Path] = None, every: Optional[int] = None) -> Dict[str, dict]:
+    """{step: metrics} for every checkpoint of a run (with `every`, those at its multiples), reusing what
+    RUN/reproduce-metrics.json holds (judges: built from the first checkpoint's config, or loaded from
+    `judges_dir`, when not given)."""
     from repae.config import load_config
 
     out = run_dir / METRICS_FILE
@@ -310,7 +313,7 @@ def measure_run(run_dir: Path, num_samples: int, judges: Optional[Judges] = None
     for m in done.values():  # files written before the real-data judges called the FID "toy_fid"
         if "toy_fid" in m:
             m["fid"] = m.pop("toy_fid")
-    for ckpt in _checkpoints(run_dir):
+    for ckpt in _checkpoints(run_dir, every):
         step = str(checkpoint_step(ckpt))
         measured = step in done and done[step].get("num_samples") == num_samples
         if _complete(done.get(step), num_samples):
@@ -325,7 +328,7 @@ def measure_run(run_dir: Path, num_samples: int, judges: Optional[Judges] = None
         except Exception as err:  # e.g. a Frechet distance that cannot be computed on collapsed samples:
             done[step] = {"error": f"{type(err).__name__}: {err}"}  # recorded, retried on the next run
         write_json_atomic(out, dict(sorted(done.items(), key=lambda kv: int(kv[0]))))
-    return done
+    return {k: v for k, v in done.items() if every is None or int(k) % every == 0}  # stored off-grid ones left out
 
 
 def main(argv=None) -> int:
@@ -333,8 +336,9 @@ def main(argv=None) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--samples", type=int, default=250, help="class-balanced samples per checkpoint")
     p.add_argument("--judges", type=Path, default=None, help="real-data judges saved by the runner (default: toy world)")
+    p.add_argument("--every", type=int, default=None, help="only checkpoints at multiples of this step (default: all)")
     args = p.parse_args(argv)
-    measure_run(args.run_dir, args.samples, judges_dir=args.judges)
+    measure_run(args.run_dir, args.samples, judges_dir=args.judges, every=args.every)
     return 0
 
 

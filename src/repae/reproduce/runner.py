@@ -150,10 +150,10 @@ class _Runner:
                 from repae.stage2.export import export_vae
 
                 export_vae(run_dir)  # its tuned VAE is stage 2's frozen VAE
-            if needs_measuring(run_dir, self.plan.samples):
+            if needs_measuring(run_dir, self.plan.samples, self.plan.eval_every):
                 self._log(f"measure {name}")
                 measure = [sys.executable, "-m", "repae.reproduce.measure", str(run_dir), "--samples",
-                           str(self.plan.samples)]
+                           str(self.plan.samples), "--every", str(self.plan.eval_every)]
                 if self.judges_dir is not None:
                     measure += ["--judges", str(self.judges_dir)]
                 if self._call(measure, log) != 0:
@@ -333,7 +333,8 @@ def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequ
             save_progress()  # this invocation's wall time up to the stop
         raise
     pool.shutdown()
-    metrics = {arm.name: {str(seed): measure_run(out / "runs" / run_name(arm, seed), plan.samples, judges)
+    metrics = {arm.name: {str(seed): measure_run(out / "runs" / run_name(arm, seed), plan.samples, judges,
+                                                 every=plan.eval_every)
                           for seed in plan.seeds} for arm in arms}
     results = {
         "plan": asdict(plan), "preset": preset, "overrides": list(overrides), "num_classes": base.model.num_classes,
