@@ -47,8 +47,10 @@ class Plan:
 # 10 per class, enough to tell a collapsed arm from a working one, which is all this budget can judge.
 # The time of this plan: README
 QUICK = Plan(steps=150, eval_every=150, seeds=[0], samples=100, jobs=2)
-# the default: ~2.5 h on a 2-core AVX-512 BF16 CPU, toy world v3 (1-thread runs: REPA-E arms ~64 images/s, frozen-VAE arms ~240);
-# re-running the same command after an interruption continues where it stopped
+# the default. Toy world v6 on a 2-core Xeon, two runs at once with one thread each: training 1252-1386 s per
+# REPA-E arm, 546 s (REPA) and 455 s (vanilla) per frozen-VAE arm, ~8.5 min measuring each run (4 checkpoints x
+# 500 samples with and without CFG): about 3.4 h for 2 seeds, 5 h for 3, by the sum of those parts (README).
+# Re-running the same command after an interruption continues where it stopped
 FULL = Plan(steps=1200, eval_every=300, seeds=[0, 1], samples=500, jobs=2)
 
 
