@@ -341,19 +341,23 @@ def test_generation_verdicts_are_inconclusive_when_no_arm_beats_chance(tmp_path)
     assert "below 2x chance" in text
 
 
-def test_a_stopped_reproduction_keeps_its_training_and_wall_time(tmp_path, monkeypatch):
-    # a crash or Ctrl-C mid-way used to lose the finished runs' training time and the invocation
-    # itself from results.json: the next invocation's report under-counted both
-    import sys
-    import types
-
-    from repae.reproduce import runner as rr
-
+def _no_world(monkeypatch, rr) -> None:
+    """The runner without the toy world: no judges, starting VAE or real-image rows are built."""
     monkeypatch.setattr(rr, "judges_for_plan", lambda cfg, out, heldout, n: (types.SimpleNamespace(info={}, heldout_images=None), None))
     monkeypatch.setattr(rr, "starting_vae", lambda cfg, judges: None)
     monkeypatch.setattr(rr, "vae_metrics", lambda vae, judges: {})
     monkeypatch.setattr(rr, "image_spectrum_metrics", lambda images: {})
     monkeypatch.setattr(rr, "real_image_rows", lambda cfg, judges, vae, n: {})
+
+
+def test_a_stopped_reproduction_keeps_its_training_and_wall_time(tmp_path, monkeypatch):
+    # a crash or Ctrl-C mid-way used to lose the finished runs' training time and the invocation
+    # itself from results.json: the next invocation's report under-counted both
+    import sys
+
+    from repae.reproduce import runner as rr
+
+    _no_world(monkeypatch, rr)
     monkeypatch.setattr(rr, "measure_run", lambda run_dir, samples, judges, every=None: {})
     monkeypatch.setattr(rr, "train_command", lambda arm, *a: [sys.executable, "-c", "import time; time.sleep(0.2)"])
     plan = rr.Plan(steps=2, eval_every=1, seeds=[0], samples=1, jobs=1)
@@ -463,11 +467,7 @@ def test_reproduce_trains_and_measures_only_the_named_arms(tmp_path, monkeypatch
 
     from repae.reproduce import runner as rr
 
-    monkeypatch.setattr(rr, "judges_for_plan", lambda cfg, out, heldout, n: (types.SimpleNamespace(info={}, heldout_images=None), None))
-    monkeypatch.setattr(rr, "starting_vae", lambda cfg, judges: None)
-    monkeypatch.setattr(rr, "vae_metrics", lambda vae, judges: {})
-    monkeypatch.setattr(rr, "image_spectrum_metrics", lambda images: {})
-    monkeypatch.setattr(rr, "real_image_rows", lambda cfg, judges, vae, n: {})
+    _no_world(monkeypatch, rr)
     measured = []
     monkeypatch.setattr(rr, "measure_run", lambda run_dir, samples, judges, every=None: measured.append(run_dir.name) or {})
     started = []

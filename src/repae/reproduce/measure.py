@@ -267,7 +267,11 @@ def _checkpoints(run_dir: Path, every: Optional[int] = None) -> List[Path]:
     the plan's grid and would add a one-seed point to its curves."""
     from repae.train.checkpoint import step_dirs
 
-    return [c for c in step_dirs(run_dir)[::-1] if every is None or checkpoint_step(c) % every == 0]
+    return [c for c in step_dirs(run_dir)[::-1] if _on_grid(checkpoint_step(c), every)]
+
+
+def _on_grid(step: int, every: Optional[int]) -> bool:
+    return every is None or step % every == 0
 
 
 def _complete(record: Optional[dict], num_samples: int) -> bool:
@@ -328,7 +332,7 @@ def measure_run(run_dir: Path, num_samples: int, judges: Optional[Judges] = None
         except Exception as err:  # e.g. a Frechet distance that cannot be computed on collapsed samples:
             done[step] = {"error": f"{type(err).__name__}: {err}"}  # recorded, retried on the next run
         write_json_atomic(out, dict(sorted(done.items(), key=lambda kv: int(kv[0]))))
-    return {k: v for k, v in done.items() if every is None or int(k) % every == 0}  # stored off-grid ones left out
+    return {k: v for k, v in done.items() if _on_grid(int(k), every)}  # stored off-grid ones left out
 
 
 def main(argv=None) -> int:
