@@ -374,7 +374,8 @@ def _toy_world(spec):
 
 
 def _good_pool(n: int) -> dict:
-    return {"images": npy_bytes(np.zeros((n, 3, 32, 32), np.uint8)), "labels": npy_bytes(np.arange(n) % 10)}
+    return {"images": npy_bytes(np.zeros((n, 3, 32, 32), np.uint8)), "labels": npy_bytes(np.arange(n) % 10),
+            "coverage": npy_bytes(np.zeros((n, 32, 32), np.uint8))}
 
 
 TOY_DAMAGE = {
@@ -385,6 +386,8 @@ TOY_DAMAGE = {
         np.zeros((12, 3, 8, 8), np.uint8))}), r"not uint8 \[12, 3, 32, 32\]"),
     "train.npz labels out of range": ("train.npz", lambda p: write_npz(p, {**_good_pool(12), "labels": npy_bytes(
         np.full(12, 10**12))}), "class ids"),
+    "train.npz coverage a float": ("train.npz", lambda p: write_npz(p, {**_good_pool(12), "coverage": npy_bytes(
+        np.zeros((12, 32, 32), np.float32))}), r"coverage is float32 \[12, 32, 32\], not uint8"),
     "heldout.npz no labels": ("heldout.npz", lambda p: write_npz(p, {"images": _good_pool(4)["images"]}),
                               "no array 'labels'"),
     "report.json not json": ("report.json", lambda p: p.write_text("{oops"), "report.json is damaged"),

@@ -57,3 +57,29 @@ def test_bars_are_tilted_within_the_limit_and_by_varying_angles():
     angles = torch.tensor(angles)
     assert angles.abs().max() < MAX_TILT_DEG + 4  # anti-aliased edges: a few degrees of slack
     assert angles.std() > MAX_TILT_DEG / 3  # uniform in +-20 degrees has std 11.5
+
+
+def test_coverage_is_the_shapes_area_and_separates_shape_from_background_pixels():
+    """A circle of radius r covers pi r^2 pixels (r is 30-42% of the 32-px width); fully covered pixels have
+    the shape's colour, uncovered ones the background's, and the two differ in value by construction."""
+    from repae.data.toy import RADIUS_RANGE, render_with_coverage
+
+    lo, hi = (np.pi * (r * 32) ** 2 for r in RADIUS_RANGE)
+    for i in range(0, 100, 10):  # class 0: circles
+        image, label, coverage = render_with_coverage(i)
+        assert label == 0 and np.array_equal(image, render(i)[0])
+        assert coverage.min() >= 0 and coverage.max() <= 1
+        assert lo - 4 <= coverage.sum() <= hi + 4
+        inside, outside = image[coverage == 1].astype(float), image[coverage == 0].astype(float)
+        assert abs(inside.max(axis=1).mean() - outside.max(axis=1).mean()) > 40  # HSV value 0.2 apart at least
+
+
+def test_toy_arrays_with_coverage_quantise_the_renderers_coverage():
+    from repae.data.toy import render_with_coverage, toy_arrays_with_coverage
+
+    images, labels, coverage = toy_arrays_with_coverage(4, seed=3, offset=7)
+    assert coverage.dtype == np.uint8 and coverage.shape == (4, 32, 32)
+    for k in range(4):
+        image, label, exact = render_with_coverage(7 + k, seed=3)
+        assert labels[k] == label and np.array_equal(images[k], image.transpose(2, 0, 1))
+        assert np.abs(coverage[k] / 255 - exact).max() <= 0.5 / 255 + 1e-6

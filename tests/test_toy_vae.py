@@ -88,8 +88,8 @@ def test_the_preset_recipe_pretrains_a_colour_vae(tmp_path):
     spread criterion), with the toy preset's recipe and sizes (minutes on 2 CPU cores)."""
     cfg = load_config("toy")
     spec = cfg.toy
-    train, _ = toyworld._pool(tmp_path / "train.npz", spec.train_size, 0, "train", progress=False)
-    held, _ = toyworld._pool(tmp_path / "held.npz", 1000, 1000, "held", progress=False)
+    train, _, _ = toyworld._pool(tmp_path / "train.npz", spec.train_size, 0, "train", progress=False)
+    held, _, _ = toyworld._pool(tmp_path / "held.npz", 1000, 1000, "held", progress=False)
     vae = toyworld.train_toy_vae(train, spec.vae_steps, spec.vae_batch_size, vae_args(cfg), progress=False)
     stats = toyworld.colour_statistics(vae, held)
     assert toyworld.psnr(vae, held) >= 28.0
@@ -105,7 +105,7 @@ def test_muon_takes_the_hidden_filters_and_adamw_the_rest(which):
             "decoder.mid.attn_1.q.weight", "encoder.down.0.block.0.conv1.weight")
         muon, adamw = toyworld._vae_optimisers(model)
     else:
-        model, edge, hidden = toyworld.ToyTeacher(), toyworld.TEACHER_EDGE_PARAMS, ("attn.in_proj_weight", "stem.1.0.weight")
+        model, edge, hidden = toyworld.ToyTeacher(layout=True), toyworld.TEACHER_EDGE_PARAMS, ("attn.in_proj_weight", "stem.1.0.weight")
         muon, adamw = toyworld._teacher_optimisers(model)
     names = {id(p): n for n, p in model.named_parameters()}
     in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}

@@ -93,7 +93,7 @@ def random_trainables(cfg: RunConfig, device: torch.device):
     if uses_repa(cfg):
         for name in cfg.encoder.names:
             spec = encoder_spec(name)
-            encoders.append(ToyTeacher() if name == "toy-teacher"
+            encoders.append(ToyTeacher(layout=True) if name == "toy-teacher"
                             else AlignmentEncoder(spec, build_network(spec, cfg.data.image_size)))
     regulariser = None
     if cfg.train.tune_vae and cfg.train.use_reg_loss:

@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 from repae import dist
 from repae import toyworld_console as console
 from repae.config import ConfigError, ToyWorldConfig
-from repae.data.toy import CLASSES, toy_arrays
+from repae.data.toy import CLASSES, toy_arrays_with_coverage
 from repae.fileio import ArrayFileError, JsonFileError, read_json_object, read_npy, write_json_atomic
 from repae.losses import kl_loss, reconstruction_loss
 from repae.models.latent_norm import LatentNorm, measure_latent_stats
-from repae.models.toy_teacher import ToyTeacher
+from repae.models.toy_teacher import ToyTeacher, patch_coverage
 from repae.models.vae import AutoencoderKL, VAEArgs
 from repae.muon import Muon
 from repae.nn_utils import autocast
@@ -38,8 +38,9 @@ from repae.pixels import from_vae_range, to_vae_range
 from repae.weights import load_strict, read_file, save_latent_stats, save_model, save_weights
 
 # bump when the dataset or the recipes change, so old caches are not reused (v6: the VAE, teacher and evaluator
-# pre-train with Muon; the renderer supersamples only the shapes' masks)
-VERSION = "v6"
+# pre-train with Muon; the renderer supersamples only the shapes' masks; v7: the pools keep the shapes' pixel
+# coverage and the teacher learns the layout from it, token by token: see repae.models.toy_teacher)
+VERSION = "v7"
 
 
 def cache_dir_for(spec: ToyWorldConfig, seed: int = 0) -> Path:
@@ -56,60 +57,85 @@ def _damaged(path: Path, what: str) -> ConfigError:
                        "and run again to rebuild it")
 
 
-def _read_pool(path: Path, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A cached pool, checked to be what _pool writes (uint8 [size,3,32,32], labels in [0, classes)): the
-    bounded reader allocates nothing a forged header claims, and a wrong array never reaches training."""
+def _read_pool(path: Path, size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A cached pool, checked to be what _pool writes (uint8 [size,3,32,32], labels in [0, classes), coverage
+    uint8 [size,32,32]): the bounded reader allocates nothing a forged header claims, and a wrong array never
+    reaches training."""
     try:
-        images, labels = read_npy(path, "images"), read_npy(path, "labels")
+        images, labels, coverage = (read_npy(path, name) for name in ("images", "labels", "coverage"))
     except ArrayFileError as err:
         raise _damaged(path, str(err)) from None
     if images.dtype != np.uint8 or images.shape != (size, 3, 32, 32):
         raise _damaged(path, f"images are {images.dtype} {list(images.shape)}, not uint8 [{size}, 3, 32, 32]")
     if labels.dtype != np.int64 or labels.shape != (size,) or (size and not 0 <= labels.min() <= labels.max() < len(CLASSES)):
         raise _damaged(path, f"labels are not {size} class ids in [0, {len(CLASSES)})")
-    return torch.from_numpy(images), torch.from_numpy(labels)
+    if coverage.dtype != np.uint8 or coverage.shape != (size, 32, 32):
+        raise _damaged(path, f"coverage is {coverage.dtype} {list(coverage.shape)}, not uint8 [{size}, 32, 32]")
+    return torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(coverage)
 
 
-def _pool(path: Path, size: int, seed: int, desc: str, progress: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rendered images [N,3,32,32] uint8 and labels [N], cached as .npz."""
+def _pool(path: Path, size: int, seed: int, desc: str,
+          progress: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rendered images [N,3,32,32] uint8, labels [N] and the shapes' pixel coverage [N,32,32] uint8 (255: inside),
+    cached as .npz."""
     if path.is_file():
         return _read_pool(path, size)
     # rendering is numpy on one core: one process per core halves the toy world's first build
     starts = range(0, size, 500)
     with ProcessPoolExecutor(max_workers=min(len(starts), dist.usable_cores())) as pool:
-        jobs = pool.map(toy_arrays, [min(500, size - s) for s in starts], [seed] * len(starts), starts)
+        jobs = pool.map(toy_arrays_with_coverage, [min(500, size - s) for s in starts], [seed] * len(starts), starts)
         chunks = list(tqdm(jobs, total=len(starts), desc=desc, unit="x500 img", disable=not progress))
-    images, labels = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+    images, labels, coverage = (np.concatenate([c[i] for c in chunks]) for i in range(3))
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, images=images, labels=labels)
+    np.savez(tmp, images=images, labels=labels, coverage=coverage)
     os.replace(tmp, path)
-    return torch.from_numpy(images), torch.from_numpy(labels)
+    return torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(coverage)
 
 
-def _batches(images: torch.Tensor, labels: torch.Tensor, batch: int, steps: int, seed: int):
+def _batches(images: torch.Tensor, labels: torch.Tensor, batch: int, steps: int, seed: int,
+             coverage: Optional[torch.Tensor] = None):
+    """`steps` random batches (images, labels, coverage or None)."""
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(0, len(images), (batch,), generator=g)
-        yield images[idx], labels[idx]
+        yield images[idx], labels[idx], (None if coverage is None else coverage[idx])
+
+
+def flip_and_turn(x: torch.Tensor, coverage: Optional[torch.Tensor], flip: bool, turns: int):
+    """The teacher's augmentation: a horizontal flip and `turns` quarter turns of images [B,3,H,W] and, alike,
+    of their coverage [B,H,W] (None passes through). Neither changes a shape's class."""
+    if flip:
+        x = x.flip(3)
+        coverage = None if coverage is None else coverage.flip(2)
+    x = torch.rot90(x, turns, dims=(2, 3))
+    return x, None if coverage is None else torch.rot90(coverage, turns, dims=(1, 2))
 
 
 def train_teacher(images, labels, steps: int, batch: int, seed: int = 0, grid: int = 4,
-                  progress: bool = True, device: torch.device | str = "cpu", desc: str = "toy teacher") -> ToyTeacher:
-    """A toy teacher (or evaluator: `desc` labels the progress bar) trained on `device`; returned on the CPU."""
+                  progress: bool = True, device: torch.device | str = "cpu", desc: str = "toy teacher",
+                  coverage: Optional[torch.Tensor] = None) -> ToyTeacher:
+    """A toy teacher (or evaluator: `desc` labels the progress bar) trained on `device`; returned on the CPU.
+
+    With `coverage` (uint8 [N,32,32], the pool's) it also learns each token's layout, the shape's coverage of
+    every pixel of its patch (the teacher); without, it only classifies (the evaluator, as Inception does)."""
     device = torch.device(device)
     torch.manual_seed(seed)
-    teacher = ToyTeacher(grid=grid).to(device)
+    teacher = ToyTeacher(grid=grid, layout=coverage is not None).to(device)
     optimisers = _teacher_optimisers(teacher)
     schedules = _one_cycle(optimisers, steps, warmup=0.1)
-    bar = tqdm(_batches(images, labels, batch, steps, seed), total=steps, desc=desc, disable=not progress)
-    for step, (x, y) in enumerate(bar):
+    bar = tqdm(_batches(images, labels, batch, steps, seed, coverage), total=steps, desc=desc, disable=not progress)
+    for step, (x, y, cov) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        cov = None if cov is None else cov.to(device, non_blocking=True).float() / 255
         # flips and 90-degree turns keep every class its class: cheap augmentation
-        if torch.rand(()) < 0.5:
-            x = x.flip(3)
-        x = torch.rot90(x, int(torch.randint(0, 4, ())), dims=(2, 3))
+        x, cov = flip_and_turn(x, cov, bool(torch.rand(()) < 0.5), int(torch.randint(0, 4, ())))
         with autocast("auto", device):
-            loss = F.cross_entropy(teacher.logits(x).float(), y)
+            tokens = teacher(x)
+            logits = teacher.head(tokens.mean(dim=1))
+            layout = None if cov is None else teacher.coverage_logits(tokens)
+        loss = F.cross_entropy(logits.float(), y)
+        if layout is not None:
+            loss = loss + F.binary_cross_entropy_with_logits(layout.float(), patch_coverage(cov, grid))
         teacher.zero_grad(set_to_none=True)
         loss.backward()
         for opt, sched in zip(optimisers, schedules):
@@ -126,7 +152,7 @@ def train_teacher(images, labels, steps: int, batch: int, seed: int = 0, grid: i
 # Muon steps (v5: 99.75% after 400 AdamW steps). With 150 steps rather than 200 the teacher took 40.4 s instead of
 # 53.3 s in the world build (2 threads).
 TEACHER_LR, TEACHER_MUON_LR = 1e-3, 5e-3
-TEACHER_EDGE_PARAMS = ("stem.0.0.weight", "head.weight")  # first conv and class head
+TEACHER_EDGE_PARAMS = ("stem.0.0.weight", "head.weight", "coverage_head.weight")  # first conv and output heads
 
 
 def _teacher_optimisers(teacher: ToyTeacher) -> list:
@@ -154,6 +180,21 @@ def teacher_accuracy(teacher: ToyTeacher, images, labels) -> float:
     preds = torch.cat([teacher.logits(images[i : i + 500].to(device)).argmax(1).cpu()
                        for i in range(0, len(images), 500)])
     return (preds == labels).float().mean().item()
+
+
+@torch.no_grad()
+def teacher_layout_iou(teacher: ToyTeacher, images, coverage) -> float:
+    """How well the teacher's tokens know where the shape is: intersection over union of the pixels its layout
+    head puts inside (p > 0.5) and those the shape covers more than half of (coverage uint8 [N,32,32])."""
+    device = next(teacher.parameters()).device
+    grid = int(teacher.pos_embed.shape[1] ** 0.5)
+    inter = union = 0
+    for i in range(0, len(images), 500):
+        predicted = teacher.coverage_logits(teacher(images[i : i + 500].to(device))).cpu() > 0
+        actual = patch_coverage(coverage[i : i + 500].float() / 255, grid) > 0.5
+        inter += (predicted & actual).sum().item()
+        union += (predicted | actual).sum().item()
+    return inter / max(union, 1)
 
 
 # The toy VAE's pre-training recipe (issue 21: toy worlds up to v3 pre-trained a grey autoencoder).
@@ -204,7 +245,7 @@ def train_toy_vae(images, steps: int, batch: int, args: VAEArgs, seed: int = 0, 
     optimisers = _vae_optimisers(vae)
     schedules = _one_cycle(optimisers, steps, warmup=0.05)
     bar = tqdm(_batches(images, images, batch, steps, seed + 1), total=steps, desc="toy VAE", disable=not progress)
-    for step, (x, _) in enumerate(bar):
+    for step, (x, _, _) in enumerate(bar):
         x = to_vae_range(x.to(device, non_blocking=True))
         with autocast("auto", device):
             posterior, _, recon = vae(x)
@@ -330,19 +371,21 @@ def _ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig, seed: int, progre
     report_path = cache / "report.json"
     report = _read_report(report_path) if report_path.is_file() else {"spec": asdict(spec)}
     built: list = []  # what this call trained, for the console
-    train_x, train_y = _pool(cache / "train.npz", spec.train_size, seed, "render toy train set", progress)
-    held_x, held_y = _pool(cache / "heldout.npz", spec.heldout_size, seed + 1000, "render toy held-out set",
-                           progress)
+    train_x, train_y, train_cov = _pool(cache / "train.npz", spec.train_size, seed, "render toy train set", progress)
+    held_x, held_y, held_cov = _pool(cache / "heldout.npz", spec.heldout_size, seed + 1000,
+                                     "render toy held-out set", progress)
 
     teacher_path = cache / "teacher.safetensors"
     if teacher_path.is_file():
-        teacher = load_strict(ToyTeacher(), read_file(teacher_path), str(teacher_path)).eval().requires_grad_(False)
+        teacher = load_strict(ToyTeacher(layout=True), read_file(teacher_path),
+                              str(teacher_path)).eval().requires_grad_(False)
     else:
         start = time.perf_counter()
         teacher = train_teacher(train_x, train_y, spec.teacher_steps, spec.batch_size, seed, progress=progress,
-                                device=device)
+                                device=device, coverage=train_cov)
         report["teacher_build_device"] = str(device)
         report["teacher_heldout_accuracy"] = teacher_accuracy(teacher, held_x, held_y)
+        report["teacher_heldout_layout_iou"] = teacher_layout_iou(teacher, held_x, held_cov)
         report["teacher_train_seconds"] = round(time.perf_counter() - start, 1)
         save_weights(teacher, teacher_path)
         built.append("teacher")
@@ -372,7 +415,7 @@ def _read_report(path: Path) -> dict:
     except JsonFileError as err:
         raise _damaged(path, str(err)) from None
     for key, value in report.items():  # the numbers the console formats and the runs record
-        if key.endswith(("_accuracy", "_psnr_db", "_seconds")) and (
+        if key.endswith(("_accuracy", "_psnr_db", "_seconds", "_iou")) and (
                 isinstance(value, bool) or not isinstance(value, (int, float))):
             raise _damaged(path, f"{key}={str(value)[:40]!r} is not a number")
     return report

@@ -39,7 +39,9 @@ def built_lines(report: dict, parts: Sequence[str]) -> List[str]:
                          f"{_trained(report, part)}")
         else:
             accuracy = report[f"{part}_heldout_accuracy"]
-            lines.append(f"toy world: {part} {100 * accuracy:.1f}% held-out accuracy; {_trained(report, part)}")
+            layout = (f", layout IoU {report[f'{part}_heldout_layout_iou']:.2f}"
+                      if f"{part}_heldout_layout_iou" in report else "")
+            lines.append(f"toy world: {part} {100 * accuracy:.1f}% held-out accuracy{layout}; {_trained(report, part)}")
     return lines
 
 

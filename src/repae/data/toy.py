@@ -63,6 +63,13 @@ def _hsv(h: float, s: float, v: float) -> np.ndarray:
 
 def render(index: int, seed: int = 0, size: int = 32) -> Tuple[np.ndarray, int]:
     """Image `index` of the toy world: (uint8 [size,size,3], label)."""
+    image, label, _ = render_with_coverage(index, seed, size)
+    return image, label
+
+
+def render_with_coverage(index: int, seed: int = 0, size: int = 32) -> Tuple[np.ndarray, int, np.ndarray]:
+    """Image `index` of the toy world, its label, and the fraction of each pixel the shape covers
+    (float32 [size,size] in [0,1]): the object's layout, which the toy teacher learns to see."""
     label = index % len(CLASSES)
     rng = np.random.default_rng([seed, index])
     # background: a linear gradient between two colours in a random direction, plus faint noise.
@@ -90,7 +97,7 @@ def render(index: int, seed: int = 0, size: int = 32) -> Tuple[np.ndarray, int]:
     coverage = _mask(label, u, -v).reshape(size, _SUPER, size, _SUPER).mean(axis=(1, 3), dtype=np.float32)[..., None]
     image = background * (1 - coverage) + fg * coverage
     image = image + rng.normal(0, 0.015, image.shape).astype(np.float32)
-    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), label
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), label, coverage[..., 0]
 
 
 class ToyShapes(Dataset):
@@ -115,9 +122,17 @@ class ToyShapes(Dataset):
 def toy_arrays(length: int, seed: int = 0, offset: int = 0, image_size: int = 32) -> Tuple[np.ndarray, np.ndarray]:
     """A whole range rendered at once in numpy only (safe in a forked worker, where torch's
     OpenMP pool can deadlock): (uint8 [N,3,H,W], int64 [N])."""
-    items = [render(offset + i, seed, image_size) for i in range(length)]
-    images = np.stack([img for img, _ in items]).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(images), np.array([label for _, label in items], dtype=np.int64)
+    images, labels, _ = toy_arrays_with_coverage(length, seed, offset, image_size)
+    return images, labels
+
+
+def toy_arrays_with_coverage(length: int, seed: int = 0, offset: int = 0,
+                             image_size: int = 32) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`toy_arrays` and the shapes' pixel coverage, quantised to uint8 [N,H,W] (255: fully inside)."""
+    items = [render_with_coverage(offset + i, seed, image_size) for i in range(length)]
+    images = np.ascontiguousarray(np.stack([img for img, _, _ in items]).transpose(0, 3, 1, 2))
+    coverage = (np.stack([cov for _, _, cov in items]) * 255 + 0.5).astype(np.uint8)
+    return images, np.array([label for _, label, _ in items], dtype=np.int64), coverage
 
 
 def toy_tensor(length: int, seed: int = 0, offset: int = 0, image_size: int = 32) -> Tuple[torch.Tensor, torch.Tensor]:
