@@ -14,7 +14,7 @@ def test_a_toy_run_reports_its_world_and_labels_its_bars(tmp_path, capsys):
     args = [*TINY, f"toy.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'runs'}", "train.max_steps=2"]
     assert main(["train", *args]) == 0
     err = capsys.readouterr().err
-    assert re.search(r"toy world: teacher \d+\.\d% held-out accuracy; trained in [\d.]+ s on cpu", err), err
+    assert re.search(r"toy world: teacher \d+\.\d% held-out accuracy, layout IoU \d\.\d\d; trained in [\d.]+ s on cpu", err), err
     assert re.search(r"toy world: VAE \d+\.\d dB held-out PSNR; (true colour|colours off): R,G,B means within "
                      r"[\d.]+% and stds within [\d.]+% of the data's, per-pixel R,G,B spread [\d.]+ \(data [\d.]+\); "
                      r"trained in [\d.]+ s on cpu", err), err

@@ -96,8 +96,13 @@ def _weights(run_dir):
 # uses eps=1e-3 for every optimiser: the update is then smooth in a small gradient, and rounding stays
 # rounding. Measured on that Xeon, 3 steps: worst element at 0.67 of the tolerance below, median
 # relative difference 1.5e-6 (accum 1) and 3.2e-6 (accum 2); with the BatchNorm error put back, 0.9e-3
-# and 1.2e-3, and single elements at 3200 times the tolerance.
-ATOL, RTOL = 2e-5, 1e-4  # per element
+# and 1.2e-3, and single elements at 3200 times the tolerance (of 2e-5 + 1e-4 |x|).
+# Toy world v7's teacher (its tokens carry the layout) changed the REPA targets, and with them how far the
+# rounding grows in 3 steps: on the same Xeon the discriminator's BatchNorm running statistics came out at up
+# to 6.6 times that tolerance (median relative difference 1.5e-5, accum 1), while after ONE step the median
+# was 9.5e-9 and the worst tensor 3.8e-6: rounding, grown, not the error above. Hence 10x the per-element
+# tolerance (the BatchNorm error, 3200 times the old one, would be ~320 times this) and the median bound unchanged.
+ATOL, RTOL = 2e-4, 1e-3  # per element
 MEDIAN_REL = 3e-5  # median over tensors of |a-b|/|a|: 10x the rounding measured, 30x below the logic error
 SMOOTH_ADAM = ["optim_sit.eps=1e-3", "optim_vae.eps=1e-3", "optim_disc.eps=1e-3"]
 

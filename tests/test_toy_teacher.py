@@ -91,6 +91,6 @@ def test_the_teachers_tokens_know_more_of_the_layout_than_class_and_position_do(
     from_tokens = _ridge_r2(tokens.reshape(n * grid * grid, -1), covered, train)
     from_class = _ridge_r2(class_and_position, covered, train)
     assert from_tokens > from_class + 0.2, (from_tokens, from_class)
-    assert toyworld.teacher_layout_iou(teacher, held_x, held_cov) > 0.8
+    assert toyworld.teacher_layout_iou(teacher, held_x, held_cov) > 0.75  # 0.81 in the v7 world build
     assert toyworld.teacher_accuracy(teacher, held_x, held_y) > 0.98
     assert np.isfinite(from_tokens)
