@@ -129,8 +129,12 @@ def test_unguided_claims_judge_the_samples_without_cfg_and_show_the_guided_ones(
     verdict, evidence = rep.claim_f(r)
     assert verdict == "partly"  # 24.5 < 27 on the mean, but 24 > 23 in seed 0
     assert "vanilla 27 ± 5.7, REPA 24.5 ± 0.71 (REPA lower in 1 of 2 seeds)" in evidence
+    # the lead over training, seed by seed: step 1 has no samples without CFG, so only step 2 counts
+    assert "REPA lower without CFG, by step (seeds): 2: 1 of 2." in evidence
     r["metrics"]["repa"]["0"]["2"]["fid_unguided"] = 22.0
     assert rep.claim_f(r)[0] == "reproduces"
+    r["metrics"]["repa"]["0"]["1"]["fid_unguided"], r["metrics"]["vanilla"]["0"]["1"]["fid_unguided"] = 30.0, 40.0
+    assert "by step (seeds): 1: 1 of 1, 2: 2 of 2." in rep.claim_f(r)[1]
     # results measured before samples without CFG were: not measured, not refuted
     old = _results({"repae": (15, 10), "repa": (40, 20), "vanilla": (45, 25)})
     assert rep.claim_c_unguided(old)[0] == rep.claim_f(old)[0] == "not measured"

@@ -198,6 +198,19 @@ def claim_c(r: dict) -> Tuple[str, str]:
     return verdict, evidence
 
 
+def wins_per_step(r: dict, better: str, worse: str, key: str) -> List[Tuple[int, int, int]]:
+    """(step, seeds where `better`'s value is lower, seeds measured in both arms) at every step both
+    arms measured: whether a lead at the last step held over training, or was there early and closed."""
+    counts: Dict[int, List[int]] = {}
+    for seed, per_step in r["metrics"].get(better, {}).items():
+        other = r["metrics"].get(worse, {}).get(seed, {})
+        for step, m in per_step.items():
+            a, b = m.get(key), other.get(step, {}).get(key)
+            if not missing(a, b):
+                counts.setdefault(int(step), []).append(a < b)
+    return [(step, sum(w), len(w)) for step, w in sorted(counts.items())]
+
+
 def _unguided_comparison(r: dict, better: str, worse: str, names: Tuple[str, str]) -> Tuple[str, str]:
     """`better` against `worse` on samples without CFG (the papers' training-speed protocol), the
     guided numbers beside them; names: how the evidence calls the two arms."""
@@ -211,7 +224,9 @@ def _unguided_comparison(r: dict, better: str, worse: str, names: Tuple[str, str
     evidence = (f"without CFG at step {step}: {fid_label(r)} {names[1]} {fmt(fids[1])}, {names[0]} {fmt(fids[0])} "
                 f"({names[0]} lower in {wins} of {len(fids[1])} seeds), class accuracy {names[1]} {fmt(accs[1])}, "
                 f"{names[0]} {fmt(accs[0])}; with the run's sampler: {fid_label(r)} {names[1]} {fmt(guided[1])}, "
-                f"{names[0]} {fmt(guided[0])}. Criterion, without CFG: lower mean FID and lower in every seed.")
+                f"{names[0]} {fmt(guided[0])}. {names[0]} lower without CFG, by step (seeds): "
+                + ", ".join(f"{step}: {w} of {n}" for step, w, n in wins_per_step(r, better, worse, "fid_unguided"))
+                + ". Criterion, without CFG, at the last step: lower mean FID and lower in every seed.")
     return verdict, evidence
 
 
