@@ -12,7 +12,8 @@ from repae.evaluate.fid import (
     InceptionScoreAccumulator, NpzImages, Reference, compute_fid_family, inception_score, load_reference,
 )
 from repae.evaluate.manifold import precision_recall, squared_distances
-from repae.evaluate.stats import FeatureStats, frechet_distance, frechet_distance_to_features, load_stats, save_stats
+from repae.evaluate.stats import (FeatureStats, frechet_distance, frechet_distance_noise, frechet_distance_to_features,
+                                  load_stats, save_stats)
 from repae.models.inception import InceptionOutput
 
 # ----------------------------------------------------------------------------- brute force (test-side)
@@ -124,6 +125,24 @@ def test_frechet_distance_from_features_equals_the_matrix_square_root_formulas(n
     assert abs(frechet_distance_to_features(feats, *own)) < 1e-7 * np.trace(own[1])  # scipy sqrtm: 1e-7 at n=5
     with pytest.raises(ValueError, match="at least 2"):
         frechet_distance_to_features(feats[:1], mu2, sigma2)
+
+
+def test_frechet_distance_noise_is_the_spread_over_fresh_draws_of_the_samples():
+    """The bootstrap std from one draw of N samples against the std of the distance over many
+    independent draws of N from the same Gaussian (the known answer, up to sampling error)."""
+    rng = np.random.default_rng(0)
+    d, n = 16, 300
+    scale = rng.uniform(0.5, 1.5, size=d)
+    mu2, sigma2 = np.zeros(d), np.eye(d)
+    draw = lambda: rng.normal(size=(n, d)) * scale + 0.15  # noqa: E731
+    fresh = np.std([frechet_distance_to_features(draw(), mu2, sigma2) for _ in range(400)], ddof=1)
+    boot = np.mean([frechet_distance_noise(draw(), mu2, sigma2, resamples=60, seed=s) for s in range(10)])
+    assert 0.75 * fresh < boot < 1.33 * fresh, (boot, fresh)
+    # samples that are all the same image: every resample is the same set, no spread
+    same = np.tile(draw()[:1], (n, 1))
+    assert frechet_distance_noise(same, mu2, sigma2) == pytest.approx(0.0, abs=1e-9)
+    feats = draw()
+    assert frechet_distance_noise(feats, mu2, sigma2, seed=3) == frechet_distance_noise(feats, mu2, sigma2, seed=3)
 
 
 def test_streaming_stats_equal_numpy_in_uneven_batches():

@@ -135,6 +135,10 @@ def test_unguided_claims_judge_the_samples_without_cfg_and_show_the_guided_ones(
     assert rep.claim_f(r)[0] == "reproduces"
     r["metrics"]["repa"]["0"]["1"]["fid_unguided"], r["metrics"]["vanilla"]["0"]["1"]["fid_unguided"] = 30.0, 40.0
     assert "by step (seeds): 1: 1 of 1, 2: 2 of 2." in rep.claim_f(r)[1]
+    assert "Sampling noise" not in rep.claim_f(r)[1]  # measured before the noise was
+    for arm, noise in (("repa", 0.31), ("vanilla", 0.52)):
+        r["metrics"][arm]["1"]["2"]["fid_noise_unguided"] = noise
+    assert "Sampling noise of one measurement (bootstrap std of its FID): 0.31-0.52. Criterion" in rep.claim_f(r)[1]
     # results measured before samples without CFG were: not measured, not refuted
     old = _results({"repae": (15, 10), "repa": (40, 20), "vanilla": (45, 25)})
     assert rep.claim_c_unguided(old)[0] == rep.claim_f(old)[0] == "not measured"
@@ -249,7 +253,7 @@ def test_report_shows_the_latent_spectra_when_measured_and_renders_without_them(
 def test_reproduce_command_runs_every_arm_measures_and_reports(tmp_path):
     out, report = tmp_path / "out", tmp_path / "site" / "REPRODUCTION.md"
     argv = ["bench", "reproduce", "--quick", "--dir", str(out), "--report", str(report), "--steps", "2", "--eval-every", "1",
-            "--samples", "10", "--jobs", "2", *TINY, f"toy.cache_dir={tmp_path / 'cache'}"]
+            "--samples", "10", "--final-samples", "12", "--jobs", "2", *TINY, f"toy.cache_dir={tmp_path / 'cache'}"]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     names = [a["name"] for a in results["arms"]]
@@ -260,6 +264,9 @@ def test_reproduce_command_runs_every_arm_measures_and_reports(tmp_path):
         for key, value in steps["2"].items():  # numbers, and the band fractions of the latent spectra
             assert all(map(math.isfinite, value if isinstance(value, list) else [value])), (arm, key)
         assert sum(steps["2"]["latent_band_fractions_normalized"]) == pytest.approx(1.0), arm
+        # the last step, where the verdicts are read, with --final-samples; each FID with its sampling noise
+        assert (steps["1"]["num_samples"], steps["2"]["num_samples"]) == (10, 12), arm
+        assert steps["2"]["fid_noise"] > 0 and steps["2"]["fid_noise_unguided"] > 0, arm
     # stage 2 trained on the VAE the REPA-E run exported, frozen
     stage2 = (out / "runs" / "stage2-e2e-vae-s0" / "config.yaml").read_text()
     assert str(out / "runs" / "repae-s0" / "e2e-vae" / "vae.safetensors") in stage2
@@ -288,10 +295,12 @@ def test_reproduce_command_runs_every_arm_measures_and_reports(tmp_path):
     # where real images stand with the same judges and sample count: the training images and their reconstructions
     real = results["real_images"]
     assert list(real) == ["real images", "starting VAE reconstructions"]
-    assert all(row["num_images"] == 10 and math.isfinite(row["fid"]) and 0 <= row["class_accuracy"] <= 1
+    assert all(row["num_images"] == 12 and math.isfinite(row["fid"]) and 0 <= row["class_accuracy"] <= 1
                for row in real.values())
     assert real["real images"]["fid"] != real["starting VAE reconstructions"]["fid"]  # reconstructed, not copied
-    assert "| real images (10) | " in text and "| starting VAE reconstructions (10) | " in text
+    assert "| real images (12) | " in text and "| starting VAE reconstructions (12) | " in text
+    assert "10 class-balanced samples per measurement, 12 at step 2 (where the verdicts are read)" in text
+    assert "Sampling noise of one measurement (bootstrap std of its FID): " in text
     assert (report.parent / "docs" / "reproduction" / "fid_vs_steps.png").is_file()
     assert (report.parent / "docs" / "reproduction" / "grid-repae.png").is_file()
     assert (report.parent / "docs" / "reproduction" / "latent_spectra.png").is_file() and "## Latent spectra" in text
@@ -314,7 +323,7 @@ def test_reproduce_command_runs_every_arm_measures_and_reports(tmp_path):
         for key in (*UNGUIDED_KEYS, "latent_high_frequency_fraction_normalized"):
             del m[key]
     (run_dir / "reproduce-metrics.json").write_text(json.dumps(stored))
-    filled = measure_run(run_dir, 10)  # sampled again here, with this process's threads (the runner's differ)
+    filled = measure_run(run_dir, 10, final_step=2, final_samples=12)  # sampled again here, with this process's threads (the runner's differ)
     assert math.isfinite(filled["2"]["fid_unguided"]) and filled["2"]["fid_unguided"] != filled["2"]["fid"]
     assert filled["2"]["fid"] == results["metrics"]["repa"]["0"]["2"]["fid"]
     before = results["metrics"]["repa"]["0"]["2"]["latent_high_frequency_fraction_normalized"]
@@ -362,7 +371,7 @@ def test_a_stopped_reproduction_keeps_its_training_and_wall_time(tmp_path, monke
     from repae.reproduce import runner as rr
 
     _no_world(monkeypatch, rr)
-    monkeypatch.setattr(rr, "measure_run", lambda run_dir, samples, judges, every=None: {})
+    monkeypatch.setattr(rr, "measure_run", lambda run_dir, samples, judges, every=None, **final: {})
     monkeypatch.setattr(rr, "train_command", lambda arm, *a: [sys.executable, "-c", "import time; time.sleep(0.2)"])
     plan = rr.Plan(steps=2, eval_every=1, seeds=[0], samples=1, jobs=1)
     first = {"command": "repae bench reproduce", "commit": "abc", "machine": "here"}
@@ -473,7 +482,7 @@ def test_reproduce_trains_and_measures_only_the_named_arms(tmp_path, monkeypatch
 
     _no_world(monkeypatch, rr)
     measured = []
-    monkeypatch.setattr(rr, "measure_run", lambda run_dir, samples, judges, every=None: measured.append(run_dir.name) or {})
+    monkeypatch.setattr(rr, "measure_run", lambda run_dir, samples, judges, every=None, **final: measured.append(run_dir.name) or {})
     started = []
     monkeypatch.setattr(rr, "train_command", lambda arm, seed, *a: started.append(f"{arm.name}-s{seed}")
                         or [sys.executable, "-c", "pass"])
@@ -512,3 +521,46 @@ def test_only_checkpoints_on_the_plans_grid_are_measured(tmp_path):
     (tmp_path / METRICS_FILE).write_text(json.dumps({"2": record, "4": record, "8": record}))
     assert list(measure_run(tmp_path, 10, every=4)) == ["4", "8"]  # a stored off-grid one is left out too
     assert list(measure_run(tmp_path, 10)) == ["2", "4", "8"]
+
+
+def test_the_last_step_is_measured_with_the_plans_final_samples(tmp_path, monkeypatch):
+    """The verdicts are read at the last step: measured there with `final_samples` (a record made with
+    fewer is measured again), every other step with `samples`; and the runner asks for it."""
+    from repae.reproduce import measure
+    from repae.reproduce.measure import LATENT_KEYS, METRICS_FILE, UNGUIDED_KEYS, measure_run, needs_measuring
+
+    for step in (4, 8):
+        (tmp_path / "checkpoints" / f"step-{step:07d}").mkdir(parents=True)
+    record = {"num_samples": 10, "fid": 1.0, **{k: 0.5 for k in LATENT_KEYS + UNGUIDED_KEYS}}
+    (tmp_path / METRICS_FILE).write_text(json.dumps({"4": record, "8": record}))
+    assert not needs_measuring(tmp_path, 10, every=4)
+    assert needs_measuring(tmp_path, 10, every=4, final_step=8, final_samples=40)
+    asked = []
+    monkeypatch.setattr(measure, "checkpoint_metrics",
+                        lambda ckpt, judges, n, grid: asked.append((ckpt.name, n)) or {**record, "num_samples": n})
+    got = measure_run(tmp_path, 10, judges=object(), every=4, final_step=8, final_samples=40)
+    assert asked == [("step-0000008", 40)] and got["8"]["num_samples"] == 40 and got["4"]["num_samples"] == 10
+    assert not needs_measuring(tmp_path, 10, every=4, final_step=8, final_samples=40)
+    # the full plan's default, and the command the runner starts to measure a run
+    from repae.reproduce.runner import FULL, QUICK
+
+    assert FULL.final_samples == 2000 > FULL.samples and QUICK.final_samples is None
+
+
+def test_the_runner_measures_the_last_step_with_the_final_samples(tmp_path, monkeypatch):
+    import sys
+
+    from repae.reproduce import runner as rr
+
+    _no_world(monkeypatch, rr)
+    (tmp_path / "runs" / "vanilla-s0" / "checkpoints" / "step-0000002").mkdir(parents=True)  # not yet measured
+    collected, commands = [], []
+    monkeypatch.setattr(rr, "measure_run", lambda run_dir, samples, judges, every=None, **final: collected.append(final) or {})
+    monkeypatch.setattr(rr, "train_command", lambda arm, *a: [sys.executable, "-c", "pass"])
+    real_call = rr._Runner._call
+    monkeypatch.setattr(rr._Runner, "_call", lambda self, cmd, log: commands.append(cmd) or 0 if "repae.reproduce.measure"
+                        in cmd else real_call(self, cmd, log))
+    plan = rr.Plan(steps=2, eval_every=1, seeds=[0], samples=3, final_samples=7, jobs=1, arms=["vanilla"])
+    rr.run_reproduction(tmp_path, plan)
+    assert len(commands) == 1 and commands[0][-4:] == ["--final-step", "2", "--final-samples", "7"]
+    assert collected == [{"final_step": 2, "final_samples": 7}]

@@ -330,6 +330,9 @@ def add_parser(sub) -> None:
                                              "--warmup of them untimed)")
     g.add_argument("--eval-every", type=POSITIVE, help="measure a checkpoint every this many steps")
     g.add_argument("--jobs", type=POSITIVE, help="runs at once (cores are split between them)")
+    g.add_argument("--final-samples", type=POSITIVE, metavar="N",
+                   help="class-balanced samples at the last step, where the verdicts are read (full plan 2000, "
+                        "other steps 500; --quick: as at the other steps)")
     g.add_argument("--heldout", metavar="PATH", help="real data only: labelled images to measure against: class "
                                                      "sub-folders, parquet/arrow (validation split), tar shards or a "
                                                      "prepare-data store (default: the training data, data.path)")

@@ -99,9 +99,11 @@ def run_reproduce(args: argparse.Namespace) -> int:
     from repae.cli import UsageError
 
     plan = dataclasses.replace(QUICK if args.quick else FULL)
-    for name in ("seeds", "steps", "eval_every", "jobs", "samples", "arms"):
+    for name in ("seeds", "steps", "eval_every", "jobs", "samples", "final_samples", "arms"):
         if getattr(args, name, None) is not None:  # argparse keeps them positive: 0 is refused, not "default"
             setattr(plan, name, getattr(args, name))
+    if getattr(args, "final_samples", None) is None and plan.final_samples is not None:  # the plan's, never below --samples
+        plan.final_samples = max(plan.final_samples, plan.samples)
     plan.seeds = list(dict.fromkeys(plan.seeds))  # a repeated seed would train twice into one directory
     if plan.steps % plan.eval_every:  # checked before any arm trains
         raise UsageError(f"--steps {plan.steps} is not a multiple of --eval-every {plan.eval_every}")

@@ -184,6 +184,16 @@ def lower_fid_verdict(better: List[float], worse: List[float]) -> Tuple[str, int
     return "does not reproduce", wins
 
 
+def noise_text(r: dict, arms: Tuple[str, ...], key: str) -> str:
+    """" Sampling noise of one measurement ...", the range over the arms' runs of `key` (the bootstrap std
+    of a last-step FID, `repae.evaluate.stats.frechet_distance_noise`); "" for results measured without it."""
+    values = [v for arm in arms for v in (final(r, arm, key) or [])]
+    if not values:
+        return ""
+    spread = _num(min(values), 2) + ("" if len(values) == 1 else f"-{_num(max(values), 2)}")
+    return f" Sampling noise of one measurement (bootstrap std of its FID): {spread}."
+
+
 def claim_c(r: dict) -> Tuple[str, str]:
     repa, repae = final(r, "repa", "fid"), final(r, "repae", "fid")
     if not repa or not repae:
@@ -194,7 +204,7 @@ def claim_c(r: dict) -> Tuple[str, str]:
     evidence = (f"{fid_label(r)} at step {repa_steps}: REPA {fmt(repa)}, REPA-E {fmt(repae)}; REPA-E lower in {wins} of "
                 f"{len(repa)} seeds. REPA-E reached REPA's final FID "
                 + (f"at step {reach} ({repa_steps / reach:.2g}× fewer steps)" if reach else "at no measured step")
-                + ". Criterion: lower mean FID and lower in every seed.")
+                + "." + noise_text(r, ("repae", "repa"), "fid_noise") + " Criterion: lower mean FID and lower in every seed.")
     return verdict, evidence
 
 
@@ -226,7 +236,8 @@ def _unguided_comparison(r: dict, better: str, worse: str, names: Tuple[str, str
                 f"{names[0]} {fmt(accs[0])}; with the run's sampler: {fid_label(r)} {names[1]} {fmt(guided[1])}, "
                 f"{names[0]} {fmt(guided[0])}. {names[0]} lower without CFG, by step (seeds): "
                 + ", ".join(f"{step}: {w} of {n}" for step, w, n in wins_per_step(r, better, worse, "fid_unguided"))
-                + ". Criterion, without CFG, at the last step: lower mean FID and lower in every seed.")
+                + "." + noise_text(r, (better, worse), "fid_noise_unguided")
+                + " Criterion, without CFG, at the last step: lower mean FID and lower in every seed.")
     return verdict, evidence
 
 
@@ -482,7 +493,9 @@ def write_report(r: dict, out: Path, report: Path, context: dict) -> Path:
         *_invocation_lines(r, context),
         f"- {r['threads_per_run']} thread(s) per run, {plan['jobs']} runs at once",
         f"- budget per arm: {plan['steps']} steps, measured every {plan['eval_every']}, seeds {plan['seeds']}, "
-        f"{plan['samples']} class-balanced samples per measurement",
+        f"{plan['samples']} class-balanced samples per measurement"
+        + (f", {plan['final_samples']} at step {plan['steps']} (where the verdicts are read)"
+           if plan.get("final_samples") not in (None, plan["samples"]) else ""),
         _judges_line(who, r["initial_vae"]),
         "",
         "## The claims",
