@@ -15,8 +15,6 @@ import json
 import statistics
 from pathlib import Path
 
-import torch
-
 from repae.dist import device_named
 from repae.reproduce.measure import judges_for, sample_metrics
 from repae.train.checkpoint import load_for_sampling
