@@ -4,8 +4,8 @@
     python benchmarks/fid_noise.py RUN/checkpoints/step-0001200 [--samples 500] [--draws 5] [--guided]
 
 The first draw uses the reproduction's own sampler seed (sample.seed + 1), so its FID is the one the
-run's reproduce-metrics.json holds; the others use sample.seed + 100, + 107, ... (each + 1 inside, as the reproduction's) Prints one line per draw
-and the std over the draws, as JSON.
+run's reproduce-metrics.json holds; the others use sample.seed + 100, + 107, ... (each + 1 inside, as the
+reproduction's). Prints one line per draw and the std over the draws, as JSON.
 """
 
 from __future__ import annotations
@@ -27,16 +27,16 @@ def main(argv=None) -> int:
     p.add_argument("--draws", type=int, default=5, help="sampler seeds")
     p.add_argument("--guided", action="store_true", help="the run's sampler with its CFG (default: without CFG)")
     args = p.parse_args(argv)
-    cfg, _, _ = load_for_sampling(args.checkpoint)
+    cfg, sit, vae = load_for_sampling(args.checkpoint)  # loaded once: a draw changes only the sampler seed
     judges = judges_for(cfg)
+    device = device_named(cfg.train.device)
+    sit, vae = sit.to(device), vae.to(device)
     suffix = "" if args.guided else "_unguided"
-    draws = []
+    run_seed, draws = cfg.sample.seed, []
     for i in range(args.draws):
         # sample_metrics samples with sample.seed + 1: draw 0 is the reproduction's own measurement
-        seed = cfg.sample.seed if i == 0 else cfg.sample.seed + 100 + 7 * (i - 1)
-        run_cfg, sit, vae = load_for_sampling(args.checkpoint, overrides=[f"sample.seed={seed}"])
-        device = device_named(run_cfg.train.device)
-        m = sample_metrics(run_cfg, sit.to(device), vae.to(device), judges, args.samples, device, guided=args.guided)
+        cfg.sample.seed = run_seed if i == 0 else run_seed + 100 + 7 * (i - 1)
+        m = sample_metrics(cfg, sit, vae, judges, args.samples, device, guided=args.guided)
         draws.append(m)
         print(json.dumps({"draw": i, **m}), flush=True)
     fids = [m["fid" + suffix] for m in draws]
