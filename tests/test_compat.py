@@ -215,3 +215,31 @@ def test_compat_repae_reproduces_the_step_from_before_compat_existed():
     assert set(got) == set(BEFORE_COMPAT)
     for key, value in BEFORE_COMPAT.items():
         assert math.isclose(got[key], value, rel_tol=1e-4, abs_tol=1e-7), (key, got[key], value)
+
+
+def test_lpips_range_benchmark_measures_what_the_compat_switch_changes():
+    """benchmarks/lpips_range.py (the README's measured effect of the LPIPS input range) compares exactly the
+    two LPIPS terms the regulariser computes under compat=repae and compat=official, with their gradients."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lpips_range.py"
+    spec = importlib.util.spec_from_file_location("lpips_range", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    lp = LPIPS()
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    recon = bench.distortions()["noise 0.1"](x)
+    posterior = DiagonalGaussian(torch.zeros(1, 8, 4, 4))
+    cfg = LossConfig(lpips_weight=1.0, gan_weight=0.0)
+    r = bench.measure_pair(lp, x, recon)
+    grads = {}
+    for name, official in (("repae", False), ("official", True)):
+        y = recon.clone().requires_grad_(True)
+        term = VAERegulariser(cfg, lpips=lp, official_lpips_range=official).generator_terms(x, y, posterior, 0)["lpips"]
+        assert abs(float(term) - r[name]) <= 1e-5 * abs(r[name])
+        (grads[name],) = torch.autograd.grad(term, y)
+    assert abs(r["grad_ratio"] - float(grads["official"].norm() / grads["repae"].norm())) < 1e-4
+    cosine = float(torch.nn.functional.cosine_similarity(grads["official"].flatten(), grads["repae"].flatten(), dim=0))
+    assert abs(r["grad_cosine"] - cosine) < 1e-4 and r["value_ratio"] == r["official"] / r["repae"]

@@ -48,9 +48,9 @@ class Plan:
 # 10 per class, enough to tell a collapsed arm from a working one, which is all this budget can judge.
 # The time of this plan: README
 QUICK = Plan(steps=150, eval_every=150, seeds=[0], samples=100, jobs=2)
-# the default. Toy world v6 on a 2-core Xeon, two runs at once with one thread each: training 1252-1386 s per
-# REPA-E arm, 546 s (REPA) and 455 s (vanilla) per frozen-VAE arm, ~8.5 min measuring each run (4 checkpoints x
-# 500 samples with and without CFG): about 3.4 h for 2 seeds, 5 h for 3, by the sum of those parts (README).
+# the default. Toy world v7 on a 2-core Xeon, two runs at once with one thread each: training 1196-1230 s per
+# REPA-E run, 376-546 s per frozen-VAE run, 497-556 s per diffusion-only run, 6.7-8.3 min measuring each run (4
+# checkpoints x 500 samples with and without CFG); every arm with 3 seeds took 275.8 min (README).
 # Re-running the same command after an interruption continues where it stopped
 # The last step is measured with 2000 samples: at 500 the toy FID of one checkpoint moved by 0.7 (std) between
 # sampler seeds (toy world v7, REPA at step 1200, without CFG: 6.4-8.4 over five), as much as the arms differ by.
