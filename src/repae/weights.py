@@ -20,7 +20,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -163,10 +163,19 @@ def check_fits(module: nn.Module, state: dict, source: str = "state dict") -> No
         raise CheckpointError("\n".join(parts))
 
 
+def unusable_entries(state: StateDict, limit: float = math.inf) -> List[str]:
+    """Keys of the floating-point tensors holding NaN, inf or a value with |w| > limit."""
+    def unusable(t: torch.Tensor) -> bool:
+        peak = t.detach().float().abs().amax()  # NaN when any entry is NaN, inf when any is inf
+        return not (bool(torch.isfinite(peak)) and bool(peak <= limit))
+
+    return [k for k, t in state.items() if t.is_floating_point() and t.numel() and unusable(t)]
+
+
 def load_strict(module: nn.Module, state: StateDict, source: str = "state dict") -> nn.Module:
     """load_state_dict(strict=True) with one error listing missing, unexpected and mis-shaped keys."""
     check_fits(module, state, source)
-    bad = [k for k, t in state.items() if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+    bad = unusable_entries(state)
     if bad:  # else NaN samples or metrics much later, with nothing naming the file
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise CheckpointError(f"{source}: NaN or infinite values in {shown}: a damaged (or diverged) weight file")

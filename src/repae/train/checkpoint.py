@@ -32,7 +32,8 @@ from torch import nn
 
 from repae.config import RunConfig, save_config
 from repae.fileio import read_json_object, sha256_file, write_json_atomic
-from repae.weights import CheckpointError, architecture_metadata, load_strict, read_file, save_weights
+from repae.weights import (CheckpointError, architecture_metadata, load_strict, read_file, save_weights,
+                           unusable_entries)
 
 MODULES = ("sit", "ema", "vae", "regulariser")
 MANIFEST = "manifest.json"
@@ -88,12 +89,8 @@ def _fsync(path: Path) -> None:
 
 def bad_weights(modules: Dict[str, nn.Module]) -> List[str]:
     """'module.tensor' for each floating-point parameter or buffer holding NaN, inf or |w| > WEIGHT_LIMIT."""
-    bad = []
-    for name, module in modules.items():
-        for key, t in module.state_dict().items():
-            if t.is_floating_point() and t.numel() and not bool(t.detach().float().abs().amax() <= WEIGHT_LIMIT):
-                bad.append(f"{name}.{key}")  # amax of NaN is NaN, which fails the comparison too
-    return bad
+    return [f"{name}.{key}" for name, module in modules.items()
+            for key in unusable_entries(module.state_dict(), WEIGHT_LIMIT)]
 
 
 def _write_manifest(tmp: Path, step: int) -> None:
