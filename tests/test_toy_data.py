@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from repae.data.toy import CLASSES, ToyShapes, render, toy_tensor
@@ -83,3 +84,47 @@ def test_toy_arrays_with_coverage_quantise_the_renderers_coverage():
         image, label, exact = render_with_coverage(7 + k, seed=3)
         assert labels[k] == label and np.array_equal(images[k], image.transpose(2, 0, 1))
         assert np.abs(coverage[k] / 255 - exact).max() <= 0.5 / 255 + 1e-6
+
+
+def test_without_distractors_the_world_renders_exactly_as_toy_world_v7():
+    """distractors=0 adds no random draw: the images and coverage are v7's, byte for byte (the hash of the
+    first 20 of v7's cached training pool, seed 0), so v7 caches and reports stay valid."""
+    import hashlib
+
+    from repae.data.toy import toy_arrays_with_coverage
+
+    images, _, coverage = toy_arrays_with_coverage(20, 0, 0)
+    assert hashlib.sha256(images.tobytes() + coverage.tobytes()).hexdigest() == V7_FIRST_20
+
+
+V7_FIRST_20 = "c574920fc3d109f409e1d5b122414798e29a743fb26be0ddb765af4668c75a3d"
+
+
+def test_distractors_add_unlabelled_shapes_behind_the_labelled_one():
+    from repae.data.toy import render_with_coverage
+
+    grew = 0
+    for i in range(60):
+        img0, label0, cov0 = render_with_coverage(i, 0)
+        img2, label2, cov2 = render_with_coverage(i, 0, distractors=2)
+        assert label2 == label0 == i % len(CLASSES)  # the label stays the large shape's
+        # the labelled shape is drawn as before (its draws come first) and on top: its coverage is kept
+        assert np.all(cov2 >= cov0)
+        # pixels wholly inside the labelled shape keep its colour, up to the pixel noise (std 3.8 levels in
+        # each image, so ~5.4 in a difference); a distractor drawn over it would move them by far more
+        diff = np.abs(img2[cov0 == 1.0].astype(int) - img0[cov0 == 1.0].astype(int))
+        assert diff.mean() < 8 and diff.max() <= 40
+        grew += cov2.sum() > cov0.sum() + 4  # at least a few pixels' worth of other shapes
+    assert grew >= 55
+
+
+def test_distractors_are_a_toy_world_setting_with_its_own_cache():
+    from repae.config import ConfigError, ToyWorldConfig, load_config
+    from repae.toyworld import cache_dir_for
+
+    plain, busy = ToyWorldConfig(cache_dir="/c"), ToyWorldConfig(cache_dir="/c", distractors=2)
+    assert cache_dir_for(plain).name == "toyworld-v7-n20000-h2000-t150-v600-b64-vb32-s0"  # v7's, unchanged
+    assert cache_dir_for(busy).name == cache_dir_for(plain).name + "-d2"
+    assert load_config("toy", overrides=["toy.distractors=2"]).toy.distractors == 2
+    with pytest.raises(ConfigError, match="toy.distractors"):
+        load_config("toy", overrides=["toy.distractors=9"])

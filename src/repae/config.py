@@ -168,6 +168,9 @@ class ToyWorldConfig:
     vae_steps: int = 600  # with Muon (repae.toyworld's recipe note): 29.3-30.3 dB over 5 seeds
     batch_size: int = 64  # the teacher's and the evaluator's
     vae_batch_size: int = 32
+    # unlabelled smaller shapes behind the labelled one in every image (repae.data.toy.render_with_coverage);
+    # 0: the single-shape world
+    distractors: int = 0
 
 
 DEVICE_NAMES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what train.device and every --device may say
@@ -782,6 +785,7 @@ RANGES: dict = {
     "toy.vae_steps": _int(1, 10_000_000),
     "toy.batch_size": _int(1, 65536),
     "toy.vae_batch_size": _int(1, 65536),
+    "toy.distractors": _int(0, 4),
     "train.num_threads": _int(0, 4096),
     "train.global_batch_size": _int(1, 1 << 20),
     "train.grad_accum_steps": _int(1, 1 << 20),

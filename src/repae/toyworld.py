@@ -47,7 +47,7 @@ def cache_dir_for(spec: ToyWorldConfig, seed: int = 0) -> Path:
     """One directory per toy-world recipe, so a changed spec never reuses another's assets."""
     root = Path(spec.cache_dir or os.environ.get("REPAE_CACHE", Path.home() / ".cache" / "repae"))
     key = (f"n{spec.train_size}-h{spec.heldout_size}-t{spec.teacher_steps}-v{spec.vae_steps}-b{spec.batch_size}"
-           f"-vb{spec.vae_batch_size}-s{seed}")
+           f"-vb{spec.vae_batch_size}-s{seed}" + (f"-d{spec.distractors}" if spec.distractors else ""))
     return root / f"toyworld-{VERSION}-{key}"
 
 
@@ -74,8 +74,8 @@ def _read_pool(path: Path, size: int) -> Tuple[torch.Tensor, torch.Tensor, torch
     return torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(coverage)
 
 
-def _pool(path: Path, size: int, seed: int, desc: str,
-          progress: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pool(path: Path, size: int, seed: int, desc: str, progress: bool = True,
+          distractors: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rendered images [N,3,32,32] uint8, labels [N] and the shapes' pixel coverage [N,32,32] uint8 (255: inside),
     cached as .npz."""
     if path.is_file():
@@ -83,7 +83,8 @@ def _pool(path: Path, size: int, seed: int, desc: str,
     # rendering is numpy on one core: one process per core halves the toy world's first build
     starts = range(0, size, 500)
     with ProcessPoolExecutor(max_workers=min(len(starts), dist.usable_cores())) as pool:
-        jobs = pool.map(toy_arrays_with_coverage, [min(500, size - s) for s in starts], [seed] * len(starts), starts)
+        jobs = pool.map(toy_arrays_with_coverage, [min(500, size - s) for s in starts], [seed] * len(starts), starts,
+                        [32] * len(starts), [distractors] * len(starts))
         chunks = list(tqdm(jobs, total=len(starts), desc=desc, unit="x500 img", disable=not progress))
     images, labels, coverage = (np.concatenate([c[i] for c in chunks]) for i in range(3))
     tmp = path.with_name(path.name + ".tmp.npz")
@@ -371,9 +372,10 @@ def _ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig, seed: int, progre
     report_path = cache / "report.json"
     report = _read_report(report_path) if report_path.is_file() else {"spec": asdict(spec)}
     built: list = []  # what this call trained, for the console
-    train_x, train_y, train_cov = _pool(cache / "train.npz", spec.train_size, seed, "render toy train set", progress)
+    train_x, train_y, train_cov = _pool(cache / "train.npz", spec.train_size, seed, "render toy train set", progress,
+                                        spec.distractors)
     held_x, held_y, held_cov = _pool(cache / "heldout.npz", spec.heldout_size, seed + 1000,
-                                     "render toy held-out set", progress)
+                                     "render toy held-out set", progress, spec.distractors)
 
     teacher_path = cache / "teacher.safetensors"
     if teacher_path.is_file():

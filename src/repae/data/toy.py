@@ -27,6 +27,7 @@ CLASSES = ("circle", "square", "triangle", "plus", "ring", "star", "semicircle",
 _SUPER = 4  # supersampling factor for anti-aliasing
 MAX_TILT_DEG = 20.0
 RADIUS_RANGE = (0.30, 0.42)  # of the image width: the shape's circumradius
+DISTRACTOR_RADIUS_RANGE = (0.14, 0.20)  # the unlabelled shapes': about half the labelled one's
 
 
 def _mask(kind: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -61,15 +62,31 @@ def _hsv(h: float, s: float, v: float) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32)
 
 
-def render(index: int, seed: int = 0, size: int = 32) -> Tuple[np.ndarray, int]:
+def render(index: int, seed: int = 0, size: int = 32, distractors: int = 0) -> Tuple[np.ndarray, int]:
     """Image `index` of the toy world: (uint8 [size,size,3], label)."""
-    image, label, _ = render_with_coverage(index, seed, size)
+    image, label, _ = render_with_coverage(index, seed, size, distractors)
     return image, label
 
 
-def render_with_coverage(index: int, seed: int = 0, size: int = 32) -> Tuple[np.ndarray, int, np.ndarray]:
-    """Image `index` of the toy world, its label, and the fraction of each pixel the shape covers
-    (float32 [size,size] in [0,1]): the object's layout, which the toy teacher learns to see."""
+def _shape_coverage(kind: int, cx: float, cy: float, radius: float, rot: float, size: int) -> np.ndarray:
+    """Fraction of each pixel [size,size,1] that shape `kind` (centre cx, cy and circumradius in [0,1] image units,
+    tilted by `rot` radians) covers, from a _SUPER x supersampled mask."""
+    n = size * _SUPER
+    ys, xs = np.mgrid[0:n, 0:n].astype(np.float32) / n  # [0,1) coordinates of the supersamples
+    dx, dy = (xs - cx) / radius, (ys - cy) / radius
+    u = np.cos(rot) * dx + np.sin(rot) * dy
+    v = -np.sin(rot) * dx + np.cos(rot) * dy
+    return _mask(kind, u, -v).reshape(size, _SUPER, size, _SUPER).mean(axis=(1, 3), dtype=np.float32)[..., None]
+
+
+def render_with_coverage(index: int, seed: int = 0, size: int = 32,
+                         distractors: int = 0) -> Tuple[np.ndarray, int, np.ndarray]:
+    """Image `index` of the toy world, its label, and the fraction of each pixel a shape covers
+    (float32 [size,size] in [0,1]): the objects' layout, which the toy teacher learns to see.
+
+    distractors: smaller shapes of other classes drawn beside the labelled one, as ImageNet photographs
+    hold more than the object they are labelled by (the label stays the large shape's). 0 renders the
+    single-shape world exactly as before (no random draw is added)."""
     label = index % len(CLASSES)
     rng = np.random.default_rng([seed, index])
     # background: a linear gradient between two colours in a random direction, plus faint noise.
@@ -90,12 +107,23 @@ def render_with_coverage(index: int, seed: int = 0, size: int = 32) -> Tuple[np.
     radius = rng.uniform(*RADIUS_RANGE)
     cx, cy = rng.uniform(radius, 1 - radius, size=2)
     rot = np.deg2rad(rng.uniform(-MAX_TILT_DEG, MAX_TILT_DEG))
-    ys, xs = np.mgrid[0:n, 0:n].astype(np.float32) / n  # [0,1) coordinates of the supersamples
-    dx, dy = (xs - cx) / radius, (ys - cy) / radius
-    u = np.cos(rot) * dx + np.sin(rot) * dy
-    v = -np.sin(rot) * dx + np.cos(rot) * dy
-    coverage = _mask(label, u, -v).reshape(size, _SUPER, size, _SUPER).mean(axis=(1, 3), dtype=np.float32)[..., None]
-    image = background * (1 - coverage) + fg * coverage
+    image, coverage = background, np.zeros((size, size, 1), np.float32)
+    placed = [(cx, cy, radius)]
+    for _ in range(distractors):  # behind the labelled shape, which stays whole
+        kind = (label + int(rng.integers(1, len(CLASSES)))) % len(CLASSES)  # never the labelled class
+        r = rng.uniform(*DISTRACTOR_RADIUS_RANGE)
+        for _ in range(20):  # the first of a few draws that keeps clear of the shapes placed, else the last
+            x, y = rng.uniform(r, 1 - r, size=2)
+            if all(np.hypot(x - px, y - py) >= 0.8 * (r + pr) for px, py, pr in placed):
+                break
+        placed.append((x, y, r))
+        colour = _hsv(bg_hue + rng.uniform(0.25, 0.75), rng.uniform(0.55, 1.0), fg_val)
+        cov = _shape_coverage(kind, x, y, r, np.deg2rad(rng.uniform(-MAX_TILT_DEG, MAX_TILT_DEG)), size)
+        image = image * (1 - cov) + colour * cov
+        coverage = np.maximum(coverage, cov)
+    main = _shape_coverage(label, cx, cy, radius, rot, size)
+    image = image * (1 - main) + fg * main
+    coverage = np.maximum(coverage, main)
     image = image + rng.normal(0, 0.015, image.shape).astype(np.float32)
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), label, coverage[..., 0]
 
@@ -126,10 +154,10 @@ def toy_arrays(length: int, seed: int = 0, offset: int = 0, image_size: int = 32
     return images, labels
 
 
-def toy_arrays_with_coverage(length: int, seed: int = 0, offset: int = 0,
-                             image_size: int = 32) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def toy_arrays_with_coverage(length: int, seed: int = 0, offset: int = 0, image_size: int = 32,
+                             distractors: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`toy_arrays` and the shapes' pixel coverage, quantised to uint8 [N,H,W] (255: fully inside)."""
-    items = [render_with_coverage(offset + i, seed, image_size) for i in range(length)]
+    items = [render_with_coverage(offset + i, seed, image_size, distractors) for i in range(length)]
     images = np.ascontiguousarray(np.stack([img for img, _, _ in items]).transpose(0, 3, 1, 2))
     coverage = (np.stack([cov for _, _, cov in items]) * 255 + 0.5).astype(np.uint8)
     return images, np.array([label for _, label, _ in items], dtype=np.int64), coverage
