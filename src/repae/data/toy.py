@@ -84,7 +84,7 @@ def render_with_coverage(index: int, seed: int = 0, size: int = 32,
     """Image `index` of the toy world, its label, and the fraction of each pixel a shape covers
     (float32 [size,size] in [0,1]): the objects' layout, which the toy teacher learns to see.
 
-    distractors: smaller shapes of other classes drawn beside the labelled one, as ImageNet photographs
+    distractors: smaller shapes of other classes drawn behind the labelled one, as ImageNet photographs
     hold more than the object they are labelled by (the label stays the large shape's). 0 renders the
     single-shape world exactly as before (no random draw is added)."""
     label = index % len(CLASSES)
