@@ -5,7 +5,7 @@ perceptual term (its value) and what it pushes the reconstruction towards (its g
 
     python benchmarks/lpips_range.py --vgg vgg16-397923af.pth --lpips vgg.pth IMAGE [IMAGE ...] [--size 256]
 
-Each image is centre-cropped to a square and resized to --size; each distortion is applied in [-1, 1]
+Each image gets the ADM centre crop at --size (as training data does); each distortion is applied in [-1, 1]
 with a fixed seed. Per pair: LPIPS both ways, the ratio official / repae of the value and of the
 gradient's norm with respect to the distorted image, and the cosine between the two gradients.
 Prints a table and a JSON summary (medians over all pairs; --out writes it).
@@ -25,17 +25,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from repae.data.images import adm_center_crop
 from repae.models.lpips import LPIPS
 
 
 def load_image(path: Path, size: int) -> torch.Tensor:
-    """[1,3,size,size] in [-1,1]: the centre square, resized (bicubic)."""
-    img = Image.open(path).convert("RGB")
-    side = min(img.size)
-    left, top = (img.width - side) // 2, (img.height - side) // 2
-    img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
-    return x.permute(2, 0, 1).unsqueeze(0)
+    """[1,3,size,size] in [-1,1]: the ADM centre crop the training data gets."""
+    with Image.open(path) as img:
+        arr = adm_center_crop(img, size)
+    return torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1).unsqueeze(0)
 
 
 def _jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
