@@ -17,7 +17,7 @@ shapes as well 80%, every class recognisable by eye. Larger shapes alone did not
 from __future__ import annotations
 
 import colorsys
-from typing import Tuple
+from typing import NamedTuple, Tuple
 
 import numpy as np
 import torch
@@ -79,6 +79,58 @@ def _shape_coverage(kind: int, cx: float, cy: float, radius: float, rot: float, 
     return _mask(kind, u, -v).reshape(size, _SUPER, size, _SUPER).mean(axis=(1, 3), dtype=np.float32)[..., None]
 
 
+class Scene(NamedTuple):
+    """The random draws of one image that precede its distractors and noise (its "generative factors")."""
+
+    bg_hue: float
+    c0: np.ndarray  # float32 [3] RGB in [0,1]: the background gradient's two end colours
+    c1: np.ndarray
+    angle: float  # the gradient's direction, radians
+    fg_val: float
+    fg: np.ndarray  # float32 [3]: the labelled shape's colour
+    radius: float  # its circumradius, in image widths
+    cx: float
+    cy: float
+    rot: float  # its tilt, radians
+
+
+def _draw_scene(rng: np.random.Generator) -> Scene:
+    """The background and the labelled shape, drawn in the order every toy world since v1 draws them (changing
+    the order changes every image)."""
+    # background: a linear gradient between two colours in a random direction, plus faint noise (added later).
+    # A linear ramp's mean over a pixel's supersamples is its value at their centre, so it is computed
+    # per pixel; only the shape's mask is supersampled (its coverage anti-aliases the edges)
+    bg_hue = rng.random()
+    bg_val = rng.uniform(0.1, 0.45) if rng.random() < 0.5 else rng.uniform(0.65, 0.95)
+    c0 = _hsv(bg_hue, rng.uniform(0.0, 0.6), bg_val)
+    c1 = _hsv(bg_hue + rng.uniform(-0.15, 0.15), rng.uniform(0.0, 0.6), np.clip(bg_val + rng.uniform(-0.15, 0.15), 0, 1))
+    angle = rng.uniform(0, 2 * np.pi)
+    # shape: its own hue, value far from the background's so it always stands out
+    fg_val = rng.uniform(0.75, 1.0) if bg_val < 0.5 else rng.uniform(0.05, 0.35)
+    fg = _hsv(bg_hue + rng.uniform(0.25, 0.75), rng.uniform(0.55, 1.0), fg_val)
+    radius = rng.uniform(*RADIUS_RANGE)
+    cx, cy = rng.uniform(radius, 1 - radius, size=2)
+    rot = np.deg2rad(rng.uniform(-MAX_TILT_DEG, MAX_TILT_DEG))
+    return Scene(bg_hue, c0, c1, angle, fg_val, fg, radius, cx, cy, rot)
+
+
+# What `scene_factors` returns, column by column: what an image is made of beyond its class, and unchanged by the
+# flips and quarter turns the toy evaluator trains with (the shape's position and tilt, and the gradient's
+# direction, are not: the evaluator reads the position from the pixels' coverage instead)
+SCENE_FACTORS = ("shape R", "shape G", "shape B", "background mean R", "background mean G", "background mean B",
+                 "background contrast R", "background contrast G", "background contrast B", "shape radius")
+
+
+def scene_factors(length: int, seed: int = 0, offset: int = 0) -> np.ndarray:
+    """float32 [length, len(SCENE_FACTORS)]: the generative factors of images offset..offset+length-1 (only the
+    random draws, no rendering: about 30 us an image)."""
+    rows = []
+    for i in range(offset, offset + length):
+        s = _draw_scene(np.random.default_rng([seed, i]))
+        rows.append(np.concatenate([s.fg, (s.c0 + s.c1) / 2, np.abs(s.c1 - s.c0), [s.radius]]))
+    return np.asarray(rows, dtype=np.float32).reshape(length, len(SCENE_FACTORS))
+
+
 def render_with_coverage(index: int, seed: int = 0, size: int = 32,
                          distractors: int = 0) -> Tuple[np.ndarray, int, np.ndarray]:
     """Image `index` of the toy world, its label, and the fraction of each pixel a shape covers
@@ -89,24 +141,13 @@ def render_with_coverage(index: int, seed: int = 0, size: int = 32,
     single-shape world exactly as before (no random draw is added)."""
     label = index % len(CLASSES)
     rng = np.random.default_rng([seed, index])
-    # background: a linear gradient between two colours in a random direction, plus faint noise.
-    # A linear ramp's mean over a pixel's supersamples is its value at their centre, so it is computed
-    # per pixel; only the shape's mask is supersampled (its coverage anti-aliases the edges)
-    bg_hue = rng.random()
-    bg_val = rng.uniform(0.1, 0.45) if rng.random() < 0.5 else rng.uniform(0.65, 0.95)
-    c0 = _hsv(bg_hue, rng.uniform(0.0, 0.6), bg_val)
-    c1 = _hsv(bg_hue + rng.uniform(-0.15, 0.15), rng.uniform(0.0, 0.6), np.clip(bg_val + rng.uniform(-0.15, 0.15), 0, 1))
-    angle = rng.uniform(0, 2 * np.pi)
+    scene = _draw_scene(rng)
     n = size * _SUPER
     ys, xs = (np.mgrid[0:size, 0:size].astype(np.float32) * _SUPER + (_SUPER - 1) / 2) / n  # supersample centres
-    ramp = (np.cos(angle) * (xs - 0.5) + np.sin(angle) * (ys - 0.5) + 0.71) / 1.42
-    background = c0 * (1 - ramp[..., None]) + c1 * ramp[..., None]
-    # shape: its own hue, value far from the background's so it always stands out
-    fg_val = rng.uniform(0.75, 1.0) if bg_val < 0.5 else rng.uniform(0.05, 0.35)
-    fg = _hsv(bg_hue + rng.uniform(0.25, 0.75), rng.uniform(0.55, 1.0), fg_val)
-    radius = rng.uniform(*RADIUS_RANGE)
-    cx, cy = rng.uniform(radius, 1 - radius, size=2)
-    rot = np.deg2rad(rng.uniform(-MAX_TILT_DEG, MAX_TILT_DEG))
+    ramp = (np.cos(scene.angle) * (xs - 0.5) + np.sin(scene.angle) * (ys - 0.5) + 0.71) / 1.42
+    background = scene.c0 * (1 - ramp[..., None]) + scene.c1 * ramp[..., None]
+    bg_hue, fg_val, fg = scene.bg_hue, scene.fg_val, scene.fg
+    radius, cx, cy, rot = scene.radius, scene.cx, scene.cy, scene.rot
     image, coverage = background, np.zeros((size, size, 1), np.float32)
     placed = [(cx, cy, radius)]
     for _ in range(distractors):  # behind the labelled shape, which stays whole
