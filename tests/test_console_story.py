@@ -18,7 +18,7 @@ def test_a_toy_run_reports_its_world_and_labels_its_bars(tmp_path, capsys):
     assert re.search(r"toy world: VAE \d+\.\d dB held-out PSNR; (true colour|colours off): R,G,B means within "
                      r"[\d.]+% and stds within [\d.]+% of the data's, per-pixel R,G,B spread [\d.]+ \(data [\d.]+\); "
                      r"trained in [\d.]+ s on cpu", err), err
-    assert re.search(r"toy world: evaluator \d+\.\d% held-out accuracy; trained in [\d.]+ s", err), err
+    assert re.search(r"toy world: evaluator \d+\.\d% held-out accuracy, scene factors R\^2 -?\d\.\d\d; trained in [\d.]+ s", err), err
     bars = set(re.findall(r"(?:^|\r)([A-Za-z][\w ,-]*?):\s+\d+%\|", err, flags=re.M))
     assert bars == {"render toy train set", "render toy held-out set", "toy teacher", "toy VAE", "toy evaluator",
                     "REPA-E"}, bars

@@ -394,6 +394,8 @@ TOY_DAMAGE = {
     "report.json a list": ("report.json", lambda p: p.write_text("[1]"), "not an object"),
     "report.json accuracy a string": ("report.json", lambda p: p.write_text('{"teacher_heldout_accuracy": "x"}'),
                                       "not a number"),
+    "report.json factor R^2 a list": ("report.json", lambda p: p.write_text('{"evaluator_heldout_factor_r2": [1]}'),
+                                      "not a number"),
 }
 
 

@@ -94,3 +94,69 @@ def test_the_teachers_tokens_know_more_of_the_layout_than_class_and_position_do(
     assert toyworld.teacher_layout_iou(teacher, held_x, held_cov) > 0.75  # 0.81 in the v7 world build
     assert toyworld.teacher_accuracy(teacher, held_x, held_y) > 0.98
     assert np.isfinite(from_tokens)
+
+
+# ------------------------------------------------------------------ the evaluator's scene factors (toy world v8)
+
+
+def test_scene_factors_are_the_drawn_colours_and_size_of_each_rendered_image():
+    """Known answers from the renderer: pixels fully inside the labelled shape have its colour (up to the faint
+    noise), and a circle (class 0) covers pi * radius^2 of the image."""
+    from repae.data.toy import SCENE_FACTORS, render_with_coverage, scene_factors
+
+    factors = scene_factors(30, seed=3)
+    assert factors.shape == (30, len(SCENE_FACTORS)) and factors.dtype == np.float32
+    for i in range(30):
+        image, label, cov = render_with_coverage(i, seed=3)
+        inside = image[cov == 1.0].astype(np.float32) / 255
+        np.testing.assert_allclose(inside.mean(axis=0), factors[i, :3], atol=0.01)
+        if label == 0:
+            assert abs(cov.mean() / (np.pi * factors[i, 9] ** 2) - 1) < 0.03
+    assert not np.allclose(scene_factors(5, seed=4), factors[:5])  # another seed, other scenes
+
+
+def test_coverage_factors_give_the_area_and_centre_of_a_known_block():
+    from repae.toyworld import coverage_factors
+
+    coverage = torch.zeros(2, 32, 32)
+    coverage[0, 4:12, 20:28] = 1.0  # an 8x8 block centred at x = 24, y = 8 pixels
+    torch.testing.assert_close(coverage_factors(coverage),
+                               torch.tensor([[64 / 1024, 24 / 32, 8 / 32], [0.0, 0.5, 0.5]]))
+
+
+def test_the_evaluator_learns_to_read_the_scene_off_its_mean_token():
+    """Images whose only factor is their grey level (and a square at a random place): after a short training the
+    factor head predicts the grey level far better than the blind guess, and only `scene` gives a factor head."""
+    g = torch.Generator().manual_seed(0)
+    grey = torch.rand(64, 1, generator=g)
+    images = (grey.view(64, 1, 1, 1) * 255).expand(64, 3, 32, 32).to(torch.uint8).contiguous()
+    coverage = torch.zeros(64, 32, 32, dtype=torch.uint8)
+    for k, (y, x) in enumerate(torch.randint(0, 20, (64, 2), generator=g).tolist()):
+        coverage[k, y : y + 12, x : x + 12] = 255
+    labels = torch.arange(64) % 10
+    net = train_teacher(images, labels, steps=60, batch=16, grid=8, coverage=coverage, scene=grey, progress=False)
+    assert net.coverage_head is None and net.factor_head.out_features == 4
+    with torch.no_grad():
+        predicted = net.factor_predictions(net(images))[:, 0]
+    standardised = (grey[:, 0] - grey.mean()) / grey.std()
+    assert (predicted - standardised).pow(2).mean() < 0.2  # blind guess (0): 1.0
+    assert train_teacher(images, labels, steps=1, batch=4, grid=8, progress=False).factor_head is None
+    with pytest.raises(ValueError, match="no factor head"):
+        ToyTeacher(grid=8).factor_predictions(torch.zeros(1, 64, 128))
+
+
+def test_the_evaluator_is_built_once_and_read_back_with_its_factor_head(tmp_path):
+    from repae.config import ToyWorldConfig
+    from repae.models.vae import VAEArgs
+    from repae.toyworld import EVALUATOR_FILE, ensure_toy_evaluator, ensure_toy_world
+
+    spec = ToyWorldConfig(cache_dir=str(tmp_path), train_size=40, heldout_size=20, teacher_steps=2, vae_steps=1,
+                          batch_size=8, vae_batch_size=4)
+    args = VAEArgs(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, attn_resolutions=[], norm_groups=4)
+    world = ensure_toy_world(args, spec, progress=False, device="cpu")
+    built = ensure_toy_evaluator(world, spec, progress=False, device="cpu")
+    assert (world.cache_dir / EVALUATOR_FILE).is_file() and built.factor_head is not None
+    assert world.report["evaluator_version"] == "v8" and world.report["evaluator_heldout_factor_r2"] <= 1.0
+    again = ensure_toy_evaluator(ensure_toy_world(args, spec, progress=False, device="cpu"), spec, progress=False)
+    for (name, a), (_, b) in zip(built.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -96,7 +96,7 @@ def test_the_preset_recipe_pretrains_a_colour_vae(tmp_path):
     assert toyworld.colours_are_faithful(stats), stats
 
 
-@pytest.mark.parametrize("which", ["vae", "teacher"])
+@pytest.mark.parametrize("which", ["vae", "teacher", "evaluator"])
 def test_muon_takes_the_hidden_filters_and_adamw_the_rest(which):
     """The world's VAE and teacher (and evaluator) train every parameter once: Muon takes the hidden matrices and
     filters, AdamW the vectors and the first and last layers, as Muon's authors keep them."""
@@ -105,8 +105,12 @@ def test_muon_takes_the_hidden_filters_and_adamw_the_rest(which):
             "decoder.mid.attn_1.q.weight", "encoder.down.0.block.0.conv1.weight")
         muon, adamw = toyworld._vae_optimisers(model)
     else:
-        model, edge, hidden = toyworld.ToyTeacher(layout=True), toyworld.TEACHER_EDGE_PARAMS, ("attn.in_proj_weight", "stem.1.0.weight")
+        model = toyworld.ToyTeacher(layout=True) if which == "teacher" else toyworld.evaluator_network()
+        hidden = ("attn.in_proj_weight", "stem.1.0.weight")
         muon, adamw = toyworld._teacher_optimisers(model)
+        # the teacher has a layout head, the evaluator a factor head: each its own edge layers
+        edge = [n for n in toyworld.TEACHER_EDGE_PARAMS if n in dict(model.named_parameters())]
+        assert len(edge) == 3
     names = {id(p): n for n, p in model.named_parameters()}
     in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
     in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}

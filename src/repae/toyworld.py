@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from repae import dist
 from repae import toyworld_console as console
 from repae.config import ConfigError, ToyWorldConfig
-from repae.data.toy import CLASSES, toy_arrays_with_coverage
+from repae.data.toy import CLASSES, SCENE_FACTORS, scene_factors, toy_arrays_with_coverage
 from repae.fileio import ArrayFileError, JsonFileError, read_json_object, read_npy, write_json_atomic
 from repae.losses import kl_loss, reconstruction_loss
 from repae.models.latent_norm import LatentNorm, measure_latent_stats
@@ -94,12 +94,12 @@ def _pool(path: Path, size: int, seed: int, desc: str, progress: bool = True,
 
 
 def _batches(images: torch.Tensor, labels: torch.Tensor, batch: int, steps: int, seed: int,
-             coverage: Optional[torch.Tensor] = None):
-    """`steps` random batches (images, labels, coverage or None)."""
+             coverage: Optional[torch.Tensor] = None, scene: Optional[torch.Tensor] = None):
+    """`steps` random batches (images, labels, coverage or None, scene factors or None)."""
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(0, len(images), (batch,), generator=g)
-        yield images[idx], labels[idx], (None if coverage is None else coverage[idx])
+        yield images[idx], labels[idx], *(None if t is None else t[idx] for t in (coverage, scene))
 
 
 def flip_and_turn(x: torch.Tensor, coverage: Optional[torch.Tensor], flip: bool, turns: int):
@@ -112,20 +112,46 @@ def flip_and_turn(x: torch.Tensor, coverage: Optional[torch.Tensor], flip: bool,
     return x, None if coverage is None else torch.rot90(coverage, turns, dims=(1, 2))
 
 
+def coverage_factors(coverage: torch.Tensor) -> torch.Tensor:
+    """The shapes' layout in three numbers, float [B,H,W] in [0,1] -> [B,3]: the covered fraction of the image and
+    the centre of the coverage (x, y in [0,1] of the image; 0.5 where nothing is covered)."""
+    b, h, w = coverage.shape
+    area = coverage.sum(dim=(1, 2))
+    ys, xs = ((torch.arange(n, dtype=coverage.dtype, device=coverage.device) + 0.5) / n for n in (h, w))
+    weight = area.clamp_min(1e-6)
+    cx = torch.where(area > 0, (coverage.sum(dim=1) * xs).sum(dim=1) / weight, 0.5)
+    cy = torch.where(area > 0, (coverage.sum(dim=2) * ys).sum(dim=1) / weight, 0.5)
+    return torch.stack([area / (h * w), cx, cy], dim=1)
+
+
+def evaluator_targets(scene: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
+    """The evaluator's factor targets: scene factors [B,F] (repae.data.toy.SCENE_FACTORS) and the coverage's
+    (uint8 or [0,1] float [B,H,W]) `coverage_factors`, [B,F+3] unstandardised."""
+    cov = coverage.float() / 255 if coverage.dtype == torch.uint8 else coverage.float()
+    return torch.cat([scene.float(), coverage_factors(cov)], dim=1)
+
+
 def train_teacher(images, labels, steps: int, batch: int, seed: int = 0, grid: int = 4,
                   progress: bool = True, device: torch.device | str = "cpu", desc: str = "toy teacher",
-                  coverage: Optional[torch.Tensor] = None) -> ToyTeacher:
+                  coverage: Optional[torch.Tensor] = None, scene: Optional[torch.Tensor] = None) -> ToyTeacher:
     """A toy teacher (or evaluator: `desc` labels the progress bar) trained on `device`; returned on the CPU.
 
     With `coverage` (uint8 [N,32,32], the pool's) it also learns each token's layout, the shape's coverage of
-    every pixel of its patch (the teacher); without, it only classifies (the evaluator, as Inception does)."""
+    every pixel of its patch (the teacher). With `scene` as well (float [N,F], the pool's
+    repae.data.toy.scene_factors) it instead learns to read the scene factors and the coverage's area and centre
+    off its mean token (the evaluator, toy world v8: `ensure_toy_evaluator` says why)."""
     device = torch.device(device)
     torch.manual_seed(seed)
-    teacher = ToyTeacher(grid=grid, layout=coverage is not None).to(device)
+    n_factors = 0 if scene is None else scene.shape[1] + 3
+    teacher = ToyTeacher(grid=grid, layout=coverage is not None and scene is None, factors=n_factors).to(device)
+    if scene is not None:  # standardised targets: every factor weighs alike in the loss
+        everything = evaluator_targets(scene, coverage)
+        centre, spread = everything.mean(dim=0).to(device), everything.std(dim=0).clamp_min(1e-6).to(device)
     optimisers = _teacher_optimisers(teacher)
     schedules = _one_cycle(optimisers, steps, warmup=0.1)
-    bar = tqdm(_batches(images, labels, batch, steps, seed, coverage), total=steps, desc=desc, disable=not progress)
-    for step, (x, y, cov) in enumerate(bar):
+    bar = tqdm(_batches(images, labels, batch, steps, seed, coverage, scene), total=steps, desc=desc,
+               disable=not progress)
+    for step, (x, y, cov, sc) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         cov = None if cov is None else cov.to(device, non_blocking=True).float() / 255
         # flips and 90-degree turns keep every class its class: cheap augmentation
@@ -133,10 +159,14 @@ def train_teacher(images, labels, steps: int, batch: int, seed: int = 0, grid: i
         with autocast("auto", device):
             tokens = teacher(x)
             logits = teacher.head(tokens.mean(dim=1))
-            layout = None if cov is None else teacher.coverage_logits(tokens)
+            layout = teacher.coverage_logits(tokens) if teacher.coverage_head is not None else None
+            factors = teacher.factor_predictions(tokens) if sc is not None else None
         loss = F.cross_entropy(logits.float(), y)
         if layout is not None:
             loss = loss + F.binary_cross_entropy_with_logits(layout.float(), patch_coverage(cov, grid))
+        if factors is not None:  # the scene factors do not change under flips and turns; the coverage moved along
+            target = (evaluator_targets(sc.to(device), cov) - centre) / spread
+            loss = loss + F.mse_loss(factors.float(), target)
         teacher.zero_grad(set_to_none=True)
         loss.backward()
         for opt, sched in zip(optimisers, schedules):
@@ -153,7 +183,8 @@ def train_teacher(images, labels, steps: int, batch: int, seed: int = 0, grid: i
 # Muon steps (v5: 99.75% after 400 AdamW steps). With 150 steps rather than 200 the teacher took 40.4 s instead of
 # 53.3 s in the world build (2 threads).
 TEACHER_LR, TEACHER_MUON_LR = 1e-3, 5e-3
-TEACHER_EDGE_PARAMS = ("stem.0.0.weight", "head.weight", "coverage_head.weight")  # first conv and output heads
+# the first conv and the output heads
+TEACHER_EDGE_PARAMS = ("stem.0.0.weight", "head.weight", "coverage_head.weight", "factor_head.weight")
 
 
 def _teacher_optimisers(teacher: ToyTeacher) -> list:
@@ -246,7 +277,7 @@ def train_toy_vae(images, steps: int, batch: int, args: VAEArgs, seed: int = 0, 
     optimisers = _vae_optimisers(vae)
     schedules = _one_cycle(optimisers, steps, warmup=0.05)
     bar = tqdm(_batches(images, images, batch, steps, seed + 1), total=steps, desc="toy VAE", disable=not progress)
-    for step, (x, _, _) in enumerate(bar):
+    for step, (x, *_) in enumerate(bar):
         x = to_vae_range(x.to(device, non_blocking=True))
         with autocast("auto", device):
             posterior, _, recon = vae(x)
@@ -417,7 +448,7 @@ def _read_report(path: Path) -> dict:
     except JsonFileError as err:
         raise _damaged(path, str(err)) from None
     for key, value in report.items():  # the numbers the console formats and the runs record
-        if key.endswith(("_accuracy", "_psnr_db", "_seconds", "_iou")) and (
+        if key.endswith(("_accuracy", "_psnr_db", "_seconds", "_iou", "_r2")) and (
                 isinstance(value, bool) or not isinstance(value, (int, float))):
             raise _damaged(path, f"{key}={str(value)[:40]!r} is not a number")
     return report
@@ -442,25 +473,68 @@ def _vae_report(vae: AutoencoderKL, held_x: torch.Tensor, mean: torch.Tensor, va
 # the evaluator is a different network from the teacher (8x8 grid, other seed): samples are then
 # not judged by the very features REPA aligned them to
 EVALUATOR_GRID, EVALUATOR_SEED_OFFSET = 8, 17
+# Why the evaluator also learns the scene (toy world v8; v7's evaluator was a classifier only): Inception's pool
+# features, the ones FID compares, hold far more than the class (colour, texture, size, place: they were trained
+# on 1000 fine-grained classes). A 10-class classifier's mean token holds little else, so v7's toy FID compared
+# mostly class mixtures; measured on v7 (500 unguided samples at step 1200) the evaluator was sure of 45/37/35% of
+# the REPA-E/REPA/vanilla samples against 96% of real images, yet the arms' FIDs barely told apart how well their
+# samples were formed. v8's evaluator reads off its mean token, besides the class, the generative factors of the
+# image (repae.data.toy.SCENE_FACTORS: shape colour, background colours and contrast, shape size) and the
+# shapes' area and centre: what an image is made of beyond its label. benchmarks/evaluator_sensitivity.py
+# measures both evaluators on disturbed real images (Heusel et al. 2017's test of FID) and by linear probes.
+EVALUATOR_FILE = "evaluator-v8.safetensors"  # v7's class-only evaluator was evaluator.safetensors
+
+
+def evaluator_network(scene: bool = True) -> ToyTeacher:
+    """An untrained toy evaluator: v8's (scene=True) or v7's class-only one."""
+    return ToyTeacher(grid=EVALUATOR_GRID, factors=len(SCENE_FACTORS) + 3 if scene else 0)
+
+
+def train_evaluator(world: ToyWorld, spec: ToyWorldConfig, seed: int = 0, scene: bool = True,
+                    progress: bool = True, device: torch.device | str = "cpu") -> ToyTeacher:
+    """The toy evaluator trained on the world's training pool: v8's, which learns the scene factors and the
+    shapes' layout besides the class, or (scene=False) v7's classifier."""
+    coverage = factors = None
+    if scene:
+        _, _, coverage = _read_pool(world.cache_dir / "train.npz", len(world.train_images))
+        factors = torch.from_numpy(scene_factors(len(world.train_images), seed))  # the train pool's draws
+    return train_teacher(world.train_images, world.train_labels, spec.teacher_steps, spec.batch_size,
+                         seed + EVALUATOR_SEED_OFFSET, grid=EVALUATOR_GRID, progress=progress, device=device,
+                         desc="toy evaluator", coverage=coverage, scene=factors)
+
+
+@torch.no_grad()
+def evaluator_factor_r2(evaluator: ToyTeacher, world: ToyWorld, seed: int = 0) -> float:
+    """Mean over the factors of the R^2 of the evaluator's factor head on the held-out pool (1: exact)."""
+    _, _, coverage = _read_pool(world.cache_dir / "heldout.npz", len(world.heldout_images))
+    target = evaluator_targets(torch.from_numpy(scene_factors(len(coverage), seed + 1000)), coverage)
+    pred = torch.cat([evaluator.factor_predictions(evaluator(world.heldout_images[i : i + 500]))
+                      for i in range(0, len(coverage), 500)])
+    # the head predicts standardised factors: fit each column's scale and offset, as R^2 of a linear read-out
+    design = torch.cat([pred, torch.ones(len(pred), 1)], dim=1).double()
+    fitted = design @ torch.linalg.lstsq(design, target.double()).solution
+    residual = ((target.double() - fitted) ** 2).sum(dim=0)
+    total = ((target.double() - target.double().mean(dim=0)) ** 2).sum(dim=0)
+    return (1 - residual / total).mean().item()
 
 
 def ensure_toy_evaluator(world: ToyWorld, spec: ToyWorldConfig = ToyWorldConfig(), seed: int = 0,
                          progress: bool = True, device: str = "auto") -> ToyTeacher:
-    """The toy world's stand-in for Inception (DESIGN.md section 4): a classifier trained on its own,
-    whose mean-pooled tokens give "toy FID" and whose argmax scores class-conditional samples.
-    Built on first use on `device` (auto: the GPU when there is one), cached beside the teacher;
-    held-out accuracy in report.json."""
+    """The toy world's stand-in for Inception (DESIGN.md section 4): a network trained on its own to classify
+    the shapes and to read each image's generative factors; its mean-pooled tokens give "toy FID" and its
+    argmax scores class-conditional samples. Built on first use on `device` (auto: the GPU when there is one),
+    cached beside the teacher; held-out accuracy and factor R^2 in report.json."""
     with dist.main_first():
-        path = world.cache_dir / "evaluator.safetensors"
+        path = world.cache_dir / EVALUATOR_FILE
         if path.is_file():
-            world.evaluator = load_strict(ToyTeacher(grid=EVALUATOR_GRID), read_file(path), str(path))
+            world.evaluator = load_strict(evaluator_network(), read_file(path), str(path))
             return world.evaluator.eval().requires_grad_(False)
         start = time.perf_counter()
-        evaluator = train_teacher(world.train_images, world.train_labels, spec.teacher_steps, spec.batch_size,
-                                  seed + EVALUATOR_SEED_OFFSET, grid=EVALUATOR_GRID, progress=progress,
-                                  device=dist.device_named(device), desc="toy evaluator")
+        evaluator = train_evaluator(world, spec, seed, progress=progress, device=dist.device_named(device))
+        world.report["evaluator_version"] = "v8"
         world.report["evaluator_heldout_accuracy"] = teacher_accuracy(evaluator, world.heldout_images,
                                                                       world.heldout_labels)
+        world.report["evaluator_heldout_factor_r2"] = evaluator_factor_r2(evaluator, world, seed)
         world.report["evaluator_train_seconds"] = round(time.perf_counter() - start, 1)
         save_weights(evaluator, path)
         write_json_atomic(world.cache_dir / "report.json", world.report, indent=2)

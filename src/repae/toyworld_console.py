@@ -41,7 +41,10 @@ def built_lines(report: dict, parts: Sequence[str]) -> List[str]:
             accuracy = report[f"{part}_heldout_accuracy"]
             layout = (f", layout IoU {report[f'{part}_heldout_layout_iou']:.2f}"
                       if f"{part}_heldout_layout_iou" in report else "")
-            lines.append(f"toy world: {part} {100 * accuracy:.1f}% held-out accuracy{layout}; {_trained(report, part)}")
+            scene = (f", scene factors R^2 {report[f'{part}_heldout_factor_r2']:.2f}"
+                     if f"{part}_heldout_factor_r2" in report else "")
+            lines.append(f"toy world: {part} {100 * accuracy:.1f}% held-out accuracy{layout}{scene}; "
+                         f"{_trained(report, part)}")
     return lines
 
 

@@ -158,11 +158,11 @@ def _sample_source(args, device, kind: str, loaded):
 def _toy_judge(cfg, device):
     """(toy evaluator, held-out images, its files) of a toy run's world (built once and cached)."""
     from repae.evaluate.loading import toy_world
-    from repae.toyworld import ensure_toy_evaluator
+    from repae.toyworld import EVALUATOR_FILE, ensure_toy_evaluator
 
     world = toy_world(cfg)
     evaluator = ensure_toy_evaluator(world, cfg.toy, device=cfg.train.device).to(device).eval()
-    return evaluator, world.heldout_images, {"toy_evaluator": str(world.cache_dir / "evaluator.safetensors")}
+    return evaluator, world.heldout_images, {"toy_evaluator": str(world.cache_dir / EVALUATOR_FILE)}
 
 
 def _toy_scores(source, local, evaluator, heldout) -> Optional[dict]:

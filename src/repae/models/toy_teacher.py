@@ -31,7 +31,8 @@ def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
 class ToyTeacher(nn.Module):
     """uint8 [B,3,32,32] -> patch tokens [B,16,128]; `logits` adds a linear class head on their mean."""
 
-    def __init__(self, dim: int = 128, heads: int = 4, num_classes: int = 10, grid: int = 4, layout: bool = False):
+    def __init__(self, dim: int = 128, heads: int = 4, num_classes: int = 10, grid: int = 4, layout: bool = False,
+                 factors: int = 0):
         super().__init__()
         if grid not in (4, 8):
             raise ValueError(f"the toy teacher has an 8x8 or a 4x4 token grid on 32px images, not {grid}x{grid}")
@@ -49,6 +50,9 @@ class ToyTeacher(nn.Module):
         self.patch = IMAGE_SIZE // grid
         # the teacher has one (layout=True); the evaluator, a classifier as Inception is, has none
         self.coverage_head = nn.Linear(dim, self.patch**2) if layout else None
+        # the evaluator (toy world v8) also reads each image's generative factors off its mean token: see
+        # repae.toyworld.ensure_toy_evaluator for why
+        self.factor_head = nn.Linear(dim, factors) if factors else None
         self.embed_dim = dim
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # uint8 [B,3,H,W] -> [B,N,D]
@@ -68,6 +72,11 @@ class ToyTeacher(nn.Module):
         if self.coverage_head is None:
             raise ValueError("this toy network has no layout head (ToyTeacher(layout=True) has one)")
         return self.coverage_head(tokens)
+
+    def factor_predictions(self, tokens: torch.Tensor) -> torch.Tensor:  # [B,N,D] -> [B,factors], standardised
+        if self.factor_head is None:
+            raise ValueError("this toy network has no factor head (ToyTeacher(factors=F) has one)")
+        return self.factor_head(tokens.mean(dim=1))
 
 
 def patch_coverage(coverage: torch.Tensor, grid: int) -> torch.Tensor:
