@@ -11,8 +11,8 @@ factors) beside v7's (class only), on the cached toy world:
 
     REPAE_CACHE=... python benchmarks/evaluator_sensitivity.py [--out docs/benchmarks/evaluator_sensitivity.json]
 
-v7's evaluator is read from the world's evaluator.safetensors when a v7 build left one, else trained here with
-the v7 recipe (class loss only, same seed and budget).
+v7's evaluator is read from the world's evaluator.safetensors (a v7 build's, or `ensure_v7_evaluator`'s: the v7
+recipe, class loss only, same seed and budget).
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ from repae.build import vae_args
 from repae.config import preset
 from repae.data.toy import SCENE_FACTORS, scene_factors, toy_arrays
 from repae.evaluate.toy import evaluator_outputs, toy_fid
-from repae.toyworld import (_read_pool, ensure_toy_evaluator, ensure_toy_world, evaluator_network,
-                            evaluator_targets, train_evaluator)
-from repae.weights import load_strict, read_file
+from repae.toyworld import _read_pool, ensure_toy_evaluator, ensure_toy_world, ensure_v7_evaluator, evaluator_targets
 
 FRESH_SEED = 4242  # the disturbed real images: neither the training pool (seed 0) nor the held-out one (1000)
 FACTOR_NAMES = SCENE_FACTORS + ("covered area", "coverage centre x", "coverage centre y")
@@ -115,11 +113,9 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     cfg = preset("toy")
     world = ensure_toy_world(vae_args(cfg), cfg.toy, seed=0, progress=False)
-    v7_path = world.cache_dir / "evaluator.safetensors"
     with torch.enable_grad():
-        v7 = (load_strict(evaluator_network(scene=False), read_file(v7_path), str(v7_path)) if v7_path.is_file()
-              else train_evaluator(world, cfg.toy, 0, scene=False, progress=False)).eval()
-        judges = {"v7 (class only)": v7, "v8 (class + scene)": ensure_toy_evaluator(world, cfg.toy, progress=False)}
+        judges = {"v7 (class only)": ensure_v7_evaluator(world, cfg.toy),
+                  "v8 (class + scene)": ensure_toy_evaluator(world, cfg.toy, progress=False)}
     n = 2000
     train_x = world.train_images[:n]
     train_t = evaluator_targets(torch.from_numpy(scene_factors(n, 0)), _read_pool(world.cache_dir / "train.npz",

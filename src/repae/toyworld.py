@@ -482,7 +482,7 @@ EVALUATOR_GRID, EVALUATOR_SEED_OFFSET = 8, 17
 # image (repae.data.toy.SCENE_FACTORS: shape colour, background colours and contrast, shape size) and the
 # shapes' area and centre: what an image is made of beyond its label. benchmarks/evaluator_sensitivity.py
 # measures both evaluators on disturbed real images (Heusel et al. 2017's test of FID) and by linear probes.
-EVALUATOR_FILE = "evaluator-v8.safetensors"  # v7's class-only evaluator was evaluator.safetensors
+EVALUATOR_FILE = "evaluator-v8.safetensors"  # v7's class-only evaluator: V7_EVALUATOR_FILE
 
 
 def evaluator_network(scene: bool = True) -> ToyTeacher:
@@ -516,6 +516,22 @@ def evaluator_factor_r2(evaluator: ToyTeacher, world: ToyWorld, seed: int = 0) -
     residual = ((target.double() - fitted) ** 2).sum(dim=0)
     total = ((target.double() - target.double().mean(dim=0)) ** 2).sum(dim=0)
     return (1 - residual / total).mean().item()
+
+
+V7_EVALUATOR_FILE = "evaluator.safetensors"
+
+
+def ensure_v7_evaluator(world: ToyWorld, spec: ToyWorldConfig = ToyWorldConfig(), seed: int = 0,
+                        device: str = "auto") -> ToyTeacher:
+    """Toy world v7's evaluator, a classifier only: the reproduction's second opinion on v8's judge (its
+    verdicts under both). Trained with v7's recipe on first use (same seed and budget), cached."""
+    with dist.main_first():
+        path = world.cache_dir / V7_EVALUATOR_FILE
+        if path.is_file():
+            return load_strict(evaluator_network(scene=False), read_file(path), str(path)).eval().requires_grad_(False)
+        evaluator = train_evaluator(world, spec, seed, scene=False, progress=False, device=dist.device_named(device))
+        save_weights(evaluator, path)
+        return evaluator
 
 
 def ensure_toy_evaluator(world: ToyWorld, spec: ToyWorldConfig = ToyWorldConfig(), seed: int = 0,

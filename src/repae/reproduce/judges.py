@@ -31,6 +31,7 @@ from repae.dist import device_named
 from repae.fileio import JsonFileError, read_json_object
 from repae.evaluate.stats import GaussianStats
 
+V7_SUFFIX = "_v7judge"  # fid_v7judge, class_accuracy_v7judge_unguided, ...: the toy world v7 evaluator's
 HELDOUT_IMAGES = 1000  # for latent structure, CKNNA and PSNR (and the real FID reference)
 JUDGES_FILE, JUDGES_INFO = "judges.safetensors", "judges.json"
 
@@ -48,6 +49,9 @@ class Judges:
     info: Dict[str, object] = field(default_factory=dict)  # what the judges are, for the report
     starting_vae: Optional[str] = None  # the file of the VAE every arm starts from
     class_means: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # real judges: ([K,D] means, [K] ids)
+    # toy: v7's class-only evaluator, so that a report can show its verdicts did not hang on the judge changed
+    # after them (repae.toyworld, EVALUATOR_FILE): (metric-name suffix, its scorer, its FID reference)
+    second_opinion: Optional[Tuple[str, Scorer, GaussianStats]] = None
 
 
 def gaussian(feats: np.ndarray) -> GaussianStats:
@@ -63,14 +67,17 @@ def toy_judges(cfg: RunConfig) -> Judges:
     """The toy world's judges (the world and its evaluator are built once and cached)."""
     from repae.build import vae_args
     from repae.evaluate.toy import evaluator_outputs
-    from repae.toyworld import ensure_toy_evaluator, ensure_toy_world
+    from repae.toyworld import ensure_toy_evaluator, ensure_toy_world, ensure_v7_evaluator
 
     world = ensure_toy_world(vae_args(cfg), cfg.toy, seed=0, device=cfg.train.device)
     evaluator = ensure_toy_evaluator(world, cfg.toy, device=cfg.train.device).to(device_named(cfg.train.device))
+    v7 = ensure_v7_evaluator(world, cfg.toy, device=cfg.train.device).to(device_named(cfg.train.device))
 
-    def score(images: torch.Tensor) -> Tuple[np.ndarray, torch.Tensor]:
-        feats, logits = evaluator_outputs(evaluator, images)
-        return feats, logits.argmax(dim=1)
+    def scorer(net) -> Scorer:
+        def score(images: torch.Tensor) -> Tuple[np.ndarray, torch.Tensor]:
+            feats, logits = evaluator_outputs(net, images)
+            return feats, logits.argmax(dim=1)
+        return score
 
     reference, _ = evaluator_outputs(evaluator, world.heldout_images)
     held = world.heldout_images[:HELDOUT_IMAGES]
@@ -79,8 +86,9 @@ def toy_judges(cfg: RunConfig) -> Judges:
     info = {"kind": "toy", "fid_label": "toy FID", "judge": "toy evaluator", "partner": "toy teacher",
             "chance_accuracy": 1.0 / cfg.model.num_classes, "reference_images": len(world.heldout_images),
             "heldout_images": len(held), **world.report}
-    return Judges(held, world.heldout_labels[: len(held)], gaussian(reference), score, tokens, info,
-                  starting_vae=cfg.vae.path or str(world.vae_path))
+    second = (V7_SUFFIX, scorer(v7), gaussian(evaluator_outputs(v7, world.heldout_images)[0]))
+    return Judges(held, world.heldout_labels[: len(held)], gaussian(reference), scorer(evaluator), tokens, info,
+                  starting_vae=cfg.vae.path or str(world.vae_path), second_opinion=second)
 
 
 # --------------------------------------------------------------------------- real data

@@ -218,9 +218,15 @@ def sample_metrics(cfg, sit, vae, judges: Judges, num_samples: int, device, guid
     known = (torch.isin(labels, judges.class_means[1]) if judges.class_means is not None
              else torch.ones_like(labels, dtype=torch.bool))
     suffix = "" if guided else "_unguided"
-    return {"fid" + suffix: frechet_distance_to_features(feats, *judges.reference),
-            "fid_noise" + suffix: frechet_distance_noise(feats, *judges.reference),
-            "class_accuracy" + suffix: (predicted.cpu() == labels)[known].float().mean().item()}
+    out = {"fid" + suffix: frechet_distance_to_features(feats, *judges.reference),
+           "fid_noise" + suffix: frechet_distance_noise(feats, *judges.reference),
+           "class_accuracy" + suffix: (predicted.cpu() == labels)[known].float().mean().item()}
+    if judges.second_opinion is not None:  # the same samples, another judge: "fid_v7judge[_unguided]", ...
+        name, score, reference = judges.second_opinion
+        feats, predicted = score(images)
+        out.update({f"fid{name}{suffix}": frechet_distance_to_features(feats, *reference),
+                    f"class_accuracy{name}{suffix}": (predicted.cpu() == labels)[known].float().mean().item()})
+    return out
 
 
 def unguided_sample_metrics(cfg, sit, vae, judges: Judges, num_samples: int, device,
@@ -228,7 +234,9 @@ def unguided_sample_metrics(cfg, sit, vae, judges: Judges, num_samples: int, dev
     """The UNGUIDED_KEYS; a run that samples without CFG already has them in `guided` (not sampled twice)."""
     if cfg.sample.cfg_scale == 1.0 and guided is not None:
         noise = {"fid_noise_unguided": guided["fid_noise"]} if "fid_noise" in guided else {}  # older records lack it
-        return {"fid_unguided": guided["fid"], "class_accuracy_unguided": guided["class_accuracy"], **noise}
+        second = judges.second_opinion[0] if judges.second_opinion is not None else None
+        return {"fid_unguided": guided["fid"], "class_accuracy_unguided": guided["class_accuracy"], **noise,
+                **{f"{k}_unguided": v for k, v in guided.items() if second and k.endswith(second)}}
     return sample_metrics(cfg, sit, vae, judges, num_samples, device, guided=False)
 
 
