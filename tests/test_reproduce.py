@@ -364,6 +364,53 @@ def test_generation_verdicts_are_inconclusive_when_no_arm_beats_chance(tmp_path)
     assert "below 2x chance" in text
 
 
+SIGTERM_RUNNER = """
+import sys, types
+from pathlib import Path
+from repae.reproduce import runner as rr
+out = Path(sys.argv[1])
+rr.judges_for_plan = lambda cfg, out, heldout, n: (types.SimpleNamespace(info={}, heldout_images=None), None)
+rr.starting_vae = lambda cfg, judges: None
+rr.vae_metrics = lambda vae, judges: {}
+rr.image_spectrum_metrics = lambda images: {}
+rr.real_image_rows = lambda cfg, judges, vae, n: {}
+# a training run that writes its pid and then takes long
+rr.train_command = lambda arm, *a: [sys.executable, "-c", "import os, time; open(%r, 'w').write(str(os.getpid())); "
+                                    "time.sleep(120)" % str(out / "child.pid")]
+rr.run_reproduction(out, rr.Plan(steps=2, eval_every=1, seeds=[0], samples=1, jobs=1))
+"""
+
+
+def test_sigterm_to_the_runner_stops_its_training_runs_too(tmp_path):
+    """`kill RUNNER` (or a scheduler's SIGTERM to it alone) used to end the runner and leave its training processes
+    running, each holding its run's lock; the runner now stops them and records its progress before it exits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    runner = subprocess.Popen([sys.executable, "-c", SIGTERM_RUNNER, str(tmp_path)])
+    pid_file = tmp_path / "child.pid"
+    deadline = time.monotonic() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    runner.send_signal(signal.SIGTERM)
+    code = runner.wait(timeout=30)
+    time.sleep(0.5)
+    try:
+        os.kill(child, 0)
+        alive = True
+        os.kill(child, signal.SIGKILL)  # no orphan left behind by a failing test either
+    except ProcessLookupError:
+        alive = False
+    assert not alive, "the training process outlived its runner"
+    assert code == 128 + signal.SIGTERM
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["partial"] and saved["runs"]["repae-s0"]["exit_code"] != 0
+
+
 def _no_world(monkeypatch, rr) -> None:
     """The runner without the toy world: no judges, starting VAE or real-image rows are built."""
     monkeypatch.setattr(rr, "judges_for_plan", lambda cfg, out, heldout, n: (types.SimpleNamespace(info={}, heldout_images=None), None))

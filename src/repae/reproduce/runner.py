@@ -11,6 +11,7 @@ for a run that is trained and measured already.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -292,6 +293,23 @@ def starting_vae(base: RunConfig, judges: Judges):
     return load_model(judges.starting_vae, kind="vae", args=vae_args(base)).to(dist.device_named(base.train.device))
 
 
+class Terminated(SystemExit):
+    """SIGTERM reached the runner (`kill`, a scheduler): its runs are stopped, not left running without it."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(128 + signum)
+
+
+def _stop_on_sigterm():
+    """SIGTERM's default kills the runner at once and leaves its training processes running (each holding its
+    run's lock, so the next invocation cannot resume them): raise instead, so the runner stops them (they save a
+    checkpoint on SIGTERM) and records its progress. Returns the handler replaced (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequence[str] = (),
                      config_files: Sequence[str] = (), invocation: Optional[dict] = None,
                      heldout: Optional[str] = None, heldout_images: Optional[int] = None) -> dict:
@@ -327,6 +345,7 @@ def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequ
     runner = _Runner(plan, preset, overrides, config_files, out, threads, earlier, save_progress, judges_dir)
     futures: Dict[str, Future] = {}
     pool = ThreadPoolExecutor(max_workers=plan.jobs)
+    previous_term = _stop_on_sigterm()
     try:
         # stage-2 arms last: they wait for the REPA-E run whose VAE they use
         for arm in sorted(arms, key=lambda a: a.vae_from is not None):
@@ -340,6 +359,9 @@ def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequ
         with runner.lock:
             save_progress()  # this invocation's wall time up to the stop
         raise
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
     pool.shutdown()
     metrics = {arm.name: {str(seed): measure_run(out / "runs" / run_name(arm, seed), plan.samples, judges,
                                                  every=plan.eval_every, final_step=plan.steps,
