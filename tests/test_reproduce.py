@@ -302,6 +302,7 @@ def test_reproduce_command_runs_every_arm_measures_and_reports(tmp_path):
     text = report.read_text()
     for claim in ["a", "b", "c", "c w/o CFG", "d", "e", "f"]:
         assert f"| ({claim}) |" in text
+    assert "## The same samples, judged by toy world v7's evaluator" in text
     # where real images stand with the same judges and sample count: the training images and their reconstructions
     real = results["real_images"]
     assert list(real) == ["real images", "starting VAE reconstructions"]
@@ -621,3 +622,28 @@ def test_the_runner_measures_the_last_step_with_the_final_samples(tmp_path, monk
     rr.run_reproduction(tmp_path, plan)
     assert len(commands) == 1 and commands[0][-4:] == ["--final-step", "2", "--final-samples", "7"]
     assert collected == [{"final_step": 2, "final_samples": 7}]
+
+
+def test_the_report_judges_the_same_samples_again_with_v7s_evaluator():
+    """Where the measurements carry v7's evaluator's numbers, every claim an FID decides is judged again with
+    them, by the same criteria: here REPA-E wins under the report's judge and loses under v7's."""
+    from repae.reproduce.report import claim_c, second_judge_section, under_second_judge
+
+    r = _results({"repae": (15, 5), "repa": (20, 10), "vanilla": (30, 12), "stage2-e2e-vae": (25, 9),
+                  "no-stopgrad": (40, 30)})
+    assert under_second_judge(r) is None and second_judge_section(r, {}, list(r["metrics"])) == []
+    for arm, v7 in {"repae": 12.0, "repa": 8.0, "vanilla": 9.0, "stage2-e2e-vae": 7.0, "no-stopgrad": 30.0}.items():
+        m = r["metrics"][arm]["0"]["2"]
+        m.update(fid_v7judge=v7, class_accuracy_v7judge=0.25, fid_noise=0.3)
+    other = under_second_judge(r)
+    m = other["metrics"]["repae"]["0"]["2"]
+    assert m["fid"] == 12.0 and m["class_accuracy"] == 0.25 and "fid_noise" not in m
+    assert r["metrics"]["repae"]["0"]["2"]["fid"] == 5  # the results themselves untouched
+    verdicts = {k: ("stub", "") for k in ("b", "c w/o CFG", "d", "e", "f")}
+    verdicts["c"] = claim_c(r)
+    assert verdicts["c"][0] == "reproduces"
+    lines = second_judge_section(r, verdicts, list(r["metrics"]))
+    row = next(line for line in lines if line.startswith("| (c) |"))
+    assert row.startswith("| (c) | reproduces | does not reproduce | toy FID at step 2: REPA 8, REPA-E 12")
+    assert {line.split(" | ")[0] for line in lines if line.startswith("| (")} == {
+        "| (b)", "| (c)", "| (c w/o CFG)", "| (d)", "| (e)", "| (f)"}

@@ -18,7 +18,9 @@ from repae.reproduce.runner import FULL, QUICK, run_reproduction
 METHOD_NOTE = f"""\
 - **Toy world**: 10 classes of coloured shapes at 32×32; the teacher (stand-in for DINOv2) gives
   the REPA targets; a separately trained **evaluator** (other architecture and seed, stand-in for
-  Inception) judges samples, so no arm is scored by the network it aligned to.
+  Inception) judges samples, so no arm is scored by the network it aligned to. Since toy world v8 it
+  learns, besides the class, each image's scene (shape colour, background colours, shape size, the
+  shapes' area and centre), as Inception's features hold more than the class (`src/repae/toyworld.py`).
 - **toy FID**: Fréchet distance between Gaussians fitted to the evaluator's mean-pooled tokens
   (128-d) of the samples and of the 2000 held-out images. Biased upwards at small sample counts:
   compare arms only with each other. **class accuracy**: the evaluator's argmax against the class

@@ -291,6 +291,57 @@ def samples_carry_classes(r: dict) -> Tuple[bool, str]:
                  "budget say little about the generation claims (b)-(f): run a longer plan."))
 
 
+# --------------------------------------------------------------------------- the second judge
+
+SECOND_JUDGE = "_v7judge"  # repae.reproduce.judges.V7_SUFFIX: toy world v7's class-only evaluator
+JUDGED_BY_SAMPLES = ("b", "c", "c w/o CFG", "d", "e", "f")  # the claims an FID decides
+
+
+SWAPPED = ("fid", "class_accuracy", "fid_unguided", "class_accuracy_unguided")
+
+
+def _second(key: str) -> str:
+    """fid -> fid_v7judge, fid_unguided -> fid_v7judge_unguided: the names repae.reproduce.measure records."""
+    base, unguided = (key[: -len("_unguided")], "_unguided") if key.endswith("_unguided") else (key, "")
+    return base + SECOND_JUDGE + unguided
+
+
+def under_second_judge(r: dict) -> Optional[dict]:
+    """The results as v7's class-only evaluator saw the same samples (its FID and class accuracy in place of
+    the judge's, no sampling-noise figure), or None where the runs were not scored by it."""
+    measured = [m for per_seed in r["metrics"].values() for per_step in per_seed.values() for m in per_step.values()]
+    if not any(_second("fid") in m for m in measured):
+        return None
+
+    def swap(m: dict) -> dict:
+        out = {k: v for k, v in m.items() if not k.startswith("fid_noise") and k not in SWAPPED}
+        return {**out, **{k: m[_second(k)] for k in SWAPPED if _second(k) in m}}
+
+    metrics = {arm: {seed: {step: swap(m) for step, m in per_step.items()} for seed, per_step in per_seed.items()}
+               for arm, per_seed in r["metrics"].items()}
+    return {**r, "metrics": metrics}
+
+
+def second_judge_section(r: dict, verdicts: Dict[str, Tuple[str, str]], arms: List[str]) -> List[str]:
+    """Every claim an FID decides, judged again on the same samples by toy world v7's evaluator (a classifier
+    only): the report's judge was changed after v7's results, and this shows what the change did."""
+    other = under_second_judge(r)
+    if other is None:
+        return []
+    again = {"b": claim_b(other), "c": claim_c(other), "c w/o CFG": claim_c_unguided(other), "d": claim_d(other),
+             "e": claim_e(other, arms), "f": claim_f(other)}
+    lines = ["## The same samples, judged by toy world v7's evaluator", "",
+             "The evaluator above (toy world v8) reads, besides the class, each image's scene: shape colour, "
+             "background colours, shape size, the shapes' area and centre. It replaced v7's evaluator, a classifier "
+             "only, after v7's results: its FID compared mostly class mixtures (see `repae.toyworld`, "
+             "`benchmarks/evaluator_sensitivity.py`). The criteria did not change. The same samples, scored by v7's "
+             "evaluator, give:", "", "| claim | verdict (v8 evaluator) | verdict (v7 evaluator) | v7 evaluator's numbers |",
+             "| --- | --- | --- | --- |"]
+    for key in JUDGED_BY_SAMPLES:
+        lines.append(f"| ({key}) | {verdicts[key][0]} | {again[key][0]} | {again[key][1].split(' Criterion')[0]} |")
+    return lines + [""]
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -457,8 +508,10 @@ def _invocation_lines(r: dict, context: dict) -> List[str]:
 def _judges_line(who: dict, initial_vae: dict) -> str:
     start = f"starting VAE held-out PSNR {initial_vae['vae_psnr_db']:.2f} dB"
     if who["kind"] == "toy":
+        scene = (f" and scene factors R² {who['evaluator_heldout_factor_r2']:.2f} (evaluator "
+                 f"{who.get('evaluator_version', 'v8')})" if "evaluator_heldout_factor_r2" in who else "")
         return (f"- toy world: teacher held-out accuracy {who.get('teacher_heldout_accuracy', float('nan')):.3f}, "
-                f"evaluator held-out accuracy {who.get('evaluator_heldout_accuracy', float('nan')):.3f}, {start}")
+                f"evaluator held-out accuracy {who.get('evaluator_heldout_accuracy', float('nan')):.3f}{scene}, {start}")
     return (f"- judges: {who['heldout_images']} held-out images of {who['classes_in_heldout']} classes from "
             f"`{who['data']}`; FID reference: {who['reference']}; Inception `{who['inception']}`; CKNNA partner "
             f"{who['partner']} (`{who['encoder_file']}`); starting VAE `{who['starting_vae']}`, {start}")
@@ -522,6 +575,7 @@ def write_report(r: dict, out: Path, report: Path, context: dict) -> Path:
               "statistics are of the VAE's posterior means on held-out images: raw, and normalised by the run's "
               "latent normaliser (its running statistics; the starting VAE's own per-channel mean and std for "
               "the starting VAE).", "",
+              *second_judge_section(r, verdicts, arms),
               *spectrum_section(r, labels, spectra_plot, rel),
               "## Over training", "", f"![{fid_label(r)} vs steps]({rel(plots[0])})", "", f"![metrics vs steps]({rel(plots[1])})",
               "", "## Samples at the last step (seed " + str(plan["seeds"][0]) + "; a column per class"
