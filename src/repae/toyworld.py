@@ -39,7 +39,9 @@ from repae.weights import load_strict, read_file, save_latent_stats, save_model,
 
 # bump when the dataset or the recipes change, so old caches are not reused (v6: the VAE, teacher and evaluator
 # pre-train with Muon; the renderer supersamples only the shapes' masks; v7: the pools keep the shapes' pixel
-# coverage and the teacher learns the layout from it, token by token: see repae.models.toy_teacher)
+# coverage and the teacher learns the layout from it, token by token: see repae.models.toy_teacher). Toy world v8
+# changed only the evaluator, which has a file of its own (EVALUATOR_FILE): its data, teacher and VAE are v7's,
+# so the cache directory keeps v7's name and a v7 cache gains the new evaluator without a rebuild
 VERSION = "v7"
 
 
