@@ -384,8 +384,8 @@ def _toy() -> RunConfig:
     # step 600 45.0% (raw 62.3%); decayed over 600 steps, 2e-3 44.7% (raw 67.3%), 4e-3 46.3% (raw 69.0%);
     # 4e-3 decayed over 900 steps, EMA 0.99: 87.0%, toy FID 8.9 (one thread), 84.3%, 9.2 (two threads, the
     # whole default run: 300 samples tell 85% from 87% by ~1 standard error), hence 1000 steps: 87.3%, toy FID
-    # 8.3 on a 2-core AMD EPYC, 88.7%, 8.0 on a 2-core Xeon (toy world v7 on that Xeon: 92.0%, 7.45, the README's
-    # default run); batch 32, 1500 steps:
+    # 8.3 on a 2-core AMD EPYC, 88.7%, 8.0 on a 2-core Xeon (toy world v7 on that Xeon: 92.0%, 7.45; v8 on a Xeon
+    # with AMX: 86.7%, 12.81 by v8's own evaluator, the README's default run); batch 32, 1500 steps:
     # 76.3% (raw 75.3%). On an earlier world, at 1200 steps, a 2x wider/deeper SiT (hidden 256, depth 8) did not
     # score better (40.7% vs 42.7%).
     cfg.optim_sit.lr = 4e-3
