@@ -647,3 +647,17 @@ def test_the_report_judges_the_same_samples_again_with_v7s_evaluator():
     assert row.startswith("| (c) | reproduces | does not reproduce | toy FID at step 2: REPA 8, REPA-E 12")
     assert {line.split(" | ")[0] for line in lines if line.startswith("| (")} == {
         "| (b)", "| (c)", "| (c w/o CFG)", "| (d)", "| (e)", "| (f)"}
+
+
+def test_the_second_judge_is_held_to_the_same_budget_check():
+    """Below 2x chance class accuracy under v7's evaluator, its verdicts about samples read inconclusive too, as
+    the report's own do (seen on the --quick plan: the v7 column said "does not reproduce" at 150 steps)."""
+    from repae.reproduce.report import second_judge_section
+
+    r = _results({"repae": (15, 5), "repa": (20, 10), "vanilla": (30, 12)})
+    for arm in r["metrics"]:
+        r["metrics"][arm]["0"]["2"].update(fid_v7judge=9.0, class_accuracy_v7judge=0.12)
+    lines = second_judge_section(r, {k: ("stub", "") for k in ("b", "c", "c w/o CFG", "d", "e", "f")},
+                                 list(r["metrics"]))
+    row = next(line for line in lines if line.startswith("| (c) |"))
+    assert row.split(" | ")[2] == "inconclusive at this budget (the numbers alone: does not reproduce)"

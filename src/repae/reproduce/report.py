@@ -278,6 +278,16 @@ def claim_e(r: dict, arms: List[str]) -> Tuple[str, str]:
     return ("reproduces" if higher and tracks else "partly" if higher or tracks else "does not reproduce"), evidence
 
 
+def within_budget(r: dict, verdicts: Dict[str, Tuple[str, str]]) -> Dict[str, Tuple[str, str]]:
+    """The verdicts, those about samples marked inconclusive where no arm's samples carry class structure."""
+    if samples_carry_classes(r)[0]:
+        return verdicts
+    # (a) is about latents and a failed no-stop-grad run is (b)'s outcome: both stand either way
+    about_samples = ["c", "c w/o CFG", "d", "e", "f"] + ([] if diverged(r, "no-stopgrad") else ["b"])
+    return {k: (f"inconclusive at this budget (the numbers alone: {v[0]})", v[1])
+            if k in about_samples and v[0] != NOT_MEASURED else v for k, v in verdicts.items()}
+
+
 def samples_carry_classes(r: dict) -> Tuple[bool, str]:
     """Whether any arm's final samples show class structure: best class accuracy >= 2x chance.
     Below that, FID differences between arms reflect colour and blur statistics, not the
@@ -328,8 +338,8 @@ def second_judge_section(r: dict, verdicts: Dict[str, Tuple[str, str]], arms: Li
     other = under_second_judge(r)
     if other is None:
         return []
-    again = {"b": claim_b(other), "c": claim_c(other), "c w/o CFG": claim_c_unguided(other), "d": claim_d(other),
-             "e": claim_e(other, arms), "f": claim_f(other)}
+    again = within_budget(other, {"b": claim_b(other), "c": claim_c(other), "c w/o CFG": claim_c_unguided(other),
+                                  "d": claim_d(other), "e": claim_e(other, arms), "f": claim_f(other)})
     lines = ["## The same samples, judged by toy world v7's evaluator", "",
              "The evaluator above (toy world v8) reads, besides the class, each image's scene: shape colour, "
              "background colours, shape size, the shapes' area and centre. It replaced v7's evaluator, a classifier "
@@ -527,16 +537,9 @@ def write_report(r: dict, out: Path, report: Path, context: dict) -> Path:
     spectra_plot = plot_latent_spectra(r, labels, fig_dir)
     grids = copy_grids(r, arms, out, fig_dir)
     rel = lambda p: p.relative_to(report.parent).as_posix()  # noqa: E731
-    verdicts = {"a": claim_a(r), "b": claim_b(r), "c": claim_c(r), "c w/o CFG": claim_c_unguided(r), "d": claim_d(r),
-                "e": claim_e(r, arms), "f": claim_f(r)}
-    informative, budget_note = samples_carry_classes(r)
-    if not informative:
-        # (a) is about latents and a failed no-stop-grad run is (b)'s outcome: both stand either way
-        about_samples = ["c", "c w/o CFG", "d", "e", "f"] + ([] if diverged(r, "no-stopgrad") else ["b"])
-        for k in about_samples:
-            if verdicts[k][0] == NOT_MEASURED:
-                continue
-            verdicts[k] = (f"inconclusive at this budget (the numbers alone: {verdicts[k][0]})", verdicts[k][1])
+    verdicts = within_budget(r, {"a": claim_a(r), "b": claim_b(r), "c": claim_c(r), "c w/o CFG": claim_c_unguided(r),
+                                 "d": claim_d(r), "e": claim_e(r, arms), "f": claim_f(r)})
+    budget_note = samples_carry_classes(r)[1]
     plan, who = r["plan"], judges(r)
     lines = [
         "# Reproducing REPA-E's claims " + ("at toy scale" if who["kind"] == "toy" else f"on {who.get('data')}"),
