@@ -11,6 +11,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from repae.reproduce.judges import V7_SUFFIX
+
 # the paper's claims as issue 8 states them (arXiv 2504.10483)
 PAPER = {
     "a": "E2E training with the diffusion loss alone collapses the latent space: spatial variance "
@@ -303,7 +305,7 @@ def samples_carry_classes(r: dict) -> Tuple[bool, str]:
 
 # --------------------------------------------------------------------------- the second judge
 
-SECOND_JUDGE = "_v7judge"  # repae.reproduce.judges.V7_SUFFIX: toy world v7's class-only evaluator
+SECOND_JUDGE = V7_SUFFIX  # toy world v7's class-only evaluator: the suffix of its metrics
 JUDGED_BY_SAMPLES = ("b", "c", "c w/o CFG", "d", "e", "f")  # the claims an FID decides
 
 
