@@ -28,12 +28,12 @@ import torch.nn.functional as F
 
 from repae.build import vae_args
 from repae.config import preset
-from repae.data.toy import SCENE_FACTORS, scene_factors, toy_arrays
+from repae.data.toy import scene_factors, toy_arrays
 from repae.evaluate.toy import evaluator_outputs, toy_fid
-from repae.toyworld import _read_pool, ensure_toy_evaluator, ensure_toy_world, ensure_v7_evaluator, evaluator_targets
+from repae.toyworld import (EVALUATOR_FACTORS, HELDOUT_SEED_OFFSET, _read_pool, ensure_toy_evaluator, ensure_toy_world,
+                            ensure_v7_evaluator, evaluator_targets)
 
 FRESH_SEED = 4242  # the disturbed real images: neither the training pool (seed 0) nor the held-out one (1000)
-FACTOR_NAMES = SCENE_FACTORS + ("covered area", "coverage centre x", "coverage centre y")
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -102,7 +102,7 @@ def probes(net, train_x, train_t, train_y, held_x, held_t, held_y, ridge: float 
     pred = b @ w
     k = train_t.shape[1]
     r2 = 1 - ((held_t - pred[:, :k]) ** 2).sum(0) / ((held_t - held_t.mean(0)) ** 2).sum(0)
-    return {"factor_r2": dict(zip(FACTOR_NAMES, np.round(r2, 3).tolist())), "mean_factor_r2": round(float(r2.mean()), 3),
+    return {"factor_r2": dict(zip(EVALUATOR_FACTORS, np.round(r2, 3).tolist())), "mean_factor_r2": round(float(r2.mean()), 3),
             "class_probe_accuracy": round(float((pred[:, k:].argmax(1) == held_y).mean()), 4)}
 
 
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     train_t = evaluator_targets(torch.from_numpy(scene_factors(n, 0)), _read_pool(world.cache_dir / "train.npz",
                                 len(world.train_images))[2][:n]).numpy()
     held_cov = _read_pool(world.cache_dir / "heldout.npz", len(world.heldout_images))[2]
-    held_t = evaluator_targets(torch.from_numpy(scene_factors(len(held_cov), 1000)), held_cov).numpy()
+    held_t = evaluator_targets(torch.from_numpy(scene_factors(len(held_cov), HELDOUT_SEED_OFFSET)), held_cov).numpy()
     fresh_x, fresh_y = (torch.from_numpy(a) for a in toy_arrays(n, FRESH_SEED))
     result = {"images": n, "reference": f"the {len(world.heldout_images)} held-out images", "judges": {}}
     for name, net in judges.items():

@@ -34,26 +34,36 @@ def confidence(logits: torch.Tensor, labels: torch.Tensor) -> dict:
             "predicted_per_class": torch.bincount(predicted, minlength=logits.shape[1]).tolist()}
 
 
+def reproduction_samples(checkpoints, num: int, guided: bool):
+    """For each checkpoint: (path, world, evaluator, uint8 samples [num,3,32,32], labels [num]), the samples
+    `repae bench reproduce` measures (class-balanced labels, the run's sampler with seed sample.seed + 1, without
+    CFG unless `guided`). The world and evaluator are the first run's (pass runs of one world)."""
+    world = evaluator = None
+    for ckpt in checkpoints:
+        cfg, sit, vae = load_for_sampling(ckpt)
+        if evaluator is None:
+            world = ensure_toy_world(vae_args(cfg), cfg.toy, seed=0, progress=False, device="cpu")
+            evaluator = ensure_toy_evaluator(world, cfg.toy, device="cpu")
+        settings = sampler_settings(cfg, seed=cfg.sample.seed + 1)
+        if not guided:
+            settings["cfg_scale"] = 1.0
+        labels = torch.arange(num) % cfg.model.num_classes
+        yield ckpt, world, evaluator, generate_images(sit, vae, labels, batch_size=125, progress=False,
+                                                      **settings), labels
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", type=Path, nargs="+")
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--guided", action="store_true", help="with the run's CFG (default: without)")
     args = p.parse_args(argv)
-    evaluator = world = None
-    for ckpt in args.checkpoints:
-        cfg, sit, vae = load_for_sampling(ckpt)
-        if evaluator is None:  # the world of the first run judges all (pass runs of one world)
-            world = ensure_toy_world(vae_args(cfg), cfg.toy, seed=0, progress=False, device="cpu")
-            evaluator = ensure_toy_evaluator(world, cfg.toy, device="cpu")
-            labels = world.heldout_labels[: args.samples]
+    for k, (ckpt, world, evaluator, images, labels) in enumerate(reproduction_samples(args.checkpoints, args.samples,
+                                                                                         args.guided)):
+        if k == 0:  # real images, judged alike
             _, logits = evaluator_outputs(evaluator, world.heldout_images[: args.samples])
-            print(json.dumps({"checkpoint": "real held-out images", **confidence(torch.as_tensor(logits), labels)}))
-        settings = sampler_settings(cfg, seed=cfg.sample.seed + 1)
-        if not args.guided:
-            settings["cfg_scale"] = 1.0
-        labels = torch.arange(args.samples) % cfg.model.num_classes
-        images = generate_images(sit, vae, labels, batch_size=125, progress=False, **settings)
+            print(json.dumps({"checkpoint": "real held-out images",
+                              **confidence(torch.as_tensor(logits), world.heldout_labels[: args.samples])}))
         _, logits = evaluator_outputs(evaluator, images)
         print(json.dumps({"checkpoint": str(ckpt), "guided": args.guided,
                           **confidence(torch.as_tensor(logits), labels)}))

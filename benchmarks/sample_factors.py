@@ -18,13 +18,10 @@ from pathlib import Path
 
 import torch
 
-from repae.build import vae_args
-from repae.data.toy import SCENE_FACTORS, toy_arrays
-from repae.generate import generate_images, sampler_settings
-from repae.toyworld import ensure_toy_evaluator, ensure_toy_world
-from repae.train.checkpoint import load_for_sampling
+from sample_confidence import reproduction_samples  # benchmarks/, on the path when run as a script
 
-FACTORS = SCENE_FACTORS + ("covered area", "coverage centre x", "coverage centre y")
+from repae.data.toy import toy_arrays
+from repae.toyworld import EVALUATOR_FACTORS
 
 
 @torch.no_grad()
@@ -37,7 +34,7 @@ def compare(samples: torch.Tensor, real: torch.Tensor) -> dict:
     """{factor: (mean shift in real stds, std ratio)} between readings [N,F] and [M,F]."""
     shift = (samples.mean(0) - real.mean(0)) / real.std(0)
     ratio = samples.std(0) / real.std(0)
-    return {name: [round(a, 3), round(b, 3)] for name, a, b in zip(FACTORS, shift.tolist(), ratio.tolist())}
+    return {name: [round(a, 3), round(b, 3)] for name, a, b in zip(EVALUATOR_FACTORS, shift.tolist(), ratio.tolist())}
 
 
 def main(argv=None) -> int:
@@ -46,21 +43,13 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--guided", action="store_true", help="with the run's CFG (default: without)")
     args = p.parse_args(argv)
-    evaluator = real = None
-    for ckpt in args.checkpoints:
-        cfg, sit, vae = load_for_sampling(ckpt)
-        if evaluator is None:  # the world of the first run judges all (pass runs of one world)
-            world = ensure_toy_world(vae_args(cfg), cfg.toy, seed=0, progress=False, device="cpu")
-            evaluator = ensure_toy_evaluator(world, cfg.toy, device="cpu")
+    real = None
+    for ckpt, world, evaluator, images, _ in reproduction_samples(args.checkpoints, args.samples, args.guided):
+        if real is None:
             real = readings(evaluator, world.heldout_images)
             other_real = torch.from_numpy(toy_arrays(args.samples, seed=4242)[0])  # the noise floor
             print(json.dumps({"checkpoint": f"{args.samples} other real images (seed 4242)",
                               "shift_and_spread": compare(readings(evaluator, other_real), real)}))
-        settings = sampler_settings(cfg, seed=cfg.sample.seed + 1)
-        if not args.guided:
-            settings["cfg_scale"] = 1.0
-        labels = torch.arange(args.samples) % cfg.model.num_classes
-        images = generate_images(sit, vae, labels, batch_size=125, progress=False, **settings)
         print(json.dumps({"checkpoint": str(ckpt), "guided": args.guided,
                           "shift_and_spread": compare(readings(evaluator, images), real)}))
     return 0

@@ -45,6 +45,9 @@ from repae.weights import load_strict, read_file, save_latent_stats, save_model,
 VERSION = "v7"
 
 
+HELDOUT_SEED_OFFSET = 1000  # the held-out pool renders with seed + this (the training pool with seed)
+
+
 def cache_dir_for(spec: ToyWorldConfig, seed: int = 0) -> Path:
     """One directory per toy-world recipe, so a changed spec never reuses another's assets."""
     root = Path(spec.cache_dir or os.environ.get("REPAE_CACHE", Path.home() / ".cache" / "repae"))
@@ -114,6 +117,10 @@ def flip_and_turn(x: torch.Tensor, coverage: Optional[torch.Tensor], flip: bool,
     return x, None if coverage is None else torch.rot90(coverage, turns, dims=(1, 2))
 
 
+COVERAGE_FACTORS = ("covered area", "coverage centre x", "coverage centre y")  # `coverage_factors`' columns
+EVALUATOR_FACTORS = SCENE_FACTORS + COVERAGE_FACTORS  # what the evaluator's factor head reads, in its order
+
+
 def coverage_factors(coverage: torch.Tensor) -> torch.Tensor:
     """The shapes' layout in three numbers, float [B,H,W] in [0,1] -> [B,3]: the covered fraction of the image and
     the centre of the coverage (x, y in [0,1] of the image; 0.5 where nothing is covered)."""
@@ -127,8 +134,8 @@ def coverage_factors(coverage: torch.Tensor) -> torch.Tensor:
 
 
 def evaluator_targets(scene: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
-    """The evaluator's factor targets: scene factors [B,F] (repae.data.toy.SCENE_FACTORS) and the coverage's
-    (uint8 or [0,1] float [B,H,W]) `coverage_factors`, [B,F+3] unstandardised."""
+    """The evaluator's factor targets (EVALUATOR_FACTORS): scene factors [B,F] (repae.data.toy.SCENE_FACTORS) and
+    the coverage's (uint8 or [0,1] float [B,H,W]) `coverage_factors`, [B,F+3] unstandardised."""
     cov = coverage.float() / 255 if coverage.dtype == torch.uint8 else coverage.float()
     return torch.cat([scene.float(), coverage_factors(cov)], dim=1)
 
@@ -144,7 +151,7 @@ def train_teacher(images, labels, steps: int, batch: int, seed: int = 0, grid: i
     off its mean token (the evaluator, toy world v8: `ensure_toy_evaluator` says why)."""
     device = torch.device(device)
     torch.manual_seed(seed)
-    n_factors = 0 if scene is None else scene.shape[1] + 3
+    n_factors = 0 if scene is None else scene.shape[1] + len(COVERAGE_FACTORS)
     teacher = ToyTeacher(grid=grid, layout=coverage is not None and scene is None, factors=n_factors).to(device)
     if scene is not None:  # standardised targets: every factor weighs alike in the loss
         everything = evaluator_targets(scene, coverage)
@@ -407,7 +414,7 @@ def _ensure_toy_world(vae_args: VAEArgs, spec: ToyWorldConfig, seed: int, progre
     built: list = []  # what this call trained, for the console
     train_x, train_y, train_cov = _pool(cache / "train.npz", spec.train_size, seed, "render toy train set", progress,
                                         spec.distractors)
-    held_x, held_y, held_cov = _pool(cache / "heldout.npz", spec.heldout_size, seed + 1000,
+    held_x, held_y, held_cov = _pool(cache / "heldout.npz", spec.heldout_size, seed + HELDOUT_SEED_OFFSET,
                                      "render toy held-out set", progress, spec.distractors)
 
     teacher_path = cache / "teacher.safetensors"
@@ -489,7 +496,7 @@ EVALUATOR_FILE = "evaluator-v8.safetensors"  # v7's class-only evaluator: V7_EVA
 
 def evaluator_network(scene: bool = True) -> ToyTeacher:
     """An untrained toy evaluator: v8's (scene=True) or v7's class-only one."""
-    return ToyTeacher(grid=EVALUATOR_GRID, factors=len(SCENE_FACTORS) + 3 if scene else 0)
+    return ToyTeacher(grid=EVALUATOR_GRID, factors=len(EVALUATOR_FACTORS) if scene else 0)
 
 
 def train_evaluator(world: ToyWorld, spec: ToyWorldConfig, seed: int = 0, scene: bool = True,
@@ -509,7 +516,7 @@ def train_evaluator(world: ToyWorld, spec: ToyWorldConfig, seed: int = 0, scene:
 def evaluator_factor_r2(evaluator: ToyTeacher, world: ToyWorld, seed: int = 0) -> float:
     """Mean over the factors of the R^2 of the evaluator's factor head on the held-out pool (1: exact)."""
     _, _, coverage = _read_pool(world.cache_dir / "heldout.npz", len(world.heldout_images))
-    target = evaluator_targets(torch.from_numpy(scene_factors(len(coverage), seed + 1000)), coverage)
+    target = evaluator_targets(torch.from_numpy(scene_factors(len(coverage), seed + HELDOUT_SEED_OFFSET)), coverage)
     pred = torch.cat([evaluator.factor_predictions(evaluator(world.heldout_images[i : i + 500]))
                       for i in range(0, len(coverage), 500)])
     # the head predicts standardised factors: fit each column's scale and offset, as R^2 of a linear read-out
