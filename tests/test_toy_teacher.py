@@ -160,3 +160,33 @@ def test_the_evaluator_is_built_once_and_read_back_with_its_factor_head(tmp_path
     again = ensure_toy_evaluator(ensure_toy_world(args, spec, progress=False, device="cpu"), spec, progress=False)
     for (name, a), (_, b) in zip(built.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_the_factor_r2_is_one_for_a_perfect_read_out_and_zero_for_a_blind_one(tmp_path):
+    """evaluator_factor_r2 against known answers: any affine map of the true held-out factors scores 1 (the
+    head's outputs are standardised, so scale and offset are fitted), a constant scores 0."""
+    from repae.config import ToyWorldConfig
+    from repae.data.toy import scene_factors
+    from repae.models.vae import VAEArgs
+    from repae.toyworld import (HELDOUT_SEED_OFFSET, _read_pool, ensure_toy_world, evaluator_factor_r2,
+                                evaluator_targets)
+
+    spec = ToyWorldConfig(cache_dir=str(tmp_path), train_size=20, heldout_size=30, teacher_steps=1, vae_steps=1,
+                          batch_size=4, vae_batch_size=4)
+    args = VAEArgs(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, attn_resolutions=[], norm_groups=4)
+    world = ensure_toy_world(args, spec, progress=False, device="cpu")
+    coverage = _read_pool(world.cache_dir / "heldout.npz", 30)[2]
+    truth = evaluator_targets(torch.from_numpy(scene_factors(30, HELDOUT_SEED_OFFSET)), coverage)
+
+    class ReadOut:  # stands in for an evaluator: its "tokens" are the images, its head returns `answer`
+        def __init__(self, answer):
+            self.answer = answer
+
+        def __call__(self, images):
+            return images
+
+        def factor_predictions(self, tokens):
+            return self.answer[: len(tokens)]
+
+    assert evaluator_factor_r2(ReadOut(3 * truth - 1), world) == pytest.approx(1.0, abs=1e-6)
+    assert evaluator_factor_r2(ReadOut(torch.zeros_like(truth)), world) == pytest.approx(0.0, abs=1e-6)

@@ -519,9 +519,10 @@ def evaluator_factor_r2(evaluator: ToyTeacher, world: ToyWorld, seed: int = 0) -
     target = evaluator_targets(torch.from_numpy(scene_factors(len(coverage), seed + HELDOUT_SEED_OFFSET)), coverage)
     pred = torch.cat([evaluator.factor_predictions(evaluator(world.heldout_images[i : i + 500]))
                       for i in range(0, len(coverage), 500)])
-    # the head predicts standardised factors: fit each column's scale and offset, as R^2 of a linear read-out
+    # the head predicts standardised factors: fit each column's scale and offset, as R^2 of a linear read-out.
+    # SVD least squares (gelsd): the CPU default (gelsy) returned R^2 -13.9 for a constant head, where it is 0
     design = torch.cat([pred, torch.ones(len(pred), 1)], dim=1).double()
-    fitted = design @ torch.linalg.lstsq(design, target.double()).solution
+    fitted = design @ torch.linalg.lstsq(design, target.double(), driver="gelsd").solution
     residual = ((target.double() - fitted) ** 2).sum(dim=0)
     total = ((target.double() - target.double().mean(dim=0)) ** 2).sum(dim=0)
     return (1 - residual / total).mean().item()
