@@ -1,0 +1,80 @@
+"""Known answers for the analysis helpers of the scripts in benchmarks/ (they back figures in the README)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCHMARKS))  # the scripts import each other by module name, as when run
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_mixture_gaussian_is_the_pooled_gaussian():
+    # the mixture of per-class Gaussians, weighted by class counts, is the Gaussian of the pooled data (both with
+    # the 1/N covariance; np.cov's 1/(N-1) differs by N/(N-1) per class, so compare with bias=True)
+    mix = _load("class_mix_fid")
+    rng = np.random.default_rng(0)
+    groups = [rng.normal(loc, scale, size=(n, 3)) for loc, scale, n in ((0, 1, 50), (3, 0.5, 150), (-2, 2, 100))]
+    means = np.stack([g.mean(0) for g in groups])
+    covs = np.stack([np.cov(g, rowvar=False, bias=True) for g in groups])
+    weights = np.array([len(g) for g in groups], dtype=float) / 300
+    mean, cov = mix.mixture_gaussian(means, covs, weights)
+    pooled = np.concatenate(groups)
+    np.testing.assert_allclose(mean, pooled.mean(0), atol=1e-12)
+    np.testing.assert_allclose(cov, np.cov(pooled, rowvar=False, bias=True), atol=1e-12)
+
+
+def _classes(seed: int, counts, spread: float):
+    """Four well-separated classes in 8-d: real features (500 a class, unit spread) and "sample" features with
+    `counts` per class and `spread`; (samples, their classes, real, real labels)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, size=(4, 8))
+    labels = np.repeat(np.arange(4), 500)
+    real = centres[labels] + rng.normal(0, 1, size=(2000, 8))
+    classes = np.repeat(np.arange(4), counts)
+    return centres[classes] + rng.normal(0, spread, size=(len(classes), 8)), classes, real, labels
+
+
+def test_split_fid_blames_the_mixture_not_the_drawing():
+    # "samples" that are real images of a skewed class mixture: drawn perfectly, wrong mixture. Their toy FID
+    # against the uniform reference is large; against a reference with their own mixture it is ~0, and so is
+    # the within-class FID (up to the sampling noise of the few images, far below the mixture term)
+    r = _load("class_mix_fid").split_fid(*_classes(1, [700, 700, 300, 300], 1.0), 4)
+    assert r["toy_fid"] > 4
+    assert r["toy_fid_own_class_mix"] < 0.1 * r["toy_fid"]
+    assert r["mean_within_class_fid"] < 0.1 * r["toy_fid"]
+    assert r["read_per_class"] == [700, 700, 300, 300]
+
+
+def test_split_fid_sees_bad_drawing_with_the_right_mixture():
+    # the converse: the right (uniform) mixture, every class drawn with twice the spread: the mixture-matched
+    # FID stays as large as the plain one, and the within-class FID is large
+    r = _load("class_mix_fid").split_fid(*_classes(2, 500, 2.0), 4)
+    assert r["toy_fid"] > 5
+    assert abs(r["toy_fid_own_class_mix"] - r["toy_fid"]) < 0.05 * r["toy_fid"]
+    assert r["mean_within_class_fid"] > 5
+
+
+def test_keep_latents_records_what_is_decoded():
+    fd = _load("forgiving_decoder")
+
+    class Halves(torch.nn.Module):
+        def decode(self, z):
+            return z / 2
+
+    keeper = fd.KeepLatents(Halves())
+    z = torch.arange(6.0).reshape(1, 6, 1, 1)
+    assert torch.equal(keeper.decode(z), z / 2)
+    assert len(keeper.latents) == 1 and torch.equal(keeper.latents[0], z)
