@@ -1,6 +1,6 @@
 """Toy FID split into "which classes the samples are" and "how well each class is drawn".
 
-    python benchmarks/class_mix_fid.py RUN/checkpoints/step-N [RUN2/checkpoints/step-N ...] [--samples 2000] [--guided]
+    python benchmarks/class_mix_fid.py RUN/checkpoints/step-N [RUN2/checkpoints/step-N ...] [--samples 2000] [--guided | --cfg S]
 
 Toy FID compares the samples' features with real held-out images of a uniform class mixture. A model can draw
 every class better than another and still score worse if the classes its samples end up as (what the toy
@@ -61,10 +61,13 @@ def main(argv=None) -> int:
     p.add_argument("checkpoints", type=Path, nargs="+")
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--guided", action="store_true", help="with the run's CFG (default: without)")
+    p.add_argument("--cfg", type=float, help="with this CFG scale instead of the run's (implies --guided)")
     p.add_argument("--min-per-class", type=int, default=20)
     args = p.parse_args(argv)
     real = None
-    for ckpt, world, evaluator, images, labels in reproduction_samples(args.checkpoints, args.samples, args.guided):
+    guided = args.guided or args.cfg is not None
+    for ckpt, world, evaluator, images, labels in reproduction_samples(args.checkpoints, args.samples, guided,
+                                                                       args.cfg):
         if real is None:
             real = evaluator_outputs(evaluator, world.heldout_images)[0], world.heldout_labels.numpy()
         feats, logits = evaluator_outputs(evaluator, images)
@@ -75,7 +78,8 @@ def main(argv=None) -> int:
         right = read == labels.numpy()
         row["class_accuracy"] = float(right.mean())
         row["accuracy_per_asked_class"] = [round(float(right[labels.numpy() == c].mean()), 3) for c in range(k)]
-        print(json.dumps({"checkpoint": str(ckpt), "guided": args.guided, "samples": args.samples, **row}),
+        print(json.dumps({"checkpoint": str(ckpt), "guided": guided, "cfg_scale": args.cfg, "samples": args.samples,
+                          **row}),
               flush=True)
     return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -34,10 +35,11 @@ def confidence(logits: torch.Tensor, labels: torch.Tensor) -> dict:
             "predicted_per_class": torch.bincount(predicted, minlength=logits.shape[1]).tolist()}
 
 
-def reproduction_samples(checkpoints, num: int, guided: bool):
+def reproduction_samples(checkpoints, num: int, guided: bool, cfg_scale: Optional[float] = None):
     """For each checkpoint: (path, world, evaluator, uint8 samples [num,3,32,32], labels [num]), the samples
     `repae bench reproduce` measures (class-balanced labels, the run's sampler with seed sample.seed + 1, without
-    CFG unless `guided`). The world and evaluator are the first run's (pass runs of one world)."""
+    CFG unless `guided`; `cfg_scale` replaces the run's CFG scale when guided). The world and evaluator are the
+    first run's (pass runs of one world)."""
     world = evaluator = None
     for ckpt in checkpoints:
         cfg, sit, vae = load_for_sampling(ckpt)
@@ -47,6 +49,8 @@ def reproduction_samples(checkpoints, num: int, guided: bool):
         settings = sampler_settings(cfg, seed=cfg.sample.seed + 1)
         if not guided:
             settings["cfg_scale"] = 1.0
+        elif cfg_scale is not None:
+            settings["cfg_scale"] = cfg_scale
         labels = torch.arange(num) % cfg.model.num_classes
         yield ckpt, world, evaluator, generate_images(sit, vae, labels, batch_size=125, progress=False,
                                                       **settings), labels

@@ -1,0 +1,148 @@
+"""How close to the matmul peak can the REPA-E step's own matrices run? The ceiling of `repae bench step`'s
+"fraction of peak" on this machine, measured op by op.
+
+    python benchmarks/step_ceiling.py [--preset toy] [key=value ...] [--out FILE.json]
+
+`repae bench step` divides the step's FLOPs by its wall time and by the machine's matmul peak (a square
+2048x2048 product on a CPU). A step made of smaller products cannot reach that peak however little else it
+does. This records every matrix product and convolution (forward and backward) of one full step under the
+run's autocast, runs each alone on fresh tensors of the same shapes, dtypes and strides, and reports
+
+- ceiling: the step's matmul/conv FLOPs over the sum of those ops' times alone, as a fraction of the peak:
+  what the step would reach if it did nothing but these ops, each at its own best speed;
+- the same per op kind, and the ops that take the most time alone.
+
+If the ceiling is below a goal on the fraction of peak, no change outside those matrices' shapes reaches it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import FlopCounterMode
+
+from repae.bench import _batch, matmul_peak, median_seconds, random_trainables
+from repae.config import load_config
+from repae.nn_utils import autocast, resolve_precision
+
+# the ops FlopCounterMode counts that do the step's arithmetic (its other ops do no matmul work)
+_COUNTED = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward",
+            "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
+            "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward"}
+
+
+def _signature(x):
+    if isinstance(x, torch.Tensor):
+        return ("T", tuple(x.shape), tuple(x.stride()), str(x.dtype), x.requires_grad)
+    if isinstance(x, (list, tuple)):
+        return tuple(_signature(v) for v in x)
+    return repr(x)
+
+
+class RecordOps(TorchDispatchMode):
+    """Every counted op of the code run under it: {signature: [func, args, kwargs, count]}."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket.__name__ in _COUNTED:
+            key = (str(func), _signature(args), _signature(kwargs))
+            if key not in self.ops:  # keep shapes only: fresh tensors are made for the replay
+                spec = tree_map(lambda v: ("T", v.shape, v.stride(), v.dtype) if isinstance(v, torch.Tensor) else v,
+                                (args, kwargs))
+                self.ops[key] = [func, spec, 0]
+            self.ops[key][2] += 1
+        return func(*args, **kwargs)
+
+
+def _fresh(spec, gen: torch.Generator):
+    def make(v):
+        if isinstance(v, tuple) and len(v) == 4 and v[0] == "T":
+            _, shape, stride, dtype = v
+            t = torch.empty_strided(shape, stride, dtype=dtype)
+            return t.normal_(generator=gen) if dtype.is_floating_point else t.zero_()
+        return v
+    return tree_map(make, spec, is_leaf=lambda v: isinstance(v, tuple) and len(v) == 4 and v[0] == "T")
+
+
+def ceiling(cfg, iters: int = 5) -> dict:
+    from repae.train.step import repae_step
+
+    device = torch.device("cpu")
+    m = random_trainables(cfg, device)
+    n = cfg.train.global_batch_size
+    images, labels = _batch(cfg, device, n)
+    gen = torch.Generator().manual_seed(0)
+    recorder = RecordOps()
+    with autocast(cfg.train.precision, device):
+        repae_step(m, [(images, labels)], cfg, 0, gen)  # warm-up: lazy buffers, optimiser state
+        step_seconds = median_seconds(lambda: repae_step(m, [(images, labels)], cfg, 0, gen), device, iters, 1)
+        with recorder:
+            repae_step(m, [(images, labels)], cfg, 0, gen)
+    precision = resolve_precision(cfg.train.precision, device)
+    peak = matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    rows, tgen = [], torch.Generator().manual_seed(0)
+    for (name, _, _), (func, spec, count) in recorder.ops.items():
+        args, kwargs = _fresh(spec, tgen)
+        with FlopCounterMode(display=False) as counter:
+            func(*args, **kwargs)
+        seconds = median_seconds(lambda: func(*args, **kwargs), device, iters, 1)
+        shapes = [list(a[1]) for a in spec[0] if isinstance(a, tuple) and len(a) == 4 and a[0] == "T"]
+        dtypes = sorted({str(a[3]).replace("torch.", "") for a in spec[0]
+                         if isinstance(a, tuple) and len(a) == 4 and a[0] == "T"})
+        rows.append({"op": name, "shapes": shapes, "dtypes": dtypes, "count": count,
+                     "flops": counter.get_total_flops() * count, "seconds_alone": seconds * count})
+    flops = sum(r["flops"] for r in rows)
+    alone = sum(r["seconds_alone"] for r in rows)
+    kinds = defaultdict(lambda: {"flops": 0, "seconds_alone": 0.0})
+    for r in rows:
+        kind = r["op"].split(".")[1]  # "aten.mm.default" -> "mm"
+        kinds[kind]["flops"] += r["flops"]
+        kinds[kind]["seconds_alone"] += r["seconds_alone"]
+    rows.sort(key=lambda r: -r["seconds_alone"])
+    return {
+        "preset": cfg.preset, "precision": precision, "threads": torch.get_num_threads(), "global_batch": n,
+        "matmul_peak_flops": peak, "step_seconds": step_seconds,
+        "step_fraction_of_peak": flops / step_seconds / peak,
+        "matmul_conv_flops": flops, "matmul_conv_seconds_alone": alone,
+        "ceiling_fraction_of_peak": flops / alone / peak,
+        "share_of_step_in_these_ops_alone": alone / step_seconds,
+        "by_kind": {k: {**v, "fraction_of_peak": v["flops"] / v["seconds_alone"] / peak}
+                    for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]["seconds_alone"])},
+        "slowest_ops": [{**r, "fraction_of_peak": r["flops"] / r["seconds_alone"] / peak} for r in rows[:12]],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="toy")
+    p.add_argument("--iters", type=int, default=5, help="timed repetitions of each op (median)")
+    p.add_argument("--out", type=Path, help="also write the result as JSON here")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = p.parse_args(argv)
+    r = ceiling(load_config(args.preset, overrides=args.overrides), args.iters)
+    print(f"preset {r['preset']}, {r['precision']}, {r['threads']} threads, batch {r['global_batch']}: "
+          f"matmul peak {r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s")
+    print(f"  the step: {r['step_seconds'] * 1e3:.1f} ms, {100 * r['step_fraction_of_peak']:.1f}% of peak")
+    print(f"  its matmuls and convolutions alone: {r['matmul_conv_seconds_alone'] * 1e3:.1f} ms "
+          f"({100 * r['share_of_step_in_these_ops_alone']:.0f}% of the step), ceiling "
+          f"{100 * r['ceiling_fraction_of_peak']:.1f}% of peak")
+    for kind, v in r["by_kind"].items():
+        print(f"    {kind:45s} {v['seconds_alone'] * 1e3:8.1f} ms  {100 * v['fraction_of_peak']:5.1f}% of peak")
+    if args.out:
+        args.out.write_text(json.dumps(r, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
