@@ -391,14 +391,15 @@ def test_sigterm_to_the_runner_stops_its_training_runs_too(tmp_path):
     import sys
     import time
 
-    runner = subprocess.Popen([sys.executable, "-c", SIGTERM_RUNNER, str(tmp_path)])
+    runner = subprocess.Popen([sys.executable, "-c", SIGTERM_RUNNER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     pid_file = tmp_path / "child.pid"
     deadline = time.monotonic() + 60
     while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
         time.sleep(0.1)
     child = int(pid_file.read_text())
     runner.send_signal(signal.SIGTERM)
-    code = runner.wait(timeout=30)
+    output, _ = runner.communicate(timeout=30)
+    code = runner.returncode
     time.sleep(0.5)
     try:
         os.kill(child, 0)
@@ -410,6 +411,9 @@ def test_sigterm_to_the_runner_stops_its_training_runs_too(tmp_path):
     assert code == 128 + signal.SIGTERM
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["partial"] and saved["runs"]["repae-s0"]["exit_code"] != 0
+    # the stopped run is said to be stopped, not "done" (nor measured) as the log used to say
+    assert "repae-s0: stopped at the runner's request" in output
+    assert "done repae-s0" not in output and "measure repae-s0" not in output
 
 
 def _no_world(monkeypatch, rr) -> None:

@@ -325,7 +325,8 @@ def add_parser(sub) -> None:
     g.add_argument("--arms", nargs="+", metavar="ARM", type=arm_name,
                    help="train and report only these arms, in this order (default: all): repae repa vanilla "
                         "e2e-diffusion no-stopgrad no-bn no-reg, no-gan where the config has a GAN term, "
-                        "stage2-e2e-vae (needs repae)")
+                        "stage2-e2e-vae (needs repae; trains after the other arms, whose REPA-E VAE it waits "
+                        "for: to train it first, name only repae and stage2-e2e-vae)")
     g.add_argument("--steps", type=POSITIVE, help="training steps per arm; bench loop: steps in all (default 12, "
                                              "--warmup of them untimed)")
     g.add_argument("--eval-every", type=POSITIVE, help="measure a checkpoint every this many steps")
