@@ -78,8 +78,8 @@ def latent_statistics(vae, images: torch.Tensor):
 
 
 @torch.no_grad()
-def decode_all(vae, latents: torch.Tensor) -> torch.Tensor:
-    step = vae_batch(torch.empty(1, 3, 32, 32))
+def decode_all(vae, latents: torch.Tensor, step: int) -> torch.Tensor:
+    """uint8 images decoded from latents [N,C,h,w], `step` at a time."""
     return torch.cat([from_vae_range(vae.decode(latents[i : i + step])) for i in range(0, len(latents), step)])
 
 
@@ -109,8 +109,9 @@ def main(argv=None) -> int:
         # with the statistics of the VAE's latents of 5000 training images instead:
         data_mean, data_std = latent_statistics(vae, world.train_images[:5000])
         rescaled = norm.normalize(latents) * data_std + data_mean
-        for name, images in (("own_decoder", samples), ("forgiving_decoder", decode_all(forgiving, latents)),
-                             ("own_decoder_data_statistics", decode_all(vae, rescaled))):
+        step = vae_batch(samples)
+        for name, images in (("own_decoder", samples), ("forgiving_decoder", decode_all(forgiving, latents, step)),
+                             ("own_decoder_data_statistics", decode_all(vae, rescaled, step))):
             feats, logits = evaluator_outputs(evaluator, images)
             row[name] = {"toy_fid_unguided": frechet_distance_to_features(feats, *reference),
                          "class_accuracy_unguided": (logits.argmax(1) == labels).float().mean().item()}

@@ -65,14 +65,19 @@ class RecordOps(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def _is_tensor_spec(v) -> bool:
+    """A tensor as RecordOps keeps it: ("T", shape, stride, dtype)."""
+    return isinstance(v, tuple) and len(v) == 4 and v[0] == "T"
+
+
 def _fresh(spec, gen: torch.Generator):
     def make(v):
-        if isinstance(v, tuple) and len(v) == 4 and v[0] == "T":
+        if _is_tensor_spec(v):
             _, shape, stride, dtype = v
             t = torch.empty_strided(shape, stride, dtype=dtype)
             return t.normal_(generator=gen) if dtype.is_floating_point else t.zero_()
         return v
-    return tree_map(make, spec, is_leaf=lambda v: isinstance(v, tuple) and len(v) == 4 and v[0] == "T")
+    return tree_map(make, spec, is_leaf=_is_tensor_spec)
 
 
 def ceiling(cfg, iters: int = 5) -> dict:
@@ -97,9 +102,9 @@ def ceiling(cfg, iters: int = 5) -> dict:
         with FlopCounterMode(display=False) as counter:
             func(*args, **kwargs)
         seconds = median_seconds(lambda: func(*args, **kwargs), device, iters, 1)
-        shapes = [list(a[1]) for a in spec[0] if isinstance(a, tuple) and len(a) == 4 and a[0] == "T"]
-        dtypes = sorted({str(a[3]).replace("torch.", "") for a in spec[0]
-                         if isinstance(a, tuple) and len(a) == 4 and a[0] == "T"})
+        tensors = [a for a in spec[0] if _is_tensor_spec(a)]
+        shapes = [list(a[1]) for a in tensors]
+        dtypes = sorted({str(a[3]).replace("torch.", "") for a in tensors})
         rows.append({"op": name, "shapes": shapes, "dtypes": dtypes, "count": count,
                      "flops": counter.get_total_flops() * count, "seconds_alone": seconds * count})
     flops = sum(r["flops"] for r in rows)

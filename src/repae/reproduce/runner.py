@@ -149,9 +149,9 @@ class _Runner:
         with self.lock:  # the training is recorded before measuring: a failed measurement keeps it
             self.runs[name] = record
             self.on_record()
-            if self.stopping:  # stopped from outside (Ctrl-C, SIGTERM): neither measured nor done
-                print(f"[{time.strftime('%H:%M:%S')}] {name}: stopped at the runner's request", flush=True)
-                return record
+        if self.stopping:  # stopped from outside (Ctrl-C, SIGTERM): neither measured nor done
+            self._log(f"{name}: stopped at the runner's request")
+            return record
         from repae.train.checkpoint import has_checkpoints
 
         if has_checkpoints(run_dir):
