@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 from repae.build import vae_args
+from repae.evaluate.latents import posterior_means, vae_batch
 from repae.evaluate.stats import frechet_distance_to_features
 from repae.evaluate.toy import evaluator_outputs, gaussian
-from repae.pixels import from_vae_range, to_vae_range
-from repae.reproduce.measure import sit_normalizer, vae_batch
+from repae.pixels import from_vae_range
+from repae.reproduce.measure import sit_normalizer
 from repae.toyworld import ensure_toy_evaluator, ensure_toy_world
 from repae.train.checkpoint import load_for_sampling
 
@@ -44,12 +45,9 @@ def world_and_judge(cfg):
 @torch.no_grad()
 def perturbed_decodes(vae, norm, images: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tensor:
     """uint8 [N,3,H,W] -> uint8 images decoded from (normalised posterior means + sigma * noise [N,C,h,w])."""
-    out, step = [], vae_batch(images)
-    for i in range(0, len(images), step):
-        z = vae.encode(to_vae_range(images[i : i + step])).mode().float()
-        z = norm.denormalize(norm.normalize(z) + sigma * noise[i : i + step])
-        out.append(from_vae_range(vae.decode(z)))
-    return torch.cat(out)
+    z = norm.denormalize(norm.normalize(posterior_means(vae, images)) + sigma * noise)
+    step = vae_batch(images)
+    return torch.cat([from_vae_range(vae.decode(z[i : i + step])) for i in range(0, len(z), step)])
 
 
 def main(argv=None) -> int:
@@ -66,8 +64,7 @@ def main(argv=None) -> int:
         images, labels = world.train_images[: args.images], world.train_labels[: args.images]
         vae, norm = vae.eval(), sit_normalizer(sit).eval()
         if noise is None:
-            with torch.no_grad():
-                shape = vae.encode(to_vae_range(images[:1])).mode().shape[1:]
+            shape = posterior_means(vae, images[:1]).shape[1:]
             noise = torch.randn((len(images), *shape), generator=torch.Generator().manual_seed(0))
         for sigma in args.sigmas:
             decoded = perturbed_decodes(vae, norm, images, sigma, noise)

@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 from decoder_robustness import perturbed_decodes, psnr, world_and_judge
 
+from repae.evaluate.latents import posterior_means, vae_batch
 from repae.evaluate.stats import frechet_distance_to_features
 from repae.evaluate.toy import evaluator_outputs
 from repae.generate import generate_images, sampler_settings
 from repae.pixels import from_vae_range, to_vae_range
-from repae.reproduce.measure import sit_normalizer, vae_batch
+from repae.reproduce.measure import sit_normalizer
 from repae.train.checkpoint import load_for_sampling
 
 
@@ -72,8 +73,7 @@ def forgiving_copy(vae, norm, images: torch.Tensor, steps: int, sigma_max: float
 @torch.no_grad()
 def latent_statistics(vae, images: torch.Tensor):
     """Per-channel mean and std [1,C,1,1] of the posterior means of uint8 images [N,3,H,W]."""
-    step = vae_batch(images)
-    z = torch.cat([vae.encode(to_vae_range(images[i : i + step])).mode().float() for i in range(0, len(images), step)])
+    z = posterior_means(vae, images)
     return z.mean(dim=(0, 2, 3), keepdim=True), z.std(dim=(0, 2, 3), keepdim=True)
 
 

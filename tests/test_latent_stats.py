@@ -9,6 +9,7 @@ from repae.evaluate.latents import (
     latent_pca_rgb,
     latent_structure,
     measure_latent_structure,
+    posterior_means,
     save_latent_pca_figure,
     spatial_variance,
     total_variation,
@@ -83,6 +84,19 @@ def test_measure_latent_structure_streams_posterior_means():
     for key, value in ref.items():
         assert out[key] == pytest.approx(value, rel=1e-6)
     assert out["normalized/spatial_variance"] == pytest.approx(out["raw/spatial_variance"] / (2.0 + 1e-4), rel=1e-5)
+
+
+def test_posterior_means_batches_in_order_to_float32_on_the_cpu():
+    vae = AutoencoderKL(tiny_vae_args()).eval()
+    x = torch.randint(0, 256, (7, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        whole = vae.encode(to_vae_range(x)).mode()
+    z = posterior_means(vae, x, batch_size=3)  # 3 + 3 + 1: a ragged last batch
+    assert z.dtype == torch.float32 and z.device.type == "cpu" and z.shape == whole.shape
+    torch.testing.assert_close(z, whole, rtol=1e-5, atol=1e-6)
+    # each image's own latent, not its neighbour's: the images differ, so a shifted batch would show
+    assert (z[1:] - z[:-1]).abs().amax() > 1e-3
+    torch.testing.assert_close(posterior_means(vae, x[4:5]), whole[4:5], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------ PCA to RGB

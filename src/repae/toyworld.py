@@ -467,10 +467,9 @@ def _vae_report(vae: AutoencoderKL, held_x: torch.Tensor, mean: torch.Tensor, va
     """Held-out PSNR, colour statistics and latent structure (spatial variance and total variation of
     the raw latents and of the latents normalised with the measured statistics, as the paper's Table 1
     reports them for SD-VAE) of a freshly pre-trained toy VAE."""
-    from repae.evaluate.latents import latent_structure
+    from repae.evaluate.latents import latent_structure, posterior_means
 
-    with torch.no_grad():
-        z = torch.cat([vae.encode(to_vae_range(held_x[i : i + 250])).mode() for i in range(0, len(held_x), 250)])
+    z = posterior_means(vae, held_x, batch_size=250)
     norm = LatentNorm(z.shape[1], eps=0.0)  # exact standardisation with the measured statistics
     norm.init_from_stats(mean, var)
     db = psnr(vae, held_x, latents=z)

@@ -448,16 +448,12 @@ def _pca_figure(args, vae, data, device) -> Optional[str]:
     """The PCA-to-RGB figure of the first --pca-images images (a second row per --compare-vae)."""
     if not args.pca_figure:
         return None
-    import torch
-
-    from repae.evaluate.latents import save_latent_pca_figure
+    from repae.evaluate.latents import posterior_means, save_latent_pca_figure
     from repae.evaluate.loading import first_images, load_vae_file
-    from repae.pixels import to_vae_range
 
     images, _ = first_images(data.source, args.pca_images)
     vaes = [vae] + ([load_vae_file(args.compare_vae)[0].to(device).eval()] if args.compare_vae else [])
-    with torch.no_grad():
-        sets = [v.encode(to_vae_range(images.to(device))).mode().float().cpu() for v in vaes]
+    sets = [posterior_means(v, images) for v in vaes]
     return str(save_latent_pca_figure(args.pca_figure, images, sets, upscale=max(1, 128 // images.shape[-1])))
 
 

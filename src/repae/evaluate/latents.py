@@ -95,6 +95,23 @@ def measure_latent_structure(
     return out
 
 
+def vae_batch(images: torch.Tensor) -> int:
+    """Images per VAE call: 250 at 64x64 px or smaller, fewer for larger images (the activations
+    of an SD-VAE at 256 px take ~16x the memory per image)."""
+    return max(8, 250 * 64 * 64 // (images.shape[-1] * images.shape[-2]))
+
+
+@torch.no_grad()
+def posterior_means(vae, images: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
+    """uint8 images [N,3,H,W] -> their posterior means [N,C,h,w], float32 on the CPU, encoded
+    `batch_size` at a time (default `vae_batch`) on the VAE's device: the one batched encode that
+    the reproduction's measurements, the toy world's report and the benchmarks share."""
+    device = next(vae.parameters()).device
+    step = batch_size or vae_batch(images)
+    return torch.cat([vae.encode(to_vae_range(images[i : i + step].to(device))).mode().float().cpu()
+                      for i in range(0, len(images), step)])
+
+
 def latent_pca_rgb(latents: torch.Tensor) -> torch.Tensor:
     """Project latent channels onto their top-3 principal components, as RGB. [B,C,H,W] -> uint8 [B,3,H,W].
 

@@ -36,7 +36,7 @@ import torch
 
 from repae.dist import device_named
 from repae.evaluate.cknna import sit_encoder_alignment
-from repae.evaluate.latents import latent_structure
+from repae.evaluate.latents import latent_structure, posterior_means, vae_batch
 from repae.evaluate.loading import checkpoint_step
 from repae.evaluate.spectrum import DEFAULT_BLOCK, SpectrumAccumulator
 from repae.evaluate.stats import frechet_distance_noise, frechet_distance_to_features
@@ -62,21 +62,10 @@ def judges_for(cfg, judges_dir: Optional[Path] = None) -> Judges:
     return toy_judges(cfg)
 
 
-def vae_batch(images: torch.Tensor) -> int:
-    """Images per VAE call: 250 at 64x64 px or smaller, fewer for larger images (the activations
-    of an SD-VAE at 256 px take ~16x the memory per image)."""
-    return max(8, 250 * 64 * 64 // (images.shape[-1] * images.shape[-2]))
-
-
-@torch.no_grad()
 def heldout_latents(vae, judges: Judges) -> torch.Tensor:
     """Posterior means of the judges' held-out images: [N,C,h,w] fp32 on the CPU,
     encoded once (on the VAE's device) for the latent structure, the PSNR and CKNNA."""
-    vae.eval()
-    device = next(vae.parameters()).device
-    held, step = judges.heldout_images, vae_batch(judges.heldout_images)
-    return torch.cat([vae.encode(to_vae_range(held[i : i + step].to(device))).mode().float().cpu()
-                      for i in range(0, len(held), step)])
+    return posterior_means(vae.eval(), judges.heldout_images)
 
 
 def own_normalizer(z: torch.Tensor):
