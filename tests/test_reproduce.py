@@ -665,3 +665,88 @@ def test_the_second_judge_is_held_to_the_same_budget_check():
                                  list(r["metrics"]))
     row = next(line for line in lines if line.startswith("| (c) |"))
     assert row.split(" | ")[2] == "inconclusive at this budget (the numbers alone: does not reproduce)"
+
+
+# ------------------------------------------------ (c) at a longer budget
+
+
+def _longer(fid, unguided=None, steps=4):
+    """A longer reproduction of REPA-E and REPA: fid[arm] / unguided[arm] = values at steps 1..steps, one seed."""
+    unguided = unguided or {}
+    metrics = {arm: {"0": {str(step): {"fid": fid[arm][step - 1], "class_accuracy": 0.5,
+                                        **({"fid_unguided": unguided[arm][step - 1], "class_accuracy_unguided": 0.3}
+                                           if arm in unguided else {})}
+                           for step in range(1, steps + 1)}} for arm in fid}
+    return {"metrics": metrics, "plan": {"seeds": [0], "jobs": 1, "steps": steps, "eval_every": 1, "samples": 10,
+                                         "final_samples": 20},
+            "judges": {"kind": "toy"}, "invocations": [{"command": "repae bench reproduce --arms repae repa --steps 4",
+                                                        "commit": "def", "machine": "m", "wall_seconds": 120.0}]}
+
+
+def test_the_report_shows_c_at_a_longer_budget_and_keeps_the_plans_verdicts(tmp_path):
+    """REPA-E ahead at the plan's budget (step 2) and behind at step 4 of the longer run: the claims table keeps
+    the plan's verdict, the longer section reads the same criterion at step 4 and shows every step."""
+    context = {"command": "repae bench reproduce", "commit": "abc", "machine": "m", "method_note": ""}
+    r = _report_ready(_results({"repae": (15, 10), "repa": (40, 20)}))
+    longer = _longer({"repae": (15, 10, 9, 12), "repa": (40, 20, 10, 8)},
+                     unguided={"repae": (30, 25, 20, 15), "repa": (35, 30, 25, 16)})
+    assert rep.malformed_results(longer) is None and rep.longer_problem(r, longer) is None
+    text = rep.write_report(r, tmp_path, tmp_path / "R.md", context, longer=longer).read_text()
+    claims, section = text.split("## (c) at a longer budget")
+    assert "| (c) |" in claims and claims.split("| (c) |")[1].split("\n")[0].endswith("| **reproduces** |")
+    rows = {line.split(" | ")[0]: line for line in section.splitlines() if line.startswith("| ")}
+    assert rows["| 3"] == "| 3 | 10 | 9 | 1 of 1 | 25 | 20 | 1 of 1 | 0.3 | 0.3 |"
+    assert rows["| 4"] == "| 4 | 8 | 12 | 0 of 1 | 16 | 15 | 1 of 1 | 0.3 | 0.3 |"
+    assert "Read at step 4 with the criteria above: (c) **does not reproduce**, (c w/o CFG) **reproduces**." in section
+    assert "- command: `repae bench reproduce --arms repae repa --steps 4`\n- commit: `def`" in section
+    figure = tmp_path / "docs" / "reproduction" / "longer_budget_fid.png"
+    assert figure.is_file() and "(docs/reproduction/longer_budget_fid.png)" in section
+    # without --longer: no section, the same claims
+    plain = rep.write_report(r, tmp_path, tmp_path / "R.md", context).read_text()
+    assert "## (c) at a longer budget" not in plain and plain.split("## Every arm")[0] == claims.split("## Every arm")[0]
+
+
+def test_a_longer_run_must_share_the_judges_and_go_past_the_budget():
+    r = _report_ready(_results({"repae": (15, 10), "repa": (40, 20)}))
+    r["judges"] = {"kind": "toy", "spec": {"train_size": 20000}, "evaluator_version": "v8"}
+    longer = _longer({"repae": (15, 10, 9, 12), "repa": (40, 20, 10, 8)})
+    longer["judges"] = {**r["judges"], "teacher_train_seconds": 3.0}  # build times do not make other judges
+    assert rep.longer_problem(r, longer) is None
+    longer["judges"] = {**r["judges"], "spec": {"train_size": 5000}}
+    assert rep.longer_problem(r, longer) == "its judges differ (spec): another world or other data"
+    longer["judges"] = r["judges"]
+    assert "not past this plan's 2 steps" in rep.longer_problem(r, _longer({"repae": (1, 2), "repa": (1, 2)}, steps=2)
+                                                                 | {"judges": r["judges"]})
+    assert rep.longer_problem(r, {**longer, "metrics": {"repae": longer["metrics"]["repae"]}}) == (
+        "it has no measurement of REPA-E or of REPA")
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda x: x.update(plan=None), "plan must give"),
+    (lambda x: x["plan"].update(steps="4"), "plan must give"),
+    (lambda x: x.update(metrics=[1, 2]), "metrics must map"),
+    (lambda x: x["metrics"]["repae"]["0"].update({"step-5": {}}), "metrics must map"),
+    (lambda x: x["metrics"]["repae"]["0"]["1"].update(fid="9.5"), "metrics must map"),
+    (lambda x: x["metrics"]["repae"]["0"]["1"].update(fid=True), "metrics must map"),
+    (lambda x: x["metrics"]["repae"].update({"0": None}), "metrics must map"),
+    (lambda x: x.update(invocations={"command": "x"}), "invocations must be"),
+    (lambda x: x["invocations"][0].pop("wall_seconds"), "invocations must be"),
+    (lambda x: x.update(judges=["toy"]), "judges must be a record"),
+])
+def test_a_malformed_longer_results_file_is_named_not_crashed_on(change, named):
+    longer = _longer({"repae": (15, 10, 9, 12), "repa": (40, 20, 10, 8)})
+    assert rep.malformed_results(longer) is None
+    change(longer)
+    assert named in rep.malformed_results(longer)
+
+
+def test_a_bad_longer_file_is_refused_before_the_world_is_built(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    argv = ["bench", "reproduce", "--dir", str(tmp_path / "out"), *TINY, f"toy.cache_dir={cache}", "--longer"]
+    assert main(argv + [str(tmp_path / "nowhere")]) != 0
+    assert "--longer: cannot read" in capsys.readouterr().err
+    (tmp_path / "long").mkdir()
+    (tmp_path / "long" / "results.json").write_text(json.dumps({"plan": {"steps": 4}, "metrics": {}}))
+    assert main(argv + [str(tmp_path / "long")]) != 0
+    assert "is not a results record of `repae bench reproduce`: plan must give" in capsys.readouterr().err
+    assert not cache.exists() and not (tmp_path / "out").exists()

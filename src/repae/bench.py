@@ -334,6 +334,10 @@ def add_parser(sub) -> None:
     g.add_argument("--final-samples", type=POSITIVE, metavar="N",
                    help="class-balanced samples at the last step, where the verdicts are read (full plan 2000, "
                         "other steps 500; --quick: as at the other steps)")
+    g.add_argument("--longer", metavar="DIR",
+                   help="the directory of a longer reproduction of REPA-E and REPA on the same world and judges "
+                        "(e.g. --arms repae repa --steps 3600 --dir DIR): the report adds its trend past this "
+                        "plan's budget; the verdicts are still read at this plan's last step")
     g.add_argument("--heldout", metavar="PATH", help="real data only: labelled images to measure against: class "
                                                      "sub-folders, parquet/arrow (validation split), tar shards or a "
                                                      "prepare-data store (default: the training data, data.path)")

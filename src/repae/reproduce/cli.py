@@ -12,7 +12,7 @@ from pathlib import Path
 
 from repae.reproduce.judges import HELDOUT_IMAGES
 from repae.reproduce.measure import CKNNA_T
-from repae.reproduce.report import write_report
+from repae.reproduce.report import longer_problem, malformed_results, write_report
 from repae.reproduce.runner import FULL, QUICK, run_reproduction
 
 METHOD_NOTE = f"""\
@@ -97,6 +97,22 @@ def _machine() -> str:
     return f"{model}, {usable_cores()} usable cores{gpu}, torch {torch.__version__}"
 
 
+def _longer_results(path: str) -> dict:
+    """The results.json of the reproduction --longer names (its directory or the file itself), checked."""
+    from repae.cli import UsageError
+    from repae.fileio import JsonFileError, read_json_object
+
+    file = Path(path) / "results.json" if Path(path).is_dir() else Path(path)
+    try:
+        results = read_json_object(file)
+    except JsonFileError as err:
+        raise UsageError(f"--longer: {err}") from None
+    wrong = malformed_results(results)
+    if wrong:
+        raise UsageError(f"--longer: {file} is not a results record of `repae bench reproduce`: {wrong}")
+    return results
+
+
 def run_reproduce(args: argparse.Namespace) -> int:
     from repae.cli import UsageError
 
@@ -110,6 +126,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
     if plan.steps % plan.eval_every:  # checked before any arm trains
         raise UsageError(f"--steps {plan.steps} is not a multiple of --eval-every {plan.eval_every}")
     out = Path(args.dir or ("runs/reproduce-quick" if args.quick else "runs/reproduce"))
+    longer = _longer_results(args.longer) if getattr(args, "longer", None) else None  # a bad file before any training
     context = {"command": "repae " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "commit": _commit(),
                "machine": _machine(), "method_note": METHOD_NOTE}
     # a resumed reproduction spans several invocations (and maybe commits): the report names them all
@@ -118,6 +135,11 @@ def run_reproduce(args: argparse.Namespace) -> int:
                                heldout=getattr(args, "heldout", None), heldout_images=getattr(args, "heldout_images", None))
     if results["judges"]["kind"] == "real":
         context["method_note"] = real_method_note(results["judges"])
-    report = write_report(results, out, Path(args.report) if args.report else out / "REPRODUCTION.md", context)
+    problem = longer_problem(results, longer) if longer is not None else None
+    if problem:
+        raise UsageError(f"--longer {args.longer}: {problem}; the results of this reproduction are kept in "
+                         f"{out / 'results.json'}, so the same command without --longer writes the report in a minute")
+    report = write_report(results, out, Path(args.report) if args.report else out / "REPRODUCTION.md", context,
+                          longer=longer)
     print(f"wrote {report} ({results['wall_seconds'] / 60:.1f} min)")
     return 0

@@ -354,6 +354,122 @@ def second_judge_section(r: dict, verdicts: Dict[str, Tuple[str, str]], arms: Li
     return lines + [""]
 
 
+# --------------------------------------------------------------------------- a longer budget
+
+LONGER_ARMS = ("repae", "repa")  # the two arms (c) compares
+# what makes two reproductions' judges the same: the world (or data) and the models that judge, not build times
+JUDGE_IDENTITY = ("kind", "spec", "evaluator_version", "vae_heldout_psnr_db", "evaluator_heldout_accuracy",
+                  "teacher_heldout_accuracy", "data", "reference", "inception", "encoder_file", "starting_vae")
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def malformed_results(obj: dict) -> Optional[str]:
+    """What in a results record (results.json, e.g. one passed as --longer) the report could not read, or
+    None: the file is data, so a wrong shape is named here rather than failing deep in the report."""
+    plan = obj.get("plan")
+    if not (isinstance(plan, dict) and isinstance(plan.get("steps"), int) and _number(plan.get("samples"))
+            and isinstance(plan.get("seeds"), list) and (plan.get("final_samples") is None or _number(plan["final_samples"]))):
+        return "plan must give integer steps, samples and final_samples (or null) and a list of seeds"
+    metrics = obj.get("metrics")
+    if not isinstance(metrics, dict) or not all(
+            isinstance(per_seed, dict) and all(
+                isinstance(per_step, dict) and all(
+                    isinstance(step, str) and step.isdigit() and isinstance(m, dict)
+                    and all(m.get(k) is None or _number(m[k]) for k in KEYS) for step, m in per_step.items())
+                for per_step in per_seed.values())
+            for per_seed in metrics.values()):
+        return "metrics must map arm -> seed -> step (digits) -> record with numeric (or null) values"
+    invocations = obj.get("invocations", [])
+    if not isinstance(invocations, list) or not all(
+            isinstance(x, dict) and all(isinstance(x.get(k), str) for k in ("command", "commit", "machine"))
+            and _number(x.get("wall_seconds")) for x in invocations):
+        return "invocations must be a list of records with command, commit, machine and wall_seconds"
+    if not isinstance(obj.get("judges") or obj.get("toy_world", {}), dict):
+        return "judges must be a record"
+    return None
+
+
+def longer_problem(r: dict, longer: dict) -> Optional[str]:
+    """Why `longer` cannot stand beside `r` as its longer budget, or None: it must measure REPA-E and REPA
+    with the same judges, and go past r's last step."""
+    mine, theirs = judges(r), judges(longer)
+    differ = [k for k in JUDGE_IDENTITY if mine.get(k) != theirs.get(k)]
+    if differ:
+        return f"its judges differ ({', '.join(differ)}): another world or other data"
+    if any(not series(longer, arm, "fid") for arm in LONGER_ARMS):
+        return "it has no measurement of REPA-E or of REPA"
+    if max(series(longer, "repae", "fid")) <= r["plan"]["steps"]:
+        return f"its last measured step is not past this plan's {r['plan']['steps']} steps"
+    return None
+
+
+def _step_row(longer: dict, step: int, key: str, wins: Dict[int, Tuple[int, int]]) -> List[str]:
+    repa, repae = series(longer, "repa", key).get(step), series(longer, "repae", key).get(step)
+    won = wins.get(step)
+    return [fmt(repa), fmt(repae), f"{won[0]} of {won[1]}" if won else "—"]
+
+
+def longer_budget_section(r: dict, longer: dict, figure: Optional[Path], rel) -> List[str]:
+    """(c) past the plan's budget: REPA-E against REPA at every step a longer reproduction measured (same
+    world, recipe and judges), with (c)'s two criteria read at its last step. The verdicts above stay
+    those of the plan's budget, as their criteria say; this shows where the trend goes."""
+    label = fid_label(r)
+    wins = {key: {step: (w, n) for step, w, n in wins_per_step(longer, "repae", "repa", key)}
+            for key in ("fid", "fid_unguided")}
+    steps = sorted(set(series(longer, "repae", "fid")) | set(series(longer, "repae", "fid_unguided")))
+    last = max(steps)
+    plan = longer["plan"]
+    lines = ["## (c) at a longer budget", "",
+             f"The verdicts above are read at step {r['plan']['steps']}, as their criteria say. To show where (c) "
+             f"goes with more training, REPA-E and REPA trained on to step {plan['steps']} with the same world, "
+             f"recipe and judges (seeds {plan['seeds']}; {plan['final_samples'] or plan['samples']} samples at "
+             f"step {plan['steps']}, {plan['samples']} at the other steps):", "",
+             *(_invocation_lines(longer, {}) if longer.get("invocations") else []), "",
+             f"| step | {label} REPA ↓ | {label} REPA-E ↓ | REPA-E lower (seeds) | {label} w/o CFG REPA ↓ | "
+             f"{label} w/o CFG REPA-E ↓ | REPA-E lower w/o CFG (seeds) | class acc. w/o CFG REPA | "
+             "class acc. w/o CFG REPA-E |", "| --- " * 9 + "|"]
+    for step in steps:
+        accs = [fmt(series(longer, arm, "class_accuracy_unguided").get(step)) for arm in LONGER_ARMS[::-1]]
+        lines.append(f"| {step} | " + " | ".join(_step_row(longer, step, "fid", wins["fid"])
+                                                 + _step_row(longer, step, "fid_unguided", wins["fid_unguided"])
+                                                 + accs) + " |")
+    guided, unguided = claim_c(longer)[0], claim_c_unguided(longer)[0]
+    lines += ["", f"Read at step {last} with the criteria above: (c) **{guided}**, (c w/o CFG) **{unguided}**."]
+    if figure is not None:
+        lines += ["", f"![REPA-E and REPA to step {last}]({rel(figure)})"]
+    return lines + [""]
+
+
+def plot_longer_budget(longer: dict, budget: int, fig_dir: Path) -> Path:
+    """FID with and without CFG against steps for REPA-E and REPA of the longer reproduction; a
+    vertical line at the plan's budget, where the verdicts are read."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    for ax, (key, title) in zip(axes, (("fid", fid_label(longer)), ("fid_unguided", f"{fid_label(longer)} without CFG"))):
+        for arm, name in zip(LONGER_ARMS, ("REPA-E", "REPA")):
+            s = series(longer, arm, key)
+            ax.plot(list(s), [statistics.fmean(v) for v in s.values()], marker="o", label=f"{name} (mean)")
+            for step, values in s.items():  # each seed, so one seed's swing is not read as the trend
+                ax.scatter([step] * len(values), values, s=9, alpha=0.5, color=ax.lines[-1].get_color())
+        ax.axvline(budget, color="black", linestyle=":", linewidth=1, label=f"the plan's budget ({budget})")
+        ax.set_title(f"{title} (lower is better)")
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = fig_dir / "longer_budget_fid.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -529,8 +645,9 @@ def _judges_line(who: dict, initial_vae: dict) -> str:
             f"{who['partner']} (`{who['encoder_file']}`); starting VAE `{who['starting_vae']}`, {start}")
 
 
-def write_report(r: dict, out: Path, report: Path, context: dict) -> Path:
-    """REPRODUCTION.md at `report`, its figures in docs/reproduction/ beside it."""
+def write_report(r: dict, out: Path, report: Path, context: dict, longer: Optional[dict] = None) -> Path:
+    """REPRODUCTION.md at `report`, its figures in docs/reproduction/ beside it. longer: the results of a
+    longer reproduction of REPA-E and REPA (`longer_problem` is None for it), shown as (c)'s trend."""
     fig_dir = report.parent / "docs" / "reproduction"
     fig_dir.mkdir(parents=True, exist_ok=True)
     labels = {a["name"]: a["label"] for a in r["arms"]}
@@ -580,6 +697,8 @@ def write_report(r: dict, out: Path, report: Path, context: dict) -> Path:
               "statistics are of the VAE's posterior means on held-out images: raw, and normalised by the run's "
               "latent normaliser (its running statistics; the starting VAE's own per-channel mean and std for "
               "the starting VAE).", "",
+              *(longer_budget_section(r, longer, plot_longer_budget(longer, plan["steps"], fig_dir), rel)
+                if longer is not None else []),
               *second_judge_section(r, verdicts, arms),
               *spectrum_section(r, labels, spectra_plot, rel),
               "## Over training", "", f"![{fid_label(r)} vs steps]({rel(plots[0])})", "", f"![metrics vs steps]({rel(plots[1])})",
