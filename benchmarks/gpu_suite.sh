@@ -19,6 +19,8 @@
 #   sample_b32, sample_b128                  repae bench sample: ODE-50 without CFG, SDE-250 with CFG 4
 #   step_compile_b32                         repae bench step, compiled: fraction of the bf16 matmul peak
 #   loop_compile_b16                         our compiled loop at batch 16
+#   toy_world_build                          issue 21: the toy world (teacher, VAE, evaluator) built from
+#       nothing cached on the default device (benchmarks/world_build.py): where each part trained, how long
 #   fid50k_estimate                          50000 / (SDE-250 + CFG images/s), computed from sample_b128
 #   summary.json + a printed table; env.json: machine, torch, commit. Logs in logs/.
 # Installs only what is missing and never another torch: a missing repae dependency or reference
@@ -135,12 +137,15 @@ ref_step() {  # ref_step NAME CAP BATCH
 if [ "$MODE" = gpu ]; then
   PRESET=(--preset sit-xl2-f8d4); SIZE=(); LOOP=(--steps 12 --warmup 2 --iters 5); COMPILE=train.compile=true
   B16=16; B32=32; S32=32; S128=128; MODES=(ode-50:1 sde-250:4); STEP=(--iters 3 --warmup 1)
+  WORLD=()  # the toy preset's world, as `repae train` builds it
 else  # toy-sized: checks the plumbing, measures nothing of interest
   PRESET=(--preset toy)
   SIZE=(model.depth=2 model.hidden_size=48 model.num_heads=2 model.encoder_depth=1 model.projector_dim=64
         vae.ch=32 "vae.ch_mult=[1,2,2]" train.num_threads=1)
   LOOP=(--steps 3 --warmup 1 --iters 1); COMPILE=train.compile=false  # a cold CPU compile costs 10-30 s a region
   B16=2; B32=4; S32=2; S128=4; MODES=(ode-4:1 sde-6:4); STEP=(--iters 1 --warmup 0)
+  WORLD=(toy.train_size=40 toy.heldout_size=20 toy.teacher_steps=1 toy.vae_steps=1 toy.batch_size=8
+         toy.vae_batch_size=4)
 fi
 BENCH=($PY -m repae.cli bench)
 DATA=(--data-dir "$WORK/data")
@@ -156,6 +161,7 @@ run_step sample_b128 150 "${BENCH[@]}" sample "${PRESET[@]}" "${SIZE[@]}" --samp
 run_step step_compile_b32 180 "${BENCH[@]}" step "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 $COMPILE "${STEP[@]}"
 run_step loop_compile_b16 240 "${BENCH[@]}" loop "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B16 $COMPILE \
   "${LOOP[@]}" --iters 0 "${DATA[@]}"
+run_step toy_world_build 150 $PY benchmarks/world_build.py --cache "$WORK/toyworld-$(date +%s%N)" "${WORLD[@]}"
 
 # ------------------------------------------------------------------ FID-50K estimate and the summary
 $PY - "$OUT_DIR" "$(( $(date +%s) - START ))" <<'EOF'
@@ -186,7 +192,9 @@ for line in (out / "logs" / "status.tsv").read_text().splitlines():
     r = load(name)
     entry = {"status": status}
     if status == "ok":
-        if "images_per_s" in r and isinstance(r["images_per_s"], dict):
+        if "world_build_seconds" in r:  # benchmarks/world_build.py
+            entry.update({k: v for k, v in r.items() if k.endswith(("_seconds", "_device", "_accuracy", "_psnr_db"))})
+        elif "images_per_s" in r and isinstance(r["images_per_s"], dict):
             entry.update({f"images_per_s {k}": v for k, v in r["images_per_s"].items()})
         else:
             entry["images_per_s"] = r.get("images_per_s")
@@ -204,7 +212,12 @@ def fmt(v, spec):
     return format(v, spec) if isinstance(v, (int, float)) else "-".rjust(int(spec.split(".")[0]))
 print(f"\n{'step':18s} {'status':13s} {'images/s':>9s} {'total':>8s} {'peak GiB':>9s} {'of peak':>8s}  notes")
 for name, e in summary["steps"].items():
-    if any(k.startswith("images_per_s ") for k in e):
+    if "world_build_seconds" in e:
+        parts = ", ".join(f"{p} {e.get(p + '_train_seconds')} s on {e.get(p + '_build_device')}"
+                          for p in ("teacher", "vae", "evaluator"))
+        print(f"{name:18s} {e['status']:13s} {'':>9s} {'':>8s} {'':>9s} {'':>8s}  "
+              f"{e['world_build_seconds']} s in all: {parts}")
+    elif any(k.startswith("images_per_s ") for k in e):
         notes = ", ".join(f"{k[13:]}: {v:.2f}/s" for k, v in e.items() if k.startswith("images_per_s "))
         print(f"{name:18s} {e['status']:13s} {'':>9s} {'':>8s} {'':>9s} {'':>8s}  {notes}")
     else:

@@ -102,3 +102,5 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     fid = json.loads((tmp_path / "out/fid50k_estimate.json").read_text())
     assert fid["status"] == "ok" and abs(fid["seconds"] - 50000 / fid["images_per_s"]) < 1e-6 * fid["seconds"]
     assert json.loads((tmp_path / "out/loop_eager_b32.json").read_text())["global_batch"] == 4
+    world = summary["steps"]["toy_world_build"]
+    assert world["status"] == "ok" and world["vae_build_device"] == "cpu" and world["world_build_seconds"] > 0

@@ -1,10 +1,12 @@
 """Known answers for the analysis helpers of the scripts in benchmarks/ (they back figures in the README)."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -78,3 +80,19 @@ def test_keep_latents_records_what_is_decoded():
     z = torch.arange(6.0).reshape(1, 6, 1, 1)
     assert torch.equal(keeper.decode(z), z / 2)
     assert len(keeper.latents) == 1 and torch.equal(keeper.latents[0], z)
+
+
+def test_world_build_reports_where_each_part_trained_and_refuses_a_built_world(tmp_path, capsys):
+    world_build = _load("world_build")
+    tiny = ["toy.train_size=40", "toy.heldout_size=20", "toy.teacher_steps=1", "toy.vae_steps=1", "toy.batch_size=8",
+            "toy.vae_batch_size=4"]
+    out = tmp_path / "world.json"
+    assert world_build.main(["--cache", str(tmp_path / "cache"), "--device", "cpu", "--out", str(out), *tiny]) == 0
+    record = json.loads(out.read_text())
+    assert record["device"] == "cpu" and record["toy_spec"]["train_size"] == 40
+    assert [record[f"{part}_build_device"] for part in ("teacher", "vae", "evaluator")] == ["cpu"] * 3
+    parts = sum(record[f"{part}_train_seconds"] for part in ("teacher", "vae", "evaluator"))
+    assert record["world_build_seconds"] >= parts - 0.15  # the wall time holds the parts (each rounded to 0.1 s)
+    assert 0 <= record["evaluator_heldout_accuracy"] <= 1 and record["vae_heldout_psnr_db"] > 0
+    with pytest.raises(SystemExit, match="not empty: a world already there would only be read"):
+        world_build.main(["--cache", str(tmp_path / "cache"), "--device", "cpu", *tiny])

@@ -190,3 +190,37 @@ def test_the_factor_r2_is_one_for_a_perfect_read_out_and_zero_for_a_blind_one(tm
 
     assert evaluator_factor_r2(ReadOut(3 * truth - 1), world) == pytest.approx(1.0, abs=1e-6)
     assert evaluator_factor_r2(ReadOut(torch.zeros_like(truth)), world) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_world_builds_every_part_on_the_gpu_when_there_is_one(tmp_path, monkeypatch):
+    """Issue 21: on a machine with a GPU the world build (teacher, VAE, evaluator) trains on it. With torch
+    reporting a GPU, each part's training is handed the GPU (and runs on the CPU in its place here), and
+    report.json says where each part trained."""
+    import json
+
+    from repae import toyworld
+    from repae.config import ToyWorldConfig
+    from repae.models.vae import VAEArgs
+
+    asked = []
+    real_teacher, real_vae = toyworld.train_teacher, toyworld.train_toy_vae
+
+    def teacher(*args, device="cpu", **kwargs):
+        asked.append(("teacher or evaluator", str(device)))
+        return real_teacher(*args, device="cpu", **kwargs)
+
+    def vae(images, steps, batch, vae_args, seed=0, progress=True, device="cpu"):
+        asked.append(("vae", str(device)))
+        return real_vae(images, steps, batch, vae_args, seed, progress, "cpu")
+
+    monkeypatch.setattr(toyworld, "train_teacher", teacher)
+    monkeypatch.setattr(toyworld, "train_toy_vae", vae)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    spec = ToyWorldConfig(cache_dir=str(tmp_path), train_size=40, heldout_size=20, teacher_steps=1, vae_steps=1,
+                          batch_size=8, vae_batch_size=4)
+    args = VAEArgs(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, attn_resolutions=[], norm_groups=4)
+    world = toyworld.ensure_toy_world(args, spec, progress=False)  # device: auto
+    toyworld.ensure_toy_evaluator(world, spec, progress=False)
+    assert asked == [("teacher or evaluator", "cuda"), ("vae", "cuda"), ("teacher or evaluator", "cuda")]
+    report = json.loads((world.cache_dir / "report.json").read_text())
+    assert [report[f"{part}_build_device"] for part in ("teacher", "vae", "evaluator")] == ["cuda"] * 3

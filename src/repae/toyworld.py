@@ -554,8 +554,9 @@ def ensure_toy_evaluator(world: ToyWorld, spec: ToyWorldConfig = ToyWorldConfig(
         if path.is_file():
             world.evaluator = load_strict(evaluator_network(), read_file(path), str(path))
             return world.evaluator.eval().requires_grad_(False)
-        start = time.perf_counter()
-        evaluator = train_evaluator(world, spec, seed, progress=progress, device=dist.device_named(device))
+        start, device = time.perf_counter(), dist.device_named(device)
+        evaluator = train_evaluator(world, spec, seed, progress=progress, device=device)
+        world.report["evaluator_build_device"] = str(device)
         world.report["evaluator_version"] = "v8"
         world.report["evaluator_heldout_accuracy"] = teacher_accuracy(evaluator, world.heldout_images,
                                                                       world.heldout_labels)
