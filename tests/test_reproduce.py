@@ -3,6 +3,7 @@
 import json
 import math
 import types
+from pathlib import Path
 
 import pytest
 
@@ -625,7 +626,74 @@ def test_the_runner_measures_the_last_step_with_the_final_samples(tmp_path, monk
     plan = rr.Plan(steps=2, eval_every=1, seeds=[0], samples=3, final_samples=7, jobs=1, arms=["vanilla"])
     rr.run_reproduction(tmp_path, plan)
     assert len(commands) == 1 and commands[0][-4:] == ["--final-step", "2", "--final-samples", "7"]
-    assert collected == [{"final_step": 2, "final_samples": 7}]
+    assert collected == [{"final_step": 2, "final_samples": 7, "cfg_scales": ()}]
+
+
+def test_the_runner_sweeps_the_guidance_scale_only_for_the_arms_a_guided_verdict_compares(tmp_path, monkeypatch):
+    import sys
+
+    from repae.reproduce import runner as rr
+
+    _no_world(monkeypatch, rr)
+    for name in ("vanilla-s0", "repa-s0"):
+        (tmp_path / "runs" / name / "checkpoints" / "step-0000002").mkdir(parents=True)
+    collected, commands = {}, {}
+    monkeypatch.setattr(rr, "measure_run", lambda run_dir, samples, judges, every=None, **final:
+                        collected.__setitem__(run_dir.name, final) or {})
+    monkeypatch.setattr(rr, "train_command", lambda arm, *a: [sys.executable, "-c", "pass"])
+    real_call = rr._Runner._call
+    monkeypatch.setattr(rr._Runner, "_call", lambda self, cmd, log: commands.__setitem__(Path(cmd[3]).name, cmd) or 0
+                        if "repae.reproduce.measure" in cmd else real_call(self, cmd, log))
+    plan = rr.Plan(steps=2, eval_every=1, seeds=[0], samples=3, jobs=1, arms=["vanilla", "repa"], cfg_scales=[1.5, 2.5])
+    rr.run_reproduction(tmp_path, plan)
+    # with scale 1 (the unguided samples) and the run's own (the toy preset's 4), which cost nothing more
+    assert commands["repa-s0"][-7:] == ["--final-step", "2", "--cfg-scales", "1.0", "1.5", "2.5", "4.0"]
+    assert "--cfg-scales" not in commands["vanilla-s0"]
+    assert collected["repa-s0"]["cfg_scales"] == [1.0, 1.5, 2.5, 4.0] and collected["vanilla-s0"]["cfg_scales"] == ()
+    from repae.reproduce.runner import CFG_SWEEP_ARMS, FULL, QUICK
+
+    assert set(CFG_SWEEP_ARMS) == {"repae", "repa", "stage2-e2e-vae"}
+    assert FULL.cfg_scales == [1.5, 2.0, 2.5, 3.0] and QUICK.cfg_scales == []
+
+
+def test_the_guidance_sweep_measures_the_last_step_once_reusing_the_runs_own_samples(tmp_path, monkeypatch):
+    """At the last step each scale of the sweep is measured once: the run's own scale and scale 1 are the
+    samples already measured (copied, not drawn again), the others drawn; a finished sweep is not redone;
+    a failed sweep keeps the run's own measurement."""
+    from repae.reproduce import measure
+    from repae.reproduce.measure import LATENT_KEYS, METRICS_FILE, UNGUIDED_KEYS, measure_run, needs_measuring
+
+    (tmp_path / "checkpoints" / "step-0000008").mkdir(parents=True)
+    record = {"num_samples": 10, "fid": 4.0, "fid_noise": 0.4, "class_accuracy": 0.9,
+              **{k: 0.5 for k in LATENT_KEYS + UNGUIDED_KEYS}, "fid_unguided": 7.0}
+    (tmp_path / METRICS_FILE).write_text(json.dumps({"8": record}))
+    assert not needs_measuring(tmp_path, 10, final_step=8) and needs_measuring(tmp_path, 10, final_step=8, cfg_scales=[2.0])
+    drawn = []
+
+    def sample_metrics(cfg, sit, vae, judges, n, device, cfg_scale=None):
+        drawn.append(cfg_scale)
+        return {f"fid_cfg{cfg_scale:g}": 10 + cfg_scale, f"class_accuracy_cfg{cfg_scale:g}": 0.5}
+
+    loaded = types.SimpleNamespace(sample=types.SimpleNamespace(cfg_scale=4.0), train=types.SimpleNamespace(device="cpu"))
+    module = types.SimpleNamespace(to=lambda device: module)
+    monkeypatch.setattr(measure, "sample_metrics", sample_metrics)
+    monkeypatch.setattr("repae.train.checkpoint.load_for_sampling", lambda ckpt: (loaded, module, module))
+    judges = types.SimpleNamespace(second_opinion=None)
+    got = measure_run(tmp_path, 10, judges=judges, final_step=8, cfg_scales=[1.0, 2.0, 4.0])["8"]
+    assert drawn == [2.0]  # 1 and 4 are the run's unguided and guided samples
+    assert (got["fid_cfg1"], got["fid_cfg2"], got["fid_cfg4"], got["fid_noise_cfg4"]) == (7.0, 12.0, 4.0, 0.4)
+    assert got["fid"] == 4.0 and json.loads((tmp_path / METRICS_FILE).read_text())["8"]["fid_cfg2"] == 12.0
+    assert not needs_measuring(tmp_path, 10, final_step=8, cfg_scales=[1.0, 2.0, 4.0])
+    measure_run(tmp_path, 10, judges=judges, final_step=8, cfg_scales=[1.0, 2.0, 4.0])
+    assert drawn == [2.0]  # not drawn again
+
+    def broken(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(measure, "sample_metrics", broken)
+    got = measure_run(tmp_path, 10, judges=judges, final_step=8, cfg_scales=[3.0])["8"]
+    assert got["error_cfg_sweep"] == "RuntimeError: out of memory" and got["fid"] == 4.0 and got["fid_cfg2"] == 12.0
+    assert needs_measuring(tmp_path, 10, final_step=8, cfg_scales=[3.0])  # retried next time
 
 
 def test_the_report_judges_the_same_samples_again_with_v7s_evaluator():
@@ -750,3 +818,37 @@ def test_a_bad_longer_file_is_refused_before_the_world_is_built(tmp_path, capsys
     assert main(argv + [str(tmp_path / "long")]) != 0
     assert "is not a results record of `repae bench reproduce`: plan must give" in capsys.readouterr().err
     assert not cache.exists() and not (tmp_path / "out").exists()
+
+
+def test_the_report_reads_c_and_d_across_guidance_scales_and_at_each_arms_best(tmp_path):
+    """A sweep where REPA-E loses at the run's scale (4) and wins at both arms' best (2): the claims table keeps
+    the run's scale's verdict, the sweep section shows every scale and reads (c) and (d) at each arm's best."""
+    context = {"command": "repae bench reproduce", "commit": "abc", "machine": "m", "method_note": ""}
+    r = _report_ready(_results({"repae": (15, 8), "repa": (40, 7), "stage2-e2e-vae": (30, 9)}))
+    sweep = {"repa": {1: (8, 9), 2: (6, 6.5), 4: (7, 7)}, "repae": {1: (9, 9.5), 2: (5, 6), 4: (8, 9)},
+             "stage2-e2e-vae": {1: (9, 9), 2: (7, 7.5), 4: (9, 9)}}
+    for arm, by_scale in sweep.items():
+        r["metrics"][arm]["1"] = {step: dict(m) for step, m in r["metrics"][arm]["0"].items()}
+        for seed in (0, 1):
+            last = r["metrics"][arm][str(seed)]["2"]
+            last.update({f"fid_cfg{s}": v[seed] for s, v in by_scale.items()})
+            last.update({f"class_accuracy_cfg{s}": 0.5 + 0.1 * s for s in by_scale}, fid=by_scale[4][seed])
+    assert rep.swept_scales(r) == [1.0, 2.0, 4.0] and rep.best_scale(r, "repae") == (2.0, [5, 6])
+    text = rep.write_report(r, tmp_path, tmp_path / "R.md", context).read_text()
+    claims, section = text.split("## (c) and (d) across guidance scales")
+    assert claims.split("| (c) |")[1].split("\n")[0].endswith("| **does not reproduce** |")  # 8.5 > 7 at scale 4
+    rows = {line.split(" | ")[0]: line for line in section.splitlines() if line.startswith("| ")}
+    assert rows["| 2"] == "| 2 | 6.25 ± 0.35 | 5.5 ± 0.71 | 2 of 2 | 7.25 ± 0.35 | 0 of 2 | 0.7 ± 0 | 0.7 ± 0 |"
+    assert rows["| 4"].startswith("| 4 | 7 ± 0 | 8.5 ± 0.71 | 0 of 2 |")
+    assert ("REPA at 2 6.25 ± 0.35, REPA-E at 2 5.5 ± 0.71, REPA-E lower in 2 of 2 seeds: with (c)'s criterion "
+            "(lower mean FID and lower in every seed) **reproduces**") in section
+    assert "Stage 2 at its best scale 2: 7.25 ± 0.35 against REPA's 6.25 ± 0.35: with (d)'s criterion" in section
+    assert "(lower mean FID) **does not reproduce**" in section
+    assert (tmp_path / "docs" / "reproduction" / "cfg_sweep.png").is_file()
+    # REPA-E best in one seed only: the criterion asks every seed
+    r["metrics"]["repae"]["1"]["2"]["fid_cfg2"] = 7.0
+    section = rep.write_report(r, tmp_path, tmp_path / "R.md", context).read_text().split("guidance scales")[1]
+    assert "REPA-E at 2 6 ± 1.4, REPA-E lower in 1 of 2 seeds" in section and "**partly**" in section
+    # results without a sweep: no section
+    plain = _report_ready(_results({"repae": (15, 8), "repa": (40, 7)}))
+    assert "across guidance scales" not in rep.write_report(plain, tmp_path, tmp_path / "R.md", context).read_text()

@@ -23,7 +23,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from repae.cli import NON_NEGATIVE, POSITIVE, SEED, UsageError, out_file
+from repae.cli import NON_NEGATIVE, POSITIVE, SEED, UsageError, bounded, out_file
 from repae.config import RunConfig
 from repae.nn_utils import autocast, autocast_dtype, resolve_precision
 
@@ -334,6 +334,9 @@ def add_parser(sub) -> None:
     g.add_argument("--final-samples", type=POSITIVE, metavar="N",
                    help="class-balanced samples at the last step, where the verdicts are read (full plan 2000, "
                         "other steps 500; --quick: as at the other steps)")
+    g.add_argument("--cfg-scales", type=bounded(1.0, 1000.0, float), nargs="*", metavar="S",
+                   help="also measure the last step of REPA-E, REPA and stage 2 at these CFG scales, a guidance "
+                        "sweep for (c) and (d) (full plan: 1.5 2 2.5 3; none: no sweep)")
     g.add_argument("--longer", metavar="DIR",
                    help="the directory of a longer reproduction of REPA-E and REPA on the same world and judges "
                         "(e.g. --arms repae repa --steps 3600 --dir DIR): the report adds its trend past this "

@@ -117,7 +117,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
     from repae.cli import UsageError
 
     plan = dataclasses.replace(QUICK if args.quick else FULL)
-    for name in ("seeds", "steps", "eval_every", "jobs", "samples", "final_samples", "arms"):
+    for name in ("seeds", "steps", "eval_every", "jobs", "samples", "final_samples", "arms", "cfg_scales"):
         if getattr(args, name, None) is not None:  # argparse keeps them positive: 0 is refused, not "default"
             setattr(plan, name, getattr(args, name))
     if getattr(args, "final_samples", None) is None and plan.final_samples is not None:  # the plan's, never below --samples

@@ -5,7 +5,8 @@ Per checkpoint (EMA SiT, the checkpoint's VAE):
 - FID and class accuracy of `num_samples` class-balanced samples (the run's sampler settings):
   the toy evaluator's features and class on the toy world; on real data Inception's pool_3
   features and the nearest held-out class mean in that space; and the same without CFG
-  (`*_unguided`), the protocol of the papers' training-speed tables (REPA-E's Table 2, REPA's);
+  (`*_unguided`), the protocol of the papers' training-speed tables (REPA-E's Table 2, REPA's); and, at the
+  last step and with --cfg-scales, at each CFG scale of a guidance sweep (`*_cfg2.5`, ...: `scale_metrics`);
 - latent spatial variance and total variation of the VAE's posterior means on held-out images,
   on the raw latents (the paper's Table 1 measured these: 17.06 is the scale of raw SD-VAE
   latents) and on the latents the SiT sees, normalised by the run's latent normaliser with its
@@ -30,7 +31,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -184,17 +185,24 @@ LATENT_KEYS = ("latent_spatial_variance_normalized", "latent_total_variation_nor
 UNGUIDED_KEYS = ("fid_unguided", "class_accuracy_unguided")
 
 
+def cfg_suffix(scale: float) -> str:
+    """The key suffix of metrics of samples drawn at CFG scale `scale`: 2.5 -> "_cfg2.5" ("fid_cfg2.5", ...)."""
+    return f"_cfg{scale:g}"
+
+
 @torch.no_grad()
 def sample_metrics(cfg, sit, vae, judges: Judges, num_samples: int, device, guided: bool = True,
-                   grid_path: Optional[Path] = None) -> Dict[str, float]:
+                   grid_path: Optional[Path] = None, cfg_scale: Optional[float] = None) -> Dict[str, float]:
     """FID, its sampling noise and class accuracy of `num_samples` class-balanced samples with the run's
     sampler settings, or the same settings without CFG (guided=False: keys "fid_unguided", "fid_noise_unguided",
-    "class_accuracy_unguided"). fid_noise: `frechet_distance_noise`, how far another draw of as many samples
-    would likely move the FID (toy world v7, REPA at step 1200, 500 samples without CFG: FIDs of 6.4-8.4
-    over five sampler seeds)."""
+    "class_accuracy_unguided"), or at CFG scale `cfg_scale` (keys "fid_cfg2.5", ...: `cfg_suffix`).
+    fid_noise: `frechet_distance_noise`, how far another draw of as many samples would likely move the FID
+    (toy world v7, REPA at step 1200, 500 samples without CFG: FIDs of 6.4-8.4 over five sampler seeds)."""
     settings = sampler_settings(cfg, seed=cfg.sample.seed + 1, device=device)
     if not guided:
         settings["cfg_scale"] = 1.0
+    elif cfg_scale is not None:
+        settings["cfg_scale"] = float(cfg_scale)
     labels = torch.arange(num_samples) % cfg.model.num_classes
     images = generate_images(sit, vae, labels, batch_size=125, progress=False, **settings)
     if grid_path is not None:  # four rows of the first (up to) ten classes
@@ -206,7 +214,7 @@ def sample_metrics(cfg, sit, vae, judges: Judges, num_samples: int, device, guid
     # a class the held-out images lack has no class mean to be recognised by: not counted
     known = (torch.isin(labels, judges.class_means[1]) if judges.class_means is not None
              else torch.ones_like(labels, dtype=torch.bool))
-    suffix = "" if guided else "_unguided"
+    suffix = "_unguided" if not guided else (cfg_suffix(cfg_scale) if cfg_scale is not None else "")
     out = {"fid" + suffix: frechet_distance_to_features(feats, *judges.reference),
            "fid_noise" + suffix: frechet_distance_noise(feats, *judges.reference),
            "class_accuracy" + suffix: (predicted.cpu() == labels)[known].float().mean().item()}
@@ -227,6 +235,39 @@ def unguided_sample_metrics(cfg, sit, vae, judges: Judges, num_samples: int, dev
         return {"fid_unguided": guided["fid"], "class_accuracy_unguided": guided["class_accuracy"], **noise,
                 **{f"{k}_unguided": v for k, v in guided.items() if second and k.endswith(second)}}
     return sample_metrics(cfg, sit, vae, judges, num_samples, device, guided=False)
+
+
+def scales_missing(stored: Optional[dict], cfg_scales: Sequence[float]) -> List[float]:
+    """The CFG scales whose FID a stored measurement lacks."""
+    return [s for s in cfg_scales if stored is None or "fid" + cfg_suffix(s) not in stored]
+
+
+@torch.no_grad()
+def scale_metrics(ckpt: Path, judges: Judges, num_samples: int, cfg_scales: Sequence[float],
+                  stored: Dict[str, object]) -> Dict[str, float]:
+    """FID, its noise and class accuracy at each of `cfg_scales` (keys with `cfg_suffix`) of a checkpoint
+    whose measurement `stored` lacks them: the run's guided and unguided samples where the scale is theirs
+    (the same samples, not drawn twice), new samples of the same seeds and labels otherwise. A sweep over
+    the guidance scale, as papers tune it per model: the run's own scale (4 in the toy preset, chosen on an
+    earlier toy world by class accuracy) need not be any arm's best."""
+    from repae.train.checkpoint import load_for_sampling
+
+    cfg, sit, vae = load_for_sampling(ckpt)
+    device = device_named(cfg.train.device)
+    sit, vae = sit.to(device), vae.to(device)
+    second = [f"fid{judges.second_opinion[0]}", f"class_accuracy{judges.second_opinion[0]}"] if judges.second_opinion else []
+    bases = ["fid", "fid_noise", "class_accuracy", *second]  # what sample_metrics records, less its suffix
+    out: Dict[str, float] = {}
+    for scale in cfg_scales:
+        if scale == 1.0 and "fid_unguided" in stored:
+            drawn = "_unguided"
+        elif scale == cfg.sample.cfg_scale and "fid" in stored:
+            drawn = ""
+        else:
+            out.update(sample_metrics(cfg, sit, vae, judges, num_samples, device, cfg_scale=scale))
+            continue
+        out.update({base + cfg_suffix(scale): stored[base + drawn] for base in bases if base + drawn in stored})
+    return out
 
 
 @torch.no_grad()
@@ -308,20 +349,22 @@ def samples_at(step: int, num_samples: int, final_step: Optional[int] = None, fi
 
 
 def needs_measuring(run_dir: Path, num_samples: int, every: Optional[int] = None, final_step: Optional[int] = None,
-                    final_samples: Optional[int] = None) -> bool:
+                    final_samples: Optional[int] = None, cfg_scales: Sequence[float] = ()) -> bool:
     """Whether `measure_run` would measure anything: a checkpoint of the run not yet measured (fully)."""
     done = _read_done(run_dir / METRICS_FILE)
     return not all(_complete(done.get(str(step)), samples_at(step, num_samples, final_step, final_samples))
+                   and not (step == final_step and scales_missing(done.get(str(step)), cfg_scales))
                    for step in map(checkpoint_step, _checkpoints(run_dir, every)))
 
 
 def measure_run(run_dir: Path, num_samples: int, judges: Optional[Judges] = None,
                 judges_dir: Optional[Path] = None, every: Optional[int] = None, final_step: Optional[int] = None,
-                final_samples: Optional[int] = None) -> Dict[str, dict]:
+                final_samples: Optional[int] = None, cfg_scales: Sequence[float] = ()) -> Dict[str, dict]:
     """{step: metrics} for every checkpoint of a run (with `every`, those at its multiples), reusing what
     RUN/reproduce-metrics.json holds (judges: built from the first checkpoint's config, or loaded from
     `judges_dir`, when not given). The checkpoint at `final_step` is measured with `final_samples`
-    samples when given: one measured with fewer is measured again."""
+    samples when given: one measured with fewer is measured again; and, with `cfg_scales`, at each of
+    those CFG scales too (`scale_metrics`)."""
     from repae.config import load_config
 
     out = run_dir / METRICS_FILE
@@ -333,17 +376,26 @@ def measure_run(run_dir: Path, num_samples: int, judges: Optional[Judges] = None
         step = str(checkpoint_step(ckpt))
         n = samples_at(int(step), num_samples, final_step, final_samples)
         measured = step in done and done[step].get("num_samples") == n
-        if _complete(done.get(step), n):
+        scales = scales_missing(done.get(step) if measured else None, cfg_scales) if int(step) == final_step else []
+        if _complete(done.get(step), n) and not scales:
             continue
         if judges is None:
             judges = judges_for(load_config(None, [ckpt / "config.yaml"], world_size=1), judges_dir)
         try:
-            if measured:  # measured before the normalised latents, spectra or unguided samples were: add them
-                done[step] = {**done[step], **missing_metrics(ckpt, judges, n, done[step])}
-            else:
-                done[step] = checkpoint_metrics(ckpt, judges, n, run_dir / "reproduce-grids" / f"step-{step}.png")
+            if not _complete(done.get(step), n):
+                if measured:  # measured before the normalised latents, spectra or unguided samples were: add them
+                    done[step] = {**done[step], **missing_metrics(ckpt, judges, n, done[step])}
+                else:
+                    done[step] = checkpoint_metrics(ckpt, judges, n, run_dir / "reproduce-grids" / f"step-{step}.png")
         except Exception as err:  # e.g. a Frechet distance that cannot be computed on collapsed samples:
             done[step] = {"error": f"{type(err).__name__}: {err}"}  # recorded, retried on the next run
+            scales = []
+        if scales:  # after the record it reuses is written: a failure here keeps the run's own measurement
+            write_json_atomic(out, dict(sorted(done.items(), key=lambda kv: int(kv[0]))))
+            try:
+                done[step] = {**done[step], **scale_metrics(ckpt, judges, n, scales, done[step])}
+            except Exception as err:  # recorded beside the measurement; the sweep is retried on the next run
+                done[step] = {**done[step], "error_cfg_sweep": f"{type(err).__name__}: {err}"}
         write_json_atomic(out, dict(sorted(done.items(), key=lambda kv: int(kv[0]))))
     return {k: v for k, v in done.items() if _on_grid(int(k), every)}  # stored off-grid ones left out
 
@@ -356,9 +408,13 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=None, help="only checkpoints at multiples of this step (default: all)")
     p.add_argument("--final-step", type=int, default=None, help="the step measured with --final-samples")
     p.add_argument("--final-samples", type=int, default=None, help="samples at --final-step (default: --samples)")
+    p.add_argument("--cfg-scales", type=float, nargs="*", default=[],
+                   help="also measure --final-step's samples at these CFG scales (a guidance sweep)")
     args = p.parse_args(argv)
+    if args.cfg_scales and args.final_step is None:
+        p.error("--cfg-scales measures the --final-step checkpoint: give --final-step")
     measure_run(args.run_dir, args.samples, judges_dir=args.judges, every=args.every, final_step=args.final_step,
-                final_samples=args.final_samples)
+                final_samples=args.final_samples, cfg_scales=args.cfg_scales)
     return 0
 
 

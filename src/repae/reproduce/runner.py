@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -40,6 +40,12 @@ class Plan:
     final_samples: Optional[int] = None  # samples at the last step, where the verdicts are read (None: `samples`)
     jobs: int = 2  # runs at once
     arms: Optional[List[str]] = None  # arm names to train, in this order (None: every arm of the config)
+    # CFG scales the last step of CFG_SWEEP_ARMS is measured at too: a guidance sweep, as papers tune the scale
+    cfg_scales: List[float] = field(default_factory=list)
+
+
+# the arms whose guided FIDs a verdict compares: (c) REPA-E against REPA, (d) stage 2 against REPA
+CFG_SWEEP_ARMS = ("repae", "repa", "stage2-e2e-vae")
 
 
 # --quick, a check that the whole pipeline runs (its budget is too small for the generation claims): one
@@ -55,7 +61,11 @@ QUICK = Plan(steps=150, eval_every=150, seeds=[0], samples=100, jobs=2)
 # Re-running the same command after an interruption continues where it stopped
 # The last step is measured with 2000 samples: at 500 the toy FID of one checkpoint moved by 0.7 (std) between
 # sampler seeds (toy world v7, REPA at step 1200, without CFG: 6.4-8.4 over five), as much as the arms differ by.
-FULL = Plan(steps=1200, eval_every=300, seeds=[0, 1], samples=500, final_samples=2000, jobs=2)
+# The guidance sweep: the toy preset's CFG 4 was chosen on toy world v6 by the class accuracy of 200 samples, not
+# by FID; on toy world v8 a first sweep (benchmarks/class_mix_fid.py, seeds 0 and 1, 1000 samples) put both REPA-E's
+# and REPA's lowest toy FID between 1.5 and 2.5. The grid is the scales between 1 (the unguided samples) and the run's.
+FULL = Plan(steps=1200, eval_every=300, seeds=[0, 1], samples=500, final_samples=2000, jobs=2,
+            cfg_scales=[1.5, 2.0, 2.5, 3.0])
 
 
 def run_name(arm: Arm, seed: int) -> str:
@@ -159,12 +169,16 @@ class _Runner:
                 from repae.stage2.export import export_vae
 
                 export_vae(run_dir)  # its tuned VAE is stage 2's frozen VAE
-            if needs_measuring(run_dir, self.plan.samples, self.plan.eval_every, self.plan.steps, self.plan.final_samples):
+            scales = self.plan.cfg_scales if arm.name in CFG_SWEEP_ARMS else []
+            if needs_measuring(run_dir, self.plan.samples, self.plan.eval_every, self.plan.steps, self.plan.final_samples,
+                               scales):
                 self._log(f"measure {name}")
                 measure = [sys.executable, "-m", "repae.reproduce.measure", str(run_dir), "--samples",
-                           str(self.plan.samples), "--every", str(self.plan.eval_every)]
+                           str(self.plan.samples), "--every", str(self.plan.eval_every), "--final-step", str(self.plan.steps)]
                 if self.plan.final_samples is not None:
-                    measure += ["--final-step", str(self.plan.steps), "--final-samples", str(self.plan.final_samples)]
+                    measure += ["--final-samples", str(self.plan.final_samples)]
+                if scales:
+                    measure += ["--cfg-scales", *map(str, scales)]
                 if self.judges_dir is not None:
                     measure += ["--judges", str(self.judges_dir)]
                 if self._call(measure, log) != 0:
@@ -326,6 +340,8 @@ def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequ
     start = time.perf_counter()
     base: RunConfig = load_config(preset, list(config_files), list(overrides), world_size=1)
     arms = select_arms(arms_for(base), plan.arms)  # before the world is built: a wrong name fails at once
+    if plan.cfg_scales:  # the sweep's ends, scale 1 (unguided) and the run's own, are measured anyway: reused
+        plan = replace(plan, cfg_scales=sorted({*map(float, plan.cfg_scales), 1.0, float(base.sample.cfg_scale)}))
     out.mkdir(parents=True, exist_ok=True)
     judges, judges_dir = judges_for_plan(base, out, heldout, heldout_images)
     # the starting VAE, and the held-out images' own DCT spectrum that the latents' are drawn against
@@ -368,7 +384,8 @@ def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequ
     pool.shutdown()
     metrics = {arm.name: {str(seed): measure_run(out / "runs" / run_name(arm, seed), plan.samples, judges,
                                                  every=plan.eval_every, final_step=plan.steps,
-                                                 final_samples=plan.final_samples)
+                                                 final_samples=plan.final_samples,
+                                                 cfg_scales=plan.cfg_scales if arm.name in CFG_SWEEP_ARMS else ())
                           for seed in plan.seeds} for arm in arms}
     results = {
         "plan": asdict(plan), "preset": preset, "overrides": list(overrides), "num_classes": base.model.num_classes,
