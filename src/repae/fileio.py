@@ -58,6 +58,12 @@ class JsonFileError(ValueError):
     Callers add their remedy, or treat it as "no record" where the file is only a cache of their own."""
 
 
+def json_number(value, kind: type | Tuple[type, ...] = (int, float)) -> bool:
+    """Whether a value read from JSON is a number of `kind` (int and float by default): JSON's true and
+    false load as Python bools, which are ints, and must not pass for one."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
 def read_json_object(path: PathLike, max_bytes: int = MAX_JSON_BYTES) -> dict:
     """The JSON object stored in `path`, read with its size bounded before it is parsed; JsonFileError
     otherwise. The file is data: nothing in it is interpreted beyond JSON."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -323,6 +323,16 @@ def _complete(record: Optional[dict], num_samples: int) -> bool:
             and all(k in record for k in LATENT_KEYS + UNGUIDED_KEYS))
 
 
+def _still_to_measure(record: Optional[dict], num_samples: int, at_final_step: bool,
+                      cfg_scales: Sequence[float]) -> Tuple[bool, List[float]]:
+    """What a checkpoint's stored `record` still needs: (whether to measure or complete the record itself,
+    the CFG scales of the guidance sweep it lacks: at the last step only, all of them for a record made with
+    another number of samples, which is measured anew)."""
+    same_samples = record is not None and record.get("num_samples") == num_samples
+    return (not _complete(record, num_samples),
+            scales_missing(record if same_samples else None, cfg_scales) if at_final_step else [])
+
+
 def _read_done(out: Path, warn: bool = False) -> Dict[str, dict]:
     """{step: metrics} that METRICS_FILE holds. The file is our own record of measurements, which can be
     made again: an unreadable one (a torn copy, a hand edit) reads as empty and every checkpoint is
@@ -352,9 +362,9 @@ def needs_measuring(run_dir: Path, num_samples: int, every: Optional[int] = None
                     final_samples: Optional[int] = None, cfg_scales: Sequence[float] = ()) -> bool:
     """Whether `measure_run` would measure anything: a checkpoint of the run not yet measured (fully)."""
     done = _read_done(run_dir / METRICS_FILE)
-    return not all(_complete(done.get(str(step)), samples_at(step, num_samples, final_step, final_samples))
-                   and not (step == final_step and scales_missing(done.get(str(step)), cfg_scales))
-                   for step in map(checkpoint_step, _checkpoints(run_dir, every)))
+    return any(any(_still_to_measure(done.get(str(step)), samples_at(step, num_samples, final_step, final_samples),
+                                     step == final_step, cfg_scales))
+               for step in map(checkpoint_step, _checkpoints(run_dir, every)))
 
 
 def measure_run(run_dir: Path, num_samples: int, judges: Optional[Judges] = None,
@@ -376,13 +386,13 @@ def measure_run(run_dir: Path, num_samples: int, judges: Optional[Judges] = None
         step = str(checkpoint_step(ckpt))
         n = samples_at(int(step), num_samples, final_step, final_samples)
         measured = step in done and done[step].get("num_samples") == n
-        scales = scales_missing(done.get(step) if measured else None, cfg_scales) if int(step) == final_step else []
-        if _complete(done.get(step), n) and not scales:
+        redo, scales = _still_to_measure(done.get(step), n, int(step) == final_step, cfg_scales)
+        if not redo and not scales:
             continue
         if judges is None:
             judges = judges_for(load_config(None, [ckpt / "config.yaml"], world_size=1), judges_dir)
         try:
-            if not _complete(done.get(step), n):
+            if redo:
                 if measured:  # measured before the normalised latents, spectra or unguided samples were: add them
                     done[step] = {**done[step], **missing_metrics(ckpt, judges, n, done[step])}
                 else:

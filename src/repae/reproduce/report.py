@@ -11,6 +11,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from repae.fileio import json_number
+from repae.reproduce.arms import CFG_SWEEP_ARMS
 from repae.reproduce.judges import V7_SUFFIX
 
 # the paper's claims as issue 8 states them (arXiv 2504.10483)
@@ -356,7 +358,8 @@ def second_judge_section(r: dict, verdicts: Dict[str, Tuple[str, str]], arms: Li
 
 # --------------------------------------------------------------------------- the guidance sweep
 
-SWEPT = (("repa", "REPA"), ("repae", "REPA-E"), ("stage2-e2e-vae", "stage 2"))  # repae.reproduce.runner.CFG_SWEEP_ARMS
+SWEPT_NAMES = {"repa": "REPA", "repae": "REPA-E", "stage2-e2e-vae": "stage 2"}  # the sweep section's names and order
+SWEPT = tuple((arm, SWEPT_NAMES[arm]) for arm in sorted(CFG_SWEEP_ARMS, key=list(SWEPT_NAMES).index))
 
 
 def swept_scales(r: dict) -> List[float]:
@@ -401,8 +404,8 @@ def cfg_sweep_section(r: dict, figure: Optional[Path], rel) -> List[str]:
              f"| CFG scale | {label} REPA ↓ | {label} REPA-E ↓ | REPA-E lower (seeds) | {label} stage 2 ↓ | "
              "stage 2 lower than REPA (seeds) | class acc. REPA | class acc. REPA-E |", "| --- " * 8 + "|"]
     for scale in scales:
-        repa, repae, stage2 = (_at_scale(r, arm, scale) for arm, _ in SWEPT)
-        wins = lambda a, b: f"{sum(x < y for x, y in zip(a, b))} of {len(b)}" if a and b else "—"  # noqa: E731
+        repa, repae, stage2 = (_at_scale(r, arm, scale) for arm in ("repa", "repae", "stage2-e2e-vae"))
+        wins = lambda a, b: f"{lower_fid_verdict(a, b)[1]} of {len(b)}" if a and b else "—"  # noqa: E731
         accs = [fmt(_at_scale(r, arm, scale, "class_accuracy")) for arm in ("repa", "repae")]
         lines.append(f"| {scale:g} | {fmt(repa)} | {fmt(repae)} | {wins(repae, repa)} | {fmt(stage2)} | "
                      f"{wins(stage2, repa)} | {accs[0]} | {accs[1]} |")
@@ -468,30 +471,26 @@ JUDGE_IDENTITY = ("kind", "spec", "evaluator_version", "vae_heldout_psnr_db", "e
                   "teacher_heldout_accuracy", "data", "reference", "inception", "encoder_file", "starting_vae")
 
 
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def malformed_results(obj: dict) -> Optional[str]:
     """What in a results record (results.json, e.g. one passed as --longer) the report could not read, or
     None: the file is data, so a wrong shape is named here rather than failing deep in the report."""
     plan = obj.get("plan")
-    if not (isinstance(plan, dict) and isinstance(plan.get("steps"), int) and _number(plan.get("samples"))
-            and isinstance(plan.get("seeds"), list) and (plan.get("final_samples") is None or _number(plan["final_samples"]))):
+    if not (isinstance(plan, dict) and isinstance(plan.get("steps"), int) and json_number(plan.get("samples"))
+            and isinstance(plan.get("seeds"), list) and (plan.get("final_samples") is None or json_number(plan["final_samples"]))):
         return "plan must give integer steps, samples and final_samples (or null) and a list of seeds"
     metrics = obj.get("metrics")
     if not isinstance(metrics, dict) or not all(
             isinstance(per_seed, dict) and all(
                 isinstance(per_step, dict) and all(
                     isinstance(step, str) and step.isdigit() and isinstance(m, dict)
-                    and all(m.get(k) is None or _number(m[k]) for k in KEYS) for step, m in per_step.items())
+                    and all(m.get(k) is None or json_number(m[k]) for k in KEYS) for step, m in per_step.items())
                 for per_step in per_seed.values())
             for per_seed in metrics.values()):
         return "metrics must map arm -> seed -> step (digits) -> record with numeric (or null) values"
     invocations = obj.get("invocations", [])
     if not isinstance(invocations, list) or not all(
             isinstance(x, dict) and all(isinstance(x.get(k), str) for k in ("command", "commit", "machine"))
-            and _number(x.get("wall_seconds")) for x in invocations):
+            and json_number(x.get("wall_seconds")) for x in invocations):
         return "invocations must be a list of records with command, commit, machine and wall_seconds"
     if not isinstance(obj.get("judges") or obj.get("toy_world", {}), dict):
         return "judges must be a record"

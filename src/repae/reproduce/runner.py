@@ -23,8 +23,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from repae import dist
 from repae.config import ConfigError, RunConfig, load_config
-from repae.fileio import JsonFileError, read_json_object, write_json_atomic
-from repae.reproduce.arms import Arm, arms_for, select_arms
+from repae.fileio import JsonFileError, json_number, read_json_object, write_json_atomic
+from repae.reproduce.arms import CFG_SWEEP_ARMS, Arm, arms_for, select_arms
 from repae.reproduce.judges import HELDOUT_IMAGES, Judges, build_real_judges, load_real_judges, save_real_judges, toy_judges
 from repae.reproduce.measure import image_spectrum_metrics, measure_run, needs_measuring, real_image_rows, vae_metrics
 
@@ -43,9 +43,9 @@ class Plan:
     # CFG scales the last step of CFG_SWEEP_ARMS is measured at too: a guidance sweep, as papers tune the scale
     cfg_scales: List[float] = field(default_factory=list)
 
-
-# the arms whose guided FIDs a verdict compares: (c) REPA-E against REPA, (d) stage 2 against REPA
-CFG_SWEEP_ARMS = ("repae", "repa", "stage2-e2e-vae")
+    def scales_for(self, arm: str) -> Sequence[float]:
+        """The CFG scales the arm's last step is measured at (none for an arm no guided verdict reads)."""
+        return self.cfg_scales if arm in CFG_SWEEP_ARMS else ()
 
 
 # --quick, a check that the whole pipeline runs (its budget is too small for the generation claims): one
@@ -169,7 +169,7 @@ class _Runner:
                 from repae.stage2.export import export_vae
 
                 export_vae(run_dir)  # its tuned VAE is stage 2's frozen VAE
-            scales = self.plan.cfg_scales if arm.name in CFG_SWEEP_ARMS else []
+            scales = self.plan.scales_for(arm.name)
             if needs_measuring(run_dir, self.plan.samples, self.plan.eval_every, self.plan.steps, self.plan.final_samples,
                                scales):
                 self._log(f"measure {name}")
@@ -227,13 +227,10 @@ def _read_previous(path: Path) -> dict:
     except JsonFileError as err:
         raise ConfigError(f"{err}; {remedy}") from None
 
-    def number(value, kind=(int, float)) -> bool:
-        return isinstance(value, kind) and not isinstance(value, bool)
-
     runs = previous.get("runs", {})
     ok = (isinstance(runs, dict) and isinstance(previous.get("invocations", []), list)
-          and all(isinstance(r, dict) and number(r.get("train_seconds", 0.0))
-                  and number(r.get("exit_code", 0), int) for r in runs.values()))
+          and all(isinstance(r, dict) and json_number(r.get("train_seconds", 0.0))
+                  and json_number(r.get("exit_code", 0), int) for r in runs.values()))
     if not ok:
         raise ConfigError(f"{path} is not a results record this reproduction can continue (runs must map names to "
                           f"records with numeric train_seconds and exit_code, invocations be a list); {remedy}")
@@ -385,7 +382,7 @@ def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequ
     metrics = {arm.name: {str(seed): measure_run(out / "runs" / run_name(arm, seed), plan.samples, judges,
                                                  every=plan.eval_every, final_step=plan.steps,
                                                  final_samples=plan.final_samples,
-                                                 cfg_scales=plan.cfg_scales if arm.name in CFG_SWEEP_ARMS else ())
+                                                 cfg_scales=plan.scales_for(arm.name))
                           for seed in plan.seeds} for arm in arms}
     results = {
         "plan": asdict(plan), "preset": preset, "overrides": list(overrides), "num_classes": base.model.num_classes,
