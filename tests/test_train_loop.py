@@ -52,6 +52,46 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, accum):
     assert steps == [2, 4]
 
 
+def _checkpoint_state(run_dir, step):
+    return torch.load(run_dir / "checkpoints" / f"step-{step:07d}" / "state.pt", weights_only=True)
+
+
+def _store_training_time(run_dir, step, seconds):
+    """Set (None: remove) the training time a checkpoint holds; its manifest goes, as the edit is not damage."""
+    path = run_dir / "checkpoints" / f"step-{step:07d}"
+    state = torch.load(path / "state.pt", weights_only=True)
+    state.pop("train_seconds")
+    if seconds is not None:
+        state["train_seconds"] = seconds
+    torch.save(state, path / "state.pt")
+    (path / "manifest.json").unlink()
+
+
+def test_a_runs_training_time_adds_up_over_its_invocations(tmp_path):
+    run_dir = tiny_cfg(tmp_path).run_dir
+    first = train(tiny_cfg(tmp_path, "train.max_steps=2"), progress=False)
+    assert 0 < first["train_seconds"] <= first["wall_seconds"]  # the loop's time, not the set-up's
+    saved = _checkpoint_state(run_dir, 2)["train_seconds"]
+    assert 0 < saved <= first["train_seconds"]  # the last sample grid comes after the checkpoint
+    _store_training_time(run_dir, 2, 1000.0)  # as if the first invocation had trained for 1000 s
+    second = train(tiny_cfg(tmp_path, "train.max_steps=4"), progress=False)
+    # the resumed total starts from the checkpoint's, not from zero: this invocation adds only its own loop time
+    assert 1000.0 < second["train_seconds"] <= 1000.0 + second["wall_seconds"]
+    assert 1000.0 < _checkpoint_state(run_dir, 4)["train_seconds"] <= second["train_seconds"]
+
+
+@pytest.mark.parametrize("stored", [None, -3.0, float("nan"), "12", True])
+def test_a_checkpoint_without_a_valid_training_time_makes_the_total_unknown_not_partial(tmp_path, stored):
+    # a run resumed from a checkpoint written before the record existed (or a damaged value): counting only this
+    # invocation would under-state what the run cost, as the reproduction's records once did
+    run_dir = tiny_cfg(tmp_path).run_dir
+    train(tiny_cfg(tmp_path, "train.max_steps=2"), progress=False)
+    _store_training_time(run_dir, 2, stored)
+    summary = train(tiny_cfg(tmp_path, "train.max_steps=4"), progress=False)
+    assert summary["steps_this_invocation"] == 2 and summary["train_seconds"] is None
+    assert "train_seconds" not in _checkpoint_state(run_dir, 4)
+
+
 def test_resume_refuses_a_different_recipe(tmp_path):
     train(tiny_cfg(tmp_path, "train.max_steps=2"), progress=False)
     from repae.config import ConfigError

@@ -789,13 +789,17 @@ def write_report(r: dict, out: Path, report: Path, context: dict, longer: Option
         lines.append(f"| {name} ({row['num_images']}) | " + " | ".join(fmt([row[k]] if k in row else None) for k in KEYS)
                      + " | — |")
     for arm, label in labels.items():
-        secs = [run["train_seconds"] for run in r["runs"].values() if run["arm"] == arm]
+        runs = [run for run in r["runs"].values() if run["arm"] == arm]
+        # a runner's stopwatch misses the invocations of a run it did not start: only whole records are shown
+        secs = [run["train_seconds"] for run in runs] if all(run.get("train_seconds_from") == "run" for run in runs) else None
         note = " (stopped early)" if failed(r, arm) else ""
         lines.append(f"| {label}{note} | " + " | ".join(fmt(final(r, arm, k)) for k in KEYS) + f" | {fmt(secs)} |")
     lines += ["", "Values are mean ± standard deviation over seeds (the mean alone for one seed). Latent "
               "statistics are of the VAE's posterior means on held-out images: raw, and normalised by the run's "
               "latent normaliser (its running statistics; the starting VAE's own per-channel mean and std for "
-              "the starting VAE).", "",
+              "the starting VAE). Training s: each run's own record of its time in the training loop, summed over "
+              "its invocations (a resumed run's included); — where the runs predate that record and the runner saw "
+              "only the invocations it started.", "",
               *cfg_sweep_section(r, plot_cfg_sweep(r, fig_dir), rel),
               *(longer_budget_section(r, longer, plot_longer_budget(longer, plan["steps"], fig_dir), rel)
                 if longer is not None else []),

@@ -153,6 +153,9 @@ class _Runner:
                                             self.config_files), log)
             seconds = time.perf_counter() - start + self.earlier.get(name, {}).get("train_seconds", 0.0)
         record = {"arm": arm.name, "seed": seed, "train_seconds": round(seconds, 1), "exit_code": code, "log": str(log)}
+        own = _own_training_seconds(run_dir, self.plan.steps) if code == 0 else None
+        if own is not None:  # the run's own total over its invocations: it survives an invocation's lost record
+            record.update(train_seconds=own, train_seconds_from="run")
         if code != 0:  # e.g. the no-stop-grad arm aborting on non-finite losses: a result, not a crash
             record["failed"] = _last_line(log)
             self._log(f"{name} stopped with exit code {code}: {record['failed']}")
@@ -243,6 +246,20 @@ def _exported(run_dir: Path, step: int) -> bool:
         return read_json_object(run_dir / "e2e-vae" / "export.json").get("step") == step
     except JsonFileError:
         return False
+
+
+def _own_training_seconds(run_dir: Path, steps: int) -> Optional[float]:
+    """The training time over all its invocations that a `repae train` finished at `steps` wrote in its
+    summary.json; None where there is none: the summary is of another budget, or the run's checkpoints
+    predate the record."""
+    try:
+        summary = read_json_object(run_dir / "summary.json")
+    except JsonFileError:
+        return None
+    seconds = summary.get("train_seconds")
+    if summary.get("steps") != steps or not json_number(seconds) or seconds < 0:
+        return None
+    return float(seconds)
 
 
 def _last_line(log: Path) -> str:

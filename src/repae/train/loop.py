@@ -27,6 +27,7 @@ from repae.build import build_sit, build_vae, uses_repa, vae_args
 from repae.models.vae import AutoencoderKL
 from repae.config import ConfigError, RunConfig, config_differences, from_dict, read_yaml, save_config, to_dict
 from repae.data import sources
+from repae.fileio import json_number
 from repae.interrupt import Interrupted, StopSignals
 from repae.generate import generate_images, sampler_settings, save_image_grid
 from repae.losses import VAERegulariser
@@ -47,6 +48,19 @@ class Run:
     step: int = 0
     nonfinite_in_a_row: int = 0
     toy: Optional[object] = None  # the ToyWorld when training on it
+    # time in the training loop before `clock_since`, summed over every invocation of the run (kept in its
+    # checkpoints, so a resume or a lost record of an earlier invocation does not drop it); None: the run resumed
+    # from a checkpoint that predates this record, so its total is unknown
+    train_seconds: Optional[float] = 0.0
+    clock_since: Optional[float] = None  # time.perf_counter() when the loop's current stretch began; None: not in it
+
+
+def training_seconds(run: Run) -> Optional[float]:
+    """Wall time of the run's training so far, over all its invocations: its steps, checkpoints and sample grids,
+    not the set-up of each invocation (world build, model construction, the final evaluation). None: unknown."""
+    if run.train_seconds is None:
+        return None
+    return run.train_seconds + (0.0 if run.clock_since is None else time.perf_counter() - run.clock_since)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -166,6 +180,9 @@ def save(run: Run) -> Path:
     state = {"step": run.step, "rng": rng_state(run.gen), "data": run.data.state_dict(),
              "nonfinite_in_a_row": run.nonfinite_in_a_row,
              **{k: opt.state_dict() for k, opt in _optimisers(run.m).items()}}
+    seconds = training_seconds(run)
+    if seconds is not None:
+        state["train_seconds"] = seconds
     if run.m.regulariser is not None:
         state["regulariser_rng"] = list(run.m.regulariser._rng.getstate()[1])
     return save_checkpoint(run.cfg.run_dir, run.step, _modules(run.m), state, run.cfg, run.cfg.train.keep_last)
@@ -187,6 +204,8 @@ def try_resume(run: Run) -> bool:
             tqdm.write(skipped[-1], file=sys.stderr)
             continue
         run.step, run.nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
+        seconds = state.get("train_seconds")  # absent from checkpoints written before it was recorded
+        run.train_seconds = float(seconds) if json_number(seconds) and 0 <= seconds < float("inf") else None
         run.data.load_state_dict(state["data"])
         set_rng_state(state["rng"], run.gen)
         if run.m.regulariser is not None and "regulariser_rng" in state:
@@ -275,11 +294,11 @@ def _count_nonfinite(run: Run, what: str) -> None:
 def _roll_back(run: Run) -> None:
     """Back to the newest intact checkpoint (weights, optimisers, RNG, data position); the count of
     failed steps in a row carries over, so a fault that repeats still stops the run."""
-    failed = run.nonfinite_in_a_row
+    failed, seconds = run.nonfinite_in_a_row, run.train_seconds  # the time spent is not undone
     if not try_resume(run):
         raise FloatingPointError(f"weights became non-finite at step {run.step}, before the first checkpoint: "
                                  "nothing to roll back to")
-    run.nonfinite_in_a_row = failed
+    run.nonfinite_in_a_row, run.train_seconds = failed, seconds
 
 
 def train_steps(run: Run, until: int, on_log=None, progress: bool = True, on_rewind=None, on_step=None) -> None:
@@ -289,8 +308,12 @@ def train_steps(run: Run, until: int, on_log=None, progress: bool = True, on_rew
 
     A SIGINT or SIGTERM ends the loop at the next step boundary, the same step on every rank: the
     step is logged and checkpointed (rank 0 writes), then `Interrupted` is raised."""
-    with StopSignals() as signals:
-        saved = _steps(run, until, signals, on_log, progress, on_rewind, on_step)
+    run.clock_since = time.perf_counter()
+    try:
+        with StopSignals() as signals:
+            saved = _steps(run, until, signals, on_log, progress, on_rewind, on_step)
+    finally:
+        run.train_seconds, run.clock_since = training_seconds(run), None
     if signals.signum is not None and run.step < until:  # the stop came before the budget ran out
         raise Interrupted(signals.signum, run.step, saved)
 
@@ -478,6 +501,8 @@ def _train(cfg: RunConfig, progress: bool) -> dict:
     records = log.read()
     summary = {"steps": run.step, "steps_this_invocation": run.step - first_step,
                "wall_seconds": round(time.perf_counter() - start, 1),
+               # over every invocation (the checkpoints carry it), training only: what a run cost to train
+               "train_seconds": None if run.train_seconds is None else round(run.train_seconds, 1),
                # the median of the log lines: the first and last intervals carry set-up and sampling
                "images_per_s": _median([r.get("images_per_s") for r in records]),
                # what train.precision=auto chose on this device: a run's speed is read against it
