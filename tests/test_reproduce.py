@@ -502,6 +502,29 @@ def test_a_run_records_its_own_training_time_which_survives_a_lost_record(tmp_pa
     assert "train_seconds_from" not in results["runs"]["repa-s0"]
 
 
+def test_runs_of_another_world_are_refused_before_anything_is_built_or_recorded(tmp_path, monkeypatch):
+    # seen: the v8 plan's report re-made under another REPAE_CACHE built a second world, then every `repae train`
+    # refused its run (other VAE files) and results.json recorded 24 failures over the finished runs' records
+    from repae.config import ConfigError, save_config
+    from repae.reproduce import runner as rr
+
+    plan = rr.Plan(steps=2, eval_every=1, seeds=[0], samples=1, jobs=1, arms=["repae", "repa"])
+    arms = rr.select_arms(rr.arms_for(rr.load_config("toy", overrides=TINY)), plan.arms)
+    monkeypatch.setenv("REPAE_CACHE", str(tmp_path / "world-a"))
+    cfg = rr.planned_config(arms[1], 0, plan, "toy", TINY, (), tmp_path)
+    save_config(cfg, (tmp_path / "runs" / "repa-s0").mkdir(parents=True) or tmp_path / "runs" / "repa-s0" / "config.yaml")
+    (tmp_path / "results.json").write_text('{"runs": {"repa-s0": {"train_seconds": 9.5, "exit_code": 0}}, "invocations": []}')
+    before = (tmp_path / "results.json").read_bytes()
+    rr.check_existing_runs(arms, plan, "toy", TINY, (), tmp_path)  # the world it was trained with: nothing to say
+
+    monkeypatch.setenv("REPAE_CACHE", str(tmp_path / "world-b"))
+    monkeypatch.setattr(rr, "judges_for_plan", lambda *a: pytest.fail("a world was built before the check"))
+    with pytest.raises(ConfigError, match=r"repa-s0 holds a run with a different config \(vae.latent_stats_path, "
+                                          r"vae.path\): this invocation would train another recipe there"):
+        rr.run_reproduction(tmp_path, plan, overrides=TINY)
+    assert (tmp_path / "results.json").read_bytes() == before and not (tmp_path / "world-b").exists()
+
+
 def test_the_report_shows_training_time_only_where_every_seed_recorded_its_own(tmp_path):
     context = {"command": "repae bench reproduce", "commit": "abc", "machine": "m", "method_note": ""}
     r = _report_ready(_results({"repae": (15, 10), "repa": (40, 20)}))

@@ -95,6 +95,44 @@ def train_command(arm: Arm, seed: int, plan: Plan, preset: str, overrides: Seque
             *train_overrides(arm, seed, plan, overrides, out)]
 
 
+def planned_config(arm: Arm, seed: int, plan: Plan, preset: str, overrides: Sequence[str],
+                   config_files: Sequence[str], out: Path) -> RunConfig:
+    """The config one arm x seed's `repae train` runs with, its toy-world files resolved as `repae train` resolves
+    them before comparing it with a run directory's saved config (the world's files are named, not built)."""
+    from repae.build import vae_args
+    from repae.toyworld import toy_vae_files
+    from repae.train.loop import use_toy_vae
+
+    cfg = load_config(preset, list(config_files), train_overrides(arm, seed, plan, overrides, out), world_size=1)
+    if cfg.data.source == "toy":
+        use_toy_vae(cfg, *toy_vae_files(vae_args(cfg), cfg.toy))
+    return cfg
+
+
+def check_existing_runs(arms: Sequence[Arm], plan: Plan, preset: str, overrides: Sequence[str],
+                        config_files: Sequence[str], out: Path) -> None:
+    """ConfigError, before anything is built or trained, when a run directory in `out` holds a run of another
+    recipe than this invocation would train there: `repae train` would refuse each of them, and the refusals
+    would stand in results.json in place of the finished runs' records (seen: the same command under another
+    REPAE_CACHE, whose world's VAE files the saved configs do not name)."""
+    from repae.train.loop import check_same_config
+
+    clashes = []
+    for arm in arms:
+        for seed in plan.seeds:
+            saved = out / "runs" / run_name(arm, seed) / "config.yaml"
+            if saved.is_file():
+                try:
+                    check_same_config(planned_config(arm, seed, plan, preset, overrides, config_files, out), saved)
+                except ConfigError as err:
+                    clashes.append(str(err).split("; use a new")[0])
+    if clashes:
+        more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
+        raise ConfigError(f"{clashes[0]}{more}: this invocation would train another recipe there, so nothing was "
+                          f"built, trained or recorded. Run it with the overrides, config files and toy-world cache "
+                          f"(REPAE_CACHE, toy.cache_dir) the runs in {out} were trained with, or give another --dir")
+
+
 class _Runner:
     def __init__(self, plan: Plan, preset: str, overrides: Sequence[str], config_files: Sequence[str], out: Path,
                  threads: int, earlier_runs: Dict[str, dict], on_record: Callable[[], None] = lambda: None,
@@ -193,9 +231,7 @@ class _Runner:
         """Whether an earlier invocation trained this run to the plan's last step with this very recipe:
         the same `repae train` would only load it and exit, at the cost of a process that imports torch
         and loads the world (~10-20 s here). A different recipe still goes to `repae train`, which refuses it."""
-        from repae.build import vae_args
-        from repae.toyworld import toy_vae_files
-        from repae.train.loop import check_same_config, use_toy_vae
+        from repae.train.loop import check_same_config
 
         earlier = self.earlier.get(run_name(arm, seed), {})
         if earlier.get("exit_code") != 0 or "train_seconds" not in earlier:
@@ -206,12 +242,9 @@ class _Runner:
             return False
         if steps != self.plan.steps:
             return False
-        cfg = load_config(self.preset, list(self.config_files),
-                          train_overrides(arm, seed, self.plan, self.overrides, self.out), world_size=1)
-        if cfg.data.source == "toy":  # as `repae train` resolves it before comparing
-            use_toy_vae(cfg, *toy_vae_files(vae_args(cfg), cfg.toy))
         try:
-            check_same_config(cfg, run_dir / "config.yaml")
+            check_same_config(planned_config(arm, seed, self.plan, self.preset, self.overrides, self.config_files,
+                                             self.out), run_dir / "config.yaml")
         except ConfigError:
             return False
         return True
@@ -356,6 +389,7 @@ def run_reproduction(out: Path, plan: Plan, preset: str = "toy", overrides: Sequ
     arms = select_arms(arms_for(base), plan.arms)  # before the world is built: a wrong name fails at once
     if plan.cfg_scales:  # the sweep's ends, scale 1 (unguided) and the run's own, are measured anyway: reused
         plan = replace(plan, cfg_scales=sorted({*map(float, plan.cfg_scales), 1.0, float(base.sample.cfg_scale)}))
+    check_existing_runs(arms, plan, preset, overrides, config_files, out)
     out.mkdir(parents=True, exist_ok=True)
     judges, judges_dir = judges_for_plan(base, out, heldout, heldout_images)
     # the starting VAE, and the held-out images' own DCT spectrum that the latents' are drawn against
