@@ -21,6 +21,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
+from repae.fileio import is_number
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used, with a message that names the key."""
@@ -687,7 +689,7 @@ class Range:
         return None if self._ok(value) else f"{key}={_short(value)} must be {self.describe()}"
 
     def _ok(self, v: Any) -> bool:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if not is_number(v):
             return False
         if self.integer and not isinstance(v, int):
             return False

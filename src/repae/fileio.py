@@ -58,9 +58,9 @@ class JsonFileError(ValueError):
     Callers add their remedy, or treat it as "no record" where the file is only a cache of their own."""
 
 
-def json_number(value, kind: type | Tuple[type, ...] = (int, float)) -> bool:
-    """Whether a value read from JSON is a number of `kind` (int and float by default): JSON's true and
-    false load as Python bools, which are ints, and must not pass for one."""
+def is_number(value, kind: type | Tuple[type, ...] = (int, float)) -> bool:
+    """Whether a value read from a file (JSON, YAML, a checkpoint's plain data) is a number of `kind` (int and
+    float by default): true and false load as Python bools, which are ints, and must not pass for one."""
     return isinstance(value, kind) and not isinstance(value, bool)
 
 

@@ -34,6 +34,7 @@ from typing import Any, Dict, Union
 
 import torch
 
+from repae.fileio import is_number
 from repae.weights import CheckpointError, StateDict
 
 _STORAGE_DTYPES = {
@@ -151,18 +152,14 @@ class _Storage:
 # ----------------------------------------------------------------------- the unpickler
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                     metadata=None) -> torch.Tensor:
     """Our `_rebuild_tensor_v2`: a view of a storage read from the archive, bounds checked first."""
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError("tensor rebuilt from something that is not an archive storage")
-    if not (_is_int(storage_offset) and storage_offset >= 0 and isinstance(size, tuple)
+    if not (is_number(storage_offset, int) and storage_offset >= 0 and isinstance(size, tuple)
             and isinstance(stride, tuple) and len(size) == len(stride)
-            and all(_is_int(s) and s >= 0 for s in size + stride)):
+            and all(is_number(s, int) and s >= 0 for s in size + stride)):
         raise pickle.UnpicklingError(f"bad tensor geometry offset={storage_offset!r} size={size!r} stride={stride!r}")
     if metadata:
         raise pickle.UnpicklingError("tensor metadata (conjugate/negative bits) is not supported")
@@ -235,7 +232,7 @@ class _ArchiveUnpickler(pickle._Unpickler):  # the pure-Python one: its BUILD ca
 
     def persistent_load(self, pid) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
-                and isinstance(pid[2], str) and isinstance(pid[3], str) and _is_int(pid[4]) and pid[4] >= 0):
+                and isinstance(pid[2], str) and isinstance(pid[3], str) and is_number(pid[4], int) and pid[4] >= 0):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.200}")
         _, kind, key, _location, numel = pid
         if key in self._storages:

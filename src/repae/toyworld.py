@@ -27,7 +27,7 @@ from repae import dist
 from repae import toyworld_console as console
 from repae.config import ConfigError, ToyWorldConfig
 from repae.data.toy import CLASSES, SCENE_FACTORS, scene_factors, toy_arrays_with_coverage
-from repae.fileio import ArrayFileError, JsonFileError, read_json_object, read_npy, write_json_atomic
+from repae.fileio import ArrayFileError, JsonFileError, is_number, read_json_object, read_npy, write_json_atomic
 from repae.losses import kl_loss, reconstruction_loss
 from repae.models.latent_norm import LatentNorm, measure_latent_stats
 from repae.models.toy_teacher import ToyTeacher, patch_coverage
@@ -457,8 +457,7 @@ def _read_report(path: Path) -> dict:
     except JsonFileError as err:
         raise _damaged(path, str(err)) from None
     for key, value in report.items():  # the numbers the console formats and the runs record
-        if key.endswith(("_accuracy", "_psnr_db", "_seconds", "_iou", "_r2")) and (
-                isinstance(value, bool) or not isinstance(value, (int, float))):
+        if key.endswith(("_accuracy", "_psnr_db", "_seconds", "_iou", "_r2")) and not is_number(value):
             raise _damaged(path, f"{key}={str(value)[:40]!r} is not a number")
     return report
 

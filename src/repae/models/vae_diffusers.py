@@ -15,6 +15,7 @@ from typing import Dict, Optional
 
 import torch
 
+from repae.fileio import is_number
 from repae.models.vae import AutoencoderKL, VAEArgs
 
 CONFIG_NAME = "config.json"
@@ -126,7 +127,7 @@ MAX_LEVELS = 64
 
 def _config_int(config: dict, key: str, default: int) -> int:
     value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_number(value, int):
         raise ValueError(f"config.json: {key} must be an integer, found {str(value)[:40]!r}")
     return value
 
@@ -137,7 +138,7 @@ def args_from_diffusers_config(config: dict) -> VAEArgs:
     if not isinstance(config, dict):
         raise ValueError(f"config.json holds a JSON {type(config).__name__}, not an object of AutoencoderKL fields")
     widths = config.get("block_out_channels", [64])
-    if not isinstance(widths, list) or not 1 <= len(widths) <= MAX_LEVELS or any(isinstance(w, bool) or not isinstance(w, int) or w < 1
+    if not isinstance(widths, list) or not 1 <= len(widths) <= MAX_LEVELS or any(not is_number(w, int) or w < 1
                                                           for w in widths):
         raise ValueError(f"config.json: block_out_channels must be a list of 1 to {MAX_LEVELS} positive integers, "
                          f"found {str(widths)[:60]}")

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from repae.fileio import json_number
+from repae.fileio import is_number
 from repae.reproduce.arms import CFG_SWEEP_ARMS
 from repae.reproduce.judges import V7_SUFFIX
 
@@ -475,22 +475,22 @@ def malformed_results(obj: dict) -> Optional[str]:
     """What in a results record (results.json, e.g. one passed as --longer) the report could not read, or
     None: the file is data, so a wrong shape is named here rather than failing deep in the report."""
     plan = obj.get("plan")
-    if not (isinstance(plan, dict) and isinstance(plan.get("steps"), int) and json_number(plan.get("samples"))
-            and isinstance(plan.get("seeds"), list) and (plan.get("final_samples") is None or json_number(plan["final_samples"]))):
+    if not (isinstance(plan, dict) and isinstance(plan.get("steps"), int) and is_number(plan.get("samples"))
+            and isinstance(plan.get("seeds"), list) and (plan.get("final_samples") is None or is_number(plan["final_samples"]))):
         return "plan must give integer steps, samples and final_samples (or null) and a list of seeds"
     metrics = obj.get("metrics")
     if not isinstance(metrics, dict) or not all(
             isinstance(per_seed, dict) and all(
                 isinstance(per_step, dict) and all(
                     isinstance(step, str) and step.isdigit() and isinstance(m, dict)
-                    and all(m.get(k) is None or json_number(m[k]) for k in KEYS) for step, m in per_step.items())
+                    and all(m.get(k) is None or is_number(m[k]) for k in KEYS) for step, m in per_step.items())
                 for per_step in per_seed.values())
             for per_seed in metrics.values()):
         return "metrics must map arm -> seed -> step (digits) -> record with numeric (or null) values"
     invocations = obj.get("invocations", [])
     if not isinstance(invocations, list) or not all(
             isinstance(x, dict) and all(isinstance(x.get(k), str) for k in ("command", "commit", "machine"))
-            and json_number(x.get("wall_seconds")) for x in invocations):
+            and is_number(x.get("wall_seconds")) for x in invocations):
         return "invocations must be a list of records with command, commit, machine and wall_seconds"
     if not isinstance(obj.get("judges") or obj.get("toy_world", {}), dict):
         return "judges must be a record"

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from repae import dist
 from repae.config import ConfigError, RunConfig, load_config
-from repae.fileio import JsonFileError, json_number, read_json_object, write_json_atomic
+from repae.fileio import JsonFileError, is_number, read_json_object, write_json_atomic
 from repae.reproduce.arms import CFG_SWEEP_ARMS, Arm, arms_for, select_arms
 from repae.reproduce.judges import HELDOUT_IMAGES, Judges, build_real_judges, load_real_judges, save_real_judges, toy_judges
 from repae.reproduce.measure import image_spectrum_metrics, measure_run, needs_measuring, real_image_rows, vae_metrics
@@ -265,8 +265,8 @@ def _read_previous(path: Path) -> dict:
 
     runs = previous.get("runs", {})
     ok = (isinstance(runs, dict) and isinstance(previous.get("invocations", []), list)
-          and all(isinstance(r, dict) and json_number(r.get("train_seconds", 0.0))
-                  and json_number(r.get("exit_code", 0), int) for r in runs.values()))
+          and all(isinstance(r, dict) and is_number(r.get("train_seconds", 0.0))
+                  and is_number(r.get("exit_code", 0), int) for r in runs.values()))
     if not ok:
         raise ConfigError(f"{path} is not a results record this reproduction can continue (runs must map names to "
                           f"records with numeric train_seconds and exit_code, invocations be a list); {remedy}")
@@ -290,7 +290,7 @@ def _own_training_seconds(run_dir: Path, steps: int) -> Optional[float]:
     except JsonFileError:
         return None
     seconds = summary.get("train_seconds")
-    if summary.get("steps") != steps or not json_number(seconds) or seconds < 0:
+    if summary.get("steps") != steps or not is_number(seconds) or seconds < 0:
         return None
     return float(seconds)
 

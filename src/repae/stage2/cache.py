@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from repae import dist
 from repae.config import RANGES, ConfigError
-from repae.fileio import (ArrayFileError, JsonFileError, read_json_object, read_npy, sha256_file, write_atomic,
+from repae.fileio import (ArrayFileError, JsonFileError, is_number, read_json_object, read_npy, sha256_file, write_atomic,
                           write_json_atomic)
 from repae.hub import is_hub_id
 from repae.pixels import to_vae_range
@@ -297,7 +297,7 @@ def _why(err: BaseException) -> str:
 
 
 def _int(value, lo: int, hi: Optional[int] = None) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+    return is_number(value, int) and value >= lo and (hi is None or value <= hi)
 
 
 def read_manifest(root: str | Path) -> dict:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from repae.config import RunConfig, save_config
-from repae.fileio import read_json_object, sha256_file, write_json_atomic
+from repae.fileio import is_number, read_json_object, sha256_file, write_json_atomic
 from repae.weights import (CheckpointError, architecture_metadata, load_strict, read_file, save_weights,
                            unusable_entries)
 
@@ -135,7 +135,7 @@ def _verify(path: Path) -> Tuple[str, str]:
     # is a plain file name of this directory with an integer size and a hex digest
     if not isinstance(files, dict) or not all(
             isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-            and isinstance(want, dict) and isinstance(want.get("bytes"), int) and not isinstance(want["bytes"], bool)
+            and isinstance(want, dict) and is_number(want.get("bytes"), int)
             and isinstance(want.get("sha256"), str) for name, want in files.items()):
         return "damaged", "manifest.json is malformed (files must map file names to their bytes and sha256)"
     missing = [name for name in REQUIRED if name not in files]

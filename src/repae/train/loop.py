@@ -27,7 +27,7 @@ from repae.build import build_sit, build_vae, uses_repa, vae_args
 from repae.models.vae import AutoencoderKL
 from repae.config import ConfigError, RunConfig, config_differences, from_dict, read_yaml, save_config, to_dict
 from repae.data import sources
-from repae.fileio import json_number
+from repae.fileio import is_number
 from repae.interrupt import Interrupted, StopSignals
 from repae.generate import generate_images, sampler_settings, save_image_grid
 from repae.losses import VAERegulariser
@@ -205,7 +205,7 @@ def try_resume(run: Run) -> bool:
             continue
         run.step, run.nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
         seconds = state.get("train_seconds")  # absent from checkpoints written before it was recorded
-        run.train_seconds = float(seconds) if json_number(seconds) and 0 <= seconds < float("inf") else None
+        run.train_seconds = float(seconds) if is_number(seconds) and 0 <= seconds < float("inf") else None
         run.data.load_state_dict(state["data"])
         set_rng_state(state["rng"], run.gen)
         if run.m.regulariser is not None and "regulariser_rng" in state:
