@@ -447,11 +447,11 @@ def plot_cfg_sweep(r: dict, fig_dir: Path) -> Optional[Path]:
                             marker="o", capsize=3, label=name)
         ax.set_title(title)
         ax.set_xlabel("CFG scale (1: no guidance)")
-    return _save_pair(fig, axes, fig_dir / "cfg_sweep.png")
+    return _save_panels(fig, axes, fig_dir / "cfg_sweep.png")
 
 
-def _save_pair(fig, axes, path: Path) -> Path:
-    """A two-panel figure finished alike: grids, the legend in the first panel, saved and closed."""
+def _save_panels(fig, axes, path: Path) -> Path:
+    """A figure of panels `axes` finished alike: grids, the legend in the first panel, saved and closed."""
     import matplotlib.pyplot as plt
 
     for ax in axes:
@@ -566,7 +566,7 @@ def plot_longer_budget(longer: dict, budget: int, fig_dir: Path) -> Path:
         ax.axvline(budget, color="black", linestyle=":", linewidth=1, label=f"the plan's budget ({budget})")
         ax.set_title(f"{title} (lower is better)")
         ax.set_xlabel("training step")
-    return _save_pair(fig, axes, fig_dir / "longer_budget_fid.png")
+    return _save_panels(fig, axes, fig_dir / "longer_budget_fid.png")
 
 
 # --------------------------------------------------------------------------- figures
@@ -605,15 +605,9 @@ def plot_metrics(r: dict, labels: Dict[str, str], fig_dir: Path) -> List[Path]:
             ax.set_xlabel("training step")
             if log:
                 ax.set_yscale("log")
-            ax.grid(alpha=0.3)
         for ax in axes.flat[len(chosen):]:  # an odd number of panels leaves one empty
             ax.axis("off")
-        axes.flat[0].legend(fontsize=8)
-        fig.tight_layout()
-        path = fig_dir / name
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_panels(fig, list(axes.flat[:len(chosen)]), fig_dir / name))
     return paths
 
 
