@@ -14,7 +14,8 @@ class more often; this measures whether the E2E decoder is less forgiving of off
 Images: the toy world's first `--images` training images (not the held-out reference), encoded to their
 posterior means, normalised by the run's own normaliser (its latent BatchNorm's running statistics, or the
 fixed statistics of a frozen-VAE run), perturbed by sigma * N(0, 1) (one noise draw, the same for every run),
-de-normalised and decoded. Prints one JSON line per checkpoint and sigma.
+de-normalised and decoded. Prints one JSON line per checkpoint and sigma; PSNR is the mean of per-image
+PSNRs, as `repae evaluate vae` reports it (`repae.evaluate.recon.psnr`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 
 from repae.build import vae_args
 from repae.evaluate.latents import posterior_means, vae_batch
+from repae.evaluate.recon import psnr
 from repae.evaluate.stats import frechet_distance_to_features
 from repae.evaluate.toy import evaluator_outputs, gaussian
 from repae.pixels import from_vae_range
@@ -72,13 +74,8 @@ def main(argv=None) -> int:
             print(json.dumps({"checkpoint": str(ckpt), "sigma": sigma,
                               "toy_fid": frechet_distance_to_features(feats, *reference),
                               "class_accuracy": (logits.argmax(1) == labels).float().mean().item(),
-                              "psnr_db": psnr(decoded, images)}), flush=True)
+                              "psnr_db": psnr(decoded, images).mean().item()}), flush=True)
     return 0
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a.float() - b.float()).pow(2).mean().item()
-    return 10 * torch.log10(torch.tensor(255.0**2 / mse)).item()
 
 
 if __name__ == "__main__":
