@@ -909,6 +909,12 @@ def test_the_report_reads_c_and_d_across_guidance_scales_and_at_each_arms_best(t
     assert "Stage 2 at its best scale 2: 7.25 ± 0.35 against REPA's 6.25 ± 0.35: with (d)'s criterion" in section
     assert "(lower mean FID) **does not reproduce**" in section
     assert (tmp_path / "docs" / "reproduction" / "cfg_sweep.png").is_file()
+    assert "by an amount not measured here. These readings" in section  # no noise recorded: no range given
+    for arm, noise in (("repa", (0.3, 0.2)), ("repae", (0.25, 0.4))):  # the noise where each arm's best scale is
+        for seed in (0, 1):
+            r["metrics"][arm][str(seed)]["2"].update({"fid_noise_cfg2": noise[seed], "fid_noise_cfg4": 9.0})
+    section = rep.write_report(r, tmp_path, tmp_path / "R.md", context).read_text().split("guidance scales")[1]
+    assert ("one measurement's sampling noise at the chosen scales is 0.2-0.4 (bootstrap std of its FID)") in section
     # REPA-E best in one seed only: the criterion asks every seed
     r["metrics"]["repae"]["1"]["2"]["fid_cfg2"] = 7.0
     section = rep.write_report(r, tmp_path, tmp_path / "R.md", context).read_text().split("guidance scales")[1]

@@ -418,9 +418,13 @@ def cfg_sweep_section(r: dict, figure: Optional[Path], rel) -> List[str]:
         s_stage2, stage2 = best["stage2-e2e-vae"]
         lines.append(f"Stage 2 at its best scale {s_stage2:g}: {fmt(stage2)} against REPA's {fmt(repa)}: with (d)'s "
                      f"criterion (lower mean FID) **{'reproduces' if mean(stage2) < mean(repa) else 'does not reproduce'}**.")
+    noise = [v for arm, (scale, _) in ((a, best[a]) for a in ("repa", "repae"))
+             for v in _at_scale(r, arm, scale, "fid_noise") or []]
+    spread = (f"; one measurement's sampling noise at the chosen scales is {_num(min(noise), 2)}-{_num(max(noise), 2)} "
+              "(bootstrap std of its FID)") if noise else ""
     lines += ["", "Each arm's best scale is picked on the samples it is then judged by, which flatters every arm "
-              "alike, by about one measurement's sampling noise at most. These readings are additional to the "
-              "claims table, whose verdicts stay those of the run's sampler."]
+              f"alike, by an amount not measured here{spread}. These readings are additional to the claims table, "
+              "whose verdicts stay those of the run's sampler."]
     if figure is not None:
         lines += ["", f"![{label} against the CFG scale]({rel(figure)})"]
     return lines + [""]

@@ -57,12 +57,13 @@ class Plan:
 QUICK = Plan(steps=150, eval_every=150, seeds=[0], samples=100, jobs=2)
 # the default. Toy world v7 on a 2-core Xeon, two runs at once with one thread each: training 1196-1230 s per
 # REPA-E run, 376-546 s per frozen-VAE run, 497-556 s per diffusion-only run, 6.7-8.3 min measuring each run (4
-# checkpoints x 500 samples with and without CFG); every arm with 3 seeds took 275.8 min (README).
+# checkpoints x 500 samples with and without CFG); every arm with 3 seeds took 275.8 min (docs/reproduction/v7/
+# REPRODUCTION.md; toy world v8's, with the 2000-sample last step and the sweep: REPRODUCTION.md).
 # Re-running the same command after an interruption continues where it stopped
 # The last step is measured with 2000 samples: at 500 the toy FID of one checkpoint moved by 0.7 (std) between
 # sampler seeds (toy world v7, REPA at step 1200, without CFG: 6.4-8.4 over five), as much as the arms differ by.
-# The guidance sweep: the toy preset's CFG 4 was chosen on toy world v6 by the class accuracy of 200 samples, not
-# by FID; on toy world v8 a first sweep (benchmarks/class_mix_fid.py, seeds 0 and 1, 1000 samples) put both REPA-E's
+# The guidance sweep: the toy preset's CFG 4 was chosen at ad90d20 (before toy world v3) on that day's default run by
+# the teacher's class accuracy of 200 samples (repae.config's toy preset), not by FID; on toy world v8 a first sweep (benchmarks/class_mix_fid.py, seeds 0 and 1, 1000 samples) put both REPA-E's
 # and REPA's lowest toy FID between 1.5 and 2.5. The grid is the scales between 1 (the unguided samples) and the run's.
 FULL = Plan(steps=1200, eval_every=300, seeds=[0, 1], samples=500, final_samples=2000, jobs=2,
             cfg_scales=[1.5, 2.0, 2.5, 3.0])
