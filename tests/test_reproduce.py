@@ -680,14 +680,14 @@ def test_the_runner_measures_the_last_step_with_the_final_samples(tmp_path, monk
     from repae.reproduce import runner as rr
 
     _no_world(monkeypatch, rr)
-    (tmp_path / "runs" / "vanilla-s0" / "checkpoints" / "step-0000002").mkdir(parents=True)  # not yet measured
+    (tmp_path / "runs" / "e2e-diffusion-s0" / "checkpoints" / "step-0000002").mkdir(parents=True)  # not yet measured
     collected, commands = [], []
     monkeypatch.setattr(rr, "measure_run", lambda run_dir, samples, judges, every=None, **final: collected.append(final) or {})
     monkeypatch.setattr(rr, "train_command", lambda arm, *a: [sys.executable, "-c", "pass"])
     real_call = rr._Runner._call
     monkeypatch.setattr(rr._Runner, "_call", lambda self, cmd, log: commands.append(cmd) or 0 if "repae.reproduce.measure"
                         in cmd else real_call(self, cmd, log))
-    plan = rr.Plan(steps=2, eval_every=1, seeds=[0], samples=3, final_samples=7, jobs=1, arms=["vanilla"])
+    plan = rr.Plan(steps=2, eval_every=1, seeds=[0], samples=3, final_samples=7, jobs=1, arms=["e2e-diffusion"])
     rr.run_reproduction(tmp_path, plan)
     assert len(commands) == 1 and commands[0][-4:] == ["--final-step", "2", "--final-samples", "7"]
     assert collected == [{"final_step": 2, "final_samples": 7, "cfg_scales": ()}]
@@ -699,7 +699,7 @@ def test_the_runner_sweeps_the_guidance_scale_only_for_the_arms_a_guided_verdict
     from repae.reproduce import runner as rr
 
     _no_world(monkeypatch, rr)
-    for name in ("vanilla-s0", "repa-s0"):
+    for name in ("e2e-diffusion-s0", "repa-s0"):
         (tmp_path / "runs" / name / "checkpoints" / "step-0000002").mkdir(parents=True)
     collected, commands = {}, {}
     monkeypatch.setattr(rr, "measure_run", lambda run_dir, samples, judges, every=None, **final:
@@ -708,15 +708,15 @@ def test_the_runner_sweeps_the_guidance_scale_only_for_the_arms_a_guided_verdict
     real_call = rr._Runner._call
     monkeypatch.setattr(rr._Runner, "_call", lambda self, cmd, log: commands.__setitem__(Path(cmd[3]).name, cmd) or 0
                         if "repae.reproduce.measure" in cmd else real_call(self, cmd, log))
-    plan = rr.Plan(steps=2, eval_every=1, seeds=[0], samples=3, jobs=1, arms=["vanilla", "repa"], cfg_scales=[1.5, 2.5])
+    plan = rr.Plan(steps=2, eval_every=1, seeds=[0], samples=3, jobs=1, arms=["e2e-diffusion", "repa"], cfg_scales=[1.5, 2.5])
     rr.run_reproduction(tmp_path, plan)
     # with scale 1 (the unguided samples) and the run's own (the toy preset's 4), which cost nothing more
     assert commands["repa-s0"][-7:] == ["--final-step", "2", "--cfg-scales", "1.0", "1.5", "2.5", "4.0"]
-    assert "--cfg-scales" not in commands["vanilla-s0"]
-    assert collected["repa-s0"]["cfg_scales"] == [1.0, 1.5, 2.5, 4.0] and collected["vanilla-s0"]["cfg_scales"] == ()
+    assert "--cfg-scales" not in commands["e2e-diffusion-s0"]
+    assert collected["repa-s0"]["cfg_scales"] == [1.0, 1.5, 2.5, 4.0] and collected["e2e-diffusion-s0"]["cfg_scales"] == ()
     from repae.reproduce.runner import CFG_SWEEP_ARMS, FULL, QUICK
 
-    assert set(CFG_SWEEP_ARMS) == {"repae", "repa", "stage2-e2e-vae"}
+    assert set(CFG_SWEEP_ARMS) == {"repae", "repa", "stage2-e2e-vae", "vanilla"}
     assert FULL.cfg_scales == [1.5, 2.0, 2.5, 3.0] and QUICK.cfg_scales == []
 
 
@@ -884,6 +884,39 @@ def test_a_bad_longer_file_is_refused_before_the_world_is_built(tmp_path, capsys
     assert not cache.exists() and not (tmp_path / "out").exists()
 
 
+def test_the_sweep_reads_f_at_each_arms_best_scale_where_vanilla_was_swept(tmp_path):
+    """REPA against vanilla across the scales and at each one's best, with (f)'s criterion; the margin in units
+    of the larger sampling noise at those scales."""
+    context = {"command": "repae bench reproduce", "commit": "abc", "machine": "m", "method_note": ""}
+    r = _report_ready(_results({"repae": (15, 8), "repa": (40, 7), "vanilla": (40, 8)}))
+    sweep = {"repa": {1: (8, 9), 2: (6, 6.5), 4: (7, 7)}, "repae": {1: (9, 9.5), 2: (5, 6), 4: (8, 9)},
+             "vanilla": {1: (9, 9), 2: (7.5, 7.0), 4: (8, 8)}}
+    for arm, by_scale in sweep.items():
+        r["metrics"][arm]["1"] = {step: dict(m) for step, m in r["metrics"][arm]["0"].items()}
+        for seed in (0, 1):
+            last = r["metrics"][arm][str(seed)]["2"]
+            last.update({f"fid_cfg{s}": v[seed] for s, v in by_scale.items()}, fid=by_scale[4][seed])
+            last.update({f"fid_noise_cfg{s}": 0.25 for s in by_scale})
+    text = rep.write_report(r, tmp_path, tmp_path / "R.md", context).read_text()
+    section = text.split("## (c), (d) and (f) across guidance scales")[1]
+    assert "the last step of REPA, REPA-E, stage 2 and vanilla was also sampled" in section
+    rows = {line.split(" | ")[0]: line for line in section.splitlines() if line.startswith("| ")}
+    assert rows["| CFG scale"].startswith("| CFG scale | FID REPA ↓ | FID REPA-E ↓ | FID stage 2 ↓ | "
+                                          "FID vanilla ↓ | REPA-E lower (seeds) | stage 2 lower than REPA (seeds) | "
+                                          "REPA lower than vanilla (seeds) |")
+    assert rows["| 2"].startswith("| 2 | 6.25 ± 0.35 | 5.5 ± 0.71 | — | 7.25 ± 0.35 | 2 of 2 | — | 2 of 2 |")
+    assert ("Vanilla SiT at its best scale 2: 7.25 ± 0.35 against REPA's 6.25 ± 0.35, REPA lower in 2 of 2 seeds: with "
+            "(f)'s criterion (lower mean FID and lower in every seed) **reproduces**; REPA's lead, 1, is 4x the larger "
+            "sampling noise of the two.") in section
+    # vanilla better than REPA in one seed at their best: partly, and no margin is claimed for a REPA behind
+    r["metrics"]["vanilla"]["1"]["2"]["fid_cfg2"] = 6.0
+    section = rep.write_report(r, tmp_path, tmp_path / "R.md", context).read_text().split("guidance scales")[1]
+    assert "REPA lower in 1 of 2 seeds: with (f)'s criterion (lower mean FID and lower in every seed) **partly**; REPA's lead" in section
+    r["metrics"]["vanilla"]["0"]["2"]["fid_cfg2"] = 5.0
+    section = rep.write_report(r, tmp_path, tmp_path / "R.md", context).read_text().split("guidance scales")[1]
+    assert "**does not reproduce**." in section and "REPA's lead" not in section
+
+
 def test_the_report_reads_c_and_d_across_guidance_scales_and_at_each_arms_best(tmp_path):
     """A sweep where REPA-E loses at the run's scale (4) and wins at both arms' best (2): the claims table keeps
     the run's scale's verdict, the sweep section shows every scale and reads (c) and (d) at each arm's best."""
@@ -902,8 +935,8 @@ def test_the_report_reads_c_and_d_across_guidance_scales_and_at_each_arms_best(t
     claims, section = text.split("## (c) and (d) across guidance scales")
     assert claims.split("| (c) |")[1].split("\n")[0].endswith("| **does not reproduce** |")  # 8.5 > 7 at scale 4
     rows = {line.split(" | ")[0]: line for line in section.splitlines() if line.startswith("| ")}
-    assert rows["| 2"] == "| 2 | 6.25 ± 0.35 | 5.5 ± 0.71 | 2 of 2 | 7.25 ± 0.35 | 0 of 2 | 0.7 ± 0 | 0.7 ± 0 |"
-    assert rows["| 4"].startswith("| 4 | 7 ± 0 | 8.5 ± 0.71 | 0 of 2 |")
+    assert rows["| 2"] == "| 2 | 6.25 ± 0.35 | 5.5 ± 0.71 | 7.25 ± 0.35 | 2 of 2 | 0 of 2 | 0.7 ± 0 | 0.7 ± 0 |"
+    assert rows["| 4"].startswith("| 4 | 7 ± 0 | 8.5 ± 0.71 | 9 ± 0 | 0 of 2 |")
     assert ("REPA at 2 6.25 ± 0.35, REPA-E at 2 5.5 ± 0.71, REPA-E lower in 2 of 2 seeds: with (c)'s criterion "
             "(lower mean FID and lower in every seed) **reproduces**") in section
     assert "Stage 2 at its best scale 2: 7.25 ± 0.35 against REPA's 6.25 ± 0.35: with (d)'s criterion" in section

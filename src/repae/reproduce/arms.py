@@ -23,9 +23,10 @@ E2E_DIFFUSION = ("train.stop_grad=false", "train.use_reg_loss=false", "loss.proj
                  "loss.vae_align_proj_coeff=0", "latent_norm.mode=fixed")
 
 
-# the arms whose guided FIDs a verdict compares, (c) REPA-E against REPA and (d) stage 2 against REPA: the
-# runner's guidance sweep measures these, and the report reads them
-CFG_SWEEP_ARMS = ("repae", "repa", "stage2-e2e-vae")
+# the arms whose guided FIDs a verdict compares, (c) REPA-E against REPA, (d) stage 2 against REPA and (f) REPA
+# against vanilla (REPA's own headline numbers are guided, at a tuned scale): the runner's guidance sweep measures
+# these, and the report reads them
+CFG_SWEEP_ARMS = ("repae", "repa", "stage2-e2e-vae", "vanilla")
 
 
 @dataclass(frozen=True)

@@ -358,7 +358,7 @@ def second_judge_section(r: dict, verdicts: Dict[str, Tuple[str, str]], arms: Li
 
 # --------------------------------------------------------------------------- the guidance sweep
 
-SWEPT_NAMES = {"repa": "REPA", "repae": "REPA-E", "stage2-e2e-vae": "stage 2"}  # the sweep section's names and order
+SWEPT_NAMES = {"repa": "REPA", "repae": "REPA-E", "stage2-e2e-vae": "stage 2", "vanilla": "vanilla"}  # the sweep section's names and order
 SWEPT = tuple((arm, SWEPT_NAMES[arm]) for arm in sorted(CFG_SWEEP_ARMS, key=list(SWEPT_NAMES).index))
 
 
@@ -389,37 +389,39 @@ def best_scale(r: dict, arm: str) -> Optional[Tuple[float, List[float]]]:
 
 
 def cfg_sweep_section(r: dict, figure: Optional[Path], rel) -> List[str]:
-    """(c) and (d) across the guidance scales of the sweep, and at each arm's best scale with the claims'
-    own criteria; [] for results without a sweep. The claims table keeps the run's sampler scale."""
+    """(c), (d) and, where vanilla was swept, (f) across the guidance scales of the sweep, and at each arm's best
+    scale with the claims' own criteria; [] for results without a sweep. The claims table keeps the run's
+    sampler scale."""
     scales = swept_scales(r)
     best = {arm: best_scale(r, arm) for arm, _ in SWEPT}
     if not scales or best["repa"] is None or best["repae"] is None:
         return []
     label = fid_label(r)
-    lines = ["## (c) and (d) across guidance scales", "",
+    # (arm, the arm it is compared with, the table's name for that comparison), as the claims pair them
+    pairs = [("repae", "repa", "REPA-E lower"), ("stage2-e2e-vae", "repa", "stage 2 lower than REPA")]
+    if best.get("vanilla") is not None:
+        pairs.append(("repa", "vanilla", "REPA lower than vanilla"))
+    shown = [arm for arm in ("repa", "repae", "stage2-e2e-vae", "vanilla") if arm == "repa" or any(arm in p for p in pairs)]
+    claims = "(c), (d) and (f)" if len(pairs) == 3 else "(c) and (d)"
+    lines = [f"## {claims} across guidance scales", "",
              "The claims table reads the guided FIDs at the run's sampler scale. Papers tune the CFG scale per "
-             "model, and the run's scale need not be any arm's best: the last step of REPA-E, REPA and stage 2 was "
-             f"also sampled at CFG scales {', '.join(f'{s:g}' for s in scales)} (the same seeds and labels at every "
-             "scale; scale 1 is the samples without CFG, the run's own scale its guided samples).", "",
-             f"| CFG scale | {label} REPA ↓ | {label} REPA-E ↓ | REPA-E lower (seeds) | {label} stage 2 ↓ | "
-             "stage 2 lower than REPA (seeds) | class acc. REPA | class acc. REPA-E |", "| --- " * 8 + "|"]
+             f"model, and the run's scale need not be any arm's best: the last step of "
+             f"{', '.join(SWEPT_NAMES[a] for a in shown[:-1])} and {SWEPT_NAMES[shown[-1]]} was also sampled at CFG scales "
+             f"{', '.join(f'{s:g}' for s in scales)} (the same seeds and labels at every scale; scale 1 is the samples "
+             "without CFG, the run's own scale its guided samples).", "",
+             "| CFG scale | " + " | ".join(f"{label} {SWEPT_NAMES[a]} ↓" for a in shown) + " | "
+             + " | ".join(f"{name} (seeds)" for *_, name in pairs) + " | class acc. REPA | class acc. REPA-E |",
+             "| --- " * (1 + len(shown) + len(pairs) + 2) + "|"]
     for scale in scales:
-        repa, repae, stage2 = (_at_scale(r, arm, scale) for arm in ("repa", "repae", "stage2-e2e-vae"))
-        wins = lambda a, b: f"{lower_fid_verdict(a, b)[1]} of {len(b)}" if a and b else "—"  # noqa: E731
+        fids = {arm: _at_scale(r, arm, scale) for arm in shown}
+        wins = [f"{lower_fid_verdict(fids[a], fids[b])[1]} of {len(fids[b])}" if fids[a] and fids[b] else "—"
+                for a, b, _ in pairs]
         accs = [fmt(_at_scale(r, arm, scale, "class_accuracy")) for arm in ("repa", "repae")]
-        lines.append(f"| {scale:g} | {fmt(repa)} | {fmt(repae)} | {wins(repae, repa)} | {fmt(stage2)} | "
-                     f"{wins(stage2, repa)} | {accs[0]} | {accs[1]} |")
-    (s_repa, repa), (s_repae, repae) = best["repa"], best["repae"]
-    verdict, won = lower_fid_verdict(repae, repa)
-    lines += ["", f"At each arm's best scale (the lowest mean {label} of the sweep): REPA at {s_repa:g} {fmt(repa)}, "
-              f"REPA-E at {s_repae:g} {fmt(repae)}, REPA-E lower in {won} of {len(repa)} seeds: with (c)'s criterion "
-              f"(lower mean FID and lower in every seed) **{verdict}**."]
-    if best["stage2-e2e-vae"] is not None:
-        s_stage2, stage2 = best["stage2-e2e-vae"]
-        lines.append(f"Stage 2 at its best scale {s_stage2:g}: {fmt(stage2)} against REPA's {fmt(repa)}: with (d)'s "
-                     f"criterion (lower mean FID) **{'reproduces' if mean(stage2) < mean(repa) else 'does not reproduce'}**.")
-    noise = [v for arm, (scale, _) in ((a, best[a]) for a in ("repa", "repae"))
-             for v in _at_scale(r, arm, scale, "fid_noise") or []]
+        lines.append(f"| {scale:g} | " + " | ".join(fmt(fids[a]) for a in shown) + " | " + " | ".join(wins)
+                     + f" | {accs[0]} | {accs[1]} |")
+    lines += ["", *_best_scale_readings(r, best, label)]
+    compared = [a for a in ("repa", "repae", "vanilla") if best.get(a) is not None]
+    noise = [v for arm in compared for v in _at_scale(r, arm, best[arm][0], "fid_noise") or []]
     spread = (f"; one measurement's sampling noise at the chosen scales is {_num(min(noise), 2)}-{_num(max(noise), 2)} "
               "(bootstrap std of its FID)") if noise else ""
     lines += ["", "Each arm's best scale is picked on the samples it is then judged by, which flatters every arm "
@@ -428,6 +430,30 @@ def cfg_sweep_section(r: dict, figure: Optional[Path], rel) -> List[str]:
     if figure is not None:
         lines += ["", f"![{label} against the CFG scale]({rel(figure)})"]
     return lines + [""]
+
+
+def _best_scale_readings(r: dict, best: dict, label: str) -> List[str]:
+    """(c), (d) and (f) read with each arm at its best scale of the sweep, with the claims' criteria."""
+    (s_repa, repa), (s_repae, repae) = best["repa"], best["repae"]
+    verdict, won = lower_fid_verdict(repae, repa)
+    lines = [f"At each arm's best scale (the lowest mean {label} of the sweep): REPA at {s_repa:g} {fmt(repa)}, "
+             f"REPA-E at {s_repae:g} {fmt(repae)}, REPA-E lower in {won} of {len(repa)} seeds: with (c)'s criterion "
+             f"(lower mean FID and lower in every seed) **{verdict}**."]
+    if best["stage2-e2e-vae"] is not None:
+        s_stage2, stage2 = best["stage2-e2e-vae"]
+        lines.append(f"Stage 2 at its best scale {s_stage2:g}: {fmt(stage2)} against REPA's {fmt(repa)}: with (d)'s "
+                     f"criterion (lower mean FID) **{'reproduces' if mean(stage2) < mean(repa) else 'does not reproduce'}**.")
+    if best.get("vanilla") is not None:
+        s_vanilla, vanilla = best["vanilla"]
+        verdict, won = lower_fid_verdict(repa, vanilla)
+        noise = [v for arm, scale in (("repa", s_repa), ("vanilla", s_vanilla))
+                 for v in _at_scale(r, arm, scale, "fid_noise") or []]
+        margin = (f"; REPA's lead, {_num(mean(vanilla) - mean(repa), 2)}, is {_num((mean(vanilla) - mean(repa)) / max(noise), 2)}x "
+                  "the larger sampling noise of the two" if noise and max(noise) > 0 and mean(repa) < mean(vanilla) else "")
+        lines.append(f"Vanilla SiT at its best scale {s_vanilla:g}: {fmt(vanilla)} against REPA's {fmt(repa)}, REPA lower "
+                     f"in {won} of {len(vanilla)} seeds: with (f)'s criterion (lower mean FID and lower in every seed) "
+                     f"**{verdict}**{margin}.")
+    return lines
 
 
 def plot_cfg_sweep(r: dict, fig_dir: Path) -> Optional[Path]:
