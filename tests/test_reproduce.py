@@ -884,19 +884,28 @@ def test_a_bad_longer_file_is_refused_before_the_world_is_built(tmp_path, capsys
     assert not cache.exists() and not (tmp_path / "out").exists()
 
 
-def test_the_sweep_reads_f_at_each_arms_best_scale_where_vanilla_was_swept(tmp_path):
-    """REPA against vanilla across the scales and at each one's best, with (f)'s criterion; the margin in units
-    of the larger sampling noise at those scales."""
-    context = {"command": "repae bench reproduce", "commit": "abc", "machine": "m", "method_note": ""}
-    r = _report_ready(_results({"repae": (15, 8), "repa": (40, 7), "vanilla": (40, 8)}))
-    sweep = {"repa": {1: (8, 9), 2: (6, 6.5), 4: (7, 7)}, "repae": {1: (9, 9.5), 2: (5, 6), 4: (8, 9)},
-             "vanilla": {1: (9, 9), 2: (7.5, 7.0), 4: (8, 8)}}
+def _with_sweep(sweep):
+    """Report-ready results of two seeds whose last step (2) holds sweep[arm][scale] = (FID seed 0, seed 1), the
+    run's own scale 4 as its guided FID, and class accuracy 0.5 + 0.1 x scale."""
+    r = _report_ready(_results({arm: (40, by_scale[4][0]) for arm, by_scale in sweep.items()}))
     for arm, by_scale in sweep.items():
         r["metrics"][arm]["1"] = {step: dict(m) for step, m in r["metrics"][arm]["0"].items()}
         for seed in (0, 1):
             last = r["metrics"][arm][str(seed)]["2"]
             last.update({f"fid_cfg{s}": v[seed] for s, v in by_scale.items()}, fid=by_scale[4][seed])
-            last.update({f"fid_noise_cfg{s}": 0.25 for s in by_scale})
+            last.update({f"class_accuracy_cfg{s}": 0.5 + 0.1 * s for s in by_scale})
+    return r
+
+
+def test_the_sweep_reads_f_at_each_arms_best_scale_where_vanilla_was_swept(tmp_path):
+    """REPA against vanilla across the scales and at each one's best, with (f)'s criterion; the margin in units
+    of the larger sampling noise at those scales."""
+    context = {"command": "repae bench reproduce", "commit": "abc", "machine": "m", "method_note": ""}
+    r = _with_sweep({"repa": {1: (8, 9), 2: (6, 6.5), 4: (7, 7)}, "repae": {1: (9, 9.5), 2: (5, 6), 4: (8, 9)},
+                     "vanilla": {1: (9, 9), 2: (7.5, 7.0), 4: (8, 8)}})
+    for arm in ("repa", "repae", "vanilla"):
+        for seed in (0, 1):
+            r["metrics"][arm][str(seed)]["2"].update({f"fid_noise_cfg{s}": 0.25 for s in (1, 2, 4)})
     text = rep.write_report(r, tmp_path, tmp_path / "R.md", context).read_text()
     section = text.split("## (c), (d) and (f) across guidance scales")[1]
     assert "the last step of REPA, REPA-E, stage 2 and vanilla was also sampled" in section
@@ -921,15 +930,8 @@ def test_the_report_reads_c_and_d_across_guidance_scales_and_at_each_arms_best(t
     """A sweep where REPA-E loses at the run's scale (4) and wins at both arms' best (2): the claims table keeps
     the run's scale's verdict, the sweep section shows every scale and reads (c) and (d) at each arm's best."""
     context = {"command": "repae bench reproduce", "commit": "abc", "machine": "m", "method_note": ""}
-    r = _report_ready(_results({"repae": (15, 8), "repa": (40, 7), "stage2-e2e-vae": (30, 9)}))
-    sweep = {"repa": {1: (8, 9), 2: (6, 6.5), 4: (7, 7)}, "repae": {1: (9, 9.5), 2: (5, 6), 4: (8, 9)},
-             "stage2-e2e-vae": {1: (9, 9), 2: (7, 7.5), 4: (9, 9)}}
-    for arm, by_scale in sweep.items():
-        r["metrics"][arm]["1"] = {step: dict(m) for step, m in r["metrics"][arm]["0"].items()}
-        for seed in (0, 1):
-            last = r["metrics"][arm][str(seed)]["2"]
-            last.update({f"fid_cfg{s}": v[seed] for s, v in by_scale.items()})
-            last.update({f"class_accuracy_cfg{s}": 0.5 + 0.1 * s for s in by_scale}, fid=by_scale[4][seed])
+    r = _with_sweep({"repa": {1: (8, 9), 2: (6, 6.5), 4: (7, 7)}, "repae": {1: (9, 9.5), 2: (5, 6), 4: (8, 9)},
+                     "stage2-e2e-vae": {1: (9, 9), 2: (7, 7.5), 4: (9, 9)}})
     assert rep.swept_scales(r) == [1.0, 2.0, 4.0] and rep.best_scale(r, "repae") == (2.0, [5, 6])
     text = rep.write_report(r, tmp_path, tmp_path / "R.md", context).read_text()
     claims, section = text.split("## (c) and (d) across guidance scales")
