@@ -401,8 +401,8 @@ def cfg_sweep_section(r: dict, figure: Optional[Path], rel) -> List[str]:
     pairs = [("repae", "repa", "REPA-E lower"), ("stage2-e2e-vae", "repa", "stage 2 lower than REPA")]
     if best.get("vanilla") is not None:
         pairs.append(("repa", "vanilla", "REPA lower than vanilla"))
-    shown = [arm for arm in ("repa", "repae", "stage2-e2e-vae", "vanilla") if arm == "repa" or any(arm in p for p in pairs)]
-    claims = "(c), (d) and (f)" if len(pairs) == 3 else "(c) and (d)"
+    shown = [arm for arm in SWEPT_NAMES if any(arm in pair[:2] for pair in pairs)]  # the arms the pairs compare
+    claims = "(c), (d) and (f)" if "vanilla" in shown else "(c) and (d)"
     lines = [f"## {claims} across guidance scales", "",
              "The claims table reads the guided FIDs at the run's sampler scale. Papers tune the CFG scale per "
              f"model, and the run's scale need not be any arm's best: the last step of "
