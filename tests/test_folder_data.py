@@ -63,3 +63,16 @@ def test_dataset_batches_resume_exactly(tmp_path, workers):
     b.load_state_dict(state)
     for (x1, y1), (x2, y2) in zip(expected, [b.next(4) for _ in range(3)]):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+@pytest.mark.parametrize("skipped", [[99], [-1], ["0"], "0", [True]])
+def test_dataset_batches_refuse_a_bad_unreadable_list_and_keep_their_place(tmp_path, skipped):
+    # an edited checkpoint: its list of unreadable files must name files of this dataset (the old reader
+    # took ints of anything, and "0" as a string of one index)
+    ds = ImageFolder(make_folder(tmp_path / "data"), image_size=16)
+    batches = DatasetBatches(ds, seed=3)
+    batches.next(4)
+    state = {**batches.state_dict(), "position": 1, "skipped": skipped}
+    with pytest.raises(ValueError, match="unreadable-image list"):
+        batches.load_state_dict(state)
+    assert batches.state_dict()["position"] == 4 and batches.bad_images == 0

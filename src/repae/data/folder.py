@@ -18,6 +18,7 @@ from repae.data.images import DEFAULT_MAX_PIXELS, adm_center_crop, decode_image
 from repae.data.records import ImageRecords, UnreadableImagesError
 from repae.data.sampler import ResumableOrder
 from repae.data.workers import ordered_batches
+from repae.fileio import is_number
 
 
 __all__ = ["IMAGE_SUFFIXES", "adm_center_crop", "list_image_folder", "ImageFolder", "DatasetBatches"]
@@ -111,6 +112,10 @@ class DatasetBatches:
         return {**self.order.state_dict(), "bad_images": self.bad_images, "skipped": sorted(self.skipped)}
 
     def load_state_dict(self, state: dict) -> None:
+        self.order.check_state(state)
+        skipped = state.get("skipped", [])
+        if not isinstance(skipped, list) or not all(is_number(j, int) and 0 <= j < self.order.n for j in skipped):
+            raise ValueError(f"the data's unreadable-image list is not a list of indices below {self.order.n}")
         self.order.load_state_dict(state)
-        self.skipped = set(int(j) for j in state.get("skipped", []))
+        self.skipped = set(skipped)
         self._it = None

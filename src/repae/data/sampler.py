@@ -8,6 +8,13 @@ from typing import Tuple
 
 import torch
 
+from repae.fileio import is_number
+
+# An epoch count beyond this is no real run (10**12 epochs of one image at a microsecond each is 11 days of
+# nothing but bookkeeping): the bound that keeps a hand-edited checkpoint from asking for astronomic arithmetic.
+MAX_EPOCH = 10**12
+MAX_SEED = 2**32 - 1  # the config's train.seed range
+
 
 class ResumableOrder:
     """Indices of range(n) in a fresh random order every epoch; `take(k)` crosses epochs."""
@@ -38,10 +45,27 @@ class ResumableOrder:
         return {"epoch": self.epoch, "position": self.position, "n": self.n, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["n"] != self.n:
-            raise ValueError(f"the checkpoint was taken on {state['n']} images, this dataset has {self.n}")
+        """ValueError, with nothing changed, unless `state` is a position this order can stand at."""
+        self.check_state(state)
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
         self._perm = self._permutation(self.epoch)
+
+    def check_state(self, state: object) -> None:
+        """ValueError naming the field unless `state` is (epoch, position, n, seed) of an order over this dataset:
+        a position outside [0, n) would make `take` loop forever on empty chunks."""
+        if not isinstance(state, dict):
+            raise ValueError(f"the data position is a {type(state).__name__}, not a mapping")
+        missing = [key for key in ("epoch", "position", "n", "seed") if key not in state]
+        if missing:
+            raise ValueError(f"the data position lacks {', '.join(missing)}")
+        for key, high in (("n", None), ("seed", MAX_SEED), ("epoch", MAX_EPOCH), ("position", self.n - 1)):
+            value = state[key]
+            if not is_number(value, int):
+                raise ValueError(f"the data {key} is {value!r}, not a whole number")
+            if key == "n" and value != self.n:
+                raise ValueError(f"the checkpoint was taken on {value} images, this dataset has {self.n}")
+            if high is not None and not 0 <= value <= high:
+                raise ValueError(f"the data {key} is {value}, outside [0, {high}]")
 
 
 def rank_slice(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ read back with `weights_only=True`. No checkpoint is written with non-finite wei
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -61,6 +62,43 @@ def rng_state(gen: torch.Generator) -> dict:
         "numpy_pos": int(np.random.get_state()[2]),
         "python": list(random.getstate()[1]),
     }
+
+
+_MT_WORDS = 624  # the Mersenne Twister's key length (numpy's and Python's generators)
+
+
+def _check_mt_key(words: object, what: str) -> None:
+    if not isinstance(words, (list, tuple)) or len(words) != _MT_WORDS or \
+            not all(is_number(w, int) and 0 <= w < 2**32 for w in words):
+        raise CheckpointError(f"state.pt's {what} is not {_MT_WORDS} 32-bit words")
+
+
+def check_rng_state(state: object, gen: torch.Generator) -> None:
+    """CheckpointError unless `state` (from rng_state) can be set, tried on scratch generators so that nothing
+    global changes. The bounds come first: numpy takes a key position past 624 and then crashes the process."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"state.pt's random-number state is a {type(state).__name__}, not a mapping")
+    _check_mt_key(state.get("numpy"), "numpy key")
+    pos = state.get("numpy_pos")
+    if not is_number(pos, int) or not 0 <= pos <= _MT_WORDS:
+        raise CheckpointError(f"state.pt's numpy key position is {pos!r:.60}, not in [0, {_MT_WORDS}]")
+    check_python_rng_state(state.get("python"), "Python random state")
+    for key, scratch in (("step_generator", torch.Generator(device=gen.device)), ("torch", torch.Generator())):
+        try:
+            scratch.set_state(state.get(key))
+        except (TypeError, RuntimeError) as err:
+            raise CheckpointError(f"state.pt's {key} state is unusable: {str(err).splitlines()[0]}") from None
+
+
+def check_python_rng_state(words: object, what: str) -> None:
+    """CheckpointError unless `words` (the second item of random.getstate()) can be set."""
+    if not isinstance(words, (list, tuple)) or len(words) != _MT_WORDS + 1:
+        raise CheckpointError(f"state.pt's {what} is not {_MT_WORDS + 1} numbers")
+    _check_mt_key(words[:_MT_WORDS], what)
+    try:
+        random.Random().setstate((3, tuple(words), None))
+    except (TypeError, ValueError, OverflowError):
+        raise CheckpointError(f"state.pt's {what} is not a valid generator state") from None
 
 
 def set_rng_state(state: dict, gen: torch.Generator) -> None:
@@ -266,13 +304,47 @@ def read_checkpoint(path: Path, names) -> Tuple[Dict[str, dict], dict]:
     return weights, state
 
 
-def load_checkpoint(path: Path, modules: Dict[str, nn.Module]) -> dict:
-    """Strictly load each module's weights from `path` (all files are read before any is applied);
-    returns the plain state."""
-    weights, state = read_checkpoint(path, list(modules))
-    for name, module in modules.items():
-        load_strict(module, weights[name], str(path / f"{name}.safetensors"))
-    return state
+MAX_STEP = 10**12  # no run takes this many steps: the bound on counts read from a (possibly edited) state.pt
+
+
+def check_train_state(state: object, optimisers: List[str], gen: torch.Generator) -> None:
+    """CheckpointError naming the first field of a checkpoint's plain state (read_checkpoint's) that a run could
+    not resume from: a hand-edited or foreign state.pt is refused before any of it is applied. The data
+    position is the data source's to check (its load_state_dict)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"state.pt holds a {type(state).__name__}, not a training state")
+    missing = [key for key in ("step", "nonfinite_in_a_row", "rng", "data", *optimisers) if key not in state]
+    if missing:
+        raise CheckpointError(f"state.pt lacks {', '.join(missing)}: not a training state of this run")
+    for key in ("step", "nonfinite_in_a_row"):
+        value = state[key]
+        if not is_number(value, int) or not 0 <= value <= MAX_STEP:
+            raise CheckpointError(f"state.pt's {key} is {value!r:.60}, not a whole number in [0, {MAX_STEP}]")
+    check_rng_state(state["rng"], gen)
+    if "regulariser_rng" in state:
+        check_python_rng_state(state["regulariser_rng"], "regulariser's random state")
+    for key in optimisers:
+        _check_optimiser_state(state[key], key)
+
+
+def _check_optimiser_state(opt_state: object, name: str) -> None:
+    """Every number of the optimiser's state finite: its hyper-parameters (betas, eps, weight decay; lr is set
+    again every step) and its moments. Whether it fits the parameters is Optimizer.load_state_dict's check."""
+    if not isinstance(opt_state, dict) or not isinstance(opt_state.get("param_groups"), list) or \
+            not isinstance(opt_state.get("state"), dict):
+        raise CheckpointError(f"state.pt's {name} is not an optimiser state (param_groups, state)")
+    for group in opt_state["param_groups"]:
+        if not isinstance(group, dict):
+            raise CheckpointError(f"state.pt's {name} has a parameter group that is not a mapping")
+        for key, value in group.items():
+            numbers = value if isinstance(value, (tuple, list)) and key != "params" else (value,)
+            if key != "params" and any(is_number(v) and not math.isfinite(v) for v in numbers):
+                raise CheckpointError(f"state.pt's {name} has {key} = {value!r:.60}: not finite")
+    for param_state in opt_state["state"].values():
+        tensors = param_state.values() if isinstance(param_state, dict) else (param_state,)
+        if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+               for t in tensors):
+            raise CheckpointError(f"state.pt's {name} holds moments that are not finite")
 
 
 def resolve_checkpoint(path: Path) -> Path:

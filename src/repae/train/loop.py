@@ -31,11 +31,12 @@ from repae.fileio import is_number
 from repae.interrupt import Interrupted, StopSignals
 from repae.generate import generate_images, sampler_settings, save_image_grid
 from repae.losses import VAERegulariser
-from repae.train.checkpoint import WEIGHT_LIMIT, checkpoint_dir, load_checkpoint, rng_state, save_checkpoint, set_rng_state, usable_checkpoints
+from repae.train.checkpoint import (WEIGHT_LIMIT, check_train_state, checkpoint_dir, read_checkpoint, rng_state,
+                                    save_checkpoint, set_rng_state, usable_checkpoints)
 from repae.train.setup import make_trainables
 from repae.train.schedule import set_lr
 from repae.train.step import Trainables, repae_step
-from repae.weights import CheckpointError, load_latent_stats
+from repae.weights import CheckpointError, load_latent_stats, load_strict
 
 
 @dataclass
@@ -195,18 +196,24 @@ def try_resume(run: Run) -> bool:
     skipped: List[str] = []
     for path in usable_checkpoints(run.cfg.run_dir, skipped):
         check_same_config(run.cfg, path / "config.yaml")
+        # a pre-manifest checkpoint that is damaged, or a state.pt edited by hand (its manifest updated too):
+        # every field is checked before it is applied, and a failure passes over to an older checkpoint
         try:
-            state = load_checkpoint(path, _modules(run.m))
-            for key, opt in _optimisers(run.m).items():
+            modules, optimisers = _modules(run.m), _optimisers(run.m)
+            weights, state = read_checkpoint(path, list(modules))
+            check_train_state(state, list(optimisers), run.gen)
+            run.data.load_state_dict(state["data"])  # checks the position first (ValueError)
+            for name, module in modules.items():
+                load_strict(module, weights[name], str(path / f"{name}.safetensors"))
+            for key, opt in optimisers.items():
                 opt.load_state_dict(state[key])
-        except (CheckpointError, KeyError, ValueError) as err:  # a pre-manifest checkpoint that is damaged
+        except (CheckpointError, ValueError, KeyError, TypeError) as err:  # the last two: Optimizer.load_state_dict
             skipped.append(f"skipping checkpoint {path}: {err}")
             tqdm.write(skipped[-1], file=sys.stderr)
             continue
         run.step, run.nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
         seconds = state.get("train_seconds")  # absent from checkpoints written before it was recorded
         run.train_seconds = float(seconds) if is_number(seconds) and 0 <= seconds < float("inf") else None
-        run.data.load_state_dict(state["data"])
         set_rng_state(state["rng"], run.gen)
         if run.m.regulariser is not None and "regulariser_rng" in state:
             run.m.regulariser._rng.setstate((3, tuple(state["regulariser_rng"]), None))
