@@ -73,6 +73,14 @@ def dirs(tmp_path):
     (["cache-latents", "--vae", "{missing}", "--data", "toy", "--out", "{tmp}/c", "--batch-size", "0"],
      "--batch-size"),
     (["info", "{missing}", "--norm-groups", "0"], "--norm-groups"),
+    # as data.image_size, at most 4096: 100000 was a 100000^2 crop per image, and the process was killed for memory
+    (["evaluate", "vae", "--vae", "{missing}", "--image-size", "100000"], "--image-size"),
+    (["evaluate", "latents", "--vae", "{missing}", "--image-size", "4097"], "--image-size"),
+    (["evaluate", "ref-stats", "{tmp}", "--out", "{tmp}/r.npz", "--image-size", "100000"], "--image-size"),
+    (["evaluate", "cknna", "--ckpt", "{missing}", "--image-size", "100000"], "--image-size"),
+    (["prepare-data", "{tmp}", "{tmp}/store", "--image-size", "100000"], "--image-size"),
+    (["cache-latents", "--vae", "{missing}", "--data", "{tmp}", "--out", "{tmp}/c", "--image-size", "100000"],
+     "--image-size"),
 ])
 def test_bad_numbers_are_argparse_errors(argv, flag, dirs, capsys):
     err = _parse_error([a.format(**dirs) for a in argv], capsys)

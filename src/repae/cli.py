@@ -68,6 +68,15 @@ NON_NEGATIVE = bounded(0)
 SEED = bounded(0, 2**32 - 1)  # numpy's seed range, as train.seed / sample.seed
 
 
+def _image_size() -> Callable[[str], float]:
+    from repae.config import MAX_IMAGE_SIZE
+
+    return bounded(1, MAX_IMAGE_SIZE)  # as data.image_size: a typo must not ask for a 100000^2 crop
+
+
+IMAGE_SIZE = _image_size()
+
+
 def _pil_suffixes() -> Collection[str]:
     from PIL import Image
 

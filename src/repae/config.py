@@ -721,6 +721,7 @@ def _ints(lo: int, hi: int, min_len: int = 0, max_len: int = 64) -> Range:
     return Range(lo, hi, integer=True, each=True, min_len=min_len, max_len=max_len)
 
 
+MAX_IMAGE_SIZE = 4096  # the bound on data.image_size and on every command's --image-size (see above)
 _PROB = _real(0.0, 1.0)
 _WEIGHT = _real(0.0)  # a loss weight: finite, >= 0 (0 switches the term off)
 _SEED = _int(0, 2**32 - 1)  # numpy's seed range; torch and random accept it too
@@ -778,7 +779,7 @@ RANGES: dict = {
     "loss.scale_eq_weight": _WEIGHT,
     "loss.scale_eq_factors": _ints(2, 64, max_len=8),  # 1 would compare an image with itself
     **{f"optim_{part}.{k}": rule for part in ("sit", "vae", "disc") for k, rule in _OPTIM.items()},
-    "data.image_size": _int(1, 4096),
+    "data.image_size": _int(1, MAX_IMAGE_SIZE),
     "data.num_workers": _int(0, 256),
     "data.max_image_pixels": _int(1, 178_956_970),  # Pillow itself refuses more (2 x Image.MAX_IMAGE_PIXELS)
     "toy.train_size": _int(1, 1_000_000),  # held in memory: 3 KB per 32x32 image

@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from repae.cli import NON_NEGATIVE, POSITIVE, bounded, out_dir
+from repae.cli import IMAGE_SIZE, NON_NEGATIVE, POSITIVE, bounded, out_dir
 
 CODECS = ("webp", "png", "jpeg")  # = repae.data.packed.CODECS, not imported: building the parser stays torch-free
 
@@ -24,7 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", type=out_dir,
                    help="output directory outside SRC: new or empty (created), or a partial run of the same "
                         "command, which is resumed")
-    p.add_argument("--image-size", type=POSITIVE, default=256, help="crop size in pixels (default: 256)")
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=256, help="crop size in pixels (default: 256)")
     p.add_argument("--codec", choices=CODECS, default="webp",
                    help="webp: lossless (default); png: lossless, larger, slower; jpeg: lossy (4:4:4), ~2.2x "
                         "smaller than webp, ~40 dB PSNR at quality 95")

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from repae.cli import NON_NEGATIVE, POSITIVE, SEED, Parser, bounded, device_arg, out_file
+from repae.cli import IMAGE_SIZE, NON_NEGATIVE, POSITIVE, Parser, SEED, bounded, device_arg, out_file
 from repae.evaluate.errors import EvaluationError
 
 # torch and the metric modules are imported inside the handlers: `repae --help` stays fast.
@@ -739,7 +739,7 @@ def _data_args(p: argparse.ArgumentParser, image_size: bool = True) -> None:
                                   "held-out set; the default for a toy-world run)")
     _split_arg(p)
     if image_size:
-        p.add_argument("--image-size", type=POSITIVE, default=256,
+        p.add_argument("--image-size", type=IMAGE_SIZE, default=256,
                        help="ADM centre crop size for folders (default 256)")
     p.add_argument("--sample-posterior", action="store_true", help="use a posterior sample, not its mean")
 
@@ -774,7 +774,7 @@ def _add_ref_stats(sub) -> None:
                                   "dataset id), tar shards or a prepare-data store (these need --image-size)")
     _split_arg(p)
     p.add_argument("--inception", help="pt_inception-2015-12-05-6726825d.pth")
-    p.add_argument("--image-size", type=POSITIVE,
+    p.add_argument("--image-size", type=IMAGE_SIZE,
                    help="ADM centre crop of folder images to this size (default: as is)")
     p.add_argument("--with-images", action="store_true", help="also store the images as arr_0 (one size needed)")
     p.add_argument("--num-images", type=POSITIVE, help="only the first N images")
@@ -820,7 +820,7 @@ def _add_cknna(sub) -> None:
     p.add_argument("--data", help="image folder, parquet/arrow, tar shards, a prepare-data store, or 'toy' "
                                   "(default for a toy-world run)")
     _split_arg(p)
-    p.add_argument("--image-size", type=POSITIVE, help="checked against the SiT/VAE pair's image size")
+    p.add_argument("--image-size", type=IMAGE_SIZE, help="checked against the SiT/VAE pair's image size")
     p.add_argument("--encoder", help="encoder name (default: the run's first; toy-teacher in the toy world)")
     p.add_argument("--encoder-path", help="the encoder's weight file (default: encoder.paths / $REPAE_WEIGHTS)")
     p.add_argument("--depth", type=POSITIVE, help="SiT block whose output is compared (default: model.encoder_depth)")

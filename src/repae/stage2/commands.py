@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from repae.cli import NON_NEGATIVE, POSITIVE, out_dir
+from repae.cli import IMAGE_SIZE, NON_NEGATIVE, POSITIVE, out_dir
 
 # train-ldm's defaults, applied before --config files and overrides (which win)
 LDM_DEFAULTS = {"train": {"tune_vae": False}, "latent_norm": {"mode": "fixed"}}
@@ -128,7 +128,7 @@ def add_parsers(sub, add_config_args) -> None:
                    help="the format of --data (default folder; see data.source)")
     p.add_argument("--out", required=True, type=out_dir,
                    help="cache directory, new or empty; re-run the same command to resume")
-    p.add_argument("--image-size", type=POSITIVE, help="ADM centre crop size for folders (default 256)")
+    p.add_argument("--image-size", type=IMAGE_SIZE, help="ADM centre crop size for folders (default 256)")
     p.add_argument("--hflip-too", action="store_true", help="also cache every image mirrored")
     p.add_argument("--shard-size", type=POSITIVE, default=1000, help="images per shard file (default 1000)")
     p.add_argument("--batch-size", type=POSITIVE, default=64, help="images per VAE forward (default 64)")
