@@ -268,3 +268,53 @@ def test_help_describes_every_argument(argv, phrases, capsys):
     text = " ".join(capsys.readouterr().out.split())
     for phrase in phrases:
         assert phrase in text
+
+
+# ----------------------------------------------------------------------------- data a measurement cannot use
+
+
+@pytest.fixture
+def vae_and_folders(tmp_path):
+    """A tiny VAE file (downsampling by 4), a folder of 32-px images and a folder of only unreadable ones."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from conftest import tiny_vae_args
+    from repae.models.vae import AutoencoderKL
+    from repae.weights import save_model
+
+    torch.manual_seed(0)
+    save_model(AutoencoderKL(tiny_vae_args()), tmp_path / "vae.safetensors")
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "good" / cls).mkdir(parents=True)
+        (tmp_path / "bad" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "good" / cls / f"{i}.png")
+            (tmp_path / "bad" / cls / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, words", [
+    # every image unreadable: was a ValueError traceback ("no images were evaluated", "no batches")
+    (["evaluate", "vae", "--data", "{d}/bad", "--image-size", "32"], "no readable images in the data"),
+    (["evaluate", "latents", "--data", "{d}/bad", "--image-size", "32"], "no readable images in the data"),
+    # 33 px through a VAE that downsamples by 4 decodes to 32 px: was a shape-mismatch traceback in the PSNR
+    (["evaluate", "vae", "--data", "{d}/good", "--image-size", "33"], "multiple of its downsampling factor"),
+    # DCT blocks larger than what they tile: was a ValueError traceback after every VAE had run
+    (["evaluate", "spectrum", "--data", "{d}/good", "--image-size", "32", "--block", "100000"], "32 px"),
+    (["evaluate", "spectrum", "--data", "{d}/good", "--image-size", "32", "--block", "9"], "--block 8 or less"),
+    (["evaluate", "spectrum", "--data", "{d}/good", "--image-size", "32", "--image-block", "64"], "--image-block"),
+])
+def test_measurements_refuse_data_they_cannot_use_with_one_line(argv, words, vae_and_folders, capsys):
+    out = vae_and_folders / "record.json"
+    argv = [a.format(d=vae_and_folders) for a in argv]
+    err = _refused([*argv[:2], "--vae", str(vae_and_folders / "vae.safetensors"), *argv[2:], "--out", str(out),
+                    "--no-progress"], capsys)
+    assert words in err and not out.exists()
+
+
+def test_a_dct_block_of_one_is_an_argparse_error(dirs, capsys):
+    assert "must be an integer >= 2" in _parse_error(["evaluate", "spectrum", "--vae", dirs["missing"], "--block", "1"],
+                                                     capsys)

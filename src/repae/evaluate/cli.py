@@ -50,6 +50,7 @@ def resolve_precision(precision: str, device) -> str:
 PSNR_NOTE = ("mean over images of per-image PSNR = 10 log10(255^2 / MSE over C,H,W) of the reconstructions "
              "rounded to uint8 (float64; MSE floored at 1e-10*255^2); a toy run's summary.json "
              "vae_heldout_psnr_db is the same number for `--data toy` with all held-out images and the posterior mean")
+DCT_BLOCK = bounded(2)  # a 1x1 block holds only its DC term: no frequency bands to tell apart
 MAX_NAMED_SKIPS = 20  # unreadable file names a result lists (all of them are counted)
 SPLIT_NOTE = ("contiguous blocks of whole batches: of the B = ceil(N / batch_size) batches, rank r takes "
               "batches [r*q + min(r, m), ...), q, m = divmod(B, world)")
@@ -540,6 +541,20 @@ def _spectrum_vaes(args):
     return loaded, run
 
 
+def _check_blocks(args, images, vaes) -> None:
+    """EvaluationError, before any VAE runs, when a DCT block is larger than what it tiles."""
+    side = min(images.shape[-2:])
+    image_block = args.block if args.image_block is None else args.image_block
+    if image_block > side:
+        raise EvaluationError(f"the images are {side} px on their short side: a {image_block}x{image_block} DCT "
+                              f"block does not fit (--image-block, or --block)")
+    for label, vae, _, _ in vaes:
+        latent_side = side // vae.downsample_factor
+        if args.block > latent_side:
+            raise EvaluationError(f"{label}'s latents are {latent_side} positions on their short side: use "
+                                  f"--block {latent_side} or less")
+
+
 def cmd_spectrum(args) -> int:
     if _only_rank0():
         return 0
@@ -555,6 +570,7 @@ def cmd_spectrum(args) -> int:
                      split=args.split)
     progress = not args.no_progress
     images, _ = first_images(data.source, args.num_images, progress, desc="spectrum: read images")
+    _check_blocks(args, images, vaes)
     dtype = autocast_dtype(args.precision)
     spectra, files = {}, {}
     for label, vae, norm, vae_files in vaes:
@@ -846,8 +862,8 @@ def _add_spectrum(sub) -> None:
     p.add_argument("--label", action="append", help="a name per --vae, in order (default: the --vae value)")
     _data_args(p)
     p.add_argument("--num-images", type=POSITIVE, default=1000, help="images encoded (default 1000)")
-    p.add_argument("--block", type=POSITIVE, default=8, help="DCT block size for latents (default 8)")
-    p.add_argument("--image-block", type=POSITIVE, help="DCT block size for the images (default: --block)")
+    p.add_argument("--block", type=DCT_BLOCK, default=8, help="DCT block size for latents (default 8)")
+    p.add_argument("--image-block", type=DCT_BLOCK, help="DCT block size for the images (default: --block)")
     p.add_argument("--keep-mean", action="store_true", help="keep each channel's per-image mean (in DC)")
     p.add_argument("--figure", type=out_file("figure"),
                    help="figure (.png, .pdf, .svg, ...): energy fraction per band (log) of every series")

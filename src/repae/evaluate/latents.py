@@ -28,6 +28,7 @@ from typing import Dict, Iterable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from repae.evaluate.errors import NO_IMAGES, EvaluationError
 from repae.pixels import to_vae_range
 
 
@@ -89,7 +90,7 @@ def measure_latent_structure(
             sums[key] = sums.get(key, 0.0) + values.sum().item()
         count += z.shape[0]
     if count == 0:
-        raise ValueError("measure_latent_structure: no batches")
+        raise EvaluationError(NO_IMAGES)
     out = {k: v / count for k, v in sums.items()}
     out["num_images"] = count
     return out

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from repae import dist
+from repae.evaluate.errors import NO_IMAGES
 from repae.evaluate.fid import REF_IMAGES_KEY, Reference, load_reference
 from repae.data.images import DEFAULT_MAX_PIXELS
 from repae.evaluate.sources import (
@@ -268,7 +269,7 @@ def first_images(source, n: int, progress: bool = False,
             if count >= n:
                 break
     if not images:
-        raise EvaluationError("no readable images in the data")
+        raise EvaluationError(NO_IMAGES)
     return torch.cat(images)[:n], torch.cat(labels)[:n]
 
 

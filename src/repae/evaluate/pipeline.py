@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from repae import dist
 from repae.evaluate.fid import InceptionScoreAccumulator, Reference
 from repae.evaluate.manifold import precision_recall
+from repae.evaluate.errors import NO_IMAGES
 from repae.evaluate.sources import EvaluationError
 from repae.evaluate.stats import FeatureStats, GaussianStats, frechet_distance
 
@@ -252,7 +253,7 @@ def vae_metrics(vae, batches: Iterable, *, inception=None, lpips=None, use_mean:
         return None
     n = int(means["num_images"])
     if n == 0:
-        raise EvaluationError("no images were evaluated")
+        raise EvaluationError(NO_IMAGES)
     out: Dict[str, Optional[float]] = {key: means[key] for key in keys}
     out["lpips"] = out.get("lpips")
     out["rfid"] = None

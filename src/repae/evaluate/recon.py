@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from repae.evaluate.errors import NO_IMAGES, EvaluationError
 from repae.pixels import from_vae_range, to_vae_range
 
 PSNR_MSE_FLOOR = 1e-10  # in [0,1]^2 units, as the reference: caps PSNR at 100 dB
@@ -181,6 +182,10 @@ class ReconMeter:
 
     def update(self, originals: torch.Tensor, recons: torch.Tensor) -> None:
         """originals, recons: uint8 [B,3,H,W]."""
+        if originals.shape != recons.shape:  # e.g. 33 px through a VAE that downsamples by 4 comes back at 32
+            (h, w), (rh, rw) = originals.shape[-2:], recons.shape[-2:]
+            raise EvaluationError(f"the VAE decodes {h}x{w} px images to {rh}x{rw} px: the image size must be a "
+                                  f"multiple of its downsampling factor (--image-size)")
         self.sums["psnr"] += psnr(originals, recons).sum().item()
         self.sums["ssim"] += ssim(originals, recons).sum().item()
         if self.lpips is not None:
@@ -189,7 +194,7 @@ class ReconMeter:
 
     def compute(self) -> Dict[str, float]:
         if self.count == 0:
-            raise ValueError("no images were evaluated")
+            raise EvaluationError(NO_IMAGES)
         out = {k: v / self.count for k, v in self.sums.items()}
         out["num_images"] = self.count
         return out
