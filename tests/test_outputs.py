@@ -31,7 +31,7 @@ from repae.data.packed import PackedDataError, read_manifest, write_packed
 from repae.generate import generate_npz, sample_labels
 from repae.models.sit import SiT
 from repae.models.vae import AutoencoderKL
-from repae.weights import save_latent_stats, save_model, save_weights
+from repae.weights import read_file, save_latent_stats, save_model, save_weights
 
 SAMPLER = dict(mode="ode", num_steps=2, cfg_scale=1.0, seed=0)
 # `repae sample --random-init` with a SiT and VAE small enough to sample 6 images in well under a second
@@ -311,6 +311,27 @@ def test_export_vae_of_a_frozen_vae_warns_and_says_so(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "E2E-VAE of step-0000003" in out and "did not tune" not in err
     assert json.loads((tuned / "e2e-vae" / "export.json").read_text())["vae_tuned"] is True
+
+
+@pytest.mark.parametrize("mean, var", [(float("nan"), 1.0), (0.0, float("inf")), (0.0, 0.0), (0.0, -1.0)])
+def test_export_vae_refuses_latent_statistics_no_reader_takes(tmp_path, mean, var, capsys):
+    # a diverged (NaN) or edited EMA BatchNorm: was exported with exit 0, and every loader refused the export
+    run = _fake_run(tmp_path / "run")
+    ema = run / "checkpoints" / "step-0000003" / "ema.safetensors"
+    c = read_file(ema)["bn.running_mean"].numel()
+    save_weights({"bn.running_mean": torch.full((c,), mean), "bn.running_var": torch.full((c,), var)}, ema)
+    assert main(["export-vae", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "ema.safetensors (bn.running_mean / bn.running_var)" in err and "latent" in err
+    assert not (run / "e2e-vae").exists()  # refused before a file was written
+
+
+def test_latent_statistics_are_refused_before_they_are_written(tmp_path):
+    from repae.weights import CheckpointError
+
+    with pytest.raises(CheckpointError, match="must be finite"):
+        save_latent_stats(torch.zeros(4), torch.tensor([1.0, float("nan"), 1.0, 1.0]), tmp_path / "s.safetensors")
+    assert not (tmp_path / "s.safetensors").exists()
 
 
 # ----------------------------------------------------------------------------- item 7: final evaluation

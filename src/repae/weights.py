@@ -726,14 +726,23 @@ def load_latent_stats(path: Union[str, os.PathLike], channels: Optional[int] = N
         mean, var = obj["mean"].reshape(-1).float(), obj["var"].reshape(-1).float()
     if channels is not None and mean.numel() != channels:
         raise CheckpointError(f"{path} holds statistics of {mean.numel()} latent channels; the VAE has {channels}")
-    if not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()):
-        raise CheckpointError(f"{path}: latent statistics must be finite (found inf or NaN, or a variance "
-                              f"beyond float32)")
-    if not bool((var > 0).all()):
-        raise CheckpointError(f"{path}: latent variance must be positive in every channel, found "
-                              f"{[round(v, 6) for v in var.tolist()[:8]]}")
+    check_latent_stats(mean, var, str(path))
     return mean, var
 
 
+def check_latent_stats(mean: torch.Tensor, var: torch.Tensor, source: str) -> None:
+    """CheckpointError unless the latent statistics (mean [C], var [C], float32) are finite with var > 0: what
+    de-normalising with them needs, and what load_latent_stats accepts."""
+    if not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()):
+        raise CheckpointError(f"{source}: latent statistics must be finite (found inf or NaN, or a variance "
+                              f"beyond float32)")
+    if not bool((var > 0).all()):
+        raise CheckpointError(f"{source}: latent variance must be positive in every channel, found "
+                              f"{[round(v, 6) for v in var.tolist()[:8]]}")
+
+
 def save_latent_stats(mean: torch.Tensor, var: torch.Tensor, path: Union[str, os.PathLike]) -> Path:
-    return save_weights({"mean": mean.reshape(-1).float(), "var": var.reshape(-1).float()}, path)
+    """Write statistics load_latent_stats reads back: anything else is refused before a byte is written."""
+    mean, var = mean.reshape(-1).float(), var.reshape(-1).float()
+    check_latent_stats(mean, var, f"latent statistics for {path}")
+    return save_weights({"mean": mean, "var": var}, path)

@@ -31,7 +31,8 @@ import torch
 
 from repae.models.latent_norm import LatentNorm
 from repae.models.vae import AutoencoderKL
-from repae.weights import CheckpointError, load_strict, read_file, save_latent_stats, save_model, write_vae_sidecar
+from repae.weights import (CheckpointError, check_latent_stats, load_strict, read_file, save_latent_stats, save_model,
+                           write_vae_sidecar)
 
 # what write_vae_exports writes, relative to the output directory
 EXPORT_FILES = ["vae.safetensors", "latent_stats.safetensors", "e2e-vae.pt", "e2e-vae.json", "latents-stats.pt",
@@ -85,7 +86,10 @@ def load_run_vae(run_dir: str | Path, use_ema_bn: bool = True) -> Tuple[Path, ob
     sit_state = read_file(sit_file)
     if "bn.running_mean" not in sit_state:
         raise CheckpointError(f"{sit_file} has no latent BatchNorm (bn.running_mean): nothing to export as statistics")
-    return ckpt, cfg, vae.eval(), sit_state["bn.running_mean"].float(), sit_state["bn.running_var"].float()
+    mean, var = sit_state["bn.running_mean"].float(), sit_state["bn.running_var"].float()
+    # before anything is written: a diverged (NaN) or hand-edited BatchNorm would export statistics no reader takes
+    check_latent_stats(mean, var, f"{sit_file} (bn.running_mean / bn.running_var)")
+    return ckpt, cfg, vae.eval(), mean, var
 
 
 def export_vae(run_dir: str | Path, out_dir: Optional[str | Path] = None, use_ema_bn: bool = True) -> dict:
