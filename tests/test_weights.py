@@ -65,3 +65,16 @@ def test_pickles_outside_the_allow_list_are_refused(tmp_path):
 def test_directory_that_is_not_a_diffusers_vae(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("hidden, heads, guessed", [(48, 2, 1), (96, 3, 1), (192, 6, 3), (200, 2, 2)])
+def test_a_narrow_sit_loads_with_and_without_its_metadata(tmp_path, hidden, heads, guessed):
+    # widths below 64 were refused, even in our own files: the shape check guessed 48 // 64 = 0 heads
+    torch.manual_seed(0)
+    model = SiT(tiny_sit_args(hidden_size=hidden, num_heads=heads, z_dims=[32])).eval()
+    save_model(model, tmp_path / "sit.safetensors")
+    assert load_model(tmp_path / "sit.safetensors", kind="sit").args.num_heads == heads  # from its metadata
+    torch.save(model.state_dict(), tmp_path / "plain.pt")  # no metadata: heads of 64 channels, dividing the width
+    plain = load_model(tmp_path / "plain.pt", kind="sit")
+    assert plain.args.num_heads == guessed and hidden % guessed == 0
+    assert plain.state_dict().keys() == model.state_dict().keys()

@@ -243,6 +243,16 @@ def _tensor(state: StateDict, key: str, ndim: int, what: str) -> torch.Tensor:
     return value
 
 
+def _guess_heads(hidden: int) -> int:
+    """The head count, which weights without q/k norms cannot tell: the published SiTs' (S/B/L/XL), else heads of
+    64 channels as theirs are, at least one, and a divisor of `hidden` (a small model of width 48 has one head
+    here, not 48 // 64 = 0)."""
+    known = {384: 6, 768: 12, 1024: 16, 1152: 16}.get(hidden)
+    if known:
+        return known
+    return next(h for h in range(max(1, hidden // 64), 0, -1) if hidden % h == 0)
+
+
 def sit_args_from_state(state: StateDict, encoder_depth: int = 8, **overrides) -> SiTArgs:
     """Rebuild SiTArgs from an official SiT state dict. `encoder_depth` cannot be read from
     weights (the reference default is 8); pass it if the run used another."""
@@ -259,7 +269,7 @@ def sit_args_from_state(state: StateDict, encoder_depth: int = 8, **overrides) -
     projector_dim = _tensor(state, "projectors.0.0.weight", 2, "a SiT").shape[0] if n_proj else 2048
     qk_norm = "blocks.0.attn.q_norm.weight" in state
     head_dim = _tensor(state, "blocks.0.attn.q_norm.weight", 1, "a SiT").shape[0] if qk_norm else None
-    num_heads = hidden // head_dim if head_dim else {384: 6, 768: 12, 1024: 16, 1152: 16}.get(hidden, hidden // 64)
+    num_heads = hidden // head_dim if head_dim else _guess_heads(hidden)
     num_classes = overrides.pop("num_classes", None)
     if num_classes is None:  # official models: 1000 classes (+1 null row when trained with label dropout)
         num_classes = 1000 if table in (1000, 1001) else table - 1
