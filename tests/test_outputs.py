@@ -263,6 +263,40 @@ def test_cache_latents_cli_refuses_an_out_inside_its_data_before_loading(tmp_pat
     assert "notes.txt" in capsys.readouterr().err
 
 
+def test_cache_latents_names_the_unreadable_images_it_filled(tmp_path, tiny_cache_inputs, capsys):
+    # was silent: "wrote ...: 6 images" where two entries held a neighbour's latents
+    from repae.stage2.cache import LatentCache
+
+    src = _image_folder(tmp_path / "imgs")
+    Image.new("RGB", (20, 18), (200, 10, 10)).save(src / "dog" / "2.png")
+    for name in ("cat/1.png", "dog/0.png"):
+        (src / name).write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    out = tmp_path / "cache"
+    argv = ["cache-latents", "--vae", str(tmp_path / "vae.safetensors"), "--data", str(src), "--out", str(out),
+            "--image-size", "16", "--shard-size", "2", "--no-progress"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "2 unreadable source images: their entries hold the next readable image" in err
+    assert "cat/1.png, dog/0.png" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["unreadable_images"]["count"] == 2
+    assert manifest["unreadable_images"]["examples"] == ["cat/1.png", "dog/0.png"]  # across two shards
+    cache = LatentCache(out)  # order cat/0, cat/1 (bad), dog/0 (bad), dog/1, dog/2: 1 and 2 hold dog/1's latents
+    assert torch.equal(cache.moments([1])[0], cache.moments([3])[0]) and torch.equal(cache.moments([2])[0],
+                                                                                       cache.moments([3])[0])
+    assert not torch.equal(cache.moments([0])[0], cache.moments([3])[0])
+
+
+def test_an_all_unreadable_folder_says_how_many_it_tried(tmp_path, tiny_cache_inputs, capsys):
+    src = tmp_path / "imgs" / "cat"
+    src.mkdir(parents=True)
+    for i in range(3):
+        (src / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    assert main(["cache-latents", "--vae", str(tmp_path / "vae.safetensors"), "--data", str(tmp_path / "imgs"),
+                 "--out", str(tmp_path / "cache"), "--image-size", "16", "--no-progress"]) == 2
+    assert "all 3 images are unreadable, starting from" in capsys.readouterr().err  # was: "100 ... in a row"
+
+
 # ----------------------------------------------------------------------------- items 9, 10: export-vae
 
 

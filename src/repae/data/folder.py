@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from repae.data.images import DEFAULT_MAX_PIXELS, adm_center_crop, decode_image
-from repae.data.records import ImageRecords, UnreadableImagesError
+from repae.data.records import ImageRecords, UnreadableImagesError, bad_run
 from repae.data.sampler import ResumableOrder
 from repae.data.workers import ordered_batches
 from repae.fileio import is_number
@@ -71,8 +71,11 @@ class ImageFolder(ImageRecords):
     def _label(self, j: int) -> int:
         return self.labels[j]
 
-    def _too_many_bad(self, i: int) -> Exception:
-        return UnreadableImagesError(f"100 unreadable images in a row from {self.files[i]}: is this an image folder?")
+    def _describe(self, j: int) -> str:
+        return self.files[j].relative_to(self.root).as_posix()
+
+    def _too_many_bad(self, i: int, tried: int) -> Exception:
+        return UnreadableImagesError(f"{bad_run(tried, len(self))} from {self.files[i]}: is this an image folder?")
 
 
 def _collate(items):

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from repae.data.folder import list_image_folder
 from repae.data.images import DEFAULT_MAX_PIXELS, UnreadableImage
 from repae.data.images import decode_image as _decode
-from repae.data.records import ImageRecords, PerProcess
+from repae.data.records import ImageRecords, PerProcess, bad_run
 from repae.fileio import (JsonFileError, paths_overlap, read_json_object, read_npy, refuse_unrelated, safe_name,
                           sha256_file, write_atomic, write_json_atomic)
 
@@ -408,9 +408,9 @@ class PackedDataset(ImageRecords):
     def _label(self, j: int) -> int:
         return int(self._index[j, 2])
 
-    def _too_many_bad(self, i: int) -> Exception:
-        return PackedDataError(f"100 undecodable images in a row from index {i} in {self.root}: the shards are "
-                               f"damaged; check them with repae.data.packed.verify_packed")
+    def _too_many_bad(self, i: int, tried: int) -> Exception:
+        return PackedDataError(f"{bad_run(tried, len(self), 'undecodable')} from index {i} in {self.root}: the "
+                               f"shards are damaged; check them with repae.data.packed.verify_packed")
 
 
 def verify_packed(out_dir: str | Path, progress: bool = True) -> List[str]:

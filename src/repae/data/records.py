@@ -52,9 +52,8 @@ class ImageRecords(Dataset):
         """Record j's name, for messages and skip lists."""
         return self._describe(j)
 
-    def _too_many_bad(self, i: int) -> Exception:
-        return UnreadableImagesError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row from {self._describe(i)}: "
-                                     f"is this an image dataset?")
+    def _too_many_bad(self, i: int, tried: int) -> Exception:
+        return UnreadableImagesError(f"{bad_run(tried, len(self))} from {self._describe(i)}: is this an image dataset?")
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, int, Tuple[int, ...]]:
         n = len(self)
@@ -73,7 +72,12 @@ class ImageRecords(Dataset):
             # a contiguous, writable [3,S,S] copy: collating permuted views into a batch is ~100x slower
             chw = np.ascontiguousarray(arr.transpose(2, 0, 1))
             return torch.from_numpy(chw), self._label(j), tuple((i + k) % n for k in range(bad))
-        raise self._too_many_bad(i)
+        raise self._too_many_bad(i, min(n, MAX_BAD_IN_A_ROW))
+
+
+def bad_run(tried: int, n: int, unreadable: str = "unreadable") -> str:
+    """How many images in a row could not be used, said truly for a dataset smaller than the run's limit."""
+    return f"all {n} images are {unreadable}, starting" if tried >= n else f"{tried} {unreadable} images in a row"
 
 
 class PerProcess:

@@ -78,17 +78,19 @@ class ToySource:
         return {"kind": "toy", "count": len(self), "image_size": self.image_size,
                 "images_sha256": hashlib.sha256(self.images.contiguous().numpy().tobytes()).hexdigest()}
 
-    def batches(self, start: int, stop: int, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, start: int, stop: int, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor, List[int]]]:
         for i in range(start, stop, batch_size):
             j = min(stop, i + batch_size)
-            yield self.images[i:j], self.labels[i:j]
+            yield self.images[i:j], self.labels[i:j], []  # pixels in memory: none unreadable
 
     def load(self, indices: Sequence[int]) -> torch.Tensor:
         return self.images[torch.as_tensor(indices, dtype=torch.long)]
 
 
-def _first_two(items):
-    return torch.stack([x for x, _, _ in items]), torch.tensor([y for _, y, _ in items])
+def _with_substituted(items):
+    """A batch of ImageRecords items: (images, labels, the unreadable records passed over to fill it)."""
+    return (torch.stack([x for x, _, _ in items]), torch.tensor([y for _, y, _ in items]),
+            sorted({j for _, _, skipped in items for j in skipped}))
 
 
 class DatasetSource:
@@ -106,17 +108,22 @@ class DatasetSource:
     def describe(self) -> dict:
         return {**self.identity, "count": len(self), "image_size": self.image_size}
 
-    def batches(self, start: int, stop: int, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, start: int, stop: int, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor, List[int]]]:
+        """(uint8 images [B,3,S,S], labels [B], indices of the unreadable images whose entries hold the next
+        readable image instead, as training reads the data) of images [start, stop)."""
         from torch.utils.data import DataLoader, Subset
 
         from repae.data.workers import worker_iter
 
         loader = DataLoader(Subset(self.dataset, range(start, stop)), batch_size=batch_size,
-                            num_workers=self.num_workers, collate_fn=_first_two)
+                            num_workers=self.num_workers, collate_fn=_with_substituted)
         yield from worker_iter(loader)
 
     def load(self, indices: Sequence[int]) -> torch.Tensor:
         return torch.stack([self.dataset[int(i)][0] for i in indices])
+
+    def name(self, j: int) -> str:
+        return self.dataset.describe(j)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -240,7 +247,9 @@ def cache_latents(vae, source, out_dir: str | Path, *, vae_file: str | Path,
         parts: Dict[str, List[torch.Tensor]] = {"mean": [], "std": [], "labels": []}
         if hflip_too:
             parts.update(mean_flip=[], std_flip=[])
-        for images, labels in source.batches(a, b, batch_size):
+        substituted: List[int] = []
+        for images, labels, passed_over in source.batches(a, b, batch_size):
+            substituted += passed_over
             mean, std = encode_moments(vae, images, device, autocast_dtype)
             parts["mean"].append(mean.to(store_dtype))
             parts["std"].append(std.to(store_dtype))
@@ -251,17 +260,38 @@ def cache_latents(vae, source, out_dir: str | Path, *, vae_file: str | Path,
                 parts["std_flip"].append(std.to(store_dtype))
             bar.update(len(images))
         _write_shard(out / shard_name(k), {key: torch.cat(v) for key, v in parts.items()},
-                     {"start": str(a), "count": str(b - a)})
+                     {"start": str(a), "count": str(b - a), SUBSTITUTED: json.dumps(sorted(set(substituted)))})
     bar.close()
     dist.barrier()
     if dist.is_main():
-        _finish(out, settings, num_shards)
+        _finish(out, settings, num_shards, getattr(source, "name", str))
     dist.barrier()
     return read_manifest(out)
 
 
-def _finish(out: Path, settings: dict, num_shards: int) -> dict:
-    """Check every shard is there, then write labels, statistics and (last) the manifest."""
+SUBSTITUTED = "substituted"  # shard metadata: the unreadable images whose entries hold the next readable one
+MAX_NAMED = 20  # unreadable images the manifest names (all are counted)
+
+
+def _substituted(out: Path, num_shards: int) -> List[int]:
+    """The unreadable images of the whole cache, from its shards' metadata (header only; none for shards
+    written before it was recorded)."""
+    from safetensors import safe_open
+
+    found: set = set()
+    for k in range(num_shards):
+        with safe_open(str(out / shard_name(k)), "np") as f:
+            try:
+                found.update(int(j) for j in json.loads((f.metadata() or {}).get(SUBSTITUTED, "[]")))
+            except (ValueError, TypeError):
+                raise ConfigError(f"{out / shard_name(k)}: its metadata '{SUBSTITUTED}' is not a list of image "
+                                  f"indices; delete the shard and run the command again") from None
+    return sorted(found)
+
+
+def _finish(out: Path, settings: dict, num_shards: int, name=str) -> dict:
+    """Check every shard is there, then write labels, statistics and (last) the manifest, which counts (and
+    names, by `name(index)`, the first MAX_NAMED of) the unreadable images."""
     from repae.weights import save_latent_stats
 
     n, size = settings["count"], settings["shard_size"]
@@ -274,7 +304,10 @@ def _finish(out: Path, settings: dict, num_shards: int) -> dict:
     write_atomic(out / LABELS, _npy_bytes(labels))
     mean, var = cache.channel_stats()
     save_latent_stats(mean, var, out / STATS)
+    unreadable = _substituted(out, num_shards)
     manifest = {**settings, "complete": True, "num_shards": num_shards,
+                "unreadable_images": {"count": len(unreadable), "examples": [name(j) for j in unreadable[:MAX_NAMED]],
+                                      "entries": "each holds the next readable image (as training reads the data)"},
                 "shards": [shard_name(k) for k in range(num_shards)], "labels": LABELS,
                 "latent_stats": STATS, "stats_mean": mean.tolist(), "stats_var": var.tolist()}
     write_json_atomic(out / MANIFEST, manifest)

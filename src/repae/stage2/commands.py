@@ -75,6 +75,11 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
     if dist.is_main():
         print(f"wrote {args.out}: {manifest['count']} images{' (+ mirrored)' if manifest['hflip_too'] else ''}, "
               f"latents {manifest['latent_shape']} {manifest['dtype']}, {manifest['num_shards']} shards")
+        unreadable = manifest.get("unreadable_images") or {}
+        if unreadable.get("count"):
+            print(f"{unreadable['count']} unreadable source images: their entries hold the next readable image "
+                  f"(as training reads the data); e.g. {', '.join(unreadable['examples'][:5])} "
+                  f"(manifest.json: unreadable_images)", file=sys.stderr)
     return 0
 
 
