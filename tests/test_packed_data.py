@@ -135,6 +135,26 @@ def test_corrupt_sources_are_skipped_and_counted(tmp_path, capsys):
     assert all(PackedDataset(tmp_path / "out")[i][2] == () for i in range(12))
 
 
+def test_a_folder_with_nothing_readable_is_refused_not_packed(tmp_path):
+    # was: exit 0 and a complete store of 0 images, which training then refused as empty
+    src = make_folder(tmp_path / "src", per_class=2)
+    for path in src.rglob("*.*"):
+        path.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(PackedDataError, match="none of the 6 source images is readable"):
+        write_packed(src, tmp_path / "out", image_size=SIZE, progress=False)
+    assert not read_manifest(tmp_path / "out", require_complete=False)["complete"]
+
+
+def test_a_class_whose_images_are_all_unreadable_counts_as_empty(tmp_path):
+    src = make_folder(tmp_path / "src", per_class=2)
+    for path in (src / "dog").iterdir():
+        path.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(PackedDataError, match="1 class\\(es\\) have images but none readable: dog"):
+        write_packed(src, tmp_path / "out", image_size=SIZE, progress=False)
+    m = write_packed(src, tmp_path / "out", image_size=SIZE, progress=False, allow_empty_classes=True)  # resumes
+    assert m["complete"] and m["class_counts"] == [2, 0, 2] and m["num_skipped"] == 2
+
+
 @pytest.mark.parametrize("hflip", [False, True])
 def test_batches_equal_image_folder_batches(tmp_path, hflip):
     src = make_folder(tmp_path / "src")

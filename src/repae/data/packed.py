@@ -249,13 +249,28 @@ def write_packed(src_root: str | Path, out_dir: str | Path, image_size: int = 25
     done = {rec["index"] for rec in manifest["shards"]}
     todo = [k for k in range(-(-len(files) // shard_size)) if k not in done]
     manifest = _write_shards(out_dir, manifest, src_root, files, labels, todo, settings, num_workers, progress)
-    manifest = _finalise({**manifest, "complete": True})
     counts = np.zeros(len(classes), dtype=np.int64)
     for rec in manifest["shards"]:
         np.add.at(counts, read_npy(out_dir / rec["idx"])[:, 2], 1)
+    _check_readable(manifest, counts, empty, allow_empty_classes)  # else a complete store of nothing
+    manifest = _finalise({**manifest, "complete": True})
     manifest["class_counts"] = counts.tolist()
     _write_manifest(out_dir, manifest)
     return manifest
+
+
+def _check_readable(manifest: dict, counts: np.ndarray, empty: List[str], allow_empty_classes: bool) -> None:
+    """PackedDataError, leaving the store unfinished, when no source image was readable, or when a class has
+    images but none readable (the empty-class rule applies to it as to an empty folder)."""
+    skipped = [s["path"] for rec in manifest["shards"] for s in rec["skipped"]]
+    if counts.sum() == 0:
+        raise PackedDataError(f"none of the {manifest['num_source_files']} source images is readable (e.g. "
+                              f"{', '.join(skipped[:3])}): nothing to pack")
+    unreadable = [c for c, n in zip(manifest["classes"], counts) if n == 0 and c not in empty]
+    if unreadable and not allow_empty_classes:
+        raise PackedDataError(f"{len(unreadable)} class(es) have images but none readable: "
+                              f"{', '.join(unreadable[:10])}{' ...' if len(unreadable) > 10 else ''}; replace "
+                              f"them, or pass --allow-empty-classes to keep them as classes with no images")
 
 
 def _pool(num_workers: int):
