@@ -403,3 +403,34 @@ def test_a_fifo_named_like_an_image_is_not_listed(tmp_path, flat):
     if not flat:  # (in a flat folder a directory would be a class)
         (where / "dir.jpg").mkdir()
     assert [p.name for p in ImageFolder(tmp_path, image_size=8).files] == ["a.png"]
+
+
+@pytest.mark.parametrize("name, reader", [
+    ("w.safetensors", "repae.weights.load_model"), ("w.pt", "repae.weights.read_file"),
+    ("c.yaml", "repae.config.read_yaml"), ("r.json", "repae.fileio.read_json_object"),
+    ("a.npy", "repae.fileio.read_npy"),
+])
+def test_a_fifo_given_as_a_file_is_refused_not_waited_on(tmp_path, name, reader):
+    """Undefended, `repae info pipe.safetensors`, `--config pipe.yaml` and `--longer pipe.json` blocked forever
+    (safetensors blocks holding the interpreter lock, so the read runs in a child process with a time limit)."""
+    import subprocess
+    import sys
+
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    module, func = reader.rsplit(".", 1)
+    code = (f"import sys, importlib\ntry:\n    importlib.import_module({module!r}).{func}(sys.argv[1])\n"
+            f"except Exception as err:\n    print(err)\nelse:\n    print('read without error')")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{reader} still reading {fifo} after 60 s: blocked on a FIFO") from None
+    assert f"{fifo} is not a regular file (a pipe, socket or device)" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("path, words", [("/dev/zero", "not a regular file"), (".", "is a directory")])
+def test_a_config_that_is_a_device_or_a_directory_is_called_that(path, words):
+    from repae.config import ConfigError, read_yaml
+
+    with pytest.raises(ConfigError, match=words):  # both were "config file not found"
+        read_yaml(path)

@@ -21,7 +21,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
-from repae.fileio import is_number
+from repae.fileio import SPECIAL_FILE, is_number, is_special_file
 
 
 class ConfigError(ValueError):
@@ -488,6 +488,8 @@ def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
     ConfigError naming the file for anything else: missing, too large, not UTF-8 text, not YAML,
     empty, or not a mapping. Used for user config files and for the config.yaml of a run."""
     path = Path(path)
+    if path.is_dir() or is_special_file(path):  # were "not found"; opening a FIFO would block
+        raise ConfigError(f"{what} {path} is {'a directory' if path.is_dir() else SPECIAL_FILE}, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}")
     try:

@@ -64,10 +64,23 @@ def is_number(value, kind: type | Tuple[type, ...] = (int, float)) -> bool:
     return isinstance(value, kind) and not isinstance(value, bool)
 
 
+# what a path that is_special_file "is": reading a FIFO blocks until something writes to it, /dev/zero never ends
+SPECIAL_FILE = "not a regular file (a pipe, socket or device)"
+
+
+def is_special_file(path: PathLike) -> bool:
+    """Whether `path` exists (links followed) as neither a regular file nor a directory: a FIFO, socket or
+    device, which a reader must refuse before opening it."""
+    p = Path(path)
+    return p.exists() and not p.is_file() and not p.is_dir()
+
+
 def read_json_object(path: PathLike, max_bytes: int = MAX_JSON_BYTES) -> dict:
     """The JSON object stored in `path`, read with its size bounded before it is parsed; JsonFileError
     otherwise. The file is data: nothing in it is interpreted beyond JSON."""
     p = Path(path)
+    if is_special_file(p):
+        raise JsonFileError(f"{p} is {SPECIAL_FILE}")
     try:
         with open(p, "rb") as f:
             data = f.read(max_bytes + 1)
@@ -144,6 +157,8 @@ def read_npy(path: PathLike, key: Optional[str] = None, *, max_bytes: Optional[i
 
     path = Path(path)
     where = str(path) if key is None else f"{path} (array '{key}')"
+    if is_special_file(path):
+        raise ArrayFileError(f"{path} is {SPECIAL_FILE}")
     if not path.is_file():
         raise FileNotFoundError(f"not found: {path}")
     try:

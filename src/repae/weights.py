@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from repae.fileio import JsonFileError, read_json_object, sha256_file
+from repae.fileio import SPECIAL_FILE, JsonFileError, is_special_file, read_json_object, sha256_file
 from repae.models.sit import SiT, SiTArgs
 from repae.models.vae import AutoencoderKL, VAEArgs
 from repae.models import vae_diffusers
@@ -61,6 +61,8 @@ def read_file(path: Union[str, os.PathLike]) -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; expected a weight file (or use load_model for diffusers dirs)")
+    if is_special_file(path):
+        raise CheckpointError(f"{path} is {SPECIAL_FILE}; expected a weight file")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -84,6 +86,8 @@ def file_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
     path = Path(path)
     if path.suffix != ".safetensors":
         return {}
+    if is_special_file(path):  # safe_open would block on a FIFO
+        raise CheckpointError(f"{path} is {SPECIAL_FILE}; expected a weight file")
     from safetensors import safe_open
 
     try:
