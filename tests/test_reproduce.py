@@ -864,6 +864,19 @@ def test_a_longer_run_must_share_the_judges_and_go_past_the_budget():
     (lambda x: x.update(invocations={"command": "x"}), "invocations must be"),
     (lambda x: x["invocations"][0].pop("wall_seconds"), "invocations must be"),
     (lambda x: x.update(judges=["toy"]), "judges must be a record"),
+    # each passed the check and then crashed the report after the reproduction had run, or misled it
+    (lambda x: x["plan"].update(steps=True), "plan must give"),
+    (lambda x: x["plan"].update(steps=10**400), "plan must give"),
+    (lambda x: x["plan"].update(samples=-10), "plan must give"),
+    (lambda x: x["plan"].update(samples=float("nan")), "plan must give"),
+    (lambda x: x["plan"].update(final_samples=2.5), "plan must give"),
+    (lambda x: x["plan"].update(seeds=["zero", None]), "plan must give"),
+    (lambda x: x["plan"].update(seeds=[-1]), "plan must give"),
+    (lambda x: x["metrics"]["repae"]["0"].update({"1" * 5000: {}}), "metrics must map"),
+    (lambda x: x["metrics"]["repae"]["0"].update({"²": {}}), "metrics must map"),
+    (lambda x: x["metrics"]["repae"]["0"]["1"].update(fid=float("nan")), "metrics must map"),
+    (lambda x: x["metrics"]["repae"]["0"]["1"].update(fid=float("inf")), "metrics must map"),
+    (lambda x: x["invocations"][0].update(wall_seconds=float("nan")), "invocations must be"),
 ])
 def test_a_malformed_longer_results_file_is_named_not_crashed_on(change, named):
     longer = _longer({"repae": (15, 10, 9, 12), "repa": (40, 20, 10, 8)})

@@ -4,6 +4,7 @@ holds a measured number: every one comes from the results file the command wrote
 
 from __future__ import annotations
 
+import math
 import shutil
 import statistics
 from pathlib import Path
@@ -501,26 +502,46 @@ JUDGE_IDENTITY = ("kind", "spec", "evaluator_version", "vae_heldout_psnr_db", "e
                   "teacher_heldout_accuracy", "data", "reference", "inception", "encoder_file", "starting_vae")
 
 
+MAX_COUNT = 10**12  # steps and sample counts read from a results file: beyond any run, short of 10**400
+MAX_SEED = 2**32 - 1  # train.seed's range
+
+
+def _count(value, low: int = 1, high: int = MAX_COUNT) -> bool:
+    return is_number(value, int) and low <= value <= high
+
+
+def _finite(value) -> bool:
+    return is_number(value) and math.isfinite(value)
+
+
+def _step_key(step) -> bool:
+    """A step as results.json keys it: ASCII digits ('²' is a digit to str.isdigit, not to int), bounded."""
+    return isinstance(step, str) and step.isascii() and step.isdigit() and len(step) <= len(str(MAX_COUNT))
+
+
 def malformed_results(obj: dict) -> Optional[str]:
     """What in a results record (results.json, e.g. one passed as --longer) the report could not read, or
     None: the file is data, so a wrong shape is named here rather than failing deep in the report."""
     plan = obj.get("plan")
-    if not (isinstance(plan, dict) and isinstance(plan.get("steps"), int) and is_number(plan.get("samples"))
-            and isinstance(plan.get("seeds"), list) and (plan.get("final_samples") is None or is_number(plan["final_samples"]))):
-        return "plan must give integer steps, samples and final_samples (or null) and a list of seeds"
+    if not (isinstance(plan, dict) and _count(plan.get("steps")) and _count(plan.get("samples"))
+            and isinstance(plan.get("seeds"), list) and all(_count(s, 0, MAX_SEED) for s in plan["seeds"])
+            and (plan.get("final_samples") is None or _count(plan["final_samples"]))):
+        return (f"plan must give whole steps, samples and final_samples (or null) in [1, {MAX_COUNT}] and a list of "
+                f"seeds in [0, {MAX_SEED}]")
     metrics = obj.get("metrics")
     if not isinstance(metrics, dict) or not all(
             isinstance(per_seed, dict) and all(
                 isinstance(per_step, dict) and all(
-                    isinstance(step, str) and step.isdigit() and isinstance(m, dict)
-                    and all(m.get(k) is None or is_number(m[k]) for k in KEYS) for step, m in per_step.items())
+                    _step_key(step) and isinstance(m, dict)
+                    and all(m.get(k) is None or _finite(m[k]) for k in KEYS) for step, m in per_step.items())
                 for per_step in per_seed.values())
             for per_seed in metrics.values()):
-        return "metrics must map arm -> seed -> step (digits) -> record with numeric (or null) values"
+        return (f"metrics must map arm -> seed -> step (at most {len(str(MAX_COUNT))} digits) -> record with finite "
+                f"numeric (or null) values")
     invocations = obj.get("invocations", [])
     if not isinstance(invocations, list) or not all(
             isinstance(x, dict) and all(isinstance(x.get(k), str) for k in ("command", "commit", "machine"))
-            and is_number(x.get("wall_seconds")) for x in invocations):
+            and _finite(x.get("wall_seconds")) and x["wall_seconds"] >= 0 for x in invocations):
         return "invocations must be a list of records with command, commit, machine and wall_seconds"
     if not isinstance(obj.get("judges") or obj.get("toy_world", {}), dict):
         return "judges must be a record"
