@@ -58,8 +58,19 @@ class Payload:
 
 def test_pickles_outside_the_allow_list_are_refused(tmp_path):
     torch.save({"model": {}, "extra": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="allow-list"):
+    with pytest.raises(CheckpointError, match=r"it pickles test_weights\.Payload, which repae does not unpickle") as err:
         read_file(tmp_path / "evil.pt")
+    # torch's own message advised re-running with weights_only=False (letting the file run code), in ANSI bold
+    assert "weights_only" not in str(err.value) and "\x1b" not in str(err.value)
+
+
+def test_a_state_pt_outside_the_allow_list_names_the_object(tmp_path):
+    from repae.train.checkpoint import read_checkpoint
+
+    torch.save({"step": 3, "extra": Payload()}, tmp_path / "state.pt")
+    with pytest.raises(CheckpointError, match=r"state.pt: it pickles test_weights\.Payload") as err:
+        read_checkpoint(tmp_path, [])
+    assert "weights_only" not in str(err.value)
 
 
 def test_directory_that_is_not_a_diffusers_vae(tmp_path):

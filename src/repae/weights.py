@@ -75,10 +75,25 @@ def read_file(path: Union[str, os.PathLike]) -> dict:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad pickle; name the file either way
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"cannot read {path}: truncated, corrupt, or holds objects outside the allow-list ({reason})"
-        ) from None
+        reason = torch_load_reason(err)
+        if not reason.startswith("it pickles"):
+            reason = f"truncated, corrupt, or holds objects outside the allow-list ({reason})"
+        raise CheckpointError(f"cannot read {path}: {reason}") from None
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]{1,200})")
+
+
+def torch_load_reason(err: Exception) -> str:
+    """One line saying why torch.load(weights_only=True) refused a file. For a pickled object outside the
+    allow-list, which object it is: torch's own message advises re-running with weights_only=False, which
+    would let the file run code, and repae never does that with a file a user passes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # torch bolds part of its message
+    found = _UNSUPPORTED_GLOBAL.search(text)
+    if found:
+        return (f"it pickles {found.group(1)}, which repae does not unpickle: only tensors and plain containers "
+                f"are read from a pickle, as any other object could run code")
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def file_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:

@@ -34,7 +34,7 @@ from torch import nn
 from repae.config import RunConfig, save_config
 from repae.fileio import is_number, read_json_object, sha256_file, write_json_atomic
 from repae.weights import (CheckpointError, architecture_metadata, load_strict, read_file, save_weights,
-                           unusable_entries)
+                           torch_load_reason, unusable_entries)
 
 MODULES = ("sit", "ema", "vae", "regulariser")
 MANIFEST = "manifest.json"
@@ -299,8 +299,7 @@ def read_checkpoint(path: Path, names) -> Tuple[Dict[str, dict], dict]:
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot read {path / 'state.pt'}: {reason}") from None
+        raise CheckpointError(f"cannot read {path / 'state.pt'}: {torch_load_reason(err)}") from None
     return weights, state
 
 
