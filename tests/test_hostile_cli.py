@@ -130,6 +130,9 @@ def test_cknna_depth_and_topk_checked_before_the_data(tmp_path, tiny_sit, tiny_v
     assert "--depth 9: this SiT has blocks 1..4" in _refused([*common, "--depth", "9"], capsys)
     assert "--topk 20 must be below --num-images 10" in _refused([*common, "--topk", "20", "--num-images", "10"],
                                                                   capsys)
+    # the toy teacher is the toy world's own: an --encoder-path beside it was silently ignored
+    err = _refused([*common, "--encoder", "toy-teacher", "--encoder-path", str(tmp_path / "dino.pth")], capsys)
+    assert "--encoder-path" in err and "toy teacher is the toy world's own" in err
 
 
 def test_cuda_device_refused_on_a_cpu_only_torch(dirs, capsys):

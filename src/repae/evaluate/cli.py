@@ -604,11 +604,21 @@ def cmd_spectrum(args) -> int:
 # ----------------------------------------------------------------------------- cknna
 
 
-def _encoder(args, cfg, data, image_size: int, device):
-    """(encoder module, name, files): --encoder (default: the run's first), toy-teacher from the toy world."""
+def _encoder_name(args, cfg) -> str:
+    """--encoder, else the run's first encoder; EvaluationError for neither, and for an --encoder-path the
+    toy teacher cannot use (it is the toy world's own, not a file)."""
     name = args.encoder or (cfg.encoder.names[0] if cfg.encoder.names else None)
     if name is None:
         raise EvaluationError("--encoder NAME is required (e.g. dinov2-vit-b)")
+    if name == "toy-teacher" and args.encoder_path:
+        raise EvaluationError(f"--encoder-path {args.encoder_path}: the toy teacher is the toy world's own "
+                              f"(its cache holds it); --encoder-path names a real encoder's weights (--encoder NAME)")
+    return name
+
+
+def _encoder(args, cfg, data, image_size: int, device):
+    """(encoder module, name, files): --encoder (default: the run's first), toy-teacher from the toy world."""
+    name = _encoder_name(args, cfg)
     if name == "toy-teacher":
         from repae.evaluate.loading import toy_world
 
@@ -662,6 +672,7 @@ def cmd_cknna(args) -> int:
     depth = cfg.model.encoder_depth if args.depth is None else args.depth
     if not 1 <= depth <= len(sit.blocks):  # before the data is read and encoded
         raise EvaluationError(f"--depth {depth}: this SiT has blocks 1..{len(sit.blocks)}")
+    _encoder_name(args, cfg)  # likewise
     if args.image_size and args.image_size != image_size:
         raise EvaluationError(f"this SiT/VAE pair takes {image_size}px images, not --image-size {args.image_size}")
     data = open_data(args.data, cfg, image_size=image_size, batch_size=args.batch_size, limit=args.num_images,
