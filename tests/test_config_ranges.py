@@ -183,12 +183,21 @@ def test_a_small_anchor_is_still_fine(tmp_path):
     (b"- 1\n- 2\n", "mapping at top level"),
     (b"train: {seed: !!python/object:os.system [ls]}\n", "not valid YAML"),
     (b"train: {seed: " + b"9" * 10000 + b"}\n", "cannot be read"),
+    # a second section of the same name dropped every key of the first without a word
+    (b"train:\n  max_steps: 5\nmodel:\n  depth: 2\ntrain:\n  seed: 3\n", "duplicate key 'train' \\(first on line 1\\)"),
+    (b"train: {seed: 1, seed: 2}\n", "duplicate key 'seed'"),
 ])
 def test_unreadable_yaml_is_a_config_error_naming_the_file(tmp_path, content, message):
     f = tmp_path / "odd.yaml"
     f.write_bytes(content)
     with pytest.raises(ConfigError, match=f"odd.yaml.*{message}|{message}.*odd.yaml"):
         load_config("toy", [f])
+
+
+def test_a_merge_key_may_still_be_overridden(tmp_path):
+    f = tmp_path / "merge.yaml"
+    f.write_text("base: &b {max_steps: 5, seed: 1}\ntrain:\n  <<: *b\n  seed: 3\n")
+    assert read_yaml(f)["train"] == {"max_steps": 5, "seed": 3}
 
 
 def test_oversized_yaml_is_refused_before_parsing(tmp_path):

@@ -445,6 +445,20 @@ class _BoundedLoader(yaml.SafeLoader):
         _check_yaml_tree(node)
         return node
 
+    def construct_mapping(self, node, deep=False):
+        """A key given twice in one mapping is refused: YAML's loaders keep the last silently, so a second
+        `train:` section would drop every key of the first. Merge keys (<<) may still be overridden."""
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    if key_node.value in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key_node.value[:60]!r} (first on line {seen[key_node.value]})",
+                            key_node.start_mark)
+                    seen[key_node.value] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
 
 def _check_yaml_tree(root: yaml.Node) -> None:
     sizes: dict = {}  # id(node) -> (expanded node count, depth)
