@@ -299,6 +299,15 @@ def vae_and_folders(tmp_path):
     return tmp_path
 
 
+@pytest.mark.parametrize("name", ["images.npz", "notes.txt"])
+def test_a_data_file_of_no_readable_kind_is_called_a_file_not_a_missing_folder(name, vae_and_folders, capsys):
+    (vae_and_folders / name).write_bytes(b"PK\x03\x04 not an archive of images")
+    err = _refused(["evaluate", "vae", "--vae", str(vae_and_folders / "vae.safetensors"), "--data",
+                    str(vae_and_folders / name), "--no-progress"], capsys)
+    assert "is a file of no kind it reads" in err and "not found" not in err
+    assert ("repae evaluate samples" in err) == name.endswith(".npz")
+
+
 @pytest.mark.parametrize("argv, words", [
     # every image unreadable: was a ValueError traceback ("no images were evaluated", "no batches")
     (["evaluate", "vae", "--data", "{d}/bad", "--image-size", "32"], "no readable images in the data"),

@@ -220,6 +220,11 @@ def open_data(data: Optional[str], cfg, *, image_size: Optional[int], batch_size
     kind = detect_kind(data)
     if kind != "folder":
         return open_records(kind, data, image_size, batch_size, limit, max_pixels, split, rank, world)
+    if Path(data).exists() and not Path(data).is_dir():  # was "data folder not found" for a file that is there
+        hint = " (an .npz of images is scored with `repae evaluate samples` or `ref-stats`)" \
+            if data.endswith(".npz") else ""
+        raise EvaluationError(f"--data {data} is a file of no kind it reads: give an image folder, parquet/arrow "
+                              f"files, tar shards or a prepare-data store{hint}")
     if not Path(data).is_dir():
         raise EvaluationError(f"data folder not found: {data}")
     source = open_folder(data, batch_size, image_size, rank, world, limit, labelled=True, workers=workers,
