@@ -230,7 +230,7 @@ def test_real_inception_architecture_end_to_end(tmp_path):
     assert rec["files"]["inception"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_corrupt_png_is_skipped_and_counted(tmp_path, tiny_inception):
+def test_corrupt_png_is_skipped_and_counted(tmp_path, tiny_inception, capsys):
     write_pngs(tmp_path / "png", random_images(5, 16, seed=8))
     (tmp_path / "png" / "00002.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     np.savez(tmp_path / "ref.npz", arr_0=random_images(8, 16, seed=9))
@@ -239,6 +239,8 @@ def test_corrupt_png_is_skipped_and_counted(tmp_path, tiny_inception):
     m = json.loads((tmp_path / "r.json").read_text())["metrics"]
     assert m["num_images"] == 4 and m["unreadable_images_skipped"] == 1
     assert m["unreadable_examples"][0].endswith("00002.png")
+    err = capsys.readouterr().err  # said where people look, not only in the JSON
+    assert "skipped 1 unreadable images (unreadable_examples in the record), e.g. " in err and "00002.png" in err
 
 
 def test_bomb_and_over_limit_images_are_skipped_and_counted(tmp_path, tiny_inception):

@@ -101,6 +101,10 @@ def _finish(args, kind: str, metrics: dict, settings: dict, files: Dict[str, Opt
             print(f"{why}: this one goes beside it, named by its settings", file=sys.stderr)
     write_json_atomic(out, record)
     print(json.dumps(record, indent=2))
+    skipped = metrics.get("unreadable_images_skipped")
+    if skipped:  # the JSON holds them; a measurement of fewer images than asked is said where people look
+        print(f"skipped {skipped} unreadable images (unreadable_examples in the record), e.g. "
+              f"{', '.join(map(str, metrics.get('unreadable_examples', [])[:5]))}", file=sys.stderr)
     print(f"wrote {out}", file=sys.stderr)
     return record
 
