@@ -97,8 +97,10 @@ def test_a_run_whose_checkpoints_are_all_damaged_is_refused_not_restarted(tmp_pa
     cfg = load_config("toy", overrides=[f"output_dir={tmp_path}"])
     save_checkpoint(cfg.run_dir, 1, {"m": nn.Linear(2, 2)}, {"step": 1}, cfg)
     _truncate(cfg.run_dir / "checkpoints" / "step-0000001" / "m.safetensors")
-    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+    with pytest.raises(CheckpointError, match="no intact checkpoint") as err:
         latest_checkpoint(cfg.run_dir)
+    # sample, evaluate and export-vae read it too: restoring comes first, training afresh is the other way out
+    assert "until one is restored from a copy" in str(err.value)
 
 
 def _save_tiny(cfg, step, keep_last):

@@ -287,9 +287,10 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     skipped: List[str] = []
     for path in usable_checkpoints(run_dir, skipped):
         return path
-    if skipped:
-        raise CheckpointError(f"{run_dir}: no intact checkpoint ({len(skipped)} damaged); move "
-                              f"{checkpoint_dir(run_dir)} away to start the run again")
+    if skipped:  # read by sample, evaluate and export-vae too: "start the run again" is training's remedy alone
+        raise CheckpointError(f"{run_dir}: no intact checkpoint ({len(skipped)} damaged, each named above); nothing "
+                              f"can be read from this run until one is restored from a copy (to train it afresh "
+                              f"instead, move {checkpoint_dir(run_dir)} away)")
     return None
 
 
