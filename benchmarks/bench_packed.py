@@ -1,6 +1,6 @@
 """Size, fidelity and decode speed of the packed-data codecs, and packed DatasetBatches throughput.
 
-    python benchmarks/bench_packed.py [--images 48] [--loader-images 512] [--batch 64] [--size 256]
+    python benchmarks/bench_packed.py [--images 48] [--loader-images 512] [--batch 64] [--size 256] [--out FILE]
 
 Test images (no ImageNet here; real photos differ, so read the numbers as a guide):
   deadleaves  the dead-leaves model of natural images: occluding discs/polygons with power-law sizes,
@@ -84,7 +84,8 @@ CANDIDATES: Dict[str, dict] = {
 }
 
 
-def codec_table(sets: Dict[str, List[np.ndarray]], size: int, repeats: int = 3) -> None:
+def codec_table(sets: Dict[str, List[np.ndarray]], size: int, repeats: int = 3) -> List[dict]:
+    rows = []
     print(f"\n{'set':11s} {'codec':17s} {'KiB/img':>8s} {'ImageNet GB':>11s} {'enc img/s':>9s} "
           f"{'dec img/s/core':>14s} {'PSNR mean/min dB':>16s}")
     for name, images in sets.items():
@@ -103,9 +104,16 @@ def codec_table(sets: Dict[str, List[np.ndarray]], size: int, repeats: int = 3) 
             fid = "lossless" if min(ps) == float("inf") else f"{np.mean(ps):.1f}/{min(ps):.1f}"
             print(f"{name:11s} {label:17s} {nbytes / 1024:8.1f} {nbytes * IMAGENET_TRAIN / 1e9:11.0f} {enc:9.0f} "
                   f"{dec:14.0f} {fid:>16s}")
+            rows.append({"set": name, "codec": label, "kib_per_image": nbytes / 1024,
+                         "imagenet_gb": nbytes * IMAGENET_TRAIN / 1e9, "encode_images_per_s": enc,
+                         "decode_images_per_s_per_core": dec,
+                         "psnr_mean_db": None if fid == "lossless" else float(np.mean(ps)),
+                         "psnr_min_db": None if fid == "lossless" else min(ps)})
+    return rows
 
 
-def loader_throughput(images: List[np.ndarray], batch: int, tmp: Path, codecs: List[str]) -> None:
+def loader_throughput(images: List[np.ndarray], batch: int, tmp: Path, codecs: List[str]) -> List[dict]:
+    rows = []
     src = tmp / "src"
     for i, arr in enumerate(images):  # 8 classes of size x size PNGs: the ADM crop is then the identity
         (src / f"c{i % 8}").mkdir(parents=True, exist_ok=True)
@@ -129,6 +137,8 @@ def loader_throughput(images: List[np.ndarray], batch: int, tmp: Path, codecs: L
             batches._it = None  # shut the workers down now
             print(f"  {codec:5s} workers={workers}: {rate:6.0f} img/s   "
                   f"(prepare-data from PNG sources, 1 process: {pack:.0f} img/s)")
+            rows.append({"codec": codec, "workers": workers, "images_per_s": rate, "prepare_images_per_s": pack})
+    return rows
 
 
 def main() -> None:
@@ -138,17 +148,26 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--codecs", default="webp,png,jpeg", help="codecs for the loader benchmark")
+    parser.add_argument("--out", help="also write the numbers (and the settings) to this JSON file")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     sets = {"deadleaves": [dead_leaves(rng, args.size) for _ in range(args.images)],
             "photo": photo_crops(rng, args.images, args.size)}
-    codec_table(sets, args.size)
+    codecs = codec_table(sets, args.size)
     raw = 3 * args.size**2
     print(f"(raw pixels: {raw / 1024:.0f} KiB/img; ImageNet-1k train = {IMAGENET_TRAIN} images)")
     loader_imgs = [dead_leaves(rng, args.size) if i % 2 else photo_crops(rng, 1, args.size)[0]
                    for i in range(args.loader_images)]
     with tempfile.TemporaryDirectory() as tmp:
-        loader_throughput(loader_imgs, args.batch, Path(tmp), args.codecs.split(","))
+        loader = loader_throughput(loader_imgs, args.batch, Path(tmp), args.codecs.split(","))
+    if args.out:
+        import json
+        import platform
+
+        record = {"settings": vars(args), "cores": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+                  "imagenet_train_images": IMAGENET_TRAIN, "codecs": codecs, "loader": loader}
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
