@@ -224,3 +224,14 @@ def test_a_broken_saved_run_config_is_a_config_error(tmp_path):
         saved.write_bytes(content)
         with pytest.raises(ConfigError, match="config.yaml"):
             check_same_config(cfg, saved)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.depth=[1", "not valid YAML"), ("model.depth=!foo 3", "not valid YAML"), ("model.depth=*a", "not valid YAML"),
+    ("sample.mode=!!python/name:os.system", "not valid YAML"),
+    ("model.depth=" + "[" * 3000, "nests too deeply"),
+])
+def test_an_override_that_is_not_yaml_is_a_config_error(override, words):
+    # overrides are parsed as YAML by OmegaConf: each was a yaml (or RecursionError) traceback
+    with pytest.raises(ConfigError, match=f"override .*{words}"):
+        load_config("toy", overrides=[override])

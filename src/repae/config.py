@@ -593,6 +593,10 @@ def _merge(base, make_other, where: str):
         return OmegaConf.merge(base, make_other())
     except OmegaConfBaseException as err:
         raise ConfigError(_merge_message(err, where)) from None
+    except yaml.YAMLError as err:  # an override's value is parsed as YAML: '[1', '!foo 3', '*a', a python tag
+        raise ConfigError(f"{where}: not valid YAML or refused ({' '.join(str(err).split())[:200]})") from None
+    except RecursionError:  # e.g. 3000 nested brackets
+        raise ConfigError(f"{where}: nests too deeply to be a config value") from None
 
 
 def _merge_message(err: OmegaConfBaseException, where: str) -> str:
