@@ -229,9 +229,10 @@ def test_a_broken_saved_run_config_is_a_config_error(tmp_path):
 @pytest.mark.parametrize("override, words", [
     ("model.depth=[1", "not valid YAML"), ("model.depth=!foo 3", "not valid YAML"), ("model.depth=*a", "not valid YAML"),
     ("sample.mode=!!python/name:os.system", "not valid YAML"),
-    ("model.depth=" + "[" * 3000, "nests too deeply"),
+    ("model.depth=" + "[" * 3000, "not valid YAML"),
 ])
 def test_an_override_that_is_not_yaml_is_a_config_error(override, words):
-    # overrides are parsed as YAML by OmegaConf: each was a yaml (or RecursionError) traceback
-    with pytest.raises(ConfigError, match=f"override .*{words}"):
+    # overrides are parsed as YAML by OmegaConf: each was a yaml traceback
+    with pytest.raises(ConfigError, match=f"override .*{words}") as err:
         load_config("toy", overrides=[override])
+    assert len(str(err.value)) < 400  # the 3000 brackets are not echoed back whole
