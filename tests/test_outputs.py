@@ -91,6 +91,54 @@ def test_a_failure_while_assembling_leaves_nothing_either(tmp_path, monkeypatch)
     assert _left(tmp_path, "big.npz") == []  # parts, big.npz.assemble/ and its arrays are gone
 
 
+def test_a_disk_too_small_for_the_npz_is_refused_before_sampling(tmp_path, monkeypatch):
+    # was: sampling into a sparse memory map until the disk filled, then SIGBUS (exit 135, no message)
+    sit, vae = _models()
+    calls = _fail_after_first_batch(monkeypatch, RuntimeError)
+    monkeypatch.setattr(generate.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9, free=5000))
+    with pytest.raises(OSError, match="No space left on device: 6 samples of 16 px need") as err:
+        generate_npz(sit, vae, sample_labels(6, 10), tmp_path / "big.npz", batch_size=2, progress=False, **SAMPLER)
+    assert err.value.errno == 28 and calls == [] and _left(tmp_path, "big.npz") == []
+
+
+def test_the_npz_part_is_reserved_on_disk_before_sampling(tmp_path, monkeypatch):
+    # a disk that fills after the check: the reservation fails (an OSError and the clean-up), not a write into the map
+    sit, vae = _models()
+    calls = _fail_after_first_batch(monkeypatch, RuntimeError)
+    sizes = []
+
+    def full(fd, offset, length):
+        sizes.append(length)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(generate.os, "posix_fallocate", full, raising=False)
+    with pytest.raises(OSError, match="No space left on device") as err:
+        generate_npz(sit, vae, sample_labels(6, 10), tmp_path / "big.npz", batch_size=2, progress=False, **SAMPLER)
+    assert calls == [] and sizes and sizes[0] >= 6 * 16 * 16 * 3  # the whole part, before any batch
+    assert str(tmp_path / "big.npz") in str(err.value.filename) and _left(tmp_path, "big.npz") == []
+
+
+def test_a_full_disk_while_saving_weights_is_an_oserror_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from repae.train.checkpoint import save_checkpoint
+
+    def full(state, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError) as err:
+        save_weights({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    assert err.value.errno == 28 and err.value.filename == str(tmp_path / "w.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    cfg = load_config("toy", overrides=[f"output_dir={tmp_path}"])
+    with pytest.raises(OSError):  # a checkpoint half-written on a full disk: its step-*.tmp goes too
+        save_checkpoint(cfg.run_dir, 2, {"sit": torch.nn.Linear(2, 2)}, {"step": 2}, cfg)
+    assert list((cfg.run_dir / "checkpoints").iterdir()) == []
+
+
 def test_sigterm_while_sampling_removes_the_part_and_restores_the_handler(tmp_path, monkeypatch):
     class Escaped(Exception):
         """Raised by this test's own SIGTERM handler: SIGTERM reached it instead of generate_npz's."""

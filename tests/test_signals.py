@@ -181,6 +181,11 @@ def _raising(exc):
         "in a row from /d/a.png: is this an image folder?\n"),
      "repae config: error: 100 unreadable images in a row from /d/a.png: is this an image folder?"),
     (KeyboardInterrupt(), "repae config: interrupted"),
+    # the user's disk or permissions (were tracebacks, often after all the work): one line naming the file
+    (OSError(28, "No space left on device", "runs/toy/checkpoints/step-0000002.tmp/vae.safetensors"),
+     "repae config: error: No space left on device: runs/toy/checkpoints/step-0000002.tmp/vae.safetensors"),
+    (OSError(30, "Read-only file system", "ro/x.png"), "repae config: error: Read-only file system: ro/x.png"),
+    (PermissionError(13, "Permission denied", "/data/out"), "repae config: error: Permission denied: /data/out"),
 ])
 def test_user_errors_and_ctrl_c_outside_training_print_one_line(monkeypatch, capsys, exc, line):
     monkeypatch.setattr(cli, "cmd_config", _raising(exc))
@@ -192,6 +197,30 @@ def test_other_errors_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(cli, "cmd_config", _raising(ZeroDivisionError("a bug")))
     with pytest.raises(ZeroDivisionError):
         main(["config"])
+    monkeypatch.setattr(cli, "cmd_config", _raising(OSError(5, "Input/output error", "x")))  # not the user's to fix
+    with pytest.raises(OSError):
+        main(["config"])
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["sample", "--random-init", "--out", "{ro}/grid.png"], "--out"),
+    (["sample", "--random-init", "--npz", "{ro}/deeper/s.npz"], "--npz"),
+    (["prepare-data", "{tmp}", "{ro}/packed"], "OUT"),
+    (["evaluate", "samples", "{tmp}/s.npz", "--out", "{ro}/r.json"], "--out"),
+])
+def test_an_output_where_nothing_can_be_written_is_refused_with_the_arguments(tmp_path, monkeypatch, capsys, argv,
+                                                                               flag):
+    # was: the work done, then a traceback on saving (a read-only mount, another user's folder). os.access is
+    # faked for one directory: this test runs as root too, which may write anywhere
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(cli.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    with pytest.raises(SystemExit) as exc:
+        main([a.format(ro=ro, tmp=tmp_path) for a in argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: cannot write {ro}" in err and f"{ro} is not writable" in err
 
 
 

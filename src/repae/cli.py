@@ -19,7 +19,9 @@ its temporary files.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
+import os
 import re
 import sys
 import time
@@ -93,6 +95,18 @@ def _figure_suffixes() -> Collection[str]:
 _SUFFIXES = {"image": _pil_suffixes, "figure": _figure_suffixes}
 
 
+def _not_writable(directory: Path, target: Path) -> Optional[str]:
+    """Why `target` cannot be written in `directory`, as far as can be told before writing (None: it can): the
+    nearest existing directory at or above `directory` must be writable (not a read-only mount or another
+    user's folder). Checked with the arguments, so that a command does not do its work and then fail to save."""
+    here = directory
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if here.is_dir() and not os.access(here, os.W_OK | os.X_OK):
+        return f"cannot write {target}: {here} is not writable"
+    return None
+
+
 def out_file(kind: Union[str, Collection[str], None] = None) -> Callable[[str], str]:
     """An argparse `type=` for a file the command writes at its end: never an existing directory, and with
     a suffix the writer understands (`kind`: 'image' (PIL), 'figure' (matplotlib), a set of suffixes such
@@ -101,6 +115,9 @@ def out_file(kind: Union[str, Collection[str], None] = None) -> Callable[[str], 
         path = Path(text)
         if not text or path.is_dir():
             raise argparse.ArgumentTypeError(f"{text!r} is a directory: give a file name inside it")
+        why = _not_writable(path.parent, path)
+        if why:
+            raise argparse.ArgumentTypeError(why)
         if kind is None:
             return text
         allowed = _SUFFIXES[kind]() if isinstance(kind, str) else kind
@@ -118,6 +135,9 @@ def out_dir(text: str) -> str:
     """An argparse `type=` for a directory the command creates or resumes: not an existing file."""
     if not text or (Path(text).exists() and not Path(text).is_dir()):
         raise argparse.ArgumentTypeError(f"{text!r} is a file; give a directory (created if missing)")
+    why = _not_writable(Path(text), Path(text))
+    if why:
+        raise argparse.ArgumentTypeError(why)
     return text
 
 
@@ -376,6 +396,10 @@ def _user_errors() -> tuple:
             UnreadableImagesError, PackedDataError, UsageError)
 
 
+# a write (or read) refused by the storage: full, read-only, over quota, not permitted
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENAMETOOLONG}
+
+
 def _plain_message(err: BaseException) -> str:
     """The error's own message: for a file, what is missing; for an error re-raised from a DataLoader
     worker, the worker traceback it carries reduced to its last line."""
@@ -406,6 +430,9 @@ def _report(err: BaseException, command: str, debug: bool) -> Optional[int]:
             line += f"; {err}"
     elif isinstance(err, _user_errors()):
         code, line = 2, f"repae {command}: error: {_plain_message(err)}"
+    elif isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS:  # the user's disk or permissions, not a bug
+        where = f": {err.filename}" if err.filename else ""
+        code, line = 2, f"repae {command}: error: {err.strerror or err}{where}"
     else:
         return None
     if debug:

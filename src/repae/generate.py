@@ -9,14 +9,16 @@ batches (batch b to rank b % W), so W processes write the very samples one proce
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import shutil
 import signal
 import threading
 import zipfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -199,6 +201,8 @@ def generate_npz(sit: SiT, vae: AutoencoderKL, labels: torch.Tensor, path: str |
     path = Path(path)
     rank, world = dist.rank(), dist.world_size()
     path.parent.mkdir(parents=True, exist_ok=True)
+    if dist.is_main():
+        _check_free_space(path, len(labels), sit.args.input_size * vae.downsample_factor)
     try:
         with _sigterm_raises():
             return _generate_npz(sit, vae, labels, path, batch_size, keep, progress, sampler)
@@ -207,13 +211,43 @@ def generate_npz(sit: SiT, vae: AutoencoderKL, labels: torch.Tensor, path: str |
         raise
 
 
+def _check_free_space(path: Path, n: int, size: int) -> None:
+    """OSError(ENOSPC) before any sampling when the disk cannot hold what writing the .npz takes at its peak:
+    the parts, the assembled array and the .npz itself, each n x size x size x 3 bytes."""
+    need, free = 3 * n * size * size * 3, shutil.disk_usage(path.parent).free
+    if need > free:
+        raise OSError(errno.ENOSPC, f"No space left on device: {n} samples of {size} px need ~{need / 1e9:.3g} GB "
+                                    f"there while the .npz is written (parts, assembled array, .npz), "
+                                    f"{free / 1e9:.3g} GB are free", str(path))
+
+
+def _reserved_memmap(path: Path, shape: Tuple[int, ...]) -> np.memmap:
+    """np.lib.format.open_memmap(path, 'w+', uint8) with its disk blocks allocated now. A sparse mapping written on
+    a disk that fills up kills the process with SIGBUS, which nothing can catch or clean up after; reserved, a
+    full disk is an OSError here, before the work, and the caller's clean-up runs."""
+    rows = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        try:
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+        except OSError as err:
+            del rows
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without it: as before
+                raise OSError(err.errno, err.strerror, str(path)) from None
+            rows = np.lib.format.open_memmap(path, mode="r+")
+    return rows
+
+
 def _generate_npz(sit: SiT, vae: AutoencoderKL, labels: torch.Tensor, path: Path, batch_size: int, keep: int,
                   progress: bool, sampler: dict) -> Optional[torch.Tensor]:
     rank, world, n = dist.rank(), dist.world_size(), len(labels)
     size = sit.args.input_size * vae.downsample_factor
     mine = rank_batches(n, batch_size, rank, world)
     part, tmp = _part_path(path, rank, world), _tmp_part_path(path, rank, world)
-    rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(sum(b - a for a, b in mine), size, size, 3))
+    rows = _reserved_memmap(tmp, (sum(b - a for a, b in mine), size, size, 3))
     try:
         at = 0
         for a, b in tqdm(mine, desc="sampling", unit="batch", disable=not progress or rank != 0):
@@ -238,7 +272,7 @@ def _assemble(path: Path, labels: torch.Tensor, size: int, batch_size: int, worl
     n = len(labels)
     work = path.with_name(path.name + ".assemble")
     work.mkdir(exist_ok=True)
-    arr = np.lib.format.open_memmap(work / "arr_0.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+    arr = _reserved_memmap(work / "arr_0.npy", (n, size, size, 3))
     for r in range(world):
         part = _part_path(path, r, world)
         if not part.is_file():

@@ -122,7 +122,14 @@ def save_weights(module_or_state: Union[nn.Module, StateDict], path: Union[str, 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata or {})
+    try:
+        save_file(state, str(tmp), metadata=metadata or {})
+    except Exception as err:  # safetensors reports a full disk as SafetensorError("... (os error 28)")
+        tmp.unlink(missing_ok=True)
+        code = re.search(r"os error (\d+)", str(err))
+        if code:  # an OSError like any other write's, which the command line reports in one line
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+        raise
     os.replace(tmp, path)
     return path
 

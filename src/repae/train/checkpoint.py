@@ -213,16 +213,20 @@ def save_checkpoint(run_dir: Path, step: int, modules: Dict[str, nn.Module], sta
     tmp = root / f"step-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for name, module in modules.items():
-        # with its architecture: `repae info` / `load_model` read a checkpoint's weight file on its own,
-        # and without the record they would infer it from shapes (guessing the SiT's head count)
-        save_weights(module, tmp / f"{name}.safetensors", architecture_metadata(module))
-    torch.save(state, tmp / "state.pt")
-    save_config(cfg, tmp / "config.yaml")
-    for file in tmp.iterdir():
-        _fsync(file)
-    _write_manifest(tmp, step)  # last: a directory with a valid manifest is complete
-    _fsync(tmp)
+    try:
+        for name, module in modules.items():
+            # with its architecture: `repae info` / `load_model` read a checkpoint's weight file on its own,
+            # and without the record they would infer it from shapes (guessing the SiT's head count)
+            save_weights(module, tmp / f"{name}.safetensors", architecture_metadata(module))
+        torch.save(state, tmp / "state.pt")
+        save_config(cfg, tmp / "config.yaml")
+        for file in tmp.iterdir():
+            _fsync(file)
+        _write_manifest(tmp, step)  # last: a directory with a valid manifest is complete
+        _fsync(tmp)
+    except BaseException:  # a full disk, an interrupt: no half-written step-*.tmp left to fill the disk further
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
