@@ -91,6 +91,35 @@ def test_a_failure_while_assembling_leaves_nothing_either(tmp_path, monkeypatch)
     assert _left(tmp_path, "big.npz") == []  # parts, big.npz.assemble/ and its arrays are gone
 
 
+@pytest.mark.parametrize("npz", [False, True])
+def test_samples_that_are_not_finite_are_refused_not_written_black(tmp_path, monkeypatch, capsys, npz):
+    # finite weights whose output overflows (a diverged run): the uint8 conversion made NaN pixels black, and
+    # `repae sample` wrote the grid and the .npz with exit 0
+    real = AutoencoderKL.decode
+
+    def overflowing(self, z):
+        return real(self, z) * float("inf")
+
+    monkeypatch.setattr(AutoencoderKL, "decode", overflowing)
+    out = ["--out", str(tmp_path / "g.png")] + (["--npz", str(tmp_path / "s.npz")] if npz else [])
+    assert main(["sample", *SAMPLE_CLI, *out]) == 2
+    assert "the samples from index 0 on are NaN or infinite" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_evaluating_a_model_whose_samples_are_not_finite_is_refused(monkeypatch):
+    # `evaluate samples RUN` samples on the fly: black images would have been scored as samples
+    from repae.evaluate.sources import SampledImages
+    from repae.generate import NonFiniteSamples
+
+    sit, vae = _models()
+    monkeypatch.setattr(AutoencoderKL, "decode", lambda self, z: torch.full((len(z), 3, 16, 16), float("nan")))
+    settings = dict(mode="ode", num_steps=2, heun=False, heun_cfg_at="t_cur", cfg_scale=1.0, guidance_low=0.0,
+                    guidance_high=1.0, path_type="linear", seed=0)
+    with pytest.raises(NonFiniteSamples):
+        next(iter(SampledImages(sit, vae, sample_labels(4, 10), settings, batch_size=2)))
+
+
 def test_a_disk_too_small_for_the_npz_is_refused_before_sampling(tmp_path, monkeypatch):
     # was: sampling into a sparse memory map until the disk filled, then SIGBUS (exit 135, no message)
     sit, vae = _models()

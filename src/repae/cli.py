@@ -243,7 +243,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.npz:  # every rank generates its batches; rank 0 assembles the .npz
         try:
             images = generate_npz(sit, vae, labels, args.npz, batch_size=cfg.sample.batch_size, keep=shown,
-                                  progress=is_main, **sampler)
+                                  progress=is_main, refuse_nonfinite=True, **sampler)
         except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: generate_npz removed its partial files
             err.args = (f"nothing was kept: {args.npz} was not written and its partial samples were removed",)
             raise
@@ -252,7 +252,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 print(f"repae sample: {args.npz} was not written; its partial samples were removed", file=sys.stderr)
             raise
     elif is_main:  # a grid only: rank 0 alone
-        images = generate_images(sit, vae, labels[:shown], batch_size=cfg.sample.batch_size, **sampler)
+        images = generate_images(sit, vae, labels[:shown], batch_size=cfg.sample.batch_size, refuse_nonfinite=True,
+                                 **sampler)
     if not is_main:
         return 0
     elapsed = time.perf_counter() - start
@@ -390,10 +391,11 @@ def _user_errors() -> tuple:
     from repae.data.folder import UnreadableImagesError
     from repae.data.packed import PackedDataError
     from repae.evaluate.errors import EvaluationError
+    from repae.generate import NonFiniteSamples
     from repae.weights import CheckpointError
 
     return (ConfigError, CheckpointError, EvaluationError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            UnreadableImagesError, PackedDataError, UsageError)
+            UnreadableImagesError, PackedDataError, UsageError, NonFiniteSamples)
 
 
 # a write (or read) refused by the storage: full, read-only, over quota, not permitted

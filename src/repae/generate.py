@@ -54,6 +54,10 @@ def sampler_settings(cfg, seed: Optional[int] = None, device: torch.device | str
                 seed=s.seed if seed is None else seed, autocast_dtype=autocast_dtype(cfg.train.precision, device))
 
 
+class NonFiniteSamples(RuntimeError):
+    """A model whose samples are NaN or inf: its weights are finite but its output overflows."""
+
+
 @torch.no_grad()
 def generate_images(
     sit: SiT,
@@ -74,8 +78,11 @@ def generate_images(
     autocast_dtype: Optional[torch.dtype] = None,
     progress: bool = True,
     desc: str = "sampling",
+    refuse_nonfinite: bool = False,
 ) -> torch.Tensor:
     """Class-conditional samples as uint8 [N,3,H,W]. labels: [N] class ids. `desc`: the progress bar's label.
+    `refuse_nonfinite`: NonFiniteSamples when a decoded batch holds NaN or inf (the uint8 conversion would
+    make them black pixels); off where a diverged model's samples are the measurement (training, reproduce).
 
     The SiT samples in BN-normalised latent space; its `bn` running stats (from the EMA model
     when you pass the EMA) map back to VAE latents before decoding. Without `bn` the
@@ -109,6 +116,10 @@ def generate_images(
             if sit.bn is not None:
                 z = sit.bn.denormalize(z)
             pixels = vae.decode(z)
+        if refuse_nonfinite and not bool(torch.isfinite(pixels).all()):
+            raise NonFiniteSamples(f"the samples from index {first_index + start} on are NaN or infinite: the "
+                                   f"model's output overflows (a diverged run, or damaged weights); nothing was "
+                                   f"written from them")
         out.append(from_vae_range(pixels).cpu())
     sit.train(sit_was_training)
     vae.train(vae_was_training)

@@ -273,7 +273,7 @@ class SampledImages:
                 heun_cfg_at=s["heun_cfg_at"],
                 cfg_scale=s["cfg_scale"], guidance_low=s["guidance_low"], guidance_high=s["guidance_high"],
                 path_type=s["path_type"], seed=s["seed"], batch_size=j - i, first_index=i,
-                autocast_dtype=self.autocast_dtype, progress=False)
+                autocast_dtype=self.autocast_dtype, progress=False, refuse_nonfinite=True)
 
 
 # ----------------------------------------------------------------------------- what a path is
