@@ -112,7 +112,7 @@ def test_reference_statistics_of_mismatched_shapes_are_refused(tmp_path):
     with pytest.raises(EvaluationError, match="not a mean"):
         read_reference(str(tmp_path / "ref.npz"), None, False, 64, "cpu", None, False)
     np.savez(tmp_path / "s.npz", mu=np.zeros(3), sigma=np.eye(3), mu_s=np.array(["a", "b"]), sigma_s=np.eye(2))
-    with pytest.raises(ValueError, match="not real numbers"):
+    with pytest.raises(ValueError, match="not the floating-point statistics of features"):
         load_stats(tmp_path / "s.npz")
 
 
@@ -492,6 +492,8 @@ def _covariance(n: int, d: int, seed: int = 0) -> np.ndarray:
     (lambda mu, s: mu.__setitem__(0, np.inf), "NaN or infinite"),  # undefended: FID inf, silently
     (lambda mu, s: s.__setitem__((0, 1), s[0, 1] + 1.0), "not symmetric"),  # undefended: "Imaginary component"
     (lambda mu, s: np.negative(s, out=s), "negative eigenvalue"),  # undefended: "Imaginary component"
+    (lambda mu, s: np.multiply(s, 1e300, out=s), "beyond any statistics"),  # undefended: "Imaginary component"
+    (lambda mu, s: mu.__setitem__(3, 1e12), "beyond any statistics"),
 ])
 def test_reference_statistics_that_are_no_covariance_are_refused_when_read(tmp_path, damage, message):
     from repae.evaluate.errors import EvaluationError
@@ -501,6 +503,16 @@ def test_reference_statistics_that_are_no_covariance_are_refused_when_read(tmp_p
     damage(mu, sigma)
     np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma)
     with pytest.raises(EvaluationError, match=f"ref.npz: .*{message}"):
+        read_reference(str(tmp_path / "ref.npz"), None, False, 64, "cpu", None, False)
+
+
+def test_integer_reference_statistics_are_refused(tmp_path):
+    # int8 statistics were taken as they were: a truncated covariance gave a plausible FID with exit 0
+    from repae.evaluate.errors import EvaluationError
+    from repae.evaluate.loading import read_reference
+
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(64, np.int8), sigma=np.eye(64, dtype=np.int8))
+    with pytest.raises(EvaluationError, match="holds int8, not the floating-point statistics"):
         read_reference(str(tmp_path / "ref.npz"), None, False, 64, "cpu", None, False)
 
 

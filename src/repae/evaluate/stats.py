@@ -189,14 +189,19 @@ def save_stats(path: Union[str, os.PathLike], pool: GaussianStats,
 COVARIANCE_RTOL = 1e-5  # of the largest eigenvalue: how negative a stored covariance's eigenvalues may be
 
 
+# Inception's pool_3 features are averages of ReLU outputs, a few units each (their variances ~0.1-10); the toy
+# evaluator's are as small. A mean or covariance entry beyond this is not a statistic of such features.
+MAX_FEATURE_STAT = 1e8
+
+
 def read_gaussian(path: Union[str, os.PathLike], mu_key: str = "mu", sigma_key: str = "sigma") -> GaussianStats:
     """mu [D] and sigma [D,D] (as float64) from members of an .npz, read with the bounded reader, so a
     forged .npy header cannot make it allocate; ArrayFileError (a ValueError) naming the file for a
     damaged member, non-numeric data, or shapes that are not a mean and its covariance."""
     mu, sigma = read_npy(path, mu_key), read_npy(path, sigma_key)
     for key, arr in ((mu_key, mu), (sigma_key, sigma)):
-        if arr.dtype.kind not in "iuf":
-            raise ArrayFileError(f"{path}: '{key}' holds {arr.dtype}, not real numbers")
+        if arr.dtype.kind != "f":  # integers were taken: a truncated covariance gave a plausible, wrong FID
+            raise ArrayFileError(f"{path}: '{key}' holds {arr.dtype}, not the floating-point statistics of features")
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise ArrayFileError(f"{path}: '{mu_key}' {tuple(mu.shape)} and '{sigma_key}' {tuple(sigma.shape)} are not "
                              "a mean [D] and its covariance [D,D]")
@@ -206,6 +211,10 @@ def read_gaussian(path: Union[str, os.PathLike], mu_key: str = "mu", sigma_key: 
     # formula (frechet_distance_to_features clips negative eigenvalues) a wrong number with no error at all
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ArrayFileError(f"{path}: '{mu_key}' or '{sigma_key}' holds NaN or infinite values")
+    peak = max(float(np.abs(mu).max()) if mu.size else 0.0, float(np.abs(sigma).max()) if sigma.size else 0.0)
+    if peak > MAX_FEATURE_STAT:  # e.g. sigma = 1e300 I: the matrix square root then fails after every sample is drawn
+        raise ArrayFileError(f"{path}: '{mu_key}' / '{sigma_key}' reach {peak:.3g}, beyond any statistics of network "
+                             f"features (at most {MAX_FEATURE_STAT:.0e})")
     scale = float(np.abs(sigma).max()) if sigma.size else 0.0
     if sigma.size and float(np.abs(sigma - sigma.T).max()) > 1e-6 * scale:
         raise ArrayFileError(f"{path}: '{sigma_key}' is not symmetric, so not a covariance")
