@@ -227,6 +227,27 @@ def test_a_damaged_shard_is_a_config_error_naming_it_and_a_rerun_rewrites_it(mad
     assert torch.equal(mean, good_mean) and torch.equal(std, good_std)
 
 
+@pytest.mark.parametrize("key, value", [("std", 1e30), ("mean", float("nan")), ("std", -1.0), ("mean", float("inf"))])
+def test_a_shard_whose_values_are_no_posterior_is_refused_when_read(made_cache, tmp_path, key, value):
+    # structure intact, values not: train-ldm trained through NaN batches (exit 0, "skipped": 0 in its records)
+    # or stopped with a FloatingPointError blaming divergence
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from repae.stage2.cache import LatentCache, shard_name
+
+    out = _copy(made_cache, tmp_path)
+    path = out / shard_name(1)
+    with safe_open(str(path), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors[key][2, 0, 0, 0] = value  # image 7
+    save_file(tensors, str(path), metadata=meta)
+    cache = LatentCache(out)
+    cache.moments([0, 1, 5, 6])  # other images read as before
+    with pytest.raises(ConfigError, match=rf"image 7 \(in {shard_name(1)}\) has a posterior mean or std"):
+        cache.moments([3, 7, 9])
+
+
 def test_a_truncated_shard_is_not_taken_for_a_finished_one_on_rerun(made_cache, tmp_path):
     from repae.stage2.cache import LatentCache, shard_name
 

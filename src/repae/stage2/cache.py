@@ -443,6 +443,11 @@ def _shard_layout(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...], int]]:
     return out
 
 
+# a VAE posterior's mean and std are latents of order 1-10 (SD-VAE's raw latents stay within about +-40):
+# a moment beyond this is not a VAE's, and squared in the loss it overflows float32
+MAX_MOMENT = 1e6
+
+
 class LatentCache:
     """Random access to a finished cache. Item j < N is image j; with hflip_too, item N + j is its
     mirror image. Shards are memory-mapped lazily in each process (pickle-safe for DataLoader workers)."""
@@ -535,7 +540,21 @@ class LatentCache:
                     for key in ("mean", "std"):
                         src = views[f"{key}_flip" if flip else key]
                         out[key][sel] = _to_f32(src[row[sel]])
+        self._check_values(out, base, shard)
         return torch.from_numpy(out["mean"]), torch.from_numpy(out["std"])
+
+    def _check_values(self, out: Dict[str, np.ndarray], base: np.ndarray, shard: np.ndarray) -> None:
+        """ConfigError naming the item and shard when a read moment is NaN/inf, beyond MAX_MOMENT, or a negative
+        std: a damaged cache, which would otherwise train on NaN batches (skipped as 'non-finite steps', the run
+        blamed for diverging) or stop with a FloatingPointError. Per batch read: a few microseconds."""
+        mean, std = out["mean"].reshape(len(base), -1), out["std"].reshape(len(base), -1)
+        bad = ~(np.isfinite(mean).all(1) & np.isfinite(std).all(1) & (np.abs(mean) <= MAX_MOMENT).all(1)
+                & (std >= 0).all(1) & (std <= MAX_MOMENT).all(1))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ConfigError(f"latent cache {self.root}: image {int(base[i])} (in {shard_name(int(shard[i]))}) has a "
+                              f"posterior mean or std that is NaN, infinite, negative or beyond {MAX_MOMENT:.0e}: the "
+                              f"cache is damaged; delete it and run repae cache-latents again")
 
     def channel_stats(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and variance of z ~ N(mean, std^2) over every item, exactly (float64 sums):
