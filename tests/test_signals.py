@@ -186,6 +186,9 @@ def _raising(exc):
      "repae config: error: No space left on device: runs/toy/checkpoints/step-0000002.tmp/vae.safetensors"),
     (OSError(30, "Read-only file system", "ro/x.png"), "repae config: error: Read-only file system: ro/x.png"),
     (PermissionError(13, "Permission denied", "/data/out"), "repae config: error: Permission denied: /data/out"),
+    # a run that diverged: its message says where and that the last checkpoint is intact (was a traceback)
+    (FloatingPointError("10 non-finite steps in a row at step 0; stopping (the last checkpoint is intact)"),
+     "repae config: error: 10 non-finite steps in a row at step 0; stopping (the last checkpoint is intact)"),
 ])
 def test_user_errors_and_ctrl_c_outside_training_print_one_line(monkeypatch, capsys, exc, line):
     monkeypatch.setattr(cli, "cmd_config", _raising(exc))

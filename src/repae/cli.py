@@ -394,8 +394,10 @@ def _user_errors() -> tuple:
     from repae.generate import NonFiniteSamples
     from repae.weights import CheckpointError
 
+    # FloatingPointError: training stopped after max_nonfinite_in_a_row non-finite steps (a diverged run or
+    # damaged data), which its message says in full
     return (ConfigError, CheckpointError, EvaluationError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            UnreadableImagesError, PackedDataError, UsageError, NonFiniteSamples)
+            UnreadableImagesError, PackedDataError, UsageError, NonFiniteSamples, FloatingPointError)
 
 
 # a write (or read) refused by the storage: full, read-only, over quota, not permitted
