@@ -89,3 +89,13 @@ def test_a_narrow_sit_loads_with_and_without_its_metadata(tmp_path, hidden, head
     plain = load_model(tmp_path / "plain.pt", kind="sit")
     assert plain.args.num_heads == guessed and hidden % guessed == 0
     assert plain.state_dict().keys() == model.state_dict().keys()
+
+
+def test_a_guessed_head_count_is_said_and_a_published_one_is_not(tmp_path, capsys):
+    # a wrong head count loads strictly and computes another function: it was guessed without a word
+    torch.manual_seed(0)
+    torch.save(SiT(tiny_sit_args(hidden_size=64, num_heads=4, z_dims=[32])).state_dict(), tmp_path / "plain.pt")
+    assert load_model(tmp_path / "plain.pt", kind="sit").args.num_heads == 1
+    assert "the weights do not say the SiT's head count; assuming 1" in capsys.readouterr().err
+    assert load_model(tmp_path / "plain.pt", kind="sit", num_heads=4).args.num_heads == 4  # given: no warning
+    assert "head count" not in capsys.readouterr().err

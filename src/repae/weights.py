@@ -269,11 +269,14 @@ def _tensor(state: StateDict, key: str, ndim: int, what: str) -> torch.Tensor:
     return value
 
 
+PUBLISHED_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # SiT-S/B/L/XL: width -> heads
+
+
 def _guess_heads(hidden: int) -> int:
     """The head count, which weights without q/k norms cannot tell: the published SiTs' (S/B/L/XL), else heads of
     64 channels as theirs are, at least one, and a divisor of `hidden` (a small model of width 48 has one head
     here, not 48 // 64 = 0)."""
-    known = {384: 6, 768: 12, 1024: 16, 1152: 16}.get(hidden)
+    known = PUBLISHED_HEADS.get(hidden)
     if known:
         return known
     return next(h for h in range(max(1, hidden // 64), 0, -1) if hidden % h == 0)
@@ -408,6 +411,11 @@ def load_model(path: Union[str, os.PathLike], kind: Optional[str] = None, args=N
                 args = sit_args_from_state(state, **sit_overrides)
             except CheckpointError as err:
                 raise CheckpointError(f"{source}: {err}") from None
+            if not args.qk_norm and args.hidden_size not in PUBLISHED_HEADS and "num_heads" not in sit_overrides:
+                # as a VAE's GroupNorm groups: a wrong count loads strictly and computes another function
+                print(f"warning: {source}: the weights do not say the SiT's head count; assuming {args.num_heads} "
+                      f"(heads of 64 channels); a model trained with another loads but computes something else",
+                      file=sys.stderr)
         return _build_checked(SiT, args, state, source)
     return _build_checked(AutoencoderKL, args or guess_vae_args(path, state, norm_groups), state, source)
 
