@@ -212,8 +212,9 @@ def generate_npz(sit: SiT, vae: AutoencoderKL, labels: torch.Tensor, path: str |
     path = Path(path)
     rank, world = dist.rank(), dist.world_size()
     path.parent.mkdir(parents=True, exist_ok=True)
-    if dist.is_main():
-        _check_free_space(path, len(labels), sit.args.input_size * vae.downsample_factor)
+    # every rank checks (the same path, so the same verdict): a check on rank 0 alone would leave the others
+    # sampling towards a barrier rank 0 never reaches
+    _check_free_space(path, len(labels), sit.args.input_size * vae.downsample_factor)
     try:
         with _sigterm_raises():
             return _generate_npz(sit, vae, labels, path, batch_size, keep, progress, sampler)
