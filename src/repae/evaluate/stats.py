@@ -211,11 +211,11 @@ def read_gaussian(path: Union[str, os.PathLike], mu_key: str = "mu", sigma_key: 
     # formula (frechet_distance_to_features clips negative eigenvalues) a wrong number with no error at all
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ArrayFileError(f"{path}: '{mu_key}' or '{sigma_key}' holds NaN or infinite values")
-    peak = max(float(np.abs(mu).max()) if mu.size else 0.0, float(np.abs(sigma).max()) if sigma.size else 0.0)
+    scale = float(np.abs(sigma).max()) if sigma.size else 0.0
+    peak = max(float(np.abs(mu).max()) if mu.size else 0.0, scale)
     if peak > MAX_FEATURE_STAT:  # e.g. sigma = 1e300 I: the matrix square root then fails after every sample is drawn
         raise ArrayFileError(f"{path}: '{mu_key}' / '{sigma_key}' reach {peak:.3g}, beyond any statistics of network "
                              f"features (at most {MAX_FEATURE_STAT:.0e})")
-    scale = float(np.abs(sigma).max()) if sigma.size else 0.0
     if sigma.size and float(np.abs(sigma - sigma.T).max()) > 1e-6 * scale:
         raise ArrayFileError(f"{path}: '{sigma_key}' is not symmetric, so not a covariance")
     if sigma.size:
