@@ -67,16 +67,22 @@ def bounded(lo: Optional[float] = None, hi: Optional[float] = None, kind: type =
 
 POSITIVE = bounded(1)
 NON_NEGATIVE = bounded(0)
-SEED = bounded(0, 2**32 - 1)  # numpy's seed range, as train.seed / sample.seed
 
 
-def _image_size() -> Callable[[str], float]:
-    from repae.config import MAX_IMAGE_SIZE
+def _config_bounded(lo: int, limit: str) -> Callable[[str], float]:
+    """`bounded(lo, repae.config.<limit>)`, the config reading its bound only when an argument is parsed:
+    `repae --help` and every parser build stay free of the config's imports (yaml, OmegaConf)."""
+    def parse(text: str):
+        import repae.config
 
-    return bounded(1, MAX_IMAGE_SIZE)  # as data.image_size: a typo must not ask for a 100000^2 crop
+        return bounded(lo, getattr(repae.config, limit))(text)
+
+    parse.__name__ = "an integer"
+    return parse
 
 
-IMAGE_SIZE = _image_size()
+SEED = _config_bounded(0, "MAX_SEED")  # numpy's seed range, as train.seed / sample.seed
+IMAGE_SIZE = _config_bounded(1, "MAX_IMAGE_SIZE")  # as data.image_size: a typo must not ask for a 100000^2 crop
 
 
 def _pil_suffixes() -> Collection[str]:

@@ -743,7 +743,8 @@ def _ints(lo: int, hi: int, min_len: int = 0, max_len: int = 64) -> Range:
 MAX_IMAGE_SIZE = 4096  # the bound on data.image_size and on every command's --image-size (see above)
 _PROB = _real(0.0, 1.0)
 _WEIGHT = _real(0.0)  # a loss weight: finite, >= 0 (0 switches the term off)
-_SEED = _int(0, 2**32 - 1)  # numpy's seed range; torch and random accept it too
+MAX_SEED = 2**32 - 1  # numpy's seed range; torch and random accept it too
+_SEED = _int(0, MAX_SEED)
 _COUNT = _int(1)
 _OPTIM = {
     "lr": _real(0.0, 1.0, lo_open=True),  # Adam's step is ~lr per weight: above 1 is never a learning rate

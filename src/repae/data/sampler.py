@@ -8,12 +8,12 @@ from typing import Tuple
 
 import torch
 
+from repae.config import MAX_SEED
 from repae.fileio import is_number
 
 # An epoch count beyond this is no real run (10**12 epochs of one image at a microsecond each is 11 days of
 # nothing but bookkeeping): the bound that keeps a hand-edited checkpoint from asking for astronomic arithmetic.
 MAX_EPOCH = 10**12
-MAX_SEED = 2**32 - 1  # the config's train.seed range
 
 
 class ResumableOrder:

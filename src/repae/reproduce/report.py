@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from repae.config import MAX_SEED
 from repae.fileio import is_number
 from repae.reproduce.arms import CFG_SWEEP_ARMS
 from repae.reproduce.judges import V7_SUFFIX
@@ -503,7 +504,6 @@ JUDGE_IDENTITY = ("kind", "spec", "evaluator_version", "vae_heldout_psnr_db", "e
 
 
 MAX_COUNT = 10**12  # steps and sample counts read from a results file: beyond any run, short of 10**400
-MAX_SEED = 2**32 - 1  # train.seed's range
 
 
 def _count(value, low: int = 1, high: int = MAX_COUNT) -> bool:
