@@ -53,6 +53,11 @@ def _local(path: Union[str, os.PathLike], kind: str) -> Union[str, os.PathLike]:
     return hub.local_path(path, kind)
 
 
+def _refuse_special_file(path: Path) -> None:
+    if is_special_file(path):
+        raise CheckpointError(f"{path} is {SPECIAL_FILE}; expected a weight file")
+
+
 def read_file(path: Union[str, os.PathLike]) -> dict:
     """Load a .safetensors or a torch pickle (.pt/.pth/.bin/.ckpt) safely; CheckpointError if unreadable.
     `path` may be a hub id naming one file (`repae.hub`)."""
@@ -61,8 +66,7 @@ def read_file(path: Union[str, os.PathLike]) -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; expected a weight file (or use load_model for diffusers dirs)")
-    if is_special_file(path):
-        raise CheckpointError(f"{path} is {SPECIAL_FILE}; expected a weight file")
+    _refuse_special_file(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -101,8 +105,7 @@ def file_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
     path = Path(path)
     if path.suffix != ".safetensors":
         return {}
-    if is_special_file(path):  # safe_open would block on a FIFO
-        raise CheckpointError(f"{path} is {SPECIAL_FILE}; expected a weight file")
+    _refuse_special_file(path)  # safe_open would block on a FIFO
     from safetensors import safe_open
 
     try:
