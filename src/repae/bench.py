@@ -25,7 +25,7 @@ import torch
 
 from repae.cli import NON_NEGATIVE, POSITIVE, SEED, UsageError, bounded, out_file
 from repae.config import RunConfig
-from repae.nn_utils import autocast, autocast_dtype, resolve_precision
+from repae.nn_utils import autocast, autocast_dtype, compile_for_sampling, resolve_precision, use_fast_gpu_kernels
 
 
 # ------------------------------------------------------------------------------ timing
@@ -243,6 +243,11 @@ def parse_modes(specs) -> list:
     return out
 
 
+# sampler steps of bench sample's warm-up run: enough for both guided and unguided steps to occur
+# under any guidance interval wider than a tenth of [0, 1]
+WARMUP_SAMPLER_STEPS = 12
+
+
 def bench_sample(cfg: RunConfig, device: torch.device, num_samples: Optional[int] = None,
                  modes: Optional[list] = None) -> dict:
     """images/s of generation (sampler + decode): by default ODE-50 and SDE-250, without and with CFG;
@@ -253,18 +258,27 @@ def bench_sample(cfg: RunConfig, device: torch.device, num_samples: Optional[int
 
     torch.manual_seed(0)
     sit, vae = build_sit(cfg).to(device).eval(), AutoencoderKL(vae_args(cfg)).to(device).eval()
+    if cfg.sample.compile:
+        compile_for_sampling(sit, vae)
     n = cfg.sample.batch_size if num_samples is None else num_samples
     labels = torch.arange(n) % cfg.model.num_classes
     guided = cfg.sample.cfg_scale if cfg.sample.cfg_scale != 1.0 else 4.0
-    out = {"preset": cfg.preset, "device": str(device), "samples": n, "images_per_s": {}}
+    out = {"preset": cfg.preset, "device": str(device), "samples": n, "compile": cfg.sample.compile,
+           "guidance_interval": [cfg.sample.guidance_low, cfg.sample.guidance_high], "images_per_s": {}}
     modes = modes or [(mode, steps, scale) for mode, steps in (("ode", 50), ("sde", 250)) for scale in (1.0, guided)]
     for mode, steps, scale in modes:
-        # one untimed run first on a GPU, where a first call pays for cuDNN/cuBLAS set-up (an H100
-        # run that timed the first call gave SiT-XL/2 ODE-50 at 11 images/s, ~1/3 of what its FLOPs allow)
-        seconds = median_seconds(lambda: generate_images(
-            sit, vae, labels, mode=mode, num_steps=steps, cfg_scale=scale, batch_size=n, progress=False,
-            autocast_dtype=autocast_dtype(cfg.train.precision, device)), device, iters=1,
-            warmup=int(device.type == "cuda"))
+        def run(num_steps: int):
+            return generate_images(
+                sit, vae, labels, mode=mode, num_steps=num_steps, cfg_scale=scale, batch_size=n, progress=False,
+                guidance_low=cfg.sample.guidance_low, guidance_high=cfg.sample.guidance_high,
+                autocast_dtype=autocast_dtype(cfg.train.precision, device))
+
+        if device.type == "cuda" or cfg.sample.compile:
+            # one short untimed run first, with the timed run's shapes (guided and unguided steps alike):
+            # a first call pays for cuDNN/cuBLAS set-up (an H100 run that timed it gave SiT-XL/2 ODE-50 at
+            # 11 images/s, ~1/3 of what its FLOPs allow), and sample.compile compiles there
+            run(min(steps, WARMUP_SAMPLER_STEPS))
+        seconds = median_seconds(lambda: run(steps), device, iters=1, warmup=0)
         out["images_per_s"][f"{mode}-{steps} cfg {scale:g}"] = n / seconds
     return out
 
@@ -369,6 +383,7 @@ def run_bench(args: argparse.Namespace) -> int:
     modes = parse_modes(args.modes) if args.modes else None
     cfg = load_config(args.preset, args.config, args.overrides)
     device = init_from_env(cfg.train.device)
+    use_fast_gpu_kernels(device, cfg.train.tf32, cfg.train.cudnn_benchmark)
     if args.what == "step":
         result = bench_step(cfg, device, args.iters, args.warmup)
         _print_step(result)

@@ -204,6 +204,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from repae.build import build_sit, build_vae
     from repae.config import load_config, save_config
     from repae.generate import generate_images, generate_npz, sample_labels, sampler_settings, save_image_grid
+    from repae.nn_utils import compile_for_sampling, use_fast_gpu_kernels
     from repae.stage2.latents import vae_files
     from repae.weights import load_latent_stats, load_model
 
@@ -230,6 +231,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:  # argparse requires one of them; a caller of cmd_sample may not have
         raise UsageError("give --ckpt PATH (a run, a SiT checkpoint) or --random-init")
     device = dist.init_from_env(cfg.train.device)  # joins the torchrun process group when there is one
+    use_fast_gpu_kernels(device, cfg.train.tf32, cfg.train.cudnn_benchmark)
     is_main = dist.is_main()
     if args.random_init and is_main:
         print("smoke run: randomly initialised SiT and VAE; the images show the pipeline works, not a model")
@@ -240,6 +242,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         sit.bn.init_from_stats(mean, var)
     sit.to(device)
     vae.to(device)
+    if cfg.sample.compile:
+        compile_for_sampling(sit, vae)
 
     n = cfg.sample.num_samples
     labels = sample_labels(n, sit.num_classes, cfg.eval.label_sampling, cfg.sample.seed)  # balanced: i % C

@@ -204,6 +204,12 @@ class TrainConfig:
     # step --preset toy` (2 cores) 1159 -> 1053 ms per step, but compiling took ~3 minutes (bench wall
     # 42 -> 237 s), more than the ~1.8 minutes it saves over the default run's 1000 steps
     compile: bool = False
+    # On a CUDA device: float32 matmuls and convolutions in TF32, as the reference's --allow-tf32
+    # default does (bf16 autocast covers most of the step; TF32 speeds up what stays float32), and
+    # cuDNN's benchmark mode, which times its convolution algorithms once per shape and keeps the
+    # fastest (the VAE is most of the step's convolutions). No effect on a CPU.
+    tf32: bool = True
+    cudnn_benchmark: bool = True
     tune_vae: bool = True  # False: REPA / vanilla SiT with a frozen VAE
     stop_grad: bool = True  # False: the "no stop-grad" ablation (diffusion loss reaches the VAE)
     use_reg_loss: bool = True  # False: the "no L_REG" ablation
@@ -232,6 +238,10 @@ class SampleConfig:
     batch_size: int = 64
     seed: int = 0
     use_ema: bool = True
+    # torch.compile the SiT blocks and the VAE decoder for generation (static shapes: one graph
+    # per batch shape, guided and unguided). Pays on a GPU over many batches (FID-50K); on a CPU
+    # or for one grid the compile time costs more than it saves.
+    compile: bool = False
 
 
 @dataclass

@@ -89,13 +89,33 @@ def autocast(precision: str, device: torch.device) -> ContextManager:
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def compile_regions(module: nn.Module) -> None:
+def compile_regions(module: nn.Module, **compile_kwargs) -> None:
     """torch.compile `module` in place, region by region: each element of a `blocks` list on its
     own (identical blocks share one compiled graph, so compiling a 28-block SiT costs one block),
-    else the module whole. Parameter names, hence checkpoints, do not change (nn.Module.compile)."""
+    else the module whole. Parameter names, hence checkpoints, do not change (nn.Module.compile).
+    `compile_kwargs` go to torch.compile (e.g. dynamic=False)."""
     blocks = getattr(module, "blocks", None)
     if isinstance(blocks, nn.ModuleList):
         for block in blocks:
-            block.compile()
+            block.compile(**compile_kwargs)
     else:
-        module.compile()
+        module.compile(**compile_kwargs)
+
+
+def use_fast_gpu_kernels(device: torch.device, tf32: bool = True, cudnn_benchmark: bool = True) -> None:
+    """On a CUDA device: TF32 for float32 matmuls and convolutions (`tf32`), and cuDNN's benchmark
+    mode (`cudnn_benchmark`: it times the convolution algorithms once per input shape and keeps the
+    fastest). Process-wide switches, so set both ways: a later run in the same process with the other
+    setting gets it. Nothing on other devices."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def compile_for_sampling(sit: nn.Module, vae: nn.Module) -> None:
+    """sample.compile: the SiT blocks and the VAE decoder compiled with static shapes (sampling sees
+    two batch shapes, guided and unguided, and a last partial batch: one graph each, no dynamic kernels)."""
+    compile_regions(sit, dynamic=False)
+    compile_regions(getattr(vae, "decoder", vae), dynamic=False)

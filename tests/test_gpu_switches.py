@@ -1,0 +1,74 @@
+"""The GPU speed switches: TF32 / cuDNN benchmark mode (train.tf32, train.cudnn_benchmark) and
+compiled sampling (sample.compile). The flags are process-wide, so each test puts them back."""
+
+import pytest
+import torch
+from torch import nn
+
+from repae.generate import generate_images
+from repae.models.sit import SiT
+from repae.models.vae import AutoencoderKL
+from repae.nn_utils import compile_for_sampling, use_fast_gpu_kernels
+from conftest import randomize, tiny_sit_args, tiny_vae_args
+
+
+@pytest.fixture
+def backend_flags():
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
+def _flags():
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+
+
+def test_a_cuda_device_gets_the_switches_it_asks_for_both_ways(backend_flags):
+    # setting the flags needs no GPU: only their effect does
+    use_fast_gpu_kernels(torch.device("cuda"), tf32=True, cudnn_benchmark=True)
+    assert _flags() == (True, True, True)
+    use_fast_gpu_kernels(torch.device("cuda:0"), tf32=False, cudnn_benchmark=False)
+    assert _flags() == (False, False, False)  # an earlier run's setting does not stick
+
+
+def test_a_cpu_run_leaves_the_process_flags_alone(backend_flags):
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = (
+        False, False, False)
+    use_fast_gpu_kernels(torch.device("cpu"), tf32=True, cudnn_benchmark=True)
+    assert _flags() == (False, False, False)
+
+
+def test_the_config_defaults_follow_the_reference(backend_flags):
+    """The reference's train_repae.py defaults to --allow-tf32; ours does too."""
+    from repae.config import load_config
+
+    cfg = load_config("sit-xl2-f8d4", [], [])
+    assert cfg.train.tf32 and cfg.train.cudnn_benchmark and not cfg.sample.compile
+    cfg = load_config("sit-xl2-f8d4", [], ["train.tf32=false", "train.cudnn_benchmark=false", "sample.compile=true"])
+    assert not cfg.train.tf32 and not cfg.train.cudnn_benchmark and cfg.sample.compile
+
+
+@pytest.mark.slow
+def test_compiled_sampling_compiles_sit_blocks_and_decoder_with_static_shapes_and_samples_the_same(monkeypatch):
+    compiled = {}
+    real = nn.Module.compile
+
+    def recording(self, *args, **kwargs):
+        compiled[id(self)] = kwargs
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "compile", recording)
+    torch.manual_seed(0)
+    sit = randomize(SiT(tiny_sit_args(z_dims=[32], num_classes=10)), 0.02).eval()
+    vae = AutoencoderKL(tiny_vae_args()).eval()
+    labels = torch.tensor([0, 3, 7])
+    # unguided and guided steps (batch 3 and 6): two static shapes
+    kwargs = dict(mode="ode", num_steps=3, cfg_scale=2.0, guidance_high=0.5, batch_size=3, progress=False)
+    eager = generate_images(sit, vae, labels, **kwargs)
+    compile_for_sampling(sit, vae)
+    assert {id(b) for b in sit.blocks} | {id(vae.decoder)} == set(compiled)
+    assert all(k == {"dynamic": False} for k in compiled.values())
+    assert id(vae.encoder) not in compiled  # sampling never encodes
+    again = generate_images(sit, vae, labels, **kwargs)
+    # uint8 images: compiled kernels may round a pixel the other way, no more
+    assert (again.int() - eager.int()).abs().max() <= 1
