@@ -13,15 +13,22 @@
 #   PYTHON            the interpreter (default python); REPAE_BENCH_WORK scratch (default /tmp/repae-gpu-suite)
 #
 # Steps, most important first (a step cut by the budget leaves the later ones "skipped"):
-#   loop_eager_b16, ref_eager_b16, loop_eager_b32, ref_eager_b32   our training loop (repae bench loop)
-#       against the reference's (benchmarks/reference_step.py): same batch, 12 steps, first 2 untimed
-#   loop_compile_b32                         our loop with train.compile=true
-#   sample_b32, sample_b128                  repae bench sample: ODE-50 without CFG, SDE-250 with CFG 4
-#   step_compile_b32                         repae bench step, compiled: fraction of the bf16 matmul peak
-#   loop_compile_b16                         our compiled loop at batch 16
+#   loop_eager_b16, ref_eager_b16            our training loop (repae bench loop) against the reference's
+#       (benchmarks/reference_step.py): same batch, 12 steps, first 2 untimed
+#   loop_compile_b16, step_compile_b16       our loop, and `repae bench step` (fraction of the bf16 matmul
+#       peak), with train.compile=true; the second reuses the first's compiled graphs (inductor's cache)
+#   sample_b32, sample_b128                  repae bench sample: ODE-50 without CFG, SDE-250 with CFG 4 (on
+#       every step: the strict figure), eager
+#   sample_b128_compile                      the same with sample.compile=true
+#   sample_fid_protocol                      compiled, batch 128, SDE-250 with the published REPA-E SiT-XL
+#       protocol (CFG 2.2 on t <= 0.65): the FID-50K wall-time estimate
 #   toy_world_build                          issue 21: the toy world (teacher, VAE, evaluator) built from
 #       nothing cached on the default device (benchmarks/world_build.py): where each part trained, how long
-#   fid50k_estimate                          50000 / (SDE-250 + CFG images/s), computed from sample_b128
+#   loop_eager_b16_slowkernels               ours with train.tf32=false train.cudnn_benchmark=false: what
+#       TF32 and cuDNN's benchmark mode (both on by default on a GPU) give
+#   loop_eager_b32, ref_eager_b32, loop_compile_b32, step_compile_b32   the same comparison at batch 32
+#   fid50k_estimate                          50000 / (SDE-250 + CFG images/s), from the fastest measurement
+#       that used the published protocol, else the fastest SDE + CFG one
 #   summary.json + a printed table; env.json: machine, torch, commit. Logs in logs/.
 # Installs only what is missing and never another torch: a missing repae dependency or reference
 # dependency is pip-installed with torch pinned to the installed version. No network besides pip.
@@ -136,32 +143,38 @@ ref_step() {  # ref_step NAME CAP BATCH
 
 if [ "$MODE" = gpu ]; then
   PRESET=(--preset sit-xl2-f8d4); SIZE=(); LOOP=(--steps 12 --warmup 2 --iters 5); COMPILE=train.compile=true
-  B16=16; B32=32; S32=32; S128=128; MODES=(ode-50:1 sde-250:4); STEP=(--iters 3 --warmup 1)
+  B16=16; B32=32; S32=32; S128=128; MODES=(ode-50:1 sde-250:4); FID_MODE=(sde-250:2.2); STEP=(--iters 3 --warmup 1)
   WORLD=()  # the toy preset's world, as `repae train` builds it
 else  # toy-sized: checks the plumbing, measures nothing of interest
   PRESET=(--preset toy)
   SIZE=(model.depth=2 model.hidden_size=48 model.num_heads=2 model.encoder_depth=1 model.projector_dim=64
         vae.ch=32 "vae.ch_mult=[1,2,2]" train.num_threads=1)
   LOOP=(--steps 3 --warmup 1 --iters 1); COMPILE=train.compile=false  # a cold CPU compile costs 10-30 s a region
-  B16=2; B32=4; S32=2; S128=4; MODES=(ode-4:1 sde-6:4); STEP=(--iters 1 --warmup 0)
+  B16=2; B32=4; S32=2; S128=4; MODES=(ode-4:1 sde-6:4); FID_MODE=(sde-6:2.2); STEP=(--iters 1 --warmup 0)
   WORLD=(toy.train_size=40 toy.heldout_size=20 toy.teacher_steps=1 toy.vae_steps=1 toy.batch_size=8
          toy.vae_batch_size=4)
 fi
 BENCH=($PY -m repae.cli bench)
 DATA=(--data-dir "$WORK/data")
 
-run_step loop_eager_b16 120 "${BENCH[@]}" loop "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B16 "${LOOP[@]}" "${DATA[@]}"
+LOOP16=("${BENCH[@]}" loop "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B16 "${LOOP[@]}" "${DATA[@]}")
+LOOP32=("${BENCH[@]}" loop "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 "${LOOP[@]}" "${DATA[@]}")
+SAMPLE=("${BENCH[@]}" sample "${PRESET[@]}" "${SIZE[@]}")
+run_step loop_eager_b16 120 "${LOOP16[@]}"
 ref_step ref_eager_b16 150 $B16
-run_step loop_eager_b32 120 "${BENCH[@]}" loop "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 "${LOOP[@]}" "${DATA[@]}"
-ref_step ref_eager_b32 150 $B32
-run_step loop_compile_b32 240 "${BENCH[@]}" loop "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 $COMPILE \
-  "${LOOP[@]}" --iters 0 "${DATA[@]}"
-run_step sample_b32 90 "${BENCH[@]}" sample "${PRESET[@]}" "${SIZE[@]}" --samples $S32 --modes "${MODES[@]}"
-run_step sample_b128 150 "${BENCH[@]}" sample "${PRESET[@]}" "${SIZE[@]}" --samples $S128 --modes "${MODES[@]}"
-run_step step_compile_b32 180 "${BENCH[@]}" step "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 $COMPILE "${STEP[@]}"
-run_step loop_compile_b16 240 "${BENCH[@]}" loop "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B16 $COMPILE \
-  "${LOOP[@]}" --iters 0 "${DATA[@]}"
+run_step loop_compile_b16 240 "${LOOP16[@]}" $COMPILE --iters 0
+run_step step_compile_b16 120 "${BENCH[@]}" step "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B16 $COMPILE "${STEP[@]}"
+run_step sample_b32 90 "${SAMPLE[@]}" --samples $S32 --modes "${MODES[@]}"
+run_step sample_b128 150 "${SAMPLE[@]}" --samples $S128 --modes "${MODES[@]}"
+run_step sample_b128_compile 200 "${SAMPLE[@]}" sample.compile=true --samples $S128 --modes "${MODES[@]}"
+run_step sample_fid_protocol 120 "${SAMPLE[@]}" sample.compile=true sample.guidance_high=0.65 --samples $S128 \
+  --modes "${FID_MODE[@]}"
 run_step toy_world_build 150 $PY benchmarks/world_build.py --cache "$WORK/toyworld-$(date +%s%N)" "${WORLD[@]}"
+run_step loop_eager_b16_slowkernels 90 "${LOOP16[@]}" train.tf32=false train.cudnn_benchmark=false --iters 0
+run_step loop_eager_b32 120 "${LOOP32[@]}"
+ref_step ref_eager_b32 150 $B32
+run_step loop_compile_b32 240 "${LOOP32[@]}" $COMPILE --iters 0
+run_step step_compile_b32 120 "${BENCH[@]}" step "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 $COMPILE "${STEP[@]}"
 
 # ------------------------------------------------------------------ FID-50K estimate and the summary
 $PY - "$OUT_DIR" "$(( $(date +%s) - START ))" <<'EOF'
@@ -174,16 +187,19 @@ def load(name):
     return json.loads(p.read_text()) if p.exists() else {"status": "missing"}
 
 fid = {"status": "skipped", "reason": "no SDE-250 + CFG measurement"}
-for name in ("sample_b128", "sample_b32"):
+candidates = []  # (published protocol?, images/s, name, key, result)
+for name in ("sample_fid_protocol", "sample_b128_compile", "sample_b128", "sample_b32"):
     r = load(name)
-    key = next((k for k in r.get("images_per_s", {}) if k.startswith("sde-") and not k.endswith("cfg 1")), None)
-    if key:
-        ips = r["images_per_s"][key]
-        fid = {"status": "ok", "from": f"{name}.json", "sampler": key, "samples_per_batch": r["samples"],
-               "images_per_s": ips, "seconds": 50000 / ips, "hours": 50000 / ips / 3600,
-               "counts": "sampling + VAE decode of 50,000 images on this one device; Inception features "
-                         "(repae bench evaluate) and file writing not included"}
-        break
+    for key, ips in r.get("images_per_s", {}).items():
+        if key.startswith("sde-") and not key.endswith("cfg 1"):
+            candidates.append((name == "sample_fid_protocol", ips, name, key, r))
+if candidates:
+    _, ips, name, key, r = max(candidates, key=lambda c: (c[0], c[1]))
+    fid = {"status": "ok", "from": f"{name}.json", "sampler": key, "samples_per_batch": r["samples"],
+           "guidance_interval": r.get("guidance_interval"), "compile": r.get("compile"),
+           "images_per_s": ips, "seconds": 50000 / ips, "hours": 50000 / ips / 3600,
+           "counts": "sampling + VAE decode of 50,000 images on this one device; Inception features "
+                     "(repae bench evaluate) and file writing not included"}
 (out / "fid50k_estimate.json").write_text(json.dumps(fid, indent=2))
 
 rows, summary = [], {"suite_wall_seconds": wall, "steps": {}}
