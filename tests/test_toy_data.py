@@ -128,3 +128,28 @@ def test_distractors_are_a_toy_world_setting_with_its_own_cache():
     assert load_config("toy", overrides=["toy.distractors=2"]).toy.distractors == 2
     with pytest.raises(ConfigError, match="toy.distractors"):
         load_config("toy", overrides=["toy.distractors=9"])
+
+
+def test_the_generator_trains_on_a_class_balanced_subset_when_asked():
+    """toy.generator_images: the SiT's data is the first N training images, N/classes of each class;
+    0 keeps all of them; a count the classes do not divide, or more than the world holds, is refused."""
+    import types
+
+    from repae.config import ConfigError, load_config
+    from repae.toyworld import generator_data
+
+    labels = torch.arange(100) % 10
+    world = types.SimpleNamespace(train_images=torch.arange(100).view(100, 1, 1, 1).to(torch.uint8), train_labels=labels)
+    cfg = load_config("toy", [], ["toy.generator_images=30"])
+    images, got = generator_data(world, cfg.toy)
+    assert images.flatten().tolist() == list(range(30)) and torch.bincount(got).tolist() == [3] * 10
+    assert len(generator_data(world, load_config("toy", [], []).toy)[0]) == 100
+    from repae.data.sources import training_batches
+
+    cfg.data.source = "toy"
+    batches = training_batches(cfg, world)  # what the training loop draws from
+    seen = torch.cat([batches.next(10)[0] for _ in range(6)]).flatten()
+    assert set(seen.tolist()) == set(range(30))  # two epochs of the 30, nothing else
+    for bad in ("toy.generator_images=25", f"toy.generator_images={cfg.toy.train_size + 10}"):
+        with pytest.raises(ConfigError, match="toy.generator_images"):
+            load_config("toy", [], [bad])

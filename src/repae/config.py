@@ -173,6 +173,12 @@ class ToyWorldConfig:
     # unlabelled smaller shapes behind the labelled one in every image (repae.data.toy.render_with_coverage);
     # 0: the single-shape world
     distractors: int = 0
+    # the generator's training images (SiT, and the VAE when it tunes end to end): the first N of the
+    # train_size the teacher, the VAE's pre-training and the evaluator learn from, N/classes per class
+    # (image i is of class i mod classes). 0: all of them. Where the paper's DINOv2 saw ~110x the
+    # images its SiT trains on (LVD-142M against ImageNet-1k's 1.28M), this lets the toy teacher
+    # know more than the generator's data holds.
+    generator_images: int = 0
 
 
 DEVICE_NAMES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what train.device and every --device may say
@@ -819,6 +825,7 @@ RANGES: dict = {
     "toy.batch_size": _int(1, 65536),
     "toy.vae_batch_size": _int(1, 65536),
     "toy.distractors": _int(0, 4),
+    "toy.generator_images": _int(0, 1_000_000),
     "train.num_threads": _int(0, 4096),
     "train.global_batch_size": _int(1, 1 << 20),
     "train.grad_accum_steps": _int(1, 1 << 20),
@@ -887,6 +894,11 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     from repae.models.encoders import encoder_spec  # late: encoders import config
 
     errors: List[str] = range_errors(cfg)
+    if cfg.data.source == "toy" and cfg.toy.generator_images:
+        n, classes = cfg.toy.generator_images, cfg.model.num_classes
+        if n > cfg.toy.train_size or n % classes:
+            errors.append(f"toy.generator_images={n} must be a multiple of model.num_classes={classes} and at "
+                          f"most toy.train_size={cfg.toy.train_size} (0: all of them)")
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             errors.append(f"{key}={_get(cfg, key)!r} must be one of {choices}")

@@ -385,6 +385,13 @@ class ToyWorld:
     evaluator: Optional[ToyTeacher] = None  # set by ensure_toy_evaluator
 
 
+def generator_data(world: ToyWorld, spec: ToyWorldConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(images [N,3,H,W] uint8, labels [N]) the generator trains on: the first toy.generator_images of
+    the training images (class-balanced, since image i is of class i mod classes), or all (0)."""
+    n = spec.generator_images or len(world.train_images)
+    return world.train_images[:n], world.train_labels[:n]
+
+
 def _arch_id(vae_args: VAEArgs) -> str:
     # one pre-trained VAE per architecture: a changed vae.* override must not load another's weights
     return hashlib.sha256(json.dumps(asdict(vae_args), sort_keys=True).encode()).hexdigest()[:8]

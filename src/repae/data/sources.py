@@ -177,7 +177,9 @@ def training_batches(cfg: RunConfig, toy=None):
 
         return latent_batches(cfg, toy)
     if toy is not None:
-        return TensorBatches(toy.train_images, toy.train_labels, seed=cfg.train.seed, rank=dist.rank(),
+        from repae.toyworld import generator_data
+
+        return TensorBatches(*generator_data(toy, cfg.toy), seed=cfg.train.seed, rank=dist.rank(),
                              world=dist.world_size())
     dataset = image_dataset(cfg, hflip=cfg.data.hflip)
     if len(dataset.classes) > cfg.model.num_classes:

@@ -55,10 +55,10 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
     vae = load_model(load_path, kind="vae").to(device).eval().requires_grad_(False)
     if args.data == "toy":
         from repae.build import vae_args
-        from repae.toyworld import ensure_toy_world
+        from repae.toyworld import ensure_toy_world, generator_data
 
         world = ensure_toy_world(vae_args(cfg), cfg.toy, device=cfg.train.device)  # rank 0 builds first under torchrun
-        source = ToySource(world.train_images, world.train_labels)
+        source = ToySource(*generator_data(world, cfg.toy))
         if args.image_size not in (None, source.image_size):
             raise ConfigError(f"the toy world's images are {source.image_size}px; drop --image-size")
     else:  # --data in the format --source (repae.data.sources reads it)

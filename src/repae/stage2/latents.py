@@ -168,7 +168,9 @@ def latent_batches(cfg: RunConfig, toy=None) -> LatentBatches:
     need_images = cfg.loss.proj_coeff > 0
     images = None
     if toy is not None:
-        images = ToySource(toy.train_images, toy.train_labels)
+        from repae.toyworld import generator_data
+
+        images = ToySource(*generator_data(toy, cfg.toy))
         if images.describe() != recorded:
             raise ConfigError(f"the toy world of this config (toy.*) is not the one the latents in "
                               f"{cfg.latents.path} were cached from")
