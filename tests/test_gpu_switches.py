@@ -72,3 +72,16 @@ def test_compiled_sampling_compiles_sit_blocks_and_decoder_with_static_shapes_an
     again = generate_images(sit, vae, labels, **kwargs)
     # uint8 images: compiled kernels may round a pixel the other way, no more
     assert (again.int() - eager.int()).abs().max() <= 1
+
+
+def test_compile_defaults_on_for_a_gpu_as_the_reference_does_and_off_on_a_cpu_and_for_the_toy_preset():
+    from repae.config import load_config
+    from repae.train.setup import uses_compile
+
+    xl = load_config("sit-xl2-f8d4", [], [])
+    assert xl.train.compile is None  # auto
+    assert uses_compile(xl, torch.device("cuda")) and not uses_compile(xl, torch.device("cpu"))
+    off = load_config("sit-xl2-f8d4", [], ["train.compile=false"])
+    assert not uses_compile(off, torch.device("cuda"))
+    assert uses_compile(load_config("sit-xl2-f8d4", [], ["train.compile=true"]), torch.device("cpu"))
+    assert not uses_compile(load_config("toy", [], []), torch.device("cuda"))  # the toy preset says false

@@ -206,10 +206,13 @@ class TrainConfig:
     activation_checkpointing: bool = False
     # torch.compile each repeated region (SiT blocks, VAE encoder/decoder, discriminator, LPIPS,
     # encoder blocks): one graph per block type keeps compile time to seconds-minutes, and the
-    # modules keep their names, so checkpoints do not change. Off for the toy preset on a CPU: `repae bench
-    # step --preset toy` (2 cores) 1159 -> 1053 ms per step, but compiling took ~3 minutes (bench wall
-    # 42 -> 237 s), more than the ~1.8 minutes it saves over the default run's 1000 steps
-    compile: bool = False
+    # modules keep their names, so checkpoints do not change. null (auto): on for a CUDA device, as
+    # the reference's --compile default is (one H200, SiT-XL/2 + f8d4, batch 16: our loop 53.4 -> 68.4
+    # images/s, ~2 minutes of compiling: docs/benchmarks, H200), off elsewhere. Off for the toy preset:
+    # on a CPU `repae bench step --preset toy` (2 cores) went 1159 -> 1053 ms per step, but compiling
+    # took ~3 minutes (bench wall 42 -> 237 s), more than the ~1.8 minutes it saves over the default
+    # run's 1000 steps
+    compile: Optional[bool] = None
     # On a CUDA device: float32 matmuls and convolutions in TF32, as the reference's --allow-tf32
     # default does (bf16 autocast covers most of the step; TF32 speeds up what stays float32), and
     # cuDNN's benchmark mode, which times its convolution algorithms once per shape and keeps the
@@ -411,7 +414,7 @@ def _toy() -> RunConfig:
     cfg.flow.time_sampling = "lognormal"
     cfg.train = TrainConfig(
         global_batch_size=64, max_steps=1000, ema_decay=0.99, log_every=25,
-        ckpt_every=300, sample_every=300,
+        ckpt_every=300, sample_every=300, compile=False,
     )
     # CFG 4 measured best on the default run: teacher accuracy of 200 samples 19.5% (1), 34.5% (4), 27.5% (7)
     cfg.sample = SampleConfig(mode="ode", num_steps=50, num_samples=40, batch_size=40, cfg_scale=4.0)

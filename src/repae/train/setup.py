@@ -31,6 +31,11 @@ def uses_channels_last(cfg: RunConfig, device: torch.device) -> bool:
     return device.type == "cpu" if cfg.train.channels_last is None else cfg.train.channels_last
 
 
+def uses_compile(cfg: RunConfig, device: torch.device) -> bool:
+    """train.compile, or where unset (null) on for a CUDA device and off elsewhere (config.py says why)."""
+    return device.type == "cuda" if cfg.train.compile is None else cfg.train.compile
+
+
 def make_trainables(cfg: RunConfig, sit: SiT, vae: nn.Module, encoders: Sequence[FeatureFn],
                     regulariser: Optional[VAERegulariser]) -> Trainables:
     """Freeze what the run does not train and give each trained set its own optimiser."""
@@ -39,7 +44,7 @@ def make_trainables(cfg: RunConfig, sit: SiT, vae: nn.Module, encoders: Sequence
         for module in (vae, regulariser):
             if module is not None:
                 module.to(memory_format=torch.channels_last)
-    if cfg.train.compile:
+    if uses_compile(cfg, next(sit.parameters()).device):
         # every region compiles Module._call_impl, and each sees several variants (training, the
         # frozen alignment pass, no-grad sampling): dynamo's default of 8 recompiles per code object
         # would silently fall back to eager (the reference implementation raises it to 64 too)
