@@ -13,7 +13,7 @@ finished step, peak memory from after the untimed steps. Checkpoints and sample 
 Models have random weights (no weight file needed; speed depends on neither weights nor pixels):
 
     repae bench loop --preset toy --steps 12 --out loop.json
-    repae bench loop --preset sit-xl2-f8d4 train.global_batch_size=32 train.compile=true --out loop.json
+    repae bench loop --preset sit-xl2-f8d4 train.global_batch_size=32 --out loop.json   # compiled on a GPU by default
 """
 
 from __future__ import annotations
