@@ -85,3 +85,42 @@ def test_compile_defaults_on_for_a_gpu_as_the_reference_does_and_off_on_a_cpu_an
     assert not uses_compile(off, torch.device("cuda"))
     assert uses_compile(load_config("sit-xl2-f8d4", [], ["train.compile=true"]), torch.device("cpu"))
     assert not uses_compile(load_config("toy", [], []), torch.device("cuda"))  # the toy preset says false
+
+
+def test_init_device_applies_the_configs_switches_on_the_device_it_returns(backend_flags, monkeypatch):
+    """train, sample and bench start with init_device: the device dist names, and cfg.train's switches on it."""
+    from repae import dist
+    from repae.config import load_config
+    from repae.nn_utils import init_device
+
+    monkeypatch.setattr(dist, "init_from_env", lambda name: torch.device("cuda"))  # no GPU needed to set flags
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = (
+        True, True, True)
+    cfg = load_config("sit-xl2-f8d4", [], ["train.tf32=false", "train.cudnn_benchmark=false"])
+    assert init_device(cfg) == torch.device("cuda")
+    assert _flags() == (False, False, False)
+
+
+def test_bench_sample_uses_the_config_interval_and_warms_up_short_with_the_same_settings(monkeypatch):
+    """Every generation call gets sample.guidance_low/high; where there is a warm-up (a GPU, or
+    sample.compile) it is one WARMUP_SAMPLER_STEPS run before the timed full-length one."""
+    from repae import bench
+    from repae.config import load_config
+
+    calls = []
+
+    def fake_generate(sit, vae, labels, **kw):
+        calls.append(kw)
+        return torch.zeros(len(labels), 3, 32, 32, dtype=torch.uint8)
+
+    monkeypatch.setattr("repae.generate.generate_images", fake_generate)
+    monkeypatch.setattr(bench, "compile_for_sampling", lambda sit, vae: None)
+    cfg = load_config("toy", [], ["sample.guidance_low=0.1", "sample.guidance_high=0.65"])  # small models
+    out = bench.bench_sample(cfg, torch.device("cpu"), 2, [("sde", 250, 2.2)])
+    assert [c["num_steps"] for c in calls] == [250]  # a CPU, eager: no warm-up
+    assert out["guidance_interval"] == [0.1, 0.65] and out["compile"] is False
+    calls.clear()
+    cfg.sample.compile = True
+    bench.bench_sample(cfg, torch.device("cpu"), 2, [("ode", 50, 4.0)])
+    assert [c["num_steps"] for c in calls] == [bench.WARMUP_SAMPLER_STEPS, 50]
+    assert all((c["guidance_low"], c["guidance_high"], c["cfg_scale"]) == (0.1, 0.65, 4.0) for c in calls)

@@ -25,7 +25,7 @@ import torch
 
 from repae.cli import NON_NEGATIVE, POSITIVE, SEED, UsageError, bounded, out_file
 from repae.config import RunConfig
-from repae.nn_utils import autocast, autocast_dtype, compile_for_sampling, resolve_precision, use_fast_gpu_kernels
+from repae.nn_utils import autocast, autocast_dtype, compile_for_sampling, init_device, resolve_precision
 
 
 # ------------------------------------------------------------------------------ timing
@@ -373,7 +373,6 @@ def _check_bench_args(args: argparse.Namespace) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     from repae.config import load_config
-    from repae.dist import init_from_env
 
     if args.what == "reproduce":
         from repae.reproduce.cli import run_reproduce
@@ -382,8 +381,7 @@ def run_bench(args: argparse.Namespace) -> int:
     _check_bench_args(args)
     modes = parse_modes(args.modes) if args.modes else None
     cfg = load_config(args.preset, args.config, args.overrides)
-    device = init_from_env(cfg.train.device)
-    use_fast_gpu_kernels(device, cfg.train.tf32, cfg.train.cudnn_benchmark)
+    device = init_device(cfg)
     if args.what == "step":
         result = bench_step(cfg, device, args.iters, args.warmup)
         _print_step(result)

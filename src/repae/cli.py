@@ -204,7 +204,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from repae.build import build_sit, build_vae
     from repae.config import load_config, save_config
     from repae.generate import generate_images, generate_npz, sample_labels, sampler_settings, save_image_grid
-    from repae.nn_utils import compile_for_sampling, use_fast_gpu_kernels
+    from repae.nn_utils import compile_for_sampling, init_device
     from repae.stage2.latents import vae_files
     from repae.weights import load_latent_stats, load_model
 
@@ -230,8 +230,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         vae = load_model(vae_path, kind="vae") if vae_path else build_vae(cfg)  # or an export dir
     else:  # argparse requires one of them; a caller of cmd_sample may not have
         raise UsageError("give --ckpt PATH (a run, a SiT checkpoint) or --random-init")
-    device = dist.init_from_env(cfg.train.device)  # joins the torchrun process group when there is one
-    use_fast_gpu_kernels(device, cfg.train.tf32, cfg.train.cudnn_benchmark)
+    device = init_device(cfg)  # joins the torchrun process group when there is one
     is_main = dist.is_main()
     if args.random_init and is_main:
         print("smoke run: randomly initialised SiT and VAE; the images show the pipeline works, not a model")

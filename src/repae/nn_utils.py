@@ -114,6 +114,16 @@ def use_fast_gpu_kernels(device: torch.device, tf32: bool = True, cudnn_benchmar
     torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
+def init_device(cfg) -> torch.device:
+    """This process's device for cfg.train.device (joining the torchrun process group when WORLD_SIZE > 1),
+    with cfg.train's GPU kernel switches applied: what train, sample and bench start with."""
+    from repae import dist
+
+    device = dist.init_from_env(cfg.train.device)
+    use_fast_gpu_kernels(device, cfg.train.tf32, cfg.train.cudnn_benchmark)
+    return device
+
+
 def compile_for_sampling(sit: nn.Module, vae: nn.Module) -> None:
     """sample.compile: the SiT blocks and the VAE decoder compiled with static shapes (sampling sees
     two batch shapes, guided and unguided, and a last partial batch: one graph each, no dynamic kernels)."""

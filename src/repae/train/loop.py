@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from repae import dist
-from repae.nn_utils import autocast, resolve_precision, use_fast_gpu_kernels
+from repae.nn_utils import autocast, init_device, resolve_precision
 from repae.build import build_sit, build_vae, uses_repa, vae_args
 from repae.models.vae import AutoencoderKL
 from repae.config import ConfigError, RunConfig, config_differences, from_dict, read_yaml, save_config, to_dict
@@ -62,11 +62,6 @@ def training_seconds(run: Run) -> Optional[float]:
     if run.train_seconds is None:
         return None
     return run.train_seconds + (0.0 if run.clock_since is None else time.perf_counter() - run.clock_since)
-
-
-def resolve_device(name: str) -> torch.device:
-    """This process's device; joins the torchrun process group first when WORLD_SIZE > 1."""
-    return dist.init_from_env(name)
 
 
 def _toy_setup(cfg: RunConfig, progress: bool = True):
@@ -132,8 +127,7 @@ def set_threads(cfg: RunConfig) -> None:
 
 def setup_run(cfg: RunConfig, progress: bool = True) -> Run:
     set_threads(cfg)
-    device = resolve_device(cfg.train.device)
-    use_fast_gpu_kernels(device, cfg.train.tf32, cfg.train.cudnn_benchmark)
+    device = init_device(cfg)
     sources.resolve(cfg)  # stage 2: the frozen VAE and its statistics default to those the latents came from
     toy = _toy_setup(cfg, progress) if cfg.data.source == "toy" else None
     data = sources.training_batches(cfg, toy)
