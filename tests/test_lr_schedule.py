@@ -32,7 +32,7 @@ def test_the_loop_sets_each_optimisers_scheduled_lr_before_its_update(tmp_path, 
 
     monkeypatch.setattr(loop, "repae_step", recording_step)
     cfg = tiny_cfg(tmp_path, "train.max_steps=4", "optim_sit.lr=2e-3", "optim_sit.decay_fraction=0.5",
-                   "optim_vae.lr=1e-4")
+                   "optim_vae.lr=1e-4", "optim_vae.decay_fraction=0")
     loop.train(cfg, progress=False)
     assert [s for s, _, _ in seen] == [0, 1, 2, 3]
     assert [lr for _, lr, _ in seen] == pytest.approx([2e-3, 2e-3, 2e-3, 1e-3])
