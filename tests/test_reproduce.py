@@ -537,10 +537,11 @@ def test_the_report_shows_training_time_only_where_every_seed_recorded_its_own(t
 
 def test_the_arms_train_at_a_constant_lr_whatever_the_preset_decays(tmp_path):
     """The arms are compared at checkpoints along their learning curves: the toy preset's lr decay (for its
-    single default run) would make every checkpoint the end of a different schedule."""
+    single default run) would make every checkpoint the end of a different schedule. Their guided samples are
+    drawn at the scale the guided verdicts were defined with, not at the default run's."""
     from repae.config import load_config
     from repae.reproduce.arms import arms_for
-    from repae.reproduce.runner import Plan, train_command
+    from repae.reproduce.runner import TOY_GUIDED_SCALE, Plan, train_command
 
     assert load_config("toy").optim_sit.decay_fraction > 0
     plan = Plan(steps=8, eval_every=4)
@@ -548,6 +549,8 @@ def test_the_arms_train_at_a_constant_lr_whatever_the_preset_decays(tmp_path):
         cmd = train_command(arm, 0, plan, "toy", [], tmp_path)
         cfg = load_config("toy", overrides=[a for a in cmd[cmd.index("--no-progress") + 1:] if "=" in a])
         assert (cfg.optim_sit.decay_fraction, cfg.optim_vae.decay_fraction, cfg.optim_disc.decay_fraction) == (0, 0, 0)
+        # the guided verdicts keep the scale they were defined at, whatever the preset's default run samples at
+        assert cfg.sample.cfg_scale == TOY_GUIDED_SCALE == 4.0 != load_config("toy").sample.cfg_scale
     # an explicit override still wins
     cmd = train_command(arms_for(load_config("toy"))[0], 0, plan, "toy", ["optim_sit.decay_fraction=0.25"], tmp_path)
     assert load_config("toy", overrides=cmd[cmd.index("--no-progress") + 1:]).optim_sit.decay_fraction == 0.25
