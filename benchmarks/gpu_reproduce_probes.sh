@@ -13,6 +13,7 @@
 # OUT/world.json, to compare with the machine the models were trained on.
 # PROBE_BUDGET_S (default 480): each invocation is stopped (SIGTERM: the runner stops its runs) after this
 # many seconds from the start of the script; a stopped run leaves what it measured.
+# WORLD_OVERRIDES: the toy preset's overrides that name the world (toy.*), space-separated, when the probes give any.
 # PYTHON (default python), WORK (default /tmp/repae-probes): where the runs are written.
 # OUT gets, per probe: results.json (when the invocation finished), runs/*/{reproduce-metrics,summary}.json,
 # runs/*/metrics.jsonl, the invocation's output and each run's log tail; plus gpu.csv (nvidia-smi every 5 s)
@@ -38,14 +39,15 @@ fi
 
 # The world (images rendered if missing, every model loaded or built) once, before the probes read it
 # side by side.
-$PY - "$OUT_DIR/world.json" <<'EOF' || { echo "world build failed" >&2; exit 1; }
+# shellcheck disable=SC2086  # the overrides are words
+$PY - "$OUT_DIR/world.json" ${WORLD_OVERRIDES:-} <<'EOF' || { echo "world build failed" >&2; exit 1; }
 import hashlib, json, sys, time
 import numpy as np
 from repae.config import load_config
 from repae.reproduce.judges import toy_judges
 from repae.toyworld import cache_dir_for
 start = time.perf_counter()
-cfg = load_config("toy", [], [])
+cfg = load_config("toy", [], sys.argv[2:])
 toy_judges(cfg)
 cache = cache_dir_for(cfg.toy, 0)
 record = {"seconds": round(time.perf_counter() - start, 1), "cache": str(cache)}

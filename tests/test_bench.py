@@ -104,3 +104,47 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert json.loads((tmp_path / "out/loop_eager_b32.json").read_text())["global_batch"] == 4
     world = summary["steps"]["toy_world_build"]
     assert world["status"] == "ok" and world["vae_build_device"] == "cpu" and world["world_build_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_reproduce_probes_run_side_by_side_on_their_own_cores(tmp_path):
+    """benchmarks/gpu_reproduce_probes.sh: each probe is a bench reproduce on its own cores, a probe that wants more
+    cores than are left is not started, and the runs' records and the rendered world's hashes come back in OUT."""
+    import hashlib
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from test_train_loop import TINY
+
+    root = Path(__file__).resolve().parents[1]
+    cores = len(os.sched_getaffinity(0))
+    tiny = " ".join(TINY + ["train.precision=fp32"])
+    run = "--steps 2 --eval-every 2 --samples 4 --final-samples 4 --seeds 0 --cfg-scales"
+    spec = [f"a 1 {tiny} --arms repa {run}", f"greedy {cores} {tiny} --arms repa {run}"]
+    if cores >= 2:
+        spec.insert(1, f"b 1 {tiny} --arms vanilla {run}")
+    (tmp_path / "spec").write_text("# two probes and one too many\n" + "\n".join(spec) + "\n")
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "SPEC": str(tmp_path / "spec"), "WORK": str(tmp_path / "work"),
+           "REPAE_CACHE": str(tmp_path / "cache"), "WORLD_OVERRIDES": " ".join(TINY), "PYTHON": sys.executable,
+           "PYTHONPATH": str(root / "src")}
+    subprocess.run(["bash", str(root / "benchmarks/gpu_reproduce_probes.sh")], env=env, check=True, timeout=600,
+                   capture_output=True)
+    out = tmp_path / "out"
+    said = (out / "probes.txt").read_text()
+    assert "a: cores 0-0" in said and f"greedy: {cores} cores wanted, {cores - len(spec) + 1} left" in said
+    assert not (out / "greedy").exists()
+    for name, arm in [("a", "repa"), ("b", "vanilla")][: len(spec) - 1]:
+        results = json.loads((out / name / "results.json").read_text())
+        assert list(results["metrics"]) == [arm] and list(results["metrics"][arm]["0"]) == ["2"]
+        assert results["threads_per_run"] == 1  # its own core, one run on it
+        assert (out / name / "runs" / f"{arm}-s0" / "reproduce-metrics.json").is_file()
+    if cores >= 2:
+        assert "b: cores 1-1" in said
+    world = json.loads((out / "world.json").read_text())
+    with np.load(Path(world["cache"]) / "train.npz") as pool:
+        assert world["train.npz"]["images"] == hashlib.sha256(np.ascontiguousarray(pool["images"]).tobytes()).hexdigest()
