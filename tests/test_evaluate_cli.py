@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from repae.config import load_config
 from repae.evaluate import cli as evaluate_cli
 from repae.evaluate.fid import compute_fid_family, load_reference
 from repae.evaluate.pipeline import fid_family, vae_metrics
@@ -177,7 +178,8 @@ def test_three_sources_holding_the_same_images_give_the_same_fid(tmp_path, tiny_
 
     rec = results[0]  # everything needed to reproduce it
     assert rec["settings"]["sampler"] == {"mode": "ode", "num_steps": 2, "heun": False, "heun_cfg_at": "t_cur",
-                                          "cfg_scale": 4.0, "guidance_low": 0.0, "guidance_high": 1.0, "seed": 0,
+                                          "cfg_scale": load_config("toy").sample.cfg_scale,  # the run's preset's
+                                          "guidance_low": 0.0, "guidance_high": 1.0, "seed": 0,
                                           "path_type": "linear", "use_ema": True, "batch_size": 7,
                                           "precision": resolve_precision("auto", "cpu")}
     assert rec["settings"]["labels"]["sampling"] == "balanced"

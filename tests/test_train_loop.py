@@ -21,6 +21,8 @@ TINY = [
     # budgets (2, then 4 steps) equal to one run of 4 steps, which the resume tests compare, and the DDP
     # tolerances were measured at 2e-3. The schedule itself is tested in test_lr_schedule.py.
     "optim_sit.lr=2e-3", "optim_sit.decay_fraction=0", "train.ema_decay=0.995",
+    # and the VAE's from before the preset's VAE followed its SiT's lr (the tolerances were measured with it)
+    "optim_vae.lr=1e-4", "optim_vae.decay_fraction=0",
 ]
 
 
