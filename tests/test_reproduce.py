@@ -568,7 +568,7 @@ def test_a_finished_run_is_skipped_only_with_the_same_recipe_and_budget(tmp_path
 
     plan, arm, seed = Plan(steps=4, eval_every=2), Arm("repae", "REPA-E", ()), 0
     run_dir = tmp_path / "runs" / run_name(arm, seed)
-    saved = load_config("toy", overrides=train_overrides(arm, seed, plan, TINY, tmp_path), world_size=1)
+    saved = load_config("toy", overrides=train_overrides(arm, seed, plan, TINY, tmp_path, "toy"), world_size=1)
     use_toy_vae(saved, *toy_vae_files(vae_args(saved), saved.toy))  # as `repae train` saves it
     save_config(saved, run_dir / "config.yaml")
     (run_dir / "summary.json").write_text(json.dumps({"steps": 4}))

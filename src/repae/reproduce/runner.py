@@ -88,7 +88,7 @@ def run_name(arm: Arm, seed: int) -> str:
 
 
 def train_overrides(arm: Arm, seed: int, plan: Plan, overrides: Sequence[str], out: Path,
-                    preset: str = "toy") -> List[str]:
+                    preset: str) -> List[str]:
     """The `a.b=value` overrides of one arm x seed's `repae train`, after the preset and config files."""
     # The arms are compared along their learning curves, at a checkpoint every plan.eval_every steps: at the
     # paper's constant lr each is a mid-run state, not the end of a schedule decayed to that step (the toy
