@@ -71,6 +71,10 @@ while read -r name cores args; do
     continue
   fi
   left=$((BUDGET - ($(date +%s) - START)))
+  if [ "$left" -lt 1 ]; then  # `timeout 0` would mean no limit at all
+    echo "$name: the budget of $BUDGET s is spent: not started" | tee -a "$OUT_DIR/probes.txt"
+    continue
+  fi
   mkdir -p "$WORK/$name" "$OUT_DIR/$name"
   # shellcheck disable=SC2086  # ARGS are words
   ${PIN:+$PIN -c "$next-$((next + cores - 1))"} timeout -s TERM -k 20 "$left" \

@@ -148,3 +148,9 @@ def test_gpu_reproduce_probes_run_side_by_side_on_their_own_cores(tmp_path):
     world = json.loads((out / "world.json").read_text())
     with np.load(Path(world["cache"]) / "train.npz") as pool:
         assert world["train.npz"]["images"] == hashlib.sha256(np.ascontiguousarray(pool["images"]).tobytes()).hexdigest()
+    # a budget spent before a probe would start (here by loading the world) starts none: no unlimited `timeout 0`
+    late = {**env, "OUT": str(tmp_path / "late"), "WORK": str(tmp_path / "late-work"), "PROBE_BUDGET_S": "0"}
+    subprocess.run(["bash", str(root / "benchmarks/gpu_reproduce_probes.sh")], env=late, check=True, timeout=600,
+                   capture_output=True)
+    assert "a: the budget of 0 s is spent: not started" in (tmp_path / "late" / "probes.txt").read_text()
+    assert not (tmp_path / "late-work" / "a").exists()
