@@ -23,6 +23,16 @@ def test_paper_preset_matches_the_recipe():
     assert (f16.input_size, f16.patch_size, f16.in_channels) == (16, 1, 32)
 
 
+def test_the_toy_preset_trains_its_vae_at_its_sits_lr_and_samples_at_cfg_2_5():
+    """The paper's one lr for VAE and SiT, kept as the toy preset raises the SiT's; an override of the SiT's lr
+    alone leaves the VAE's where the preset put it (they are two settings, not one)."""
+    cfg = load_config("toy")
+    assert (cfg.optim_vae.lr, cfg.optim_vae.decay_fraction) == (cfg.optim_sit.lr, cfg.optim_sit.decay_fraction)
+    assert (cfg.optim_sit.lr, cfg.optim_sit.decay_fraction) == (4e-3, 0.5)
+    assert cfg.sample.cfg_scale == 2.5
+    assert load_config("toy", overrides=["optim_sit.lr=1e-3"]).optim_vae.lr == 4e-3
+
+
 def test_overrides_are_typed():
     cfg = load_config("toy", overrides=["sample.cfg_scale=4", "model.qk_norm=true", "encoder.names=[toy-teacher]"])
     assert cfg.sample.cfg_scale == 4.0 and cfg.model.qk_norm is True
