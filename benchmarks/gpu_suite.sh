@@ -11,6 +11,7 @@
 #   SUITE_BUDGET_S    seconds for all measurements together (default 480); a step that would start
 #                     with under 30 s left (5 s with --cpu-smoke) is recorded as skipped, each step is
 #                     cut at its own cap
+#   SUITE_STEPS       comma-separated step names to run (default: all); the others are recorded "skipped"
 #   PYTHON            the interpreter (default python); REPAE_BENCH_WORK scratch (default /tmp/repae-gpu-suite)
 #
 # Steps, most important first (a step cut by the budget leaves the later ones "skipped"):
@@ -28,6 +29,9 @@
 #   loop_eager_b16_slowkernels               ours with train.tf32=false train.cudnn_benchmark=false: what
 #       TF32 and cuDNN's benchmark mode (both on by default on a GPU) give
 #   loop_eager_b32, ref_eager_b32, loop_compile_b32, step_compile_b32   the same comparison at batch 32
+#       (the paper's per-GPU batch: 256 over 8 GPUs)
+#   loop_eager_b32_regnhwc, loop_eager_b16_regnhwc   our eager loop with train.regulariser_channels_last=true
+#       (LPIPS and the discriminator in NHWC, the VAE in NCHW)
 #   fid50k_estimate                          50000 / (SDE-250 + CFG images/s), from the fastest measurement
 #       that used the published protocol, else the fastest SDE + CFG one
 #   summary.json + a printed table; env.json: machine, torch, commit. Logs in logs/.
@@ -114,10 +118,19 @@ json.dump({"status": status, "reason": reason, "log_tail": tail}, open(path, "w"
 EOF
 }
 
+selected() {  # selected NAME: whether SUITE_STEPS (unset: every step) names it
+  [ -z "${SUITE_STEPS:-}" ] && return 0
+  case ",${SUITE_STEPS// /}," in *",$1,"*) return 0 ;; esac
+  return 1
+}
+
 run_step() {  # run_step NAME CAP_SECONDS COMMAND...: runs with --out NAME.json under min(cap, budget left)
   local name=$1 cap=$2; shift 2
   local left=$((BUDGET - ($(date +%s) - START)))
   rm -f "$OUT_DIR/$name.json"
+  if ! selected "$name"; then
+    record "$name" skipped "not in SUITE_STEPS"; return
+  fi
   if [ "$left" -lt "$MIN_LEFT" ]; then
     record "$name" skipped "suite budget of ${BUDGET}s spent (SUITE_BUDGET_S)"; return
   fi
@@ -137,6 +150,7 @@ run_step() {  # run_step NAME CAP_SECONDS COMMAND...: runs with --out NAME.json 
 }
 
 ref_step() {  # ref_step NAME CAP BATCH
+  if ! selected "$1"; then record "$1" skipped "not in SUITE_STEPS"; return; fi
   if [ -n "$REF_SKIP" ]; then record "$1" skipped "$REF_SKIP"; return; fi
   run_step "$1" "$2" $PY benchmarks/reference_step.py --ref-dir "$REPAE_REFERENCE" --work "$WORK/reference" \
     --batch "$3" --steps 12
@@ -176,6 +190,8 @@ run_step loop_eager_b32 120 "${LOOP32[@]}" train.compile=false
 ref_step ref_eager_b32 150 $B32
 run_step loop_compile_b32 240 "${LOOP32[@]}" $COMPILE --iters 0
 run_step step_compile_b32 120 "${BENCH[@]}" step "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 $COMPILE "${STEP[@]}"
+run_step loop_eager_b32_regnhwc 120 "${LOOP32[@]}" train.compile=false train.regulariser_channels_last=true
+run_step loop_eager_b16_regnhwc 120 "${LOOP16[@]}" train.compile=false train.regulariser_channels_last=true --iters 0
 
 # ------------------------------------------------------------------ FID-50K estimate and the summary
 $PY - "$OUT_DIR" "$(( $(date +%s) - START ))" <<'EOF'

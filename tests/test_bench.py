@@ -21,9 +21,10 @@ def test_flop_counter_known_answer():
 
 
 def test_bench_step_numbers_agree(tmp_path):
-    cfg = load_config("toy", overrides=TINY)
+    cfg = load_config("toy", overrides=TINY + ["train.regulariser_channels_last=false"])
     r = bench_step(cfg, torch.device("cpu"), iters=1, warmup=0)
     assert abs(r["images_per_s"] - r["global_batch"] / r["step_seconds"]) < 1e-6 * r["images_per_s"]
+    assert r["layout"] == {"vae": "NHWC", "regulariser": "NCHW"} and r["compile"] is False  # what ran, recorded
     assert abs(r["achieved_flops"] - r["flops_per_image"] * r["global_batch"] / r["step_seconds"]) < 1e-3 * r["achieved_flops"]
     assert 0 < r["fraction_of_peak"] and r["peak_memory_bytes"] > 0
     # the toy preset trains no GAN and has no LPIPS: those parts are not timed
@@ -72,6 +73,7 @@ def test_bench_loop_times_the_training_loop(tmp_path, capsys):
     assert set(r["parts_seconds_per_micro_batch"]) == {"encoder (no grad)", "VAE fwd+bwd", "alignment pass fwd+bwd",
                                                        "SiT fwd+bwd", "optimisers", "EMA update"}
     assert 0 < r["fraction_of_peak"] and r["data"]["format"] == "packed"
+    assert r["layout"] == {"vae": "NHWC", "regulariser": "NHWC"}  # on a CPU, both follow channels_last's NHWC
     assert (tmp_path / "data" / "packed-32px-256" / "manifest.json").exists()  # reused by a second run
 
 
@@ -104,6 +106,27 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert json.loads((tmp_path / "out/loop_eager_b32.json").read_text())["global_batch"] == 4
     world = summary["steps"]["toy_world_build"]
     assert world["status"] == "ok" and world["vae_build_device"] == "cpu" and world["world_build_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_suite_runs_only_the_steps_named(tmp_path):
+    """SUITE_STEPS: the named steps run (here the regulariser-layout one, which records its layout); every other
+    step is recorded as skipped with the reason, so a short GPU session can rerun part of the suite."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "REPAE_BENCH_WORK": str(tmp_path / "work"),
+           "PYTHON": sys.executable, "PYTHONPATH": str(root / "src"), "SUITE_STEPS": "loop_eager_b16_regnhwc, nothing"}
+    subprocess.run(["bash", str(root / "benchmarks/gpu_suite.sh"), "--cpu-smoke"], env=env, check=True, timeout=600)
+    steps = json.loads((tmp_path / "out/summary.json").read_text())["steps"]
+    assert steps.pop("loop_eager_b16_regnhwc")["status"] == "ok" and len(steps) >= 15
+    assert all(e == {"status": "skipped", "reason": "not in SUITE_STEPS"} for e in steps.values())
+    ran = json.loads((tmp_path / "out/loop_eager_b16_regnhwc.json").read_text())
+    assert ran["layout"]["regulariser"] == "NHWC" and ran["compile"] is False
 
 
 @pytest.mark.slow

@@ -204,6 +204,18 @@ def test_channels_last_auto_picks_the_measured_layout():
     assert m.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_the_regulariser_nets_take_their_own_layout():
+    nhwc = torch.channels_last
+    for overrides, vae_nhwc, reg_nhwc in ((["train.channels_last=false"], False, False),  # null follows the VAE's
+                                          (["train.channels_last=false", "train.regulariser_channels_last=true"],
+                                           False, True),
+                                          (["train.regulariser_channels_last=false"], True, False)):
+        _, m = make(overrides)
+        first_disc_conv = next(p for p in m.regulariser.discriminator.parameters() if p.dim() == 4)
+        assert m.vae.encoder.conv_in.weight.is_contiguous(memory_format=nhwc) == vae_nhwc, overrides
+        assert first_disc_conv.is_contiguous(memory_format=nhwc) == reg_nhwc, overrides
+
+
 def test_compiled_regions_keep_names_and_outputs():
     from repae.nn_utils import compile_regions
 

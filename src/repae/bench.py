@@ -175,6 +175,7 @@ def time_parts(m, cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor, ge
 
 def bench_step(cfg: RunConfig, device: torch.device, iters: int = 5, warmup: int = 2) -> dict:
     """images/s of the full REPA-E step, per-part seconds, FLOPs/image, FLOP/s vs matmul peak, memory."""
+    from repae.train.setup import conv_layouts, uses_compile
     from repae.train.step import repae_step
 
     m = random_trainables(cfg, device)
@@ -200,6 +201,7 @@ def bench_step(cfg: RunConfig, device: torch.device, iters: int = 5, warmup: int
     achieved = flops / seconds
     return {
         "preset": cfg.preset, "device": str(device), "precision": precision,
+        "compile": uses_compile(cfg, device), "layout": conv_layouts(cfg, device),
         "threads": torch.get_num_threads(), "global_batch": n, "grad_accum_steps": cfg.train.grad_accum_steps,
         "step_seconds": seconds, "images_per_s": n / seconds,
         "parts_seconds_per_micro_batch": part_seconds,

@@ -31,7 +31,7 @@ import torch
 from repae.bench import _batch, _sync, count_flops, matmul_peak, peak_memory_bytes, random_trainables, time_parts
 from repae.config import RunConfig
 from repae.nn_utils import autocast, resolve_precision
-from repae.train.setup import uses_compile
+from repae.train.setup import conv_layouts, uses_compile
 
 STORE_IMAGES = 256  # distinct images in the random store; the loop goes round them as epochs
 
@@ -123,7 +123,7 @@ def _time_loop(cfg: RunConfig, device: torch.device, steps: int, skip: int, part
         "benchmark": "repae bench loop (repae.train.loop.train_steps)", "preset": cfg.preset,
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": resolve_precision(cfg.train.precision, device), "compile": uses_compile(cfg, device),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "layout": conv_layouts(cfg, device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "global_batch": n, "grad_accum_steps": cfg.train.grad_accum_steps,
         "steps": steps, "skipped_steps": skip, "timed_steps": len(step_seconds), "step_seconds": step_seconds,
         "step_seconds_median": statistics.median(step_seconds),

@@ -197,11 +197,15 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto (bf16 where it is fast on the device) | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # VAE and discriminator convolutions in NHWC. null (auto): on for a CPU, off for a GPU.
+    # The VAE's convolutions in NHWC (and the regulariser's, unless regulariser_channels_last says otherwise).
+    # null (auto): on for a CPU, off for a GPU.
     # Measured in bf16: toy VAE fwd+bwd on 2 CPU cores 319 -> 291 ms per 64 images (NHWC faster);
     # f8d4 at 256 px on an H100, batch 32: 347 ms NCHW vs 494 ms NHWC (GroupNorm and the
     # elementwise ops between convolutions pay for the layout there)
     channels_last: Optional[bool] = None
+    # The regulariser's convolution nets (LPIPS's VGG, the PatchGAN discriminator) in NHWC: they have
+    # no GroupNorm, so they may gain from the layout where the VAE loses. null: as channels_last.
+    regulariser_channels_last: Optional[bool] = None
     # recompute SiT blocks in the backward pass: less activation memory for ~1/3 more SiT compute
     activation_checkpointing: bool = False
     # torch.compile each repeated region (SiT blocks, VAE encoder/decoder, discriminator, LPIPS,

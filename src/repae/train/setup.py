@@ -31,6 +31,18 @@ def uses_channels_last(cfg: RunConfig, device: torch.device) -> bool:
     return device.type == "cpu" if cfg.train.channels_last is None else cfg.train.channels_last
 
 
+def regulariser_uses_channels_last(cfg: RunConfig, device: torch.device) -> bool:
+    """train.regulariser_channels_last (LPIPS and the discriminator), or where unset the VAE's layout."""
+    own = cfg.train.regulariser_channels_last
+    return uses_channels_last(cfg, device) if own is None else own
+
+
+def conv_layouts(cfg: RunConfig, device: torch.device) -> dict:
+    """The convolution nets' memory layouts, as the benchmarks record them."""
+    name = {True: "NHWC", False: "NCHW"}
+    return {"vae": name[uses_channels_last(cfg, device)], "regulariser": name[regulariser_uses_channels_last(cfg, device)]}
+
+
 def uses_compile(cfg: RunConfig, device: torch.device) -> bool:
     """train.compile, or where unset (null) on for a CUDA device and off elsewhere (config.py says why)."""
     return device.type == "cuda" if cfg.train.compile is None else cfg.train.compile
@@ -40,10 +52,11 @@ def make_trainables(cfg: RunConfig, sit: SiT, vae: nn.Module, encoders: Sequence
                     regulariser: Optional[VAERegulariser]) -> Trainables:
     """Freeze what the run does not train and give each trained set its own optimiser."""
     sit.activation_checkpointing = cfg.train.activation_checkpointing
-    if uses_channels_last(cfg, next(sit.parameters()).device):  # the convolution nets only: tokens are not images
-        for module in (vae, regulariser):
-            if module is not None:
-                module.to(memory_format=torch.channels_last)
+    device = next(sit.parameters()).device
+    # the convolution nets only: tokens are not images
+    for module, nhwc in ((vae, uses_channels_last(cfg, device)), (regulariser, regulariser_uses_channels_last(cfg, device))):
+        if module is not None and nhwc:
+            module.to(memory_format=torch.channels_last)
     if uses_compile(cfg, next(sit.parameters()).device):
         # every region compiles Module._call_impl, and each sees several variants (training, the
         # frozen alignment pass, no-grad sampling): dynamo's default of 8 recompiles per code object
