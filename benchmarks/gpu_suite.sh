@@ -28,10 +28,10 @@
 #       nothing cached on the default device (benchmarks/world_build.py): where each part trained, how long
 #   loop_eager_b16_slowkernels               ours with train.tf32=false train.cudnn_benchmark=false: what
 #       TF32 and cuDNN's benchmark mode (both on by default on a GPU) give
-#   loop_eager_b32, ref_eager_b32, loop_compile_b32, step_compile_b32   the same comparison at batch 32
-#       (the paper's per-GPU batch: 256 over 8 GPUs)
-#   loop_eager_b32_regnhwc, loop_eager_b16_regnhwc   our eager loop with train.regulariser_channels_last=true
-#       (LPIPS and the discriminator in NHWC, the VAE in NCHW)
+#   loop_eager_b16_regnhwc                   our eager loop with train.regulariser_channels_last=true (LPIPS
+#       and the discriminator in NHWC, the VAE in NCHW)
+#   loop_eager_b32, ref_eager_b32, loop_eager_b32_regnhwc, loop_compile_b32, step_compile_b32   the same at
+#       batch 32 (the paper's per-GPU batch: 256 over 8 GPUs)
 #   fid50k_estimate                          50000 / (SDE-250 + CFG images/s), from the fastest measurement
 #       that used the published protocol, else the fastest SDE + CFG one
 #   summary.json + a printed table; env.json: machine, torch, commit. Logs in logs/.
@@ -186,12 +186,12 @@ run_step sample_fid_protocol 120 "${SAMPLE[@]}" sample.compile=true sample.guida
   --modes "${FID_MODE[@]}"
 run_step toy_world_build 150 $PY benchmarks/world_build.py --cache "$WORK/toyworld-$(date +%s%N)" "${WORLD[@]}"
 run_step loop_eager_b16_slowkernels 90 "${LOOP16[@]}" train.compile=false train.tf32=false train.cudnn_benchmark=false --iters 0
+run_step loop_eager_b16_regnhwc 120 "${LOOP16[@]}" train.compile=false train.regulariser_channels_last=true --iters 0
 run_step loop_eager_b32 120 "${LOOP32[@]}" train.compile=false
 ref_step ref_eager_b32 150 $B32
+run_step loop_eager_b32_regnhwc 120 "${LOOP32[@]}" train.compile=false train.regulariser_channels_last=true
 run_step loop_compile_b32 240 "${LOOP32[@]}" $COMPILE --iters 0
 run_step step_compile_b32 120 "${BENCH[@]}" step "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 $COMPILE "${STEP[@]}"
-run_step loop_eager_b32_regnhwc 120 "${LOOP32[@]}" train.compile=false train.regulariser_channels_last=true
-run_step loop_eager_b16_regnhwc 120 "${LOOP16[@]}" train.compile=false train.regulariser_channels_last=true --iters 0
 
 # ------------------------------------------------------------------ FID-50K estimate and the summary
 $PY - "$OUT_DIR" "$(( $(date +%s) - START ))" <<'EOF'
