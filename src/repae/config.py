@@ -205,6 +205,8 @@ class TrainConfig:
     channels_last: Optional[bool] = None
     # The regulariser's convolution nets (LPIPS's VGG, the PatchGAN discriminator) in NHWC: they have
     # no GroupNorm, so they may gain from the layout where the VAE loses. null: as channels_last.
+    # On one H200 (f8d4 + SiT-XL/2, eager) NHWC for them alone gave 51.7 -> 51.9 images/s at batch 16 and
+    # 62.2 -> 62.5 at 32, within one run's noise (docs/benchmarks, H200 second session).
     regulariser_channels_last: Optional[bool] = None
     # recompute SiT blocks in the backward pass: less activation memory for ~1/3 more SiT compute
     activation_checkpointing: bool = False
