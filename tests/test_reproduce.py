@@ -99,6 +99,22 @@ def test_verdicts_follow_the_stated_criteria():
     assert rep.claim_e(r, list(r["metrics"]))[0] == "reproduces"
 
 
+def test_claim_e_reads_alignment_against_fid_without_cfg_and_on_the_training_arms_beside_its_criterion():
+    cknna = {"repae": (0.3, 0.5), "repa": (0.2, 0.3), "vanilla": (0.05, 0.1), "stage2-e2e-vae": (0.25, 0.4),
+             "no-reg": (0.5, 0.6)}
+    r = _results({"repae": (15, 10), "repa": (40, 20), "vanilla": (45, 30), "stage2-e2e-vae": (35, 15),
+                  "no-reg": (95, 90)}, cknna=cknna)
+    assert "Beside the criterion" not in rep.claim_e(r, list(r["metrics"]))[1]  # results without unguided samples
+    unguided = {"repae": 30, "repa": 20, "vanilla": 10, "stage2-e2e-vae": 25, "no-reg": 90}
+    for arm, fid in unguided.items():
+        r["metrics"][arm]["0"]["2"]["fid_unguided"] = fid
+    verdict, evidence = rep.claim_e(r, list(r["metrics"]))
+    assert verdict == "partly"  # the criterion's ρ (with the run's sampler, every run) is 0.00: unchanged
+    assert "across the 5 finished runs at their last step: 0.00" in evidence
+    assert "without CFG ρ 1.00 (5 runs)" in evidence
+    assert "the 4 runs of REPA-E, REPA, vanilla and stage 2 alone -1.00 with the run's sampler, 1.00 without CFG" in evidence
+
+
 def test_verdicts_say_when_a_claim_fails():
     r = _results({"repae": (30, 22), "repa": (40, 20), "e2e-diffusion": (90, 80), "no-stopgrad": (25, 21),
                   "stage2-e2e-vae": (35, 25)}, sv={"e2e-diffusion": 0.9})
@@ -364,6 +380,24 @@ def test_generation_verdicts_are_inconclusive_when_no_arm_beats_chance(tmp_path)
     for claim in "bcde":
         assert "inconclusive at this budget" in rows[f"| ({claim})"], claim
     assert "below 2x chance" in text
+
+
+def test_the_budget_check_reads_the_arms_that_train_normally():
+    """An ablation whose samples beat chance (the --quick plan's arm without L_REG: 0.23 at 150 steps while REPA-E,
+    REPA and vanilla sat at chance) does not make the comparisons of the others conclusive."""
+    r = _results({"repae": (15, 10), "repa": (40, 20), "vanilla": (45, 30), "no-reg": (60, 50)})
+    for arm, per_seed in r["metrics"].items():
+        for m in per_seed["0"].values():
+            m["class_accuracy"] = 0.23 if arm == "no-reg" else 0.12
+    ok, note = rep.samples_carry_classes(r)
+    assert not ok and "of REPA-E, REPA, vanilla SiT or stage 2 0.12" in note and "ablations included, 0.23" in note
+    r["metrics"]["repa"]["0"]["2"]["class_accuracy"] = 0.2  # 2x chance: conclusive
+    assert rep.samples_carry_classes(r)[0]
+    only_ablations = _results({"no-reg": (60, 50), "e2e-diffusion": (90, 80)})  # no training arm: any arm counts
+    only_ablations["metrics"]["no-reg"]["0"]["2"]["class_accuracy"] = 0.3
+    only_ablations["metrics"]["e2e-diffusion"]["0"]["2"]["class_accuracy"] = 0.05
+    ok, note = rep.samples_carry_classes(only_ablations)
+    assert ok and "of any arm 0.3" in note
 
 
 SIGTERM_RUNNER = """
