@@ -25,7 +25,8 @@ E2E_DIFFUSION = ("train.stop_grad=false", "train.use_reg_loss=false", "loss.proj
 
 # the arms whose guided FIDs a verdict compares, (c) REPA-E against REPA, (d) stage 2 against REPA and (f) REPA
 # against vanilla (REPA's own headline numbers are guided, at a tuned scale): the runner's guidance sweep measures
-# these, and the report reads them
+# these, and the report reads them. They are also the arms that train a SiT on a working VAE, which the report's
+# budget check and (e)'s readings beside its criterion keep to: an ablation's FID is set by what it breaks.
 CFG_SWEEP_ARMS = ("repae", "repa", "stage2-e2e-vae", "vanilla")
 
 

@@ -265,11 +265,6 @@ def claim_d(r: dict) -> Tuple[str, str]:
     return ("reproduces" if mean(e2e) < mean(orig) else "does not reproduce"), evidence
 
 
-# the arms that train a SiT on a working VAE: beside them, the ablations' FIDs are set by what they break
-# (a collapsed latent, a diverged VAE), not by alignment
-TRAINING_ARMS = ("repae", "repa", "vanilla", "stage2-e2e-vae")
-
-
 def _cknna_fid_rho(r: dict, arms: List[str], key: str) -> Tuple[float, int]:
     """Spearman ρ between CKNNA and FID (`key`) over the arms' finished runs at their last step, and how
     many runs; nan where fewer than 3 or either side is constant. Across arms at their last step: pooling
@@ -291,7 +286,7 @@ def claim_e(r: dict, arms: List[str]) -> Tuple[str, str]:
     if any(final(r, arm, "fid_unguided") for arm in arms):
         # where the run's CFG scale over-guides some arms more than others, their guided FIDs no longer
         # order them by quality: the unguided ρ says whether that, or alignment, breaks the relation
-        training = [arm for arm in arms if arm in TRAINING_ARMS]
+        training = [arm for arm in arms if arm in CFG_SWEEP_ARMS]
         rho_u, n_u = _cknna_fid_rho(r, arms, "fid_unguided")
         rho_t, n_t = _cknna_fid_rho(r, training, "fid_unguided")
         rho_tg, _ = _cknna_fid_rho(r, training, "fid")
@@ -315,13 +310,13 @@ def within_budget(r: dict, verdicts: Dict[str, Tuple[str, str]]) -> Dict[str, Tu
 
 
 def samples_carry_classes(r: dict) -> Tuple[bool, str]:
-    """Whether the final samples of an arm that trains a SiT on a working VAE (TRAINING_ARMS; any arm
+    """Whether the final samples of an arm that trains a SiT on a working VAE (CFG_SWEEP_ARMS; any arm
     where the plan has none) show class structure: best class accuracy >= 2x chance. Below that, FID
     differences between arms reflect colour and blur statistics, not the generation quality the claims
     (b)-(f) are about. The ablations are left out: on the --quick plan (150 steps) the arm without L_REG,
     its VAE at 8 dB PSNR, reached 0.23 on 100 samples while REPA-E, REPA and vanilla sat at chance."""
     chance = judges(r).get("chance_accuracy") or 1.0 / r.get("num_classes", 10)
-    training = [arm for arm in r["metrics"] if arm in TRAINING_ARMS]
+    training = [arm for arm in r["metrics"] if arm in CFG_SWEEP_ARMS]
 
     def best_of(arms: List[str]) -> float:
         accs = [mean(final(r, arm, "class_accuracy")) for arm in arms]
