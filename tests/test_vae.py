@@ -125,3 +125,40 @@ def test_official_latent_stats_file(tmp_path):
 def test_layout_inference_from_state():
     args = vae_args_from_state(AutoencoderKL(tiny_vae_args(attn_resolutions=[128])).state_dict())
     assert args.attn_levels() == [False, True, False]
+
+
+def _norm_input():
+    from repae.models.vae import GroupNorm
+    torch.manual_seed(0)
+    norm = GroupNorm(8, 16, eps=1e-6)
+    with torch.no_grad():  # weights off (1, 0): bf16 rounding of them would show
+        norm.weight.normal_()
+        norm.bias.normal_()
+    return norm, (torch.randn(4, 16, 8, 8) * 3 + 1).bfloat16()
+
+
+def test_group_norm_keeps_bf16_under_autocast_with_bf16_affine():
+    """The memory-saving path (what a GPU runs): bf16 in, bf16 out, bf16 weights, the same numbers as
+    a bf16 group_norm."""
+    import torch.nn.functional as F
+    norm, x = _norm_input()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.bfloat16
+    expected = F.group_norm(x, 8, norm.weight.bfloat16(), norm.bias.bfloat16(), 1e-6)
+    assert torch.equal(y, expected)
+
+
+def test_group_norm_of_a_channels_last_bf16_input_on_a_cpu_runs_in_fp32_and_stays_channels_last():
+    """PyTorch's CPU kernel for channels-last bf16 is several times slower than fp32 there (the toy
+    step's largest cost before): that input is normalised in fp32 with fp32 weights, then rounded."""
+    import torch.nn.functional as F
+    norm, x = _norm_input()
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    expected = F.group_norm(x.detach().float(), 8, norm.weight, norm.bias, 1e-6).bfloat16()
+    assert torch.equal(y, expected)
+    y.float().sum().backward()  # gradients reach the input and the fp32 weights
+    assert x.grad.dtype == torch.bfloat16 and norm.weight.grad.abs().sum() > 0
