@@ -28,9 +28,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-from repae.bench import _batch, matmul_peak, median_seconds, random_trainables
+from repae.bench import _batch, in_own_autocast, matmul_peak, median_seconds, random_trainables
 from repae.config import load_config
-from repae.nn_utils import autocast, resolve_precision
+from repae.nn_utils import resolve_precision
 
 # the ops FlopCounterMode counts that do the step's arithmetic (its other ops do no matmul work)
 _COUNTED = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward",
@@ -89,11 +89,11 @@ def ceiling(cfg, iters: int = 5) -> dict:
     images, labels = _batch(cfg, device, n)
     gen = torch.Generator().manual_seed(0)
     recorder = RecordOps()
-    with autocast(cfg.train.precision, device):
-        repae_step(m, [(images, labels)], cfg, 0, gen)  # warm-up: lazy buffers, optimiser state
-        step_seconds = median_seconds(lambda: repae_step(m, [(images, labels)], cfg, 0, gen), device, iters, 1)
-        with recorder:
-            repae_step(m, [(images, labels)], cfg, 0, gen)
+    step = in_own_autocast(lambda: repae_step(m, [(images, labels)], cfg, 0, gen), cfg, device)
+    step()  # warm-up: lazy buffers, optimiser state
+    step_seconds = median_seconds(step, device, iters, 1)
+    with recorder:
+        step()
     precision = resolve_precision(cfg.train.precision, device)
     peak = matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     rows, tgen = [], torch.Generator().manual_seed(0)

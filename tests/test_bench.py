@@ -32,6 +32,42 @@ def test_bench_step_numbers_agree(tmp_path):
                                                        "SiT fwd+bwd", "optimisers", "EMA update"}
 
 
+def test_bench_step_gives_each_step_and_part_call_an_autocast_context_of_its_own(monkeypatch):
+    """Inside one autocast context torch keeps its bf16 casts of the weights: steps sharing one would skip
+    the casts the training loop pays each step, and compute with the weights from before the updates."""
+    import contextlib
+
+    import repae.bench as bench
+    import repae.train.step as step_module
+
+    outermost, seen = [], []  # the open context's identity; (what ran, its context) per call
+    real_autocast, real_step, real_parts = bench.autocast, step_module.repae_step, bench.step_parts
+
+    @contextlib.contextmanager
+    def tracked_autocast(precision, device):
+        with real_autocast(precision, device):
+            outermost.append(outermost[-1] if outermost else object())  # nested: the same context
+            try:
+                yield
+            finally:
+                outermost.pop()
+
+    def spy(name, fn):
+        def run(*args, **kwargs):
+            assert torch.is_autocast_enabled("cpu")
+            seen.append((name, outermost[0]))
+            return fn(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(bench, "autocast", tracked_autocast)
+    monkeypatch.setattr(step_module, "repae_step", spy("step", real_step))
+    monkeypatch.setattr(bench, "step_parts", lambda *a: {k: spy(k, f) for k, f in real_parts(*a).items()})
+    cfg = load_config("toy", overrides=TINY + ["train.precision=bf16"])
+    bench_step(cfg, torch.device("cpu"), iters=2, warmup=1)
+    assert sum(name == "step" for name, _ in seen) >= 3 and sum(name == "SiT fwd+bwd" for name, _ in seen) == 3
+    assert len({id(context) for _, context in seen}) == len(seen)  # no two calls shared a context
+
+
 def test_parts_follow_the_training_mode():
     from repae.bench import _batch, random_trainables
 

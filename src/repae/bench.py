@@ -160,13 +160,24 @@ def step_parts(m, cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor,
     return parts
 
 
+def in_own_autocast(fn: Callable[[], object], cfg: RunConfig, device: torch.device) -> Callable[[], object]:
+    """fn, run under a bf16 autocast context of its own (where the config resolves to bf16), as the training
+    loop enters one per step. Inside one context autocast keeps its bf16 copies of the weights: calls sharing
+    a context would skip those casts, and after an optimiser update would compute with the old weights."""
+    def run():
+        with autocast(cfg.train.precision, device):
+            return fn()
+    return run
+
+
 def time_parts(m, cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator,
                iters: int = 5, warmup: int = 2) -> Dict[str, float]:
-    """Median seconds of each part of `step_parts` on one micro-batch (call under the run's autocast);
-    the gradients the parts leave behind are cleared afterwards."""
+    """Median seconds of each part of `step_parts` on one micro-batch, each call under the run's autocast
+    (`in_own_autocast`; call this outside any); the gradients the parts leave behind are cleared afterwards."""
     device = images.device
-    parts = step_parts(m, cfg, images, labels, gen)
-    seconds = {name: median_seconds(fn, device, iters, warmup) for name, fn in parts.items()}
+    parts = in_own_autocast(lambda: step_parts(m, cfg, images, labels, gen), cfg, device)()
+    seconds = {name: median_seconds(in_own_autocast(fn, cfg, device), device, iters, warmup)
+               for name, fn in parts.items()}
     for opt in (m.sit_opt, m.vae_opt, m.disc_opt):
         if opt is not None:
             opt.zero_grad(set_to_none=True)
@@ -187,15 +198,15 @@ def bench_step(cfg: RunConfig, device: torch.device, iters: int = 5, warmup: int
     step = {"i": 0}
 
     def full_step():
-        repae_step(m, batches, cfg, step["i"], gen)
+        with autocast(cfg.train.precision, device):  # one context per step, as in training: see in_own_autocast
+            repae_step(m, batches, cfg, step["i"], gen)
         step["i"] += 1
 
-    with autocast(cfg.train.precision, device):
-        part_seconds = time_parts(m, cfg, batches[0][0], batches[0][1], gen, iters, warmup)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = median_seconds(full_step, device, iters, warmup)
-        flops = count_flops(full_step)
+    part_seconds = time_parts(m, cfg, batches[0][0], batches[0][1], gen, iters, warmup)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = median_seconds(full_step, device, iters, warmup)
+    flops = count_flops(full_step)
     precision = resolve_precision(cfg.train.precision, device)
     peak = matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     achieved = flops / seconds

@@ -137,11 +137,11 @@ def _time_loop(cfg: RunConfig, device: torch.device, steps: int, skip: int, part
         "log_every": cfg.train.log_every, "log_lines_in_run": len(log_lines),
     }
     images, labels = _batch(cfg, device, n // cfg.train.grad_accum_steps)
+    if parts_iters > 0:
+        result["parts_seconds_per_micro_batch"] = time_parts(m, cfg, images, labels, run.gen, parts_iters,
+                                                             parts_warmup)
+    batches = [(images, labels)] * cfg.train.grad_accum_steps
     with autocast(cfg.train.precision, device):
-        if parts_iters > 0:
-            result["parts_seconds_per_micro_batch"] = time_parts(m, cfg, images, labels, run.gen, parts_iters,
-                                                                 parts_warmup)
-        batches = [(images, labels)] * cfg.train.grad_accum_steps
         flops = count_flops(lambda: repae_step(m, batches, cfg, run.step, run.gen))
     peak = matmul_peak(device, torch.bfloat16 if result["precision"] == "bf16" else torch.float32)
     result.update(flops_per_image=flops / n, achieved_flops=flops / result["step_seconds_median"],
