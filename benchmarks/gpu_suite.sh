@@ -32,6 +32,10 @@
 #       and the discriminator in NHWC, the VAE in NCHW)
 #   loop_eager_b32, ref_eager_b32, loop_eager_b32_regnhwc, loop_compile_b32, step_compile_b32   the same at
 #       batch 32 (the paper's per-GPU batch: 256 over 8 GPUs)
+#   loop_compile_b16_autotune, loop_compile_b32_autotune   the compiled loop with
+#       train.compile_mode=max-autotune-no-cudagraphs (inductor times its own matmul/conv kernels per shape)
+#   sample_b128_compile_cudagraphs           compiled sampling with sample.compile_mode=reduce-overhead (each
+#       compiled region replayed as a CUDA graph)
 #   fid50k_estimate                          50000 / (SDE-250 + CFG images/s), from the fastest measurement
 #       that used the published protocol, else the fastest SDE + CFG one
 #   summary.json + a printed table; env.json: machine, torch, commit. Logs in logs/.
@@ -192,6 +196,11 @@ ref_step ref_eager_b32 150 $B32
 run_step loop_eager_b32_regnhwc 120 "${LOOP32[@]}" train.compile=false train.regulariser_channels_last=true
 run_step loop_compile_b32 240 "${LOOP32[@]}" $COMPILE --iters 0
 run_step step_compile_b32 120 "${BENCH[@]}" step "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 $COMPILE "${STEP[@]}"
+AUTOTUNE=train.compile_mode=max-autotune-no-cudagraphs  # inert in the CPU smoke (no compile there)
+run_step loop_compile_b16_autotune 420 "${LOOP16[@]}" $COMPILE $AUTOTUNE --iters 0
+run_step loop_compile_b32_autotune 420 "${LOOP32[@]}" $COMPILE $AUTOTUNE --iters 0
+run_step sample_b128_compile_cudagraphs 240 "${SAMPLE[@]}" sample.compile=true sample.compile_mode=reduce-overhead \
+  --samples $S128 --modes "${MODES[@]}"
 
 # ------------------------------------------------------------------ FID-50K estimate and the summary
 $PY - "$OUT_DIR" "$(( $(date +%s) - START ))" <<'EOF'
@@ -205,7 +214,7 @@ def load(name):
 
 fid = {"status": "skipped", "reason": "no SDE-250 + CFG measurement"}
 candidates = []  # (published protocol?, images/s, name, key, result)
-for name in ("sample_fid_protocol", "sample_b128_compile", "sample_b128", "sample_b32"):
+for name in ("sample_fid_protocol", "sample_b128_compile_cudagraphs", "sample_b128_compile", "sample_b128", "sample_b32"):
     r = load(name)
     for key, ips in r.get("images_per_s", {}).items():
         if key.startswith("sde-") and not key.endswith("cfg 1"):

@@ -142,6 +142,8 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert json.loads((tmp_path / "out/loop_eager_b32.json").read_text())["global_batch"] == 4
     world = summary["steps"]["toy_world_build"]
     assert world["status"] == "ok" and world["vae_build_device"] == "cpu" and world["world_build_seconds"] > 0
+    graphs = json.loads((tmp_path / "out/sample_b128_compile_cudagraphs.json").read_text())
+    assert graphs["compile"] is True and graphs["compile_mode"] == "reduce-overhead"
 
 
 @pytest.mark.slow

@@ -67,7 +67,7 @@ def test_compiled_sampling_compiles_sit_blocks_and_decoder_with_static_shapes_an
     eager = generate_images(sit, vae, labels, **kwargs)
     compile_for_sampling(sit, vae)
     assert {id(b) for b in sit.blocks} | {id(vae.decoder)} == set(compiled)
-    assert all(k == {"dynamic": False} for k in compiled.values())
+    assert all(k == {"dynamic": False, "mode": "default"} for k in compiled.values())
     assert id(vae.encoder) not in compiled  # sampling never encodes
     again = generate_images(sit, vae, labels, **kwargs)
     # uint8 images: compiled kernels may round a pixel the other way, no more
@@ -85,6 +85,31 @@ def test_compile_defaults_on_for_a_gpu_as_the_reference_does_and_off_on_a_cpu_an
     assert not uses_compile(off, torch.device("cuda"))
     assert uses_compile(load_config("sit-xl2-f8d4", [], ["train.compile=true"]), torch.device("cpu"))
     assert not uses_compile(load_config("toy", [], []), torch.device("cuda"))  # the toy preset says false
+
+
+def test_the_compile_modes_reach_every_compiled_region_and_training_refuses_cuda_graphs(monkeypatch):
+    """train.compile_mode goes to each region make_trainables compiles, sample.compile_mode to each one
+    compile_for_sampling compiles; CUDA-graph modes are refused for training (autograd, in-place updates)."""
+    from repae.bench import random_trainables
+    from repae.config import ConfigError, load_config
+
+    compiled = {}
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: compiled.__setitem__(id(self), kwargs))
+    tiny = ["model.depth=2", "model.hidden_size=48", "model.num_heads=2", "model.encoder_depth=1",
+            "model.projector_dim=64", "train.compile=true"]
+    m = random_trainables(load_config("toy", [], tiny + ["train.compile_mode=max-autotune-no-cudagraphs"]),
+                          torch.device("cpu"))
+    assert {id(b) for b in m.sit.blocks} | {id(m.vae.encoder), id(m.vae.decoder)} <= set(compiled)
+    assert {k["mode"] for k in compiled.values()} == {"max-autotune-no-cudagraphs"}
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ConfigError, match="train.compile_mode"):
+            load_config("toy", [], [f"train.compile_mode={mode}"])
+
+    compiled.clear()
+    cfg = load_config("toy", [], ["sample.compile=true", "sample.compile_mode=reduce-overhead"])
+    compile_for_sampling(m.sit, m.vae, cfg.sample.compile_mode)
+    assert set(compiled) == {id(b) for b in m.sit.blocks} | {id(m.vae.decoder)}
+    assert all(k == {"dynamic": False, "mode": "reduce-overhead"} for k in compiled.values())
 
 
 def test_init_device_applies_the_configs_switches_on_the_device_it_returns(backend_flags, monkeypatch):
@@ -114,7 +139,7 @@ def test_bench_sample_uses_the_config_interval_and_warms_up_short_with_the_same_
         return torch.zeros(len(labels), 3, 32, 32, dtype=torch.uint8)
 
     monkeypatch.setattr("repae.generate.generate_images", fake_generate)
-    monkeypatch.setattr(bench, "compile_for_sampling", lambda sit, vae: None)
+    monkeypatch.setattr(bench, "compile_for_sampling", lambda sit, vae, mode: None)
     cfg = load_config("toy", [], ["sample.guidance_low=0.1", "sample.guidance_high=0.65"])  # small models
     out = bench.bench_sample(cfg, torch.device("cpu"), 2, [("sde", 250, 2.2)])
     assert [c["num_steps"] for c in calls] == [250]  # a CPU, eager: no warm-up

@@ -213,6 +213,7 @@ def bench_step(cfg: RunConfig, device: torch.device, iters: int = 5, warmup: int
     return {
         "preset": cfg.preset, "device": str(device), "precision": precision,
         "compile": uses_compile(cfg, device), "layout": conv_layouts(cfg, device),
+        "compile_mode": cfg.train.compile_mode if uses_compile(cfg, device) else None,
         "threads": torch.get_num_threads(), "global_batch": n, "grad_accum_steps": cfg.train.grad_accum_steps,
         "step_seconds": seconds, "images_per_s": n / seconds,
         "parts_seconds_per_micro_batch": part_seconds,
@@ -272,11 +273,12 @@ def bench_sample(cfg: RunConfig, device: torch.device, num_samples: Optional[int
     torch.manual_seed(0)
     sit, vae = build_sit(cfg).to(device).eval(), AutoencoderKL(vae_args(cfg)).to(device).eval()
     if cfg.sample.compile:
-        compile_for_sampling(sit, vae)
+        compile_for_sampling(sit, vae, cfg.sample.compile_mode)
     n = cfg.sample.batch_size if num_samples is None else num_samples
     labels = torch.arange(n) % cfg.model.num_classes
     guided = cfg.sample.cfg_scale if cfg.sample.cfg_scale != 1.0 else 4.0
     out = {"preset": cfg.preset, "device": str(device), "samples": n, "compile": cfg.sample.compile,
+           "compile_mode": cfg.sample.compile_mode if cfg.sample.compile else None,
            "guidance_interval": [cfg.sample.guidance_low, cfg.sample.guidance_high], "images_per_s": {}}
     modes = modes or [(mode, steps, scale) for mode, steps in (("ode", 50), ("sde", 250)) for scale in (1.0, guided)]
     for mode, steps, scale in modes:

@@ -123,6 +123,7 @@ def _time_loop(cfg: RunConfig, device: torch.device, steps: int, skip: int, part
         "benchmark": "repae bench loop (repae.train.loop.train_steps)", "preset": cfg.preset,
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": resolve_precision(cfg.train.precision, device), "compile": uses_compile(cfg, device),
+        "compile_mode": cfg.train.compile_mode if uses_compile(cfg, device) else None,
         "layout": conv_layouts(cfg, device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "global_batch": n, "grad_accum_steps": cfg.train.grad_accum_steps,
         "steps": steps, "skipped_steps": skip, "timed_steps": len(step_seconds), "step_seconds": step_seconds,

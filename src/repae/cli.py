@@ -242,7 +242,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     sit.to(device)
     vae.to(device)
     if cfg.sample.compile:
-        compile_for_sampling(sit, vae)
+        compile_for_sampling(sit, vae, cfg.sample.compile_mode)
 
     n = cfg.sample.num_samples
     labels = sample_labels(n, sit.num_classes, cfg.eval.label_sampling, cfg.sample.seed)  # balanced: i % C

@@ -219,6 +219,11 @@ class TrainConfig:
     # took ~3 minutes (bench wall 42 -> 237 s), more than the ~1.8 minutes it saves over the default
     # run's 1000 steps
     compile: Optional[bool] = None
+    # torch.compile's mode for those regions: "default", or "max-autotune-no-cudagraphs" (inductor times
+    # its own matmul and convolution kernels against the libraries' for each shape: a longer compile, for
+    # a faster step where its kernels win). No CUDA-graph modes: the regions run inside autograd and the
+    # optimisers update their weights in place between steps.
+    compile_mode: str = "default"
     # On a CUDA device: float32 matmuls and convolutions in TF32, as the reference's --allow-tf32
     # default does (bf16 autocast covers most of the step; TF32 speeds up what stays float32), and
     # cuDNN's benchmark mode, which times its convolution algorithms once per shape and keeps the
@@ -257,6 +262,10 @@ class SampleConfig:
     # per batch shape, guided and unguided). Pays on a GPU over many batches (FID-50K); on a CPU
     # or for one grid the compile time costs more than it saves.
     compile: bool = False
+    # torch.compile's mode for them: "default"; "reduce-overhead" replays each region as a CUDA graph
+    # (no per-kernel launch cost from Python: the sampler calls the same shapes hundreds of times);
+    # "max-autotune-no-cudagraphs" times inductor's own kernels against the libraries'; "max-autotune" both.
+    compile_mode: str = "default"
 
 
 @dataclass
@@ -698,6 +707,8 @@ _CHOICES = {
     "loss.recon_type": ("l1", "mse"),
     "data.source": ("toy", "folder", "imagenet", "packed", "hf", "wds"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "train.compile_mode": ("default", "max-autotune-no-cudagraphs"),
+    "sample.compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"),
     "sample.mode": ("ode", "sde"),
     "sample.heun_cfg_at": ("t_cur", "t_next"),
     "eval.label_sampling": ("balanced", "uniform"),

@@ -124,8 +124,9 @@ def init_device(cfg) -> torch.device:
     return device
 
 
-def compile_for_sampling(sit: nn.Module, vae: nn.Module) -> None:
+def compile_for_sampling(sit: nn.Module, vae: nn.Module, mode: str = "default") -> None:
     """sample.compile: the SiT blocks and the VAE decoder compiled with static shapes (sampling sees
-    two batch shapes, guided and unguided, and a last partial batch: one graph each, no dynamic kernels)."""
-    compile_regions(sit, dynamic=False)
-    compile_regions(getattr(vae, "decoder", vae), dynamic=False)
+    two batch shapes, guided and unguided, and a last partial batch: one graph each, no dynamic kernels),
+    in torch.compile's `mode` (sample.compile_mode)."""
+    compile_regions(sit, dynamic=False, mode=mode)
+    compile_regions(getattr(vae, "decoder", vae), dynamic=False, mode=mode)

@@ -69,7 +69,7 @@ def make_trainables(cfg: RunConfig, sit: SiT, vae: nn.Module, encoders: Sequence
             regions += [regulariser.discriminator, regulariser.lpips]
         for region in regions:
             if isinstance(region, nn.Module):
-                compile_regions(region)
+                compile_regions(region, mode=cfg.train.compile_mode)
     sit_params = [p for p in sit.parameters() if p.requires_grad]
     vae.requires_grad_(cfg.train.tune_vae)
     vae_params: List[nn.Parameter] = list(vae.parameters()) if cfg.train.tune_vae else []
