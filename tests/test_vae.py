@@ -127,6 +127,7 @@ def test_layout_inference_from_state():
     assert args.attn_levels() == [False, True, False]
 
 
+
 def _norm_input():
     from repae.models.vae import GroupNorm
     torch.manual_seed(0)
@@ -137,28 +138,37 @@ def _norm_input():
     return norm, (torch.randn(4, 16, 8, 8) * 3 + 1).bfloat16()
 
 
-def test_group_norm_keeps_bf16_under_autocast_with_bf16_affine():
-    """The memory-saving path (what a GPU runs): bf16 in, bf16 out, bf16 weights, the same numbers as
-    a bf16 group_norm."""
-    import torch.nn.functional as F
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_on_a_cpu_gives_what_nn_group_norm_gives_under_cpu_autocast(channels_last):
+    """The official VAE's nn.GroupNorm under CPU bf16 autocast: bf16 input, fp32 affine, bf16 out. Ours gives
+    the same numbers in both layouts; a channels-last input (normalised in fp32 there: PyTorch's kernel for it is
+    several times slower) keeps its layout, and gradients reach the input and the fp32 weights."""
     norm, x = _norm_input()
+    official = torch.nn.GroupNorm(8, 16, eps=1e-6)
+    official.load_state_dict(norm.state_dict())
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = norm(x)
-    assert y.dtype == torch.bfloat16
-    expected = F.group_norm(x, 8, norm.weight.bfloat16(), norm.bias.bfloat16(), 1e-6)
-    assert torch.equal(y, expected)
-
-
-def test_group_norm_of_a_channels_last_bf16_input_on_a_cpu_runs_in_fp32_and_stays_channels_last():
-    """PyTorch's CPU kernel for channels-last bf16 is several times slower than fp32 there (the toy
-    step's largest cost before): that input is normalised in fp32 with fp32 weights, then rounded."""
-    import torch.nn.functional as F
-    norm, x = _norm_input()
-    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = norm(x)
-    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
-    expected = F.group_norm(x.detach().float(), 8, norm.weight, norm.bias, 1e-6).bfloat16()
-    assert torch.equal(y, expected)
-    y.float().sum().backward()  # gradients reach the input and the fp32 weights
+        y, expected = norm(x), official(x.detach())
+    assert y.dtype == expected.dtype == torch.bfloat16 and torch.equal(y, expected)
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    y.float().sum().backward()
     assert x.grad.dtype == torch.bfloat16 and norm.weight.grad.abs().sum() > 0
+
+
+def test_group_norm_off_a_cpu_keeps_bf16_with_bf16_affine(monkeypatch):
+    """On a GPU (here the meta device, which autocast does not know: its context is stubbed) the input's bf16 goes
+    through with bf16 affine weights, where autocast would have run fp32: the memory saving."""
+    import contextlib
+
+    import torch.nn.functional as F
+    from repae.models.vae import GroupNorm
+
+    seen = []
+    real = F.group_norm
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(F, "group_norm", lambda x, g, w, b, eps: seen.append((x.dtype, w.dtype, b.dtype)) or
+                        real(x, g, w, b, eps))
+    y = GroupNorm(8, 16).to("meta")(torch.empty(4, 16, 8, 8, dtype=torch.bfloat16, device="meta"))
+    assert y.dtype == torch.bfloat16 and seen == [(torch.bfloat16,) * 3]

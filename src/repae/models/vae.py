@@ -64,24 +64,29 @@ class DiagonalGaussian:
 class GroupNorm(nn.GroupNorm):
     """GroupNorm that keeps its input's dtype under autocast.
 
-    Autocast runs group_norm in fp32: it saves an fp32 copy of the bf16 conv output for backward
+    On a GPU, autocast runs group_norm in fp32: it saves an fp32 copy of the bf16 conv output for backward
     and hands the following SiLU an fp32 tensor to save too, 10 bytes per element for each
     norm-SiLU-conv with the conv's bf16 input, against 6 this way. The VAE's activations are the
     largest memory of the REPA-E step (f8d4 at 256 px: ~1.25 GB per image even all in bf16), and
-    PyTorch's bf16 group_norm kernels accumulate the statistics in fp32 anyway.
+    PyTorch's bf16 group_norm kernels accumulate the statistics in fp32 anyway. There the affine
+    weights go in bf16 too (a deliberate difference from the official code's fp32 output).
 
-    One exception: a channels-last bf16 input on a CPU (the CPU's default layout) is normalised in
-    fp32 and rounded back to bf16. PyTorch's CPU kernel for that case took 2.6-5.4x the time of this
-    (forward + backward, conversions included, toy VAE shapes, 2 threads); in the toy REPA-E step it
-    made GroupNorm 30% of the time. A CPU has the memory to spare."""
+    On a CPU, autocast leaves group_norm alone, so the official code's nn.GroupNorm takes the bf16 input
+    with its fp32 affine weights and returns bf16; this does the same. For a channels-last input (the
+    CPU's default layout) PyTorch's kernel for that took 2.6-5.4x the time of converting to fp32 and back
+    (forward + backward, toy VAE shapes, 2 threads; it made GroupNorm 30% of the toy REPA-E step), so that
+    input is normalised in fp32 and rounded: the same numbers, up to one bf16 ulp on a few elements where
+    the two kernels sum the statistics in another order."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype:
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
-            if x.device.type == "cpu" and not x.is_contiguous():  # channels-last: see the docstring
-                return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
-            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+            if x.device.type != "cpu":
+                return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+            if x.is_contiguous():
+                return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+            return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
