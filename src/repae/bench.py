@@ -186,7 +186,7 @@ def time_parts(m, cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor, ge
 
 def bench_step(cfg: RunConfig, device: torch.device, iters: int = 5, warmup: int = 2) -> dict:
     """images/s of the full REPA-E step, per-part seconds, FLOPs/image, FLOP/s vs matmul peak, memory."""
-    from repae.train.setup import conv_layouts, uses_compile
+    from repae.train.setup import compile_settings, conv_layouts
     from repae.train.step import repae_step
 
     m = random_trainables(cfg, device)
@@ -197,10 +197,11 @@ def bench_step(cfg: RunConfig, device: torch.device, iters: int = 5, warmup: int
     gen = torch.Generator(device).manual_seed(0)
     step = {"i": 0}
 
-    def full_step():
-        with autocast(cfg.train.precision, device):  # one context per step, as in training: see in_own_autocast
-            repae_step(m, batches, cfg, step["i"], gen)
+    def one_step():
+        repae_step(m, batches, cfg, step["i"], gen)
         step["i"] += 1
+
+    full_step = in_own_autocast(one_step, cfg, device)  # one context per step, as in training
 
     part_seconds = time_parts(m, cfg, batches[0][0], batches[0][1], gen, iters, warmup)
     if device.type == "cuda":
@@ -212,8 +213,7 @@ def bench_step(cfg: RunConfig, device: torch.device, iters: int = 5, warmup: int
     achieved = flops / seconds
     return {
         "preset": cfg.preset, "device": str(device), "precision": precision,
-        "compile": uses_compile(cfg, device), "layout": conv_layouts(cfg, device),
-        "compile_mode": cfg.train.compile_mode if uses_compile(cfg, device) else None,
+        **compile_settings(cfg, device), "layout": conv_layouts(cfg, device),
         "threads": torch.get_num_threads(), "global_batch": n, "grad_accum_steps": cfg.train.grad_accum_steps,
         "step_seconds": seconds, "images_per_s": n / seconds,
         "parts_seconds_per_micro_batch": part_seconds,

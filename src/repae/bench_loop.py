@@ -28,10 +28,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from repae.bench import _batch, _sync, count_flops, matmul_peak, peak_memory_bytes, random_trainables, time_parts
+from repae.bench import (_batch, _sync, count_flops, in_own_autocast, matmul_peak, peak_memory_bytes, random_trainables,
+                          time_parts)
 from repae.config import RunConfig
-from repae.nn_utils import autocast, resolve_precision
-from repae.train.setup import conv_layouts, uses_compile
+from repae.nn_utils import resolve_precision
+from repae.train.setup import compile_settings, conv_layouts
 
 STORE_IMAGES = 256  # distinct images in the random store; the loop goes round them as epochs
 
@@ -122,8 +123,7 @@ def _time_loop(cfg: RunConfig, device: torch.device, steps: int, skip: int, part
     result = {
         "benchmark": "repae bench loop (repae.train.loop.train_steps)", "preset": cfg.preset,
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "precision": resolve_precision(cfg.train.precision, device), "compile": uses_compile(cfg, device),
-        "compile_mode": cfg.train.compile_mode if uses_compile(cfg, device) else None,
+        "precision": resolve_precision(cfg.train.precision, device), **compile_settings(cfg, device),
         "layout": conv_layouts(cfg, device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "global_batch": n, "grad_accum_steps": cfg.train.grad_accum_steps,
         "steps": steps, "skipped_steps": skip, "timed_steps": len(step_seconds), "step_seconds": step_seconds,
@@ -142,8 +142,7 @@ def _time_loop(cfg: RunConfig, device: torch.device, steps: int, skip: int, part
         result["parts_seconds_per_micro_batch"] = time_parts(m, cfg, images, labels, run.gen, parts_iters,
                                                              parts_warmup)
     batches = [(images, labels)] * cfg.train.grad_accum_steps
-    with autocast(cfg.train.precision, device):
-        flops = count_flops(lambda: repae_step(m, batches, cfg, run.step, run.gen))
+    flops = count_flops(in_own_autocast(lambda: repae_step(m, batches, cfg, run.step, run.gen), cfg, device))
     peak = matmul_peak(device, torch.bfloat16 if result["precision"] == "bf16" else torch.float32)
     result.update(flops_per_image=flops / n, achieved_flops=flops / result["step_seconds_median"],
                   matmul_peak_flops=peak, fraction_of_peak=flops / result["step_seconds_median"] / peak,

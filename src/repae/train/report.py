@@ -118,8 +118,8 @@ def plot_losses(records: List[dict], path: Path) -> Path:
 
 
 # The README's default run (`repae train` on toy world v8 with the VAE at the SiT's lr, 1000 steps, the VAE's
-# GroupNorm in fp32 on a CPU since c182848; measured there): what a user of the default command should expect to see. tests/test_run_story.py keeps these and the
-# README equal.
+# GroupNorm in fp32 on a CPU since c182848; measured there): what a user of the default command should expect
+# to see. tests/test_run_story.py keeps these and the README equal.
 DEFAULT_TOY_RUN = {"steps": 1000, "sample_class_accuracy": 0.847, "sample_toy_fid": 5.79, "vae_heldout_psnr_db": 29.9}
 # where the run, its cache and its threads live, and how long it runs (run_story checks the budget itself);
 # a looser twin, loop.RESUMABLE_TRAIN_KEYS, says what may change when a run resumes (sampling settings too)

@@ -48,6 +48,13 @@ def uses_compile(cfg: RunConfig, device: torch.device) -> bool:
     return device.type == "cuda" if cfg.train.compile is None else cfg.train.compile
 
 
+def compile_settings(cfg: RunConfig, device: torch.device) -> dict:
+    """Whether the training regions are compiled on `device`, and in which torch.compile mode, as the
+    benchmarks record them."""
+    compiled = uses_compile(cfg, device)
+    return {"compile": compiled, "compile_mode": cfg.train.compile_mode if compiled else None}
+
+
 def make_trainables(cfg: RunConfig, sit: SiT, vae: nn.Module, encoders: Sequence[FeatureFn],
                     regulariser: Optional[VAERegulariser]) -> Trainables:
     """Freeze what the run does not train and give each trained set its own optimiser."""
@@ -57,7 +64,7 @@ def make_trainables(cfg: RunConfig, sit: SiT, vae: nn.Module, encoders: Sequence
     for module, nhwc in ((vae, uses_channels_last(cfg, device)), (regulariser, regulariser_uses_channels_last(cfg, device))):
         if module is not None and nhwc:
             module.to(memory_format=torch.channels_last)
-    if uses_compile(cfg, next(sit.parameters()).device):
+    if uses_compile(cfg, device):
         # every region compiles Module._call_impl, and each sees several variants (training, the
         # frozen alignment pass, no-grad sampling): dynamo's default of 8 recompiles per code object
         # would silently fall back to eager (the reference implementation raises it to 64 too)
