@@ -172,3 +172,37 @@ def test_group_norm_off_a_cpu_keeps_bf16_with_bf16_affine(monkeypatch):
                         real(x, g, w, b, eps))
     y = GroupNorm(8, 16).to("meta")(torch.empty(4, 16, 8, 8, dtype=torch.bfloat16, device="meta"))
     assert y.dtype == torch.bfloat16 and seen == [(torch.bfloat16,) * 3]
+
+
+def _official_attn_block(m, x):
+    """The official (LDM/REPA-E) AttnBlock.forward, written from that code: bmm, scale, softmax, bmm."""
+    hn = m.norm(x)
+    q, k, v = m.q(hn), m.k(hn), m.v(hn)
+    b, c, h, w = q.shape
+    weights = torch.bmm(q.reshape(b, c, h * w).permute(0, 2, 1), k.reshape(b, c, h * w)) * (int(c) ** (-0.5))
+    weights = torch.nn.functional.softmax(weights, dim=2).permute(0, 2, 1)
+    return x + m.proj_out(torch.bmm(v.reshape(b, c, h * w), weights).reshape(b, c, h, w))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_under_cpu_autocast_gives_the_official_numbers(channels_last):
+    """Under CPU bf16 autocast the VAE's attention takes the official code's products (SDPA's CPU kernel is
+    slower at these sizes and rounds elsewhere): the same output and input gradient, to the bit; without
+    autocast (SDPA) the two agree to fp32 rounding."""
+    from repae.models.vae import AttnBlock
+
+    torch.manual_seed(0)
+    block = randomize(AttnBlock(16, 8))
+    x = torch.randn(2, 16, 4, 4) * 2
+    if channels_last:
+        block, x = block.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    outs, grads = [], []
+    for fn in (block, lambda t: _official_attn_block(block, t)):
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(xg)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append(y)
+        grads.append(xg.grad)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+    torch.testing.assert_close(block(x), _official_attn_block(block, x), atol=1e-5, rtol=1e-5)
