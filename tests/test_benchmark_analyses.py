@@ -96,3 +96,12 @@ def test_world_build_reports_where_each_part_trained_and_refuses_a_built_world(t
     assert 0 <= record["evaluator_heldout_accuracy"] <= 1 and record["vae_heldout_psnr_db"] > 0
     with pytest.raises(SystemExit, match="not empty: a world already there would only be read"):
         world_build.main(["--cache", str(tmp_path / "cache"), "--device", "cpu", *tiny])
+
+
+def test_bf16_ulps_counts_steps_between_neighbouring_bf16_values():
+    ulps = _load("bf16_roundings").bf16_ulps
+    one = torch.tensor([1.0, -3.0, 0.0, 0.5], dtype=torch.bfloat16)
+    step = torch.tensor([2.0**-7, 2.0**-6, 0.0, 2.0**-8])  # bf16's spacing at 1, 3 (in [2, 4)), 0 and 0.5
+    assert ulps(one, one).tolist() == [0.0] * 4
+    assert ulps(one, (one.float() - step * one.float().sign()).bfloat16()).tolist() == [1.0, 1.0, 0.0, 1.0]
+    assert ulps(one, (one.float() + 3 * step).bfloat16())[0] == 3.0
