@@ -485,6 +485,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}{_override_hint(extra)}")
         args.overrides = list(args.overrides) + extra
+    from repae.freed_memory import reuse_freed_memory
+
+    reuse_freed_memory()  # every command: training, sampling and evaluation all make large CPU tensors
     try:
         return args.func(args)
     except (Exception, KeyboardInterrupt) as err:

@@ -230,12 +230,6 @@ class TrainConfig:
     # fastest (the VAE is most of the step's convolutions). No effect on a CPU.
     tf32: bool = True
     cudnn_benchmark: bool = True
-    # Where the C library is glibc (Linux): keep the memory torch frees for its next CPU tensors instead of
-    # handing it back to the system. glibc maps every large block afresh and unmaps it when freed, so each
-    # large tensor page-faults on first touch: ~15,000 faults per toy REPA-E step, and median 199-210 ->
-    # 181-189 ms per step without them (2-core AMD EPYC, three alternating runs, the same peak RSS).
-    # Process-wide and one-way: false leaves glibc's defaults, it does not restore them.
-    reuse_freed_memory: bool = True
     tune_vae: bool = True  # False: REPA / vanilla SiT with a frozen VAE
     stop_grad: bool = True  # False: the "no stop-grad" ablation (diffusion loss reaches the VAE)
     use_reg_loss: bool = True  # False: the "no L_REG" ablation

@@ -114,38 +114,17 @@ def use_fast_gpu_kernels(device: torch.device, tf32: bool = True, cudnn_benchmar
     torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def reuse_freed_memory() -> bool:
-    """Where the C library is glibc: serve large allocations from the heap and never trim it, so memory that
-    torch frees is reused by its next tensors instead of being unmapped and page-faulted in again. True
-    where set. A glibc that refuses a 1 GiB mmap threshold gets 32 MiB, its long-standing maximum: blocks above
-    that are still mapped afresh."""
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    mapped = mallopt(_M_MMAP_THRESHOLD, 1 << 30) or mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-    return bool(mapped and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-
-
 def init_device(cfg) -> torch.device:
     """This process's device for cfg.train.device (joining the torchrun process group when WORLD_SIZE > 1),
-    with cfg.train's GPU kernel switches applied: what train, sample and bench start with."""
+    with cfg.train's GPU kernel switches applied and freed CPU memory kept for reuse (repae.freed_memory; the
+    CLI has done that already, a program using the library directly gets it here): what train, sample and bench
+    start with."""
     from repae import dist
+    from repae.freed_memory import reuse_freed_memory
 
     device = dist.init_from_env(cfg.train.device)
     use_fast_gpu_kernels(device, cfg.train.tf32, cfg.train.cudnn_benchmark)
-    if cfg.train.reuse_freed_memory:
-        reuse_freed_memory()
+    reuse_freed_memory()
     return device
 
 

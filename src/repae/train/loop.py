@@ -222,7 +222,7 @@ def try_resume(run: Run) -> bool:
 # budget, cadence, logging and where it runs: changing these and re-running continues the same run
 RESUMABLE_TRAIN_KEYS = ("max_steps", "grad_accum_steps", "log_every", "ckpt_every", "keep_last", "sample_every", "log_to", "device",
                         "max_nonfinite_in_a_row", "activation_checkpointing", "channels_last", "regulariser_channels_last",
-                        "compile", "compile_mode", "reuse_freed_memory")
+                        "compile", "compile_mode")
 
 
 def check_same_config(cfg: RunConfig, saved: Path) -> None:

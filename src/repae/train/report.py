@@ -121,11 +121,9 @@ def plot_losses(records: List[dict], path: Path) -> Path:
 # a CPU the VAE's GroupNorm in fp32 and its attention as the official code's products; measured there): what a user
 # of the default command should expect to see. tests/test_run_story.py keeps these and the README equal.
 DEFAULT_TOY_RUN = {"steps": 1000, "sample_class_accuracy": 0.89, "sample_toy_fid": 3.97, "vae_heldout_psnr_db": 30.7}
-# where the run, its cache and its threads live, how it keeps freed memory, and how long it runs (run_story checks
-# the budget itself); a looser twin, loop.RESUMABLE_TRAIN_KEYS, says what may change when a run resumes (sampling
-# settings too)
-_WHERE = ("output_dir", "exp_name", "toy.cache_dir", "train.num_threads", "train.max_steps",
-          "train.reuse_freed_memory")
+# where the run, its cache and its threads live, and how long it runs (run_story checks the budget itself);
+# a looser twin, loop.RESUMABLE_TRAIN_KEYS, says what may change when a run resumes (sampling settings too)
+_WHERE = ("output_dir", "exp_name", "toy.cache_dir", "train.num_threads", "train.max_steps")
 
 
 def is_default_toy_run(cfg) -> bool:
