@@ -24,8 +24,6 @@ import time
 
 import torch
 
-WORKLOADS = {"toy-step": (3, 15), "inception": (2, 6)}  # warm-up, timed iterations
-
 
 def _toy_step():
     from repae.bench import _batch, in_own_autocast, random_trainables
@@ -56,12 +54,16 @@ def _inception():
     return run
 
 
+# name: (make the workload's one iteration, warm-up iterations, timed iterations)
+WORKLOADS = {"toy-step": (_toy_step, 3, 15), "inception": (_inception, 2, 6)}
+
+
 def worker(name: str) -> dict:
     from repae.freed_memory import reuse_freed_memory
 
     reused = reuse_freed_memory()
-    run = {"toy-step": _toy_step, "inception": _inception}[name]()
-    warmup, iters = WORKLOADS[name]
+    make, warmup, iters = WORKLOADS[name]
+    run = make()
     for _ in range(warmup):
         run()
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
