@@ -102,6 +102,22 @@ def test_align_only_stops_at_encoder_depth_and_matches_full_pass(tiny_sit):
         torch.testing.assert_close(p, q)
 
 
+def test_velocity_skips_the_projectors_and_equals_the_full_pass(tiny_sit):
+    # the samplers call velocity() hundreds of times per image; the projectors feed only the REPA loss
+    randomize(tiny_sit)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    full = tiny_sit(x, t, y)
+    calls = []
+    hooks = [p.register_forward_hook(lambda m, i, o: calls.append(1)) for p in tiny_sit.projectors]
+    v = tiny_sit.velocity(x, t, y)
+    for h in hooks:
+        h.remove()
+    assert calls == [] and len(tiny_sit.projectors) == 2
+    assert torch.equal(v, full.velocity) and full.velocity.abs().sum() > 0
+    with pytest.raises(ValueError, match="project"):
+        tiny_sit(x, t, y, align_only=True, project=False)
+
+
 def test_fresh_sit_predicts_zero_velocity_adaln_zero():
     model = SiT(tiny_sit_args())
     out = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 10]))
