@@ -105,3 +105,15 @@ def test_bf16_ulps_counts_steps_between_neighbouring_bf16_values():
     assert ulps(one, one).tolist() == [0.0] * 4
     assert ulps(one, (one.float() - step * one.float().sign()).bfloat16()).tolist() == [1.0, 1.0, 0.0, 1.0]
     assert ulps(one, (one.float() + 3 * step).bfloat16())[0] == 3.0
+
+
+def test_sit_flops_difference_is_the_projector_mlp():
+    from repae.build import build_sit
+    from repae.config import load_config
+
+    flops = _load("sit_flops").forward_flops_per_image
+    args = build_sit(load_config("toy")).args
+    tokens = (args.input_size // args.patch_size) ** 2
+    d, p, (z,) = args.hidden_size, args.projector_dim, args.z_dims
+    projector = 2 * tokens * (d * p + p * p + p * z)  # three linears, 2 FLOPs per multiply-add
+    assert flops("toy", project=True) - flops("toy", project=False) == projector
