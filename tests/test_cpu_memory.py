@@ -59,3 +59,47 @@ def test_init_device_sets_it_for_programs_that_use_the_library(calls):
 
     init_device(load_config("toy", [], ["train.device=cpu"]))
     assert calls == [1]
+
+
+class _Libc:
+    """A C library whose mallopt refuses an mmap threshold above `largest` and records every call (the 1 GiB
+    asked for is refused by a glibc that caps the threshold; 2.36, where this was measured, took it)."""
+
+    def __init__(self, largest: int):
+        self.largest, self.calls = largest, []
+
+        def mallopt(param: int, value: int) -> int:
+            self.calls.append((param, value))
+            return int(param != freed_memory._M_MMAP_THRESHOLD or value <= self.largest)
+
+        self.mallopt = mallopt
+
+
+@pytest.fixture
+def glibc(monkeypatch):
+    monkeypatch.delenv(freed_memory.OPT_OUT, raising=False)
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.17"))
+
+    def install(largest: int) -> _Libc:
+        libc = _Libc(largest)
+        monkeypatch.setattr(freed_memory.ctypes, "CDLL", lambda name: libc)
+        return libc
+    return install
+
+
+def test_a_glibc_that_refuses_1_gib_gets_its_32_mib_maximum(glibc):
+    libc = glibc(largest=32 << 20)
+    assert freed_memory.reuse_freed_memory()
+    mmap, trim = freed_memory._M_MMAP_THRESHOLD, freed_memory._M_TRIM_THRESHOLD
+    assert libc.calls == [(mmap, 1 << 30), (mmap, 32 << 20), (trim, 2**31 - 1)]
+
+
+def test_a_glibc_that_takes_1_gib_is_asked_once_and_one_that_refuses_both_reports_false(glibc):
+    mmap, trim = freed_memory._M_MMAP_THRESHOLD, freed_memory._M_TRIM_THRESHOLD
+    libc = glibc(largest=1 << 30)
+    assert freed_memory.reuse_freed_memory()
+    assert libc.calls == [(mmap, 1 << 30), (trim, 2**31 - 1)]
+    refusing = glibc(largest=1 << 20)
+    assert not freed_memory.reuse_freed_memory()
+    assert refusing.calls == [(mmap, 1 << 30), (mmap, 32 << 20)]
