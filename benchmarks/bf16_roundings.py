@@ -5,7 +5,9 @@
 README "Differences from the official code", row "roundings under bf16 autocast":
 - the VAE's swish: `F.silu` (one rounding) against the official `x * torch.sigmoid(x)` (two in bf16);
 - the SiT's attention under CPU bf16 autocast: explicit products with the softmax in fp32 (`impl="math"`, what
-  `model.attention=auto` picks there) against SDPA (the official code's timm attention).
+  `model.attention=auto` picks there) against SDPA (the official code's timm attention);
+- the VAE decoder's upsample: four 2x2 convs, one per output phase, with summed taps (`Upsample.forward`)
+  against nearest 2x then the 3x3 conv (`Upsample.reference`, the official form), both also against float64.
 Prints the share of bf16 outputs that differ and by how many units in the last place (ulp).
 """
 
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from repae.models.sit import Attention
+from repae.models.vae import Upsample
 
 
 def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -39,6 +42,17 @@ def main() -> None:
     print(f"SiT attention block under CPU bf16 autocast, fp32-softmax products against SDPA: "
           f"{(u > 0).float().mean() * 100:.1f}% of outputs differ, median {u[u > 0].median():.0f} ulp among those, "
           f"max |difference| {(a.float() - b.float()).abs().max():.3g} (outputs' std {b.float().std():.3g})")
+    up = Upsample(64)  # the toy decoder's 8 -> 16 px level: 64 channels, batch 64
+    z = torch.randn(64, 64, 8, 8)
+    exact = up.double().reference(z.double())
+    up.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = up(z), up.reference(z)
+    u = bf16_ulps(a, b)
+    errors = [(t.double() - exact).abs().mean().item() for t in (a, b)]
+    print(f"VAE upsample under CPU bf16 autocast, per-phase 2x2 convs against upsample then 3x3: "
+          f"{(u > 0).float().mean() * 100:.1f}% of outputs differ, median {u[u > 0].median():.0f} ulp among those; "
+          f"mean |error| against float64 {errors[0]:.4g} against {errors[1]:.4g} (outputs' std {b.float().std():.3g})")
 
 
 if __name__ == "__main__":

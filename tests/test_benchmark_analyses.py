@@ -107,13 +107,21 @@ def test_bf16_ulps_counts_steps_between_neighbouring_bf16_values():
     assert ulps(one, (one.float() + 3 * step).bfloat16())[0] == 3.0
 
 
-def test_sit_flops_difference_is_the_projector_mlp():
-    from repae.build import build_sit
+def test_model_flops_differences_are_the_projector_and_the_upsample_taps():
+    from repae.build import build_sit, vae_args
     from repae.config import load_config
 
-    flops = _load("sit_flops").forward_flops_per_image
+    flops = _load("model_flops")
     args = build_sit(load_config("toy")).args
     tokens = (args.input_size // args.patch_size) ** 2
     d, p, (z,) = args.hidden_size, args.projector_dim, args.z_dims
     projector = 2 * tokens * (d * p + p * p + p * z)  # three linears, 2 FLOPs per multiply-add
-    assert flops("toy", project=True) - flops("toy", project=False) == projector
+    assert flops.forward_flops_per_image("toy", project=True) - flops.forward_flops_per_image("toy", False) == projector
+
+    vae, size = vae_args(load_config("toy")), load_config("toy").data.image_size
+    saved = 0
+    for level in range(1, len(vae.ch_mult)):  # level L upsamples from size / 2^L, with ch * ch_mult[L] channels
+        c, h = vae.ch * vae.ch_mult[level], size // 2**level
+        official, phases = 2 * c * c * 9 * (2 * h) ** 2, 2 * (4 * c) * c * 4 * (h + 1) ** 2
+        saved += 3 * (official - phases)  # forward, then the input's and the weight's gradients
+    assert flops.vae_flops_per_image("toy", True) - flops.vae_flops_per_image("toy", False) == saved

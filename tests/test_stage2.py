@@ -197,7 +197,9 @@ def test_train_ldm_runs_resumes_and_samples_with_the_frozen_vae(world, capsys):
 
 
 def test_cached_latents_train_like_images_through_the_same_frozen_vae(world):
-    common = ["train.precision=fp32", "train.max_steps=3", "train.log_every=1", "train.tune_vae=false",
+    lr, steps = 0.004, 3
+    common = ["train.precision=fp32", f"train.max_steps={steps}", f"optim_sit.lr={lr}", "train.log_every=1",
+              "train.tune_vae=false",
               "latent_norm.mode=fixed", f"vae.path={world.export / 'vae.safetensors'}",
               f"vae.latent_stats_path={world.export / 'latent_stats.safetensors'}"]
     images = train(load_config("toy", overrides=world.base + common + ["exp_name=from-images"]), progress=False)
@@ -208,11 +210,23 @@ def test_cached_latents_train_like_images_through_the_same_frozen_vae(world):
     for a, b in zip(*logs):
         for key in ("diffusion", "repa_sit"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
-    a = read_file(latest_checkpoint(runs / "from-images") / "sit.safetensors")
-    b = read_file(latest_checkpoint(runs / "from-latents") / "sit.safetensors")
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=2e-4, rtol=1e-3, msg=key)
-    assert images["steps"] == cached["steps"] == 3
+    # The latents differ by float rounding (encoded in other batches), so the gradients by a little. Under
+    # adaLN-Zero the blocks' MLP weights get near-zero gradients in the first steps, and Adam moves an element
+    # whose gradient is near its eps by lr * g / (|g| + eps): a rounding there can move it by a good part of
+    # lr. So the two SiTs are compared as functions, on latents and times neither trained on.
+    sits = [load_model(latest_checkpoint(runs / name) / "sit.safetensors", kind="sit").eval()
+            for name in ("from-images", "from-latents")]
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(16, 4, 8, 8, generator=gen)  # the toy latents
+    t, y = torch.rand(16, generator=gen), torch.arange(16) % 10
+    with torch.no_grad():
+        v_images, v_cached = (sit.velocity(z, t, y) for sit in sits)
+    assert v_images.abs().mean() > 1e-3  # trained: no longer the zero velocity of a fresh adaLN-Zero SiT
+    assert (v_cached - v_images).norm() <= 1e-4 * v_images.norm()  # 2.8e-6 when written
+    weights = [read_file(latest_checkpoint(runs / name) / "sit.safetensors") for name in ("from-images", "from-latents")]
+    for key, value in weights[0].items():
+        assert (weights[1][key] - value).abs().max() <= steps * lr, key  # more is beyond Adam's reach: a real difference
+    assert images["steps"] == cached["steps"] == steps
 
 
 def test_diffusion_loss_falls_on_cached_latents(world):

@@ -309,5 +309,5 @@ class SiT(nn.Module):
     def velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """v(x_t, t, y): [B,C,H,W] -> [B,C,H,W]; the function the samplers integrate. Without the
         projectors, whose outputs only the REPA loss reads: SiT-XL/2's 3-layer projector is 1.7% of its
-        forward FLOPs, SiT-T's in the toy preset 13.2% (benchmarks/sit_flops.py)."""
+        forward FLOPs, SiT-T's in the toy preset 13.2% (benchmarks/model_flops.py)."""
         return self.forward(x, t, y, project=False).velocity
