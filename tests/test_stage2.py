@@ -225,7 +225,8 @@ def test_cached_latents_train_like_images_through_the_same_frozen_vae(world):
     assert (v_cached - v_images).norm() <= 1e-4 * v_images.norm()  # 2.8e-6 when written
     weights = [read_file(latest_checkpoint(runs / name) / "sit.safetensors") for name in ("from-images", "from-latents")]
     for key, value in weights[0].items():
-        assert (weights[1][key] - value).abs().max() <= steps * lr, key  # more is beyond Adam's reach: a real difference
+        # each run moves an element by about lr per step at most: more apart than both together is a real difference
+        assert (weights[1][key] - value).abs().max() <= 2 * steps * lr, key
     assert images["steps"] == cached["steps"] == steps
 
 
