@@ -61,6 +61,14 @@ def test_init_device_sets_it_for_programs_that_use_the_library(calls):
     assert calls == [1]
 
 
+def test_the_reproduction_runners_measure_process_sets_it_too(calls, monkeypatch, tmp_path):
+    from repae.reproduce import measure
+
+    monkeypatch.setattr(measure, "measure_run", lambda *args, **kwargs: calls.append("measured"))
+    assert measure.main([str(tmp_path)]) == 0
+    assert calls == [1, "measured"]
+
+
 class _Libc:
     """A C library whose mallopt refuses an mmap threshold above `largest` and records every call (the 1 GiB
     asked for is refused by a glibc that caps the threshold; 2.36, where this was measured, took it)."""

@@ -423,6 +423,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.cfg_scales and args.final_step is None:
         p.error("--cfg-scales measures the --final-step checkpoint: give --final-step")
+    from repae.freed_memory import reuse_freed_memory
+
+    reuse_freed_memory()  # its own entry point (the reproduction runner's subprocess), as each CLI command is
     measure_run(args.run_dir, args.samples, judges_dir=args.judges, every=args.every, final_step=args.final_step,
                 final_samples=args.final_samples, cfg_scales=args.cfg_scales)
     return 0
