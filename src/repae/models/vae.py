@@ -161,9 +161,15 @@ def _phase_kernels(w: torch.Tensor) -> torch.Tensor:
 
 def _phase_views(y: torch.Tensor):
     """The four phases' outputs [B,O,H,W] inside the 2x2 conv's output y [B,4*O,H+1,W+1]: phase (a, c) is block
-    k's window from (a, c), as its taps start one input row (column) later than the even phase's."""
+    k's window from row a, column c, as an odd phase's taps start one input row (column) later than an even one's."""
     o, h, w = y.shape[1] // 4, y.shape[2] - 1, y.shape[3] - 1
     return [y[:, k * o:(k + 1) * o, a:a + h, c:c + w] for k, (a, c) in enumerate(_PHASES)]
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for an NHWC tensor (one that is not also plain contiguous), else contiguous_format."""
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if nhwc else torch.contiguous_format
 
 
 class _InterleavePhases(torch.autograd.Function):
@@ -192,13 +198,8 @@ class _InterleavePhases(torch.autograd.Function):
         return grad_y
 
 
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if nhwc else torch.contiguous_format
-
-
 def _interleave_phases(y: torch.Tensor) -> torch.Tensor:
-    """_InterleavePhases; inside torch.compile the same as plain tensor ops, which inductor fuses into one kernel."""
+    """_InterleavePhases; inside torch.compile the same as plain tensor ops, which inductor can fuse."""
     if not torch.compiler.is_compiling():
         return _InterleavePhases.apply(y)
     p00, p01, p10, p11 = _phase_views(y)
@@ -210,7 +211,7 @@ def _interleave_phases(y: torch.Tensor) -> torch.Tensor:
 class Upsample(nn.Module):
     """LDM's nearest 2x upsample then 3x3 conv, computed as four 2x2 convs on the input, one per output phase
     (sub-pixel form), interleaved. The same function: 16 multiply-adds per input pixel and channel pair instead
-    of 36, and no upsampled tensor. In exact arithmetic equal to `reference` (float64 tests agree to 1e-13);
+    of 36, and no upsampled tensor. In exact arithmetic equal to `reference` (float64 tests agree to 1e-12);
     under bf16 the summed taps round once instead of each (a difference from the official code, in the
     README). The parameters are the official `conv.weight` [C,C,3,3] and `conv.bias`."""
 
