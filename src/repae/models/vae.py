@@ -149,14 +149,18 @@ class Downsample(nn.Module):
 _PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
+def _fold_taps(w: torch.Tensor, dim: int) -> List[torch.Tensor]:
+    """Along `dim`, a 3-tap kernel after a nearest 2x upsample as the 2-tap kernels of its even and odd outputs."""
+    w0, w1, w2 = w.unbind(dim)
+    return [torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)]
+
+
 def _phase_kernels(w: torch.Tensor) -> torch.Tensor:
     """The 3x3 kernel of a conv that follows a nearest 2x upsample, [O,I,3,3], as one 2x2 kernel per output
     phase, [4*O,I,2,2] (blocks in _PHASES order). An even output row 2i sees upsampled rows 2i-1, 2i, 2i+1,
     which are input rows i-1, i, i: taps (w0, w1 + w2) on input rows (i-1, i). An odd row 2i+1 sees input rows
     i, i, i+1: taps (w0 + w1, w2) on (i, i+1). Columns likewise. Sums in the weights' dtype (fp32)."""
-    rows = [torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2), torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2)]
-    return torch.cat([torch.stack(pair, 3) for r in rows
-                      for pair in ((r[..., 0], r[..., 1] + r[..., 2]), (r[..., 0] + r[..., 1], r[..., 2]))])
+    return torch.cat([k for rows in _fold_taps(w, 2) for k in _fold_taps(rows, 3)])
 
 
 def _phase_views(y: torch.Tensor):

@@ -119,7 +119,8 @@ def plot_losses(records: List[dict], path: Path) -> Path:
 
 # The README's default run (`repae train` on toy world v8 with the VAE at the SiT's lr, 1000 steps, at cf35802: on
 # a CPU the VAE's GroupNorm in fp32 and its attention as the official code's products, the decoder's upsample in
-# phases; measured there): what a user of the default command should expect to see. tests/test_run_story.py keeps these and the README equal.
+# phases; measured there): what a user of the default command should expect to see. tests/test_run_story.py keeps
+# these and the README equal.
 DEFAULT_TOY_RUN = {"steps": 1000, "sample_class_accuracy": 0.917, "sample_toy_fid": 3.05, "vae_heldout_psnr_db": 30.3}
 # where the run, its cache and its threads live, and how long it runs (run_story checks the budget itself);
 # a looser twin, loop.RESUMABLE_TRAIN_KEYS, says what may change when a run resumes (sampling settings too)
