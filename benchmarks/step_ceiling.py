@@ -13,11 +13,21 @@ run's autocast, runs each alone on fresh tensors of the same shapes, dtypes and 
 - the same per op kind, and the ops that take the most time alone.
 
 If the ceiling is below a goal on the fraction of peak, no change outside those matrices' shapes reaches it.
+
+It also replays every other op of the step the same way (elementwise ops, norms, dtype casts, optimiser and EMA
+kernels: all that the dispatcher runs), each less the time of calling a trivial op from Python:
+
+- eager floor: the sum of every op's time alone. The step cannot run faster with these kernels: alone, an op
+  runs on inputs that are hot in cache, with no autograd engine or Python between it and the next. The step's
+  FLOPs over that time bound the fraction of peak any eager schedule of the same ops reaches; only other ops
+  (fused or compiled kernels, other shapes) go past it. Ops whose replay fails on fresh tensors are left out
+  (named in the output), which only lowers the floor.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections import defaultdict
@@ -47,15 +57,16 @@ def _signature(x):
 
 
 class RecordOps(TorchDispatchMode):
-    """Every counted op of the code run under it: {signature: [func, args, kwargs, count]}."""
+    """The counted ops (every op with `every_op`) of the code run under it: {signature: [func, spec, count]}."""
 
-    def __init__(self):
+    def __init__(self, every_op: bool = False):
         super().__init__()
         self.ops: dict = {}
+        self.every_op = every_op
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.overloadpacket.__name__ in _COUNTED:
+        if self.every_op or func.overloadpacket.__name__ in _COUNTED:
             key = (str(func), _signature(args), _signature(kwargs))
             if key not in self.ops:  # keep shapes only: fresh tensors are made for the replay
                 spec = tree_map(lambda v: ("T", v.shape, v.stride(), v.dtype) if isinstance(v, torch.Tensor) else v,
@@ -74,10 +85,31 @@ def _fresh(spec, gen: torch.Generator):
     def make(v):
         if _is_tensor_spec(v):
             _, shape, stride, dtype = v
-            t = torch.empty_strided(shape, stride, dtype=dtype)
-            return t.normal_(generator=gen) if dtype.is_floating_point else t.zero_()
+            # filled through a flat buffer: a broadcast (stride-0) input cannot be written through its own view
+            size = 0 if 0 in shape else 1 + sum((n - 1) * st for n, st in zip(shape, stride))
+            flat = torch.empty(size, dtype=dtype)
+            flat = flat.normal_(generator=gen) if dtype.is_floating_point else flat.zero_()
+            return flat.as_strided(shape, stride)
         return v
     return tree_map(make, spec, is_leaf=_is_tensor_spec)
+
+
+def _kind(op: str) -> str:
+    return op.split(".")[1]  # "aten.mm.default" -> "mm"
+
+
+def eager_floor(rows: list, call_seconds: float) -> dict:
+    """The sum of every op's time alone, each call less `call_seconds` (what calling any op from Python costs,
+    which the step's autograd engine does not pay from Python), never below 0; and the same per op kind.
+    rows: {"op", "count", "seconds_each"} per recorded signature."""
+    kinds = defaultdict(lambda: {"calls": 0, "seconds_alone": 0.0})
+    for r in rows:
+        kind = kinds[_kind(r["op"])]
+        kind["calls"] += r["count"]
+        kind["seconds_alone"] += r["count"] * max(r["seconds_each"] - call_seconds, 0.0)
+    return {"seconds_alone": sum(k["seconds_alone"] for k in kinds.values()),
+            "calls": sum(k["calls"] for k in kinds.values()),
+            "by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1]["seconds_alone"]))}
 
 
 def ceiling(cfg, iters: int = 5) -> dict:
@@ -88,7 +120,7 @@ def ceiling(cfg, iters: int = 5) -> dict:
     n = cfg.train.global_batch_size
     images, labels = _batch(cfg, device, n)
     gen = torch.Generator().manual_seed(0)
-    recorder = RecordOps()
+    recorder = RecordOps(every_op=True)
     step = in_own_autocast(lambda: repae_step(m, [(images, labels)], cfg, 0, gen), cfg, device)
     step()  # warm-up: lazy buffers, optimiser state
     step_seconds = median_seconds(step, device, iters, 1)
@@ -96,24 +128,36 @@ def ceiling(cfg, iters: int = 5) -> dict:
         step()
     precision = resolve_precision(cfg.train.precision, device)
     peak = matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
-    rows, tgen = [], torch.Generator().manual_seed(0)
+    rows, every, failed, tgen = [], [], defaultdict(int), torch.Generator().manual_seed(0)
     for (name, _, _), (func, spec, count) in recorder.ops.items():
         args, kwargs = _fresh(spec, tgen)
-        with FlopCounterMode(display=False) as counter:
-            func(*args, **kwargs)
-        seconds = median_seconds(lambda: func(*args, **kwargs), device, iters, 1)
+        counted = func.overloadpacket.__name__ in _COUNTED
+        try:
+            with FlopCounterMode(display=False, depth=None) if counted else contextlib.nullcontext() as counter:
+                func(*args, **kwargs)
+            seconds = median_seconds(lambda: func(*args, **kwargs), device, iters, 1)
+        except Exception:  # noqa: BLE001 - an op that cannot run on fresh tensors is left out of the floor
+            if counted:
+                raise  # the ceiling needs every counted op
+            failed[name] += count
+            continue
+        every.append({"op": name, "count": count, "seconds_each": seconds})
+        if not counted:
+            continue
         tensors = [a for a in spec[0] if _is_tensor_spec(a)]
         shapes = [list(a[1]) for a in tensors]
         dtypes = sorted({str(a[3]).replace("torch.", "") for a in tensors})
         rows.append({"op": name, "shapes": shapes, "dtypes": dtypes, "count": count,
                      "flops": counter.get_total_flops() * count, "seconds_alone": seconds * count})
+    trivial = torch.zeros(1)
+    call_seconds = median_seconds(lambda: torch.ops.aten.alias.default(trivial), device, 101, 10)
+    floor = eager_floor(every, call_seconds)
     flops = sum(r["flops"] for r in rows)
     alone = sum(r["seconds_alone"] for r in rows)
     kinds = defaultdict(lambda: {"flops": 0, "seconds_alone": 0.0})
     for r in rows:
-        kind = r["op"].split(".")[1]  # "aten.mm.default" -> "mm"
-        kinds[kind]["flops"] += r["flops"]
-        kinds[kind]["seconds_alone"] += r["seconds_alone"]
+        kinds[_kind(r["op"])]["flops"] += r["flops"]
+        kinds[_kind(r["op"])]["seconds_alone"] += r["seconds_alone"]
     rows.sort(key=lambda r: -r["seconds_alone"])
     return {
         "preset": cfg.preset, "precision": precision, "threads": torch.get_num_threads(), "global_batch": n,
@@ -125,6 +169,14 @@ def ceiling(cfg, iters: int = 5) -> dict:
         "by_kind": {k: {**v, "fraction_of_peak": v["flops"] / v["seconds_alone"] / peak}
                     for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]["seconds_alone"])},
         "slowest_ops": [{**r, "fraction_of_peak": r["flops"] / r["seconds_alone"] / peak} for r in rows[:12]],
+        "every_op": {
+            "calls": floor["calls"], "call_seconds": call_seconds,
+            "floor_seconds": floor["seconds_alone"],
+            "floor_fraction_of_peak": flops / floor["seconds_alone"] / peak,
+            "step_seconds_over_floor": step_seconds - floor["seconds_alone"],
+            "by_kind": dict(list(floor["by_kind"].items())[:20]),
+            "left_out": [{"op": op, "count": c} for op, c in sorted(failed.items())],
+        },
     }
 
 
@@ -144,6 +196,16 @@ def main(argv=None) -> int:
           f"{100 * r['ceiling_fraction_of_peak']:.1f}% of peak")
     for kind, v in r["by_kind"].items():
         print(f"    {kind:45s} {v['seconds_alone'] * 1e3:8.1f} ms  {100 * v['fraction_of_peak']:5.1f}% of peak")
+    e = r["every_op"]
+    print(f"  every op of the step alone ({e['calls']} calls, each less {e['call_seconds'] * 1e6:.2f} us for calling "
+          f"an op from Python): {e['floor_seconds'] * 1e3:.1f} ms, so no eager schedule of these ops passes "
+          f"{100 * e['floor_fraction_of_peak']:.1f}% of peak; the step takes "
+          f"{e['step_seconds_over_floor'] * 1e3:.1f} ms more")
+    for kind, v in list(e["by_kind"].items())[:12]:
+        print(f"    {kind:45s} {v['seconds_alone'] * 1e3:8.1f} ms  {v['calls']:5d} calls")
+    if e["left_out"]:
+        print("  left out (their replay failed on fresh tensors): "
+              + ", ".join(f"{x['op']} x{x['count']}" for x in e["left_out"]))
     if args.out:
         args.out.write_text(json.dumps(r, indent=1) + "\n")
     return 0

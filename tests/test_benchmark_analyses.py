@@ -125,3 +125,42 @@ def test_model_flops_differences_are_the_projector_and_the_upsample_taps():
         official, phases = 2 * c * c * 9 * (2 * h) ** 2, 2 * (4 * c) * c * 4 * (h + 1) ** 2
         saved += 3 * (official - phases)  # forward, then the input's and the weight's gradients
     assert flops.vae_flops_per_image("toy", True) - flops.vae_flops_per_image("toy", False) == saved
+
+
+def test_step_ceiling_replays_a_broadcast_input_with_its_strides():
+    # an expanded tensor (stride 0) is an input of some of the step's ops; fresh tensors for its replay cannot be
+    # filled through that view
+    fresh = _load("step_ceiling")._fresh
+    (t,), _ = fresh(((("T", torch.Size([3, 4]), (0, 1), torch.float32),), {}), torch.Generator().manual_seed(0))
+    assert t.shape == (3, 4) and t.stride() == (0, 1)
+    assert torch.equal(t[0], t[2]) and t[0].unique().numel() == 4
+
+
+def test_step_ceiling_records_every_op_or_only_the_counted_ones():
+    ceiling = _load("step_ceiling")
+    x, w = torch.ones(2, 3), torch.ones(3, 4)
+
+    def run():
+        for _ in range(2):
+            (x * 2).sum()
+        x @ w
+
+    counts = {}
+    for every_op in (True, False):
+        with ceiling.RecordOps(every_op=every_op) as recorder:
+            run()
+        counts[every_op] = {name: c for (name, _, _), (_, _, c) in recorder.ops.items()}
+    assert counts[True] == {"aten.mul.Tensor": 2, "aten.sum.default": 2, "aten.mm.default": 1}
+    assert counts[False] == {"aten.mm.default": 1}
+
+
+def test_eager_floor_sums_each_op_less_the_cost_of_calling_it():
+    floor = _load("step_ceiling").eager_floor([
+        {"op": "aten.mm.default", "count": 2, "seconds_each": 5e-6},
+        {"op": "aten.add.Tensor", "count": 3, "seconds_each": 1e-6},  # cheaper than a call: counts 0, not less
+        {"op": "aten.add.Scalar", "count": 1, "seconds_each": 4e-6},
+    ], call_seconds=2e-6)
+    assert floor["seconds_alone"] == pytest.approx(6e-6 + 2e-6)
+    assert floor["calls"] == 6
+    assert list(floor["by_kind"]) == ["mm", "add"]
+    assert floor["by_kind"]["add"] == {"calls": 4, "seconds_alone": pytest.approx(2e-6)}
