@@ -180,10 +180,23 @@ def ceiling(cfg, iters: int = 5) -> dict:
     }
 
 
+def eager_bound(r: dict, small: dict) -> dict:
+    """r's floor plus what the same step pays outside its ops at a small batch (`small`, another `ceiling`
+    result): Python, module calls, the autograd engine, autocast's dispatch, costs that do not grow with the
+    batch. An estimate of the best an eager step of r's ops reaches, as time and as a fraction of r's peak."""
+    outside = max(small["step_seconds"] - small["every_op"]["floor_seconds"], 0.0)
+    seconds = r["every_op"]["floor_seconds"] + outside
+    return {"small_batch": small["global_batch"], "small_batch_step_seconds": small["step_seconds"],
+            "small_batch_floor_seconds": small["every_op"]["floor_seconds"], "outside_ops_seconds": outside,
+            "seconds": seconds, "fraction_of_peak": r["matmul_conv_flops"] / seconds / r["matmul_peak_flops"]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="toy")
     p.add_argument("--iters", type=int, default=5, help="timed repetitions of each op (median)")
+    p.add_argument("--small-batch", type=int, default=2,
+                   help="also run the step at this global batch to measure its cost outside the ops (0: no)")
     p.add_argument("--out", type=Path, help="also write the result as JSON here")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args(argv)
@@ -206,6 +219,15 @@ def main(argv=None) -> int:
     if e["left_out"]:
         print("  left out (their replay failed on fresh tensors): "
               + ", ".join(f"{x['op']} x{x['count']}" for x in e["left_out"]))
+    if args.small_batch:
+        small = ceiling(load_config(args.preset, overrides=[*args.overrides,
+                                                            f"train.global_batch_size={args.small_batch}"]),
+                        args.iters)
+        b = r["eager_bound"] = eager_bound(r, small)
+        print(f"  at batch {b['small_batch']} the step takes {b['small_batch_step_seconds'] * 1e3:.1f} ms, "
+              f"{b['outside_ops_seconds'] * 1e3:.1f} ms more than its ops alone; with that added, the floor above "
+              f"is {b['seconds'] * 1e3:.1f} ms, {100 * b['fraction_of_peak']:.1f}% of peak: about the best an "
+              f"eager step of these ops reaches")
     if args.out:
         args.out.write_text(json.dumps(r, indent=1) + "\n")
     return 0

@@ -164,3 +164,12 @@ def test_eager_floor_sums_each_op_less_the_cost_of_calling_it():
     assert floor["calls"] == 6
     assert list(floor["by_kind"]) == ["mm", "add"]
     assert floor["by_kind"]["add"] == {"calls": 4, "seconds_alone": pytest.approx(2e-6)}
+
+
+def test_eager_bound_adds_the_small_batch_cost_outside_the_ops_to_the_floor():
+    bound = _load("step_ceiling").eager_bound(
+        {"every_op": {"floor_seconds": 0.120}, "matmul_conv_flops": 60e9, "matmul_peak_flops": 1e12},
+        {"global_batch": 2, "step_seconds": 0.045, "every_op": {"floor_seconds": 0.025}})
+    assert bound["outside_ops_seconds"] == pytest.approx(0.020)
+    assert bound["seconds"] == pytest.approx(0.140)
+    assert bound["fraction_of_peak"] == pytest.approx(60e9 / 0.140 / 1e12)
