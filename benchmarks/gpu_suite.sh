@@ -163,6 +163,7 @@ ref_step() {  # ref_step NAME CAP BATCH
 if [ "$MODE" = gpu ]; then
   PRESET=(--preset sit-xl2-f8d4); SIZE=(); LOOP=(--steps 12 --warmup 2 --iters 5); COMPILE=train.compile=true
   B16=16; B32=32; S32=32; S128=128; MODES=(ode-50:1 sde-250:4); FID_MODE=(sde-250:2.2); STEP=(--iters 3 --warmup 1)
+  PROFILE=(--steps 3 --warmup 3)
   WORLD=()  # the toy preset's world, as `repae train` builds it
 else  # toy-sized: checks the plumbing, measures nothing of interest
   PRESET=(--preset toy)
@@ -170,6 +171,7 @@ else  # toy-sized: checks the plumbing, measures nothing of interest
         vae.ch=32 "vae.ch_mult=[1,2,2]" train.num_threads=1)
   LOOP=(--steps 3 --warmup 1 --iters 1); COMPILE=train.compile=false  # a cold CPU compile costs 10-30 s a region
   B16=2; B32=4; S32=2; S128=4; MODES=(ode-4:1 sde-6:4); FID_MODE=(sde-6:2.2); STEP=(--iters 1 --warmup 0)
+  PROFILE=(--steps 1 --warmup 1)
   WORLD=(toy.train_size=40 toy.heldout_size=20 toy.teacher_steps=1 toy.vae_steps=1 toy.batch_size=8
          toy.vae_batch_size=4)
 fi
@@ -192,6 +194,8 @@ run_step toy_world_build 150 $PY benchmarks/world_build.py --cache "$WORK/toywor
 run_step loop_eager_b16_slowkernels 90 "${LOOP16[@]}" train.compile=false train.tf32=false train.cudnn_benchmark=false --iters 0
 run_step loop_eager_b16_regnhwc 120 "${LOOP16[@]}" train.compile=false train.regulariser_channels_last=true --iters 0
 run_step loop_eager_b32 120 "${LOOP32[@]}" train.compile=false
+run_step profile_eager_b32 90 $PY benchmarks/step_profile.py "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 \
+  train.compile=false "${PROFILE[@]}"
 ref_step ref_eager_b32 150 $B32
 run_step loop_eager_b32_regnhwc 120 "${LOOP32[@]}" train.compile=false train.regulariser_channels_last=true
 run_step loop_compile_b32 240 "${LOOP32[@]}" $COMPILE --iters 0
@@ -236,6 +240,9 @@ for line in (out / "logs" / "status.tsv").read_text().splitlines():
     if status == "ok":
         if "world_build_seconds" in r:  # benchmarks/world_build.py
             entry.update({k: v for k, v in r.items() if k.endswith(("_seconds", "_device", "_accuracy", "_psnr_db"))})
+        elif "top_ops" in r:  # benchmarks/step_profile.py
+            entry.update({k: r[k] for k in ("step_seconds", "device_idle_share")})
+            entry["top_op"] = r["top_ops"][0] if r["top_ops"] else None
         elif "images_per_s" in r and isinstance(r["images_per_s"], dict):
             entry.update({f"images_per_s {k}": v for k, v in r["images_per_s"].items()})
         else:
@@ -259,6 +266,12 @@ for name, e in summary["steps"].items():
                           for p in ("teacher", "vae", "evaluator"))
         print(f"{name:18s} {e['status']:13s} {'':>9s} {'':>8s} {'':>9s} {'':>8s}  "
               f"{e['world_build_seconds']} s in all: {parts}")
+    elif "top_op" in e:
+        top = e["top_op"]
+        idle = "" if e["device_idle_share"] is None else f", device idle {100 * e['device_idle_share']:.1f}%"
+        first = f", first {top['op']} {1e3 * top['seconds_per_step']:.1f} ms" if top else ""
+        print(f"{name:18s} {e['status']:13s} {'':>9s} {'':>8s} {'':>9s} {'':>8s}  "
+              f"{1e3 * e['step_seconds']:.1f} ms a step profiled{idle}{first}")
     elif any(k.startswith("images_per_s ") for k in e):
         notes = ", ".join(f"{k[13:]}: {v:.2f}/s" for k, v in e.items() if k.startswith("images_per_s "))
         print(f"{name:18s} {e['status']:13s} {'':>9s} {'':>8s} {'':>9s} {'':>8s}  {notes}")

@@ -144,6 +144,12 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert world["status"] == "ok" and world["vae_build_device"] == "cpu" and world["world_build_seconds"] > 0
     graphs = json.loads((tmp_path / "out/sample_b128_compile_cudagraphs.json").read_text())
     assert graphs["compile"] is True and graphs["compile_mode"] == "reduce-overhead"
+    profiled = json.loads((tmp_path / "out/profile_eager_b32.json").read_text())
+    assert profiled["global_batch"] == 4 and profiled["compile"] is False
+    assert "aten::convolution_backward" in {o["op"] for o in profiled["top_ops"]}
+    # ops' self times are measured inside the timed steps: together no more than their wall time
+    assert 0 < profiled["ops_self_seconds_per_step"] <= profiled["step_seconds"]
+    assert summary["steps"]["profile_eager_b32"]["top_op"]["op"] == profiled["top_ops"][0]["op"]
 
 
 @pytest.mark.slow

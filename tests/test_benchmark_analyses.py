@@ -173,3 +173,47 @@ def test_eager_bound_adds_the_small_batch_cost_outside_the_ops_to_the_floor():
     assert bound["outside_ops_seconds"] == pytest.approx(0.020)
     assert bound["seconds"] == pytest.approx(0.140)
     assert bound["fraction_of_peak"] == pytest.approx(60e9 / 0.140 / 1e12)
+
+
+def test_step_profile_counts_each_op_per_step():
+    from torch.profiler import ProfilerActivity, profile
+
+    summarise = _load("step_profile").summarise
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):  # two "steps" of three products and two sums
+            c = a @ b @ b @ b
+            c + a + b
+    r = summarise(prof, steps=2, wall_seconds=0.5, on_device=False)
+    calls = {o["op"]: o["calls_per_step"] for o in r["top_ops"]}
+    assert calls["aten::mm"] == 3 and calls["aten::add"] == 2
+    assert r["step_seconds"] == 0.25 and r["device_busy_seconds_per_step"] is None and r["top_kernels"] == []
+    mm = next(o for o in r["top_ops"] if o["op"] == "aten::mm")
+    assert mm["share_of_step"] == pytest.approx(mm["seconds_per_step"] / 0.25)
+
+
+def test_step_profile_on_a_gpu_counts_kernels_as_device_time_and_ops_by_their_kernels():
+    # what key_averages gives on a GPU, written out: aten ops carry their kernels' time (microseconds), kernels
+    # come as entries of device type CUDA; the device was busy for the kernels' sum
+    from types import SimpleNamespace
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    entries = [SimpleNamespace(key="aten::convolution", count=4, device_type=cpu, self_cpu_time_total=50.0,
+                               self_device_time_total=6000.0),
+               SimpleNamespace(key="aten::add", count=6, device_type=cpu, self_cpu_time_total=30.0,
+                               self_device_time_total=1000.0),
+               SimpleNamespace(key="aten::view", count=8, device_type=cpu, self_cpu_time_total=9.0,
+                               self_device_time_total=0.0),
+               SimpleNamespace(key="ProfilerStep", count=2, device_type=cpu, self_cpu_time_total=99.0,
+                               self_device_time_total=0.0),
+               SimpleNamespace(key="sm90_xmma_fprop", count=4, device_type=cuda, self_cpu_time_total=0.0,
+                               self_device_time_total=6000.0),
+               SimpleNamespace(key="elementwise_kernel", count=6, device_type=cuda, self_cpu_time_total=0.0,
+                               self_device_time_total=1000.0)]
+    prof = SimpleNamespace(key_averages=lambda: entries)
+    r = _load("step_profile").summarise(prof, steps=2, wall_seconds=0.010, on_device=True)
+    assert [o["op"] for o in r["top_ops"]] == ["aten::convolution", "aten::add"]  # no device time: not listed
+    assert r["top_ops"][0]["seconds_per_step"] == pytest.approx(0.003) and r["top_ops"][0]["calls_per_step"] == 2
+    assert [k["kernel"] for k in r["top_kernels"]] == ["sm90_xmma_fprop", "elementwise_kernel"]
+    assert r["device_busy_seconds_per_step"] == pytest.approx(0.0035)
+    assert r["device_idle_share"] == pytest.approx(1 - 0.0035 / 0.005)

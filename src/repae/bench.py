@@ -184,9 +184,10 @@ def time_parts(m, cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor, ge
     return seconds
 
 
-def bench_step(cfg: RunConfig, device: torch.device, iters: int = 5, warmup: int = 2) -> dict:
-    """images/s of the full REPA-E step, per-part seconds, FLOPs/image, FLOP/s vs matmul peak, memory."""
-    from repae.train.setup import compile_settings, conv_layouts
+def step_setup(cfg: RunConfig, device: torch.device):
+    """What `bench step` times: the trainables with random weights, a random global batch split into the
+    config's micro-batches, the step's generator, and one full REPA-E step (the next step number at each call)
+    under an autocast context of its own, as in training. Returns (m, batches, gen, full_step)."""
     from repae.train.step import repae_step
 
     m = random_trainables(cfg, device)
@@ -201,8 +202,15 @@ def bench_step(cfg: RunConfig, device: torch.device, iters: int = 5, warmup: int
         repae_step(m, batches, cfg, step["i"], gen)
         step["i"] += 1
 
-    full_step = in_own_autocast(one_step, cfg, device)  # one context per step, as in training
+    return m, batches, gen, in_own_autocast(one_step, cfg, device)
 
+
+def bench_step(cfg: RunConfig, device: torch.device, iters: int = 5, warmup: int = 2) -> dict:
+    """images/s of the full REPA-E step, per-part seconds, FLOPs/image, FLOP/s vs matmul peak, memory."""
+    from repae.train.setup import compile_settings, conv_layouts
+
+    m, batches, gen, full_step = step_setup(cfg, device)
+    n = cfg.train.global_batch_size
     part_seconds = time_parts(m, cfg, batches[0][0], batches[0][1], gen, iters, warmup)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
