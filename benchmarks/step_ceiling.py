@@ -1,7 +1,7 @@
 """How close to the matmul peak can the REPA-E step's own matrices run? The ceiling of `repae bench step`'s
 "fraction of peak" on this machine, measured op by op.
 
-    python benchmarks/step_ceiling.py [--preset toy] [key=value ...] [--out FILE.json]
+    python benchmarks/step_ceiling.py [--preset toy] [--small-batch 2] [key=value ...] [--out FILE.json]
 
 `repae bench step` divides the step's FLOPs by its wall time and by the machine's matmul peak (a square
 2048x2048 product on a CPU). A step made of smaller products cannot reach that peak however little else it
@@ -22,6 +22,9 @@ kernels: all that the dispatcher runs), each less the time of calling a trivial 
   FLOPs over that time bound the fraction of peak any eager schedule of the same ops reaches; only other ops
   (fused or compiled kernels, other shapes) go past it. Ops whose replay fails on fresh tensors are left out
   (named in the output), which only lowers the floor.
+- eager bound: the floor plus what the step costs outside its ops, measured as the step's time less its floor
+  at `--small-batch` (2), where the ops are small: Python, module calls, the autograd engine and autocast's
+  dispatch, which do not grow with the batch. About the best an eager step of these ops reaches.
 """
 
 from __future__ import annotations
