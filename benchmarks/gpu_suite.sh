@@ -32,6 +32,8 @@
 #       and the discriminator in NHWC, the VAE in NCHW)
 #   loop_eager_b32, ref_eager_b32, loop_eager_b32_regnhwc, loop_compile_b32, step_compile_b32   the same at
 #       batch 32 (the paper's per-GPU batch: 256 over 8 GPUs)
+#   profile_eager_b32                        the eager step at batch 32 under torch.profiler
+#       (benchmarks/step_profile.py, after loop_eager_b32): ops and kernels by device time, the device's idle share
 #   loop_compile_b16_autotune, loop_compile_b32_autotune   the compiled loop with
 #       train.compile_mode=max-autotune-no-cudagraphs (inductor times its own matmul/conv kernels per shape)
 #   sample_b128_compile_cudagraphs           compiled sampling with sample.compile_mode=reduce-overhead (each
@@ -39,6 +41,7 @@
 #   fid50k_estimate                          50000 / (SDE-250 + CFG images/s), from the fastest measurement
 #       that used the published protocol, else the fastest SDE + CFG one
 #   summary.json + a printed table; env.json: machine, torch, commit. Logs in logs/.
+#   all-files.tar.gz: everything above in one archive, written last (for a machine that returns few files)
 # Installs only what is missing and never another torch: a missing repae dependency or reference
 # dependency is pip-installed with torch pinned to the installed version. No network besides pip.
 set -u
@@ -285,3 +288,5 @@ if fid["status"] == "ok":
           f"{fid['seconds']:.0f} s = {fid['hours']:.2f} h on this device")
 print(f"suite wall time {wall} s; JSON in {out}")
 EOF
+# one archive of everything, made beside OUT first so that it does not hold a part of itself
+tar -czf "$WORK/all-files.tar.gz" -C "$OUT_DIR" --exclude=./all-files.tar.gz . && mv "$WORK/all-files.tar.gz" "$OUT_DIR/"
