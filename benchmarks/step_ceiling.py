@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-from repae.bench import _batch, in_own_autocast, matmul_peak, median_seconds, random_trainables
+from repae.bench import matmul_peak, median_seconds, step_setup
 from repae.config import load_config
 from repae.nn_utils import resolve_precision
 
@@ -116,15 +116,10 @@ def eager_floor(rows: list, call_seconds: float) -> dict:
 
 
 def ceiling(cfg, iters: int = 5) -> dict:
-    from repae.train.step import repae_step
-
     device = torch.device("cpu")
-    m = random_trainables(cfg, device)
     n = cfg.train.global_batch_size
-    images, labels = _batch(cfg, device, n)
-    gen = torch.Generator().manual_seed(0)
+    *_, step = step_setup(cfg, device)  # the step `repae bench step` times
     recorder = RecordOps(every_op=True)
-    step = in_own_autocast(lambda: repae_step(m, [(images, labels)], cfg, 0, gen), cfg, device)
     step()  # warm-up: lazy buffers, optimiser state
     step_seconds = median_seconds(step, device, iters, 1)
     with recorder:
