@@ -127,6 +127,7 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     import os
     import subprocess
     import sys
+    import tarfile
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -150,8 +151,6 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     # ops' self times are measured inside the timed steps: together no more than their wall time
     assert 0 < profiled["ops_self_seconds_per_step"] <= profiled["step_seconds"]
     assert summary["steps"]["profile_eager_b32"]["top_op"]["op"] == profiled["top_ops"][0]["op"]
-    import tarfile
-
     with tarfile.open(tmp_path / "out/all-files.tar.gz") as archive:  # everything in one file, written last
         names = {n.removeprefix("./") for n in archive.getnames()}
     on_disk = {str(f.relative_to(tmp_path / "out")) for f in (tmp_path / "out").rglob("*")}
