@@ -34,6 +34,8 @@
 #       batch 32 (the paper's per-GPU batch: 256 over 8 GPUs)
 #   profile_eager_b32                        the eager step at batch 32 under torch.profiler
 #       (benchmarks/step_profile.py, after loop_eager_b32): ops and kernels by device time, the device's idle share
+#   profile_compile_b32                      the same with train.compile=true (after loop_compile_b32, whose
+#       compiled graphs it reuses from inductor's cache): each compiled graph's kernels among the ops
 #   loop_compile_b16_autotune, loop_compile_b32_autotune   the compiled loop with
 #       train.compile_mode=max-autotune-no-cudagraphs (inductor times its own matmul/conv kernels per shape)
 #   sample_b128_compile_cudagraphs           compiled sampling with sample.compile_mode=reduce-overhead (each
@@ -203,6 +205,8 @@ ref_step ref_eager_b32 150 $B32
 run_step loop_eager_b32_regnhwc 120 "${LOOP32[@]}" train.compile=false train.regulariser_channels_last=true
 run_step loop_compile_b32 240 "${LOOP32[@]}" $COMPILE --iters 0
 run_step step_compile_b32 120 "${BENCH[@]}" step "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 $COMPILE "${STEP[@]}"
+run_step profile_compile_b32 150 $PY benchmarks/step_profile.py "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 \
+  $COMPILE "${PROFILE[@]}"
 AUTOTUNE=train.compile_mode=max-autotune-no-cudagraphs  # inert in the CPU smoke (no compile there)
 run_step loop_compile_b16_autotune 420 "${LOOP16[@]}" $COMPILE $AUTOTUNE --iters 0
 run_step loop_compile_b32_autotune 420 "${LOOP32[@]}" $COMPILE $AUTOTUNE --iters 0

@@ -9,20 +9,25 @@ and reports per step:
 - the wall time (a device synchronisation after the last profiled step);
 - on a GPU, the time the device was busy (the sum of its kernels, copies and memsets): the rest of the wall
   time the device waited for the host to launch work;
-- the aten ops that took the most self time on the device (on a CPU: self CPU time), with their calls;
+- the aten ops that took the most self time on the device (on a CPU: self CPU time), with their calls; with
+  `train.compile=true` also each compiled graph (torch.compile's generated kernels: Triton on a GPU, C++ on a
+  CPU, where each C++ kernel is listed too), which the aten ops alone would leave out;
 - on a GPU, the kernels that took the most time.
 
 `benchmarks/gpu_suite.sh` runs it as `profile_eager_b32` (SiT-XL/2 + f8d4, batch 32, eager): issue 19's eager goal
-at batch 32 needs the step's time, and the part breakdown of `bench step` stops at VAE / SiT / LPIPS.
+at batch 32 needs the step's time, and the part breakdown of `bench step` stops at VAE / SiT / LPIPS; and as
+`profile_compile_b32` (the same, compiled) for the goals of the compiled step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -30,12 +35,28 @@ from torch.profiler import ProfilerActivity, profile
 from repae.bench import _sync, step_setup
 from repae.config import load_config
 from repae.nn_utils import init_device, resolve_precision
+from repae.train.setup import compile_settings
+
+# torch.compile's record functions: one around each call of a compiled graph, and on a CPU (with inductor's
+# cpp.enable_kernel_profile) one around each generated C++ kernel
+_COMPILED_GRAPH = re.compile(r"## Call CompiledFxGraph (\w+) ##")
+_CPP_KERNEL = re.compile(r"graph_\d+_cpp_fused_\w+")
 
 
 def _device_seconds(avg) -> float:
     # FunctionEventAvg keeps microseconds; the field was self_cuda_time_total before torch 2.4
     us = getattr(avg, "self_device_time_total", None)
     return (us if us is not None else getattr(avg, "self_cuda_time_total", 0.0)) / 1e6
+
+
+def op_row(key: str) -> Optional[str]:
+    """The name an event has in the ops table, None for an event that is not an op: an aten op by its name, a
+    compiled graph's call as "compiled graph <first 9 of its hash>" (its self time is its generated kernels'),
+    an inductor C++ kernel by its name."""
+    if key.startswith("aten::") or _CPP_KERNEL.fullmatch(key):
+        return key
+    graph = _COMPILED_GRAPH.fullmatch(key)
+    return f"compiled graph {graph.group(1)[:9]}" if graph else None
 
 
 def summarise(prof, steps: int, wall_seconds: float, on_device: bool, top: int = 30) -> dict:
@@ -46,10 +67,11 @@ def summarise(prof, steps: int, wall_seconds: float, on_device: bool, top: int =
         if on_device and avg.device_type == torch.autograd.DeviceType.CUDA:
             kernels.append({"kernel": avg.key[:160], "calls_per_step": avg.count / steps,
                             "seconds_per_step": _device_seconds(avg) / steps})
-        elif avg.key.startswith("aten::"):
+        elif op_row(avg.key):
             seconds = _device_seconds(avg) if on_device else avg.self_cpu_time_total / 1e6
             if seconds > 0:
-                ops.append({"op": avg.key, "calls_per_step": avg.count / steps, "seconds_per_step": seconds / steps})
+                ops.append({"op": op_row(avg.key), "calls_per_step": avg.count / steps,
+                            "seconds_per_step": seconds / steps})
     ops.sort(key=lambda r: -r["seconds_per_step"])
     kernels.sort(key=lambda r: -r["seconds_per_step"])
     busy = sum(k["seconds_per_step"] for k in kernels) if on_device else None
@@ -67,6 +89,14 @@ def summarise(prof, steps: int, wall_seconds: float, on_device: bool, top: int =
 
 
 def profile_step(cfg, device: torch.device, steps: int = 3, warmup: int = 3) -> dict:
+    import torch._inductor.config as inductor
+
+    # each C++ kernel that inductor generates on a CPU under its own name (it compiles in the first steps)
+    with inductor.patch({"cpp.enable_kernel_profile": True}):
+        return _profile_step(cfg, device, steps, warmup)
+
+
+def _profile_step(cfg, device: torch.device, steps: int, warmup: int) -> dict:
     _, _, _, step = step_setup(cfg, device)
     for _ in range(warmup):
         step()
@@ -81,7 +111,7 @@ def profile_step(cfg, device: torch.device, steps: int = 3, warmup: int = 3) -> 
         wall = time.perf_counter() - start
     return {"preset": cfg.preset, "device": str(device), "precision": resolve_precision(cfg.train.precision, device),
             "global_batch": cfg.train.global_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
-            "compile": bool(cfg.train.compile), **summarise(prof, steps, wall, on_device)}
+            **compile_settings(cfg, device), **summarise(prof, steps, wall, on_device)}
 
 
 def main(argv=None) -> int:
@@ -104,7 +134,7 @@ def main(argv=None) -> int:
               f"{100 * r['device_idle_share']:.1f}% of the step")
     print("  ops by self time a step:")
     for o in r["top_ops"][:15]:
-        print(f"    {o['op']:45s} {o['seconds_per_step'] * 1e3:8.2f} ms {100 * o['share_of_step']:5.1f}%  "
+        print(f"    {o['op'][:60]:60s} {o['seconds_per_step'] * 1e3:8.2f} ms {100 * o['share_of_step']:5.1f}%  "
               f"{o['calls_per_step']:6.0f} calls")
     for k in r["top_kernels"][:10]:
         print(f"    {k['seconds_per_step'] * 1e3:8.2f} ms {k['calls_per_step']:5.0f}x  {k['kernel'][:90]}")

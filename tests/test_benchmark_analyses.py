@@ -217,3 +217,37 @@ def test_step_profile_on_a_gpu_counts_kernels_as_device_time_and_ops_by_their_ke
     assert [k["kernel"] for k in r["top_kernels"]] == ["sm90_xmma_fprop", "elementwise_kernel"]
     assert r["device_busy_seconds_per_step"] == pytest.approx(0.0035)
     assert r["device_idle_share"] == pytest.approx(1 - 0.0035 / 0.005)
+
+
+def test_step_profile_lists_compiled_graphs_and_their_kernels_among_the_ops():
+    # a compiled region's work runs in its generated kernels, not in aten ops: without these rows a compiled
+    # step's ops would leave most of its time out. Known entries, then a real compiled function on this CPU
+    # (the record-function names of the installed torch).
+    from types import SimpleNamespace
+
+    from torch.profiler import ProfilerActivity, profile
+
+    step_profile = _load("step_profile")
+    cpu = torch.autograd.DeviceType.CPU
+    entries = [SimpleNamespace(key=k, count=c, device_type=cpu, self_cpu_time_total=us, self_device_time_total=0.0)
+               for k, c, us in (("## Call CompiledFxGraph fabcdefghijklmnop ##", 2, 400.0),
+                                ("graph_0_cpp_fused_add_mul_0", 2, 3000.0), ("aten::mm", 4, 1000.0),
+                                ("Torch-Compiled Region: 0/0", 2, 50.0), ("TorchDynamo Cache Lookup", 2, 20.0))]
+    r = step_profile.summarise(SimpleNamespace(key_averages=lambda: entries), steps=2, wall_seconds=0.01,
+                               on_device=False)
+    assert [(o["op"], o["seconds_per_step"]) for o in r["top_ops"]] == [
+        ("graph_0_cpp_fused_add_mul_0", pytest.approx(0.0015)), ("aten::mm", pytest.approx(0.0005)),
+        ("compiled graph fabcdefgh", pytest.approx(0.0002))]
+
+    import torch._inductor.config as inductor
+
+    with inductor.patch({"cpp.enable_kernel_profile": True}):
+        f = torch.compile(lambda x: (x.sin() * 2 + 1).relu().sum(1))
+        x = torch.randn(256, 256)
+        f(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(2):
+                f(x)
+    names = {o["op"] for o in step_profile.summarise(prof, steps=2, wall_seconds=1.0, on_device=False)["top_ops"]}
+    assert any(n.startswith("compiled graph ") for n in names)
+    assert any(n.startswith("graph_0_cpp_fused_") and "sin" in n for n in names)
