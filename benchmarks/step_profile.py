@@ -91,8 +91,10 @@ def summarise(prof, steps: int, wall_seconds: float, on_device: bool, top: int =
 def profile_step(cfg, device: torch.device, steps: int = 3, warmup: int = 3) -> dict:
     import torch._inductor.config as inductor
 
-    # each C++ kernel that inductor generates on a CPU under its own name (it compiles in the first steps)
-    with inductor.patch({"cpp.enable_kernel_profile": True}):
+    # On a CPU, each C++ kernel that inductor generates under its own name (it compiles in the first steps).
+    # Not elsewhere: the setting is part of inductor's cache key, and on a GPU profile_compile_b32 reuses the
+    # graphs loop_compile_b32 compiled (its kernels are Triton's, named in the profile anyway).
+    with inductor.patch({"cpp.enable_kernel_profile": device.type == "cpu"}):
         return _profile_step(cfg, device, steps, warmup)
 
 

@@ -251,3 +251,18 @@ def test_step_profile_lists_compiled_graphs_and_their_kernels_among_the_ops():
     names = {o["op"] for o in step_profile.summarise(prof, steps=2, wall_seconds=1.0, on_device=False)["top_ops"]}
     assert any(n.startswith("compiled graph ") for n in names)
     assert any(n.startswith("graph_0_cpp_fused_") and "sin" in n for n in names)
+
+
+def test_step_profile_names_inductor_cpp_kernels_on_a_cpu_only(monkeypatch):
+    # the setting is part of inductor's cache key: on a GPU it would recompile every graph that the suite's
+    # compiled loop left in the cache, and a GPU's kernels are Triton's anyway
+    import torch._inductor.config as inductor
+
+    step_profile = _load("step_profile")
+    seen = {}
+    monkeypatch.setattr(step_profile, "_profile_step", lambda cfg, device, steps, warmup: seen.setdefault(
+        device.type, inductor.cpp.enable_kernel_profile))
+    for device in ("cpu", "cuda"):
+        step_profile.profile_step(None, torch.device(device))
+    assert seen == {"cpu": True, "cuda": False}
+    assert inductor.cpp.enable_kernel_profile is False  # restored after
