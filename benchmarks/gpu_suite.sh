@@ -186,6 +186,8 @@ DATA=(--data-dir "$WORK/data")
 LOOP16=("${BENCH[@]}" loop "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B16 "${LOOP[@]}" "${DATA[@]}")
 LOOP32=("${BENCH[@]}" loop "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 "${LOOP[@]}" "${DATA[@]}")
 SAMPLE=("${BENCH[@]}" sample "${PRESET[@]}" "${SIZE[@]}")
+# the options first: step_profile.py takes its overrides as one run of positionals
+PROFILE32=($PY benchmarks/step_profile.py "${PROFILE[@]}" "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32)
 run_step loop_eager_b16 120 "${LOOP16[@]}" train.compile=false  # compile is on by default on a GPU
 ref_step ref_eager_b16 150 $B16
 run_step loop_compile_b16 240 "${LOOP16[@]}" $COMPILE --iters 0
@@ -199,14 +201,12 @@ run_step toy_world_build 150 $PY benchmarks/world_build.py --cache "$WORK/toywor
 run_step loop_eager_b16_slowkernels 90 "${LOOP16[@]}" train.compile=false train.tf32=false train.cudnn_benchmark=false --iters 0
 run_step loop_eager_b16_regnhwc 120 "${LOOP16[@]}" train.compile=false train.regulariser_channels_last=true --iters 0
 run_step loop_eager_b32 120 "${LOOP32[@]}" train.compile=false
-run_step profile_eager_b32 90 $PY benchmarks/step_profile.py "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 \
-  train.compile=false "${PROFILE[@]}"
+run_step profile_eager_b32 90 "${PROFILE32[@]}" train.compile=false
 ref_step ref_eager_b32 150 $B32
 run_step loop_eager_b32_regnhwc 120 "${LOOP32[@]}" train.compile=false train.regulariser_channels_last=true
 run_step loop_compile_b32 240 "${LOOP32[@]}" $COMPILE --iters 0
 run_step step_compile_b32 120 "${BENCH[@]}" step "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 $COMPILE "${STEP[@]}"
-run_step profile_compile_b32 150 $PY benchmarks/step_profile.py "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 \
-  $COMPILE "${PROFILE[@]}"
+run_step profile_compile_b32 150 "${PROFILE32[@]}" $COMPILE
 AUTOTUNE=train.compile_mode=max-autotune-no-cudagraphs  # inert in the CPU smoke (no compile there)
 run_step loop_compile_b16_autotune 420 "${LOOP16[@]}" $COMPILE $AUTOTUNE --iters 0
 run_step loop_compile_b32_autotune 420 "${LOOP32[@]}" $COMPILE $AUTOTUNE --iters 0

@@ -67,10 +67,10 @@ def summarise(prof, steps: int, wall_seconds: float, on_device: bool, top: int =
         if on_device and avg.device_type == torch.autograd.DeviceType.CUDA:
             kernels.append({"kernel": avg.key[:160], "calls_per_step": avg.count / steps,
                             "seconds_per_step": _device_seconds(avg) / steps})
-        elif op_row(avg.key):
+        elif row := op_row(avg.key):
             seconds = _device_seconds(avg) if on_device else avg.self_cpu_time_total / 1e6
             if seconds > 0:
-                ops.append({"op": op_row(avg.key), "calls_per_step": avg.count / steps,
+                ops.append({"op": row, "calls_per_step": avg.count / steps,
                             "seconds_per_step": seconds / steps})
     ops.sort(key=lambda r: -r["seconds_per_step"])
     kernels.sort(key=lambda r: -r["seconds_per_step"])
