@@ -32,8 +32,9 @@
 #       and the discriminator in NHWC, the VAE in NCHW)
 #   loop_eager_b32, ref_eager_b32, loop_eager_b32_regnhwc, loop_compile_b32, step_compile_b32   the same at
 #       batch 32 (the paper's per-GPU batch: 256 over 8 GPUs)
-#   profile_eager_b32                        the eager step at batch 32 under torch.profiler
-#       (benchmarks/step_profile.py, after loop_eager_b32): ops and kernels by device time, the device's idle share
+#   profile_eager_b32                        the eager training loop at batch 32 under torch.profiler
+#       (benchmarks/step_profile.py --loop, after loop_eager_b32): ops and kernels by device time, the device's
+#       idle share of the loop's step, and each host sync by the line that made it
 #   profile_compile_b32                      the same with train.compile=true (after loop_compile_b32, whose
 #       compiled graphs it reuses from inductor's cache): each compiled graph's kernels among the ops
 #   loop_compile_b16_autotune, loop_compile_b32_autotune   the compiled loop with
@@ -187,7 +188,8 @@ LOOP16=("${BENCH[@]}" loop "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$
 LOOP32=("${BENCH[@]}" loop "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 "${LOOP[@]}" "${DATA[@]}")
 SAMPLE=("${BENCH[@]}" sample "${PRESET[@]}" "${SIZE[@]}")
 # the options first: step_profile.py takes its overrides as one run of positionals
-PROFILE32=($PY benchmarks/step_profile.py "${PROFILE[@]}" "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32)
+PROFILE32=($PY benchmarks/step_profile.py --loop "${DATA[@]}" "${PROFILE[@]}" "${PRESET[@]}" "${SIZE[@]}"
+           train.global_batch_size=$B32)
 run_step loop_eager_b16 120 "${LOOP16[@]}" train.compile=false  # compile is on by default on a GPU
 ref_step ref_eager_b16 150 $B16
 run_step loop_compile_b16 240 "${LOOP16[@]}" $COMPILE --iters 0
@@ -248,7 +250,7 @@ for line in (out / "logs" / "status.tsv").read_text().splitlines():
         if "world_build_seconds" in r:  # benchmarks/world_build.py
             entry.update({k: v for k, v in r.items() if k.endswith(("_seconds", "_device", "_accuracy", "_psnr_db"))})
         elif "top_ops" in r:  # benchmarks/step_profile.py
-            entry.update({k: r[k] for k in ("step_seconds", "device_idle_share")})
+            entry.update({k: r.get(k) for k in ("loop", "step_seconds", "device_idle_share", "host_syncs_per_step")})
             entry["top_op"] = r["top_ops"][0] if r["top_ops"] else None
         elif "images_per_s" in r and isinstance(r["images_per_s"], dict):
             entry.update({f"images_per_s {k}": v for k, v in r["images_per_s"].items()})
@@ -276,9 +278,10 @@ for name, e in summary["steps"].items():
     elif "top_op" in e:
         top = e["top_op"]
         idle = "" if e["device_idle_share"] is None else f", device idle {100 * e['device_idle_share']:.1f}%"
+        syncs = "" if e["host_syncs_per_step"] is None else f", {e['host_syncs_per_step']:g} host syncs a step"
         first = f", first {top['op']} {1e3 * top['seconds_per_step']:.1f} ms" if top else ""
         print(f"{name:18s} {e['status']:13s} {'':>9s} {'':>8s} {'':>9s} {'':>8s}  "
-              f"{1e3 * e['step_seconds']:.1f} ms a step profiled{idle}{first}")
+              f"{1e3 * e['step_seconds']:.1f} ms a {'loop ' if e['loop'] else ''}step profiled{idle}{syncs}{first}")
     elif any(k.startswith("images_per_s ") for k in e):
         notes = ", ".join(f"{k[13:]}: {v:.2f}/s" for k, v in e.items() if k.startswith("images_per_s "))
         print(f"{name:18s} {e['status']:13s} {'':>9s} {'':>8s} {'':>9s} {'':>8s}  {notes}")

@@ -1,10 +1,13 @@
 """Where the REPA-E step's time goes, op by op and kernel by kernel: torch.profiler over a few full steps.
 
-    python benchmarks/step_profile.py [--preset sit-xl2-f8d4] [--steps 3] [--warmup 3] [key=value ...] [--out F]
+    python benchmarks/step_profile.py [--preset sit-xl2-f8d4] [--steps 3] [--warmup 3] [--loop [--data-dir D]]
+                                      [key=value ...] [--out F]
 
 Builds what `repae bench step` builds (random weights at the config's sizes, a random batch on the device,
-`init_device`'s settings, one autocast context per step), runs `--warmup` steps, then profiles `--steps` more,
-and reports per step:
+`init_device`'s settings, one autocast context per step), runs `--warmup` steps, then profiles `--steps` more.
+With `--loop`, the steps are those of the training loop as `repae bench loop` runs it (a packed store of random
+images through the DataLoader, the host-to-device copies, the per-step checks, EMA, logging): what the device
+does between steps shows too. Reports per step:
 
 - the wall time (a device synchronisation after the last profiled step);
 - on a GPU, the time the device was busy (the sum of its kernels, copies and memsets): the rest of the wall
@@ -12,22 +15,29 @@ and reports per step:
 - the aten ops that took the most self time on the device (on a CPU: self CPU time), with their calls; with
   `train.compile=true` also each compiled graph (torch.compile's generated kernels: Triton on a GPU, C++ on a
   CPU, where each C++ kernel is listed too), which the aten ops alone would leave out;
-- on a GPU, the kernels that took the most time.
+- on a GPU, the kernels that took the most time;
+- on a GPU, each operation that made the host wait for the device (torch's CUDA sync debug mode: `.item()`, a
+  copy to the host, a blocking copy from the host, ...), counted by the line of Python that called it.
 
-`benchmarks/gpu_suite.sh` runs it as `profile_eager_b32` (SiT-XL/2 + f8d4, batch 32, eager): issue 19's eager goal
-at batch 32 needs the step's time, and the part breakdown of `bench step` stops at VAE / SiT / LPIPS; and as
-`profile_compile_b32` (the same, compiled) for the goals of the compiled step.
+`benchmarks/gpu_suite.sh` runs it with `--loop` as `profile_eager_b32` (SiT-XL/2 + f8d4, batch 32, eager): issue
+19's eager goal at batch 32 needs the loop's time, and the part breakdown of `bench step` stops at VAE / SiT / LPIPS
+and times each part alone (a part whose host work outlasts its kernels, as a SiT's many small launches may, counts
+its host time there); and as `profile_compile_b32` (the same, compiled) for the goals of the compiled step.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import re
 import sys
 import time
+import traceback
+import warnings
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -41,6 +51,8 @@ from repae.train.setup import compile_settings
 # cpp.enable_kernel_profile) one around each generated C++ kernel
 _COMPILED_GRAPH = re.compile(r"## Call CompiledFxGraph (\w+) ##")
 _CPP_KERNEL = re.compile(r"graph_\d+_cpp_fused_\w+")
+# what torch's CUDA sync debug mode warns at each operation that makes the host wait for the device
+SYNC_WARNING = "called a synchronizing CUDA operation"
 
 
 def _device_seconds(avg) -> float:
@@ -57,6 +69,60 @@ def op_row(key: str) -> Optional[str]:
         return key
     graph = _COMPILED_GRAPH.fullmatch(key)
     return f"compiled graph {graph.group(1)[:9]}" if graph else None
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _short(path: str) -> str:
+    """A source file's path from the package root (site-packages, src/) or else from the checkout's root."""
+    unix = path.replace("\\", "/")
+    for root in ("site-packages/", "/src/"):
+        if root in unix:
+            return unix.split(root, 1)[1]
+    try:
+        return Path(path).resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return path
+
+
+def sync_site(filename: str, lineno: int, stack: list) -> str:
+    """"file:line function" of the Python line that made a warned sync, then ("<") the two nearest callers
+    outside torch (a sync in torch's own Python, or in backward, is named by the code that called it), from
+    the stack at the time of the warning (traceback.extract_stack()); its line alone if not on it."""
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i].filename == filename and stack[i].lineno == lineno:
+            callers = [f for f in reversed(stack[:i]) if not _short(f.filename).startswith("torch/")][:2]
+            return " < ".join(f"{_short(f.filename)}:{f.lineno} {f.name}" for f in [stack[i], *callers])
+    return f"{_short(filename)}:{lineno}"
+
+
+@contextmanager
+def host_syncs(device: torch.device) -> Iterator[Optional[collections.Counter]]:
+    """On a CUDA device, counts the operations in the block that made the host wait for the device, by where
+    they were called (sync_site); torch's sync debug mode warns at each, and those warnings are taken here
+    instead of printed. Yields the Counter, filled as the block runs; elsewhere yields None."""
+    if device.type != "cuda":
+        yield None
+        return
+    sites: collections.Counter = collections.Counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", message=SYNC_WARNING)  # each time, not once per line
+        show = warnings.showwarning
+
+        def take(message, category, filename, lineno, file=None, line=None):
+            if SYNC_WARNING in str(message):
+                sites[sync_site(filename, lineno, traceback.extract_stack())] += 1
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = take
+        before = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield sites
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
 
 
 def summarise(prof, steps: int, wall_seconds: float, on_device: bool, top: int = 30) -> dict:
@@ -88,32 +154,82 @@ def summarise(prof, steps: int, wall_seconds: float, on_device: bool, top: int =
     }
 
 
-def profile_step(cfg, device: torch.device, steps: int = 3, warmup: int = 3) -> dict:
+def profile_step(cfg, device: torch.device, steps: int = 3, warmup: int = 3, loop: bool = False,
+                 data_dir: Optional[str] = None, top: int = 30) -> dict:
+    """The profile of `steps` steps after `warmup`: of `repae bench step`'s step, or with `loop` of the training
+    loop's (repae.bench_loop, its random image store made under `data_dir`, else in a temporary folder)."""
     import torch._inductor.config as inductor
 
     # On a CPU, each C++ kernel that inductor generates under its own name (it compiles in the first steps).
     # Not elsewhere: the setting is part of inductor's cache key, and on a GPU profile_compile_b32 reuses the
     # graphs loop_compile_b32 compiled (its kernels are Triton's, named in the profile anyway).
     with inductor.patch({"cpp.enable_kernel_profile": device.type == "cpu"}):
-        return _profile_step(cfg, device, steps, warmup)
+        if loop:
+            return _profile_loop(cfg, device, steps, warmup, data_dir, top)
+        return _profile_step(cfg, device, steps, warmup, top)
 
 
-def _profile_step(cfg, device: torch.device, steps: int, warmup: int) -> dict:
+class _Window:
+    """The profiled steps: torch.profiler and the count of host syncs from a device synchronisation before them
+    to one after; `wall` seconds between the two (the final synchronisation's wait included, not counted)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        self._profiling, self._counting = ExitStack(), ExitStack()
+
+    def __enter__(self) -> "_Window":
+        _sync(self.device)
+        self.prof = self._profiling.enter_context(profile(activities=self.activities))
+        self.syncs = self._counting.enter_context(host_syncs(self.device))
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._counting.close()
+        _sync(self.device)
+        self.wall = time.perf_counter() - self._start
+        self._profiling.close()
+
+
+def _profile_step(cfg, device: torch.device, steps: int, warmup: int, top: int = 30) -> dict:
     _, _, _, step = step_setup(cfg, device)
     for _ in range(warmup):
         step()
-    on_device = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
-    _sync(device)
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
+    with _Window(device) as window:
         for _ in range(steps):
             step()
-        _sync(device)
-        wall = time.perf_counter() - start
+    return _record(cfg, device, window, steps, False, top)
+
+
+def _profile_loop(cfg, device: torch.device, steps: int, warmup: int, data_dir: Optional[str], top: int) -> dict:
+    from repae.bench_loop import loop_config, loop_run, run_loop_steps
+
+    with loop_config(cfg, data_dir) as loop_cfg, ExitStack() as stack:
+        run = loop_run(loop_cfg, device)
+        window = _Window(device)
+
+        def on_step(step: int) -> None:  # after each finished step
+            if step == warmup:
+                stack.enter_context(window)
+            elif step == warmup + steps:
+                stack.close()
+
+        if warmup == 0:
+            stack.enter_context(window)
+        run_loop_steps(run, warmup + steps, on_step)
+        stack.close()  # (already closed after the last step)
+        run.data._it = None  # let the DataLoader's workers go now
+    return _record(cfg, device, window, steps, True, top)
+
+
+def _record(cfg, device: torch.device, window: _Window, steps: int, loop: bool, top: int) -> dict:
+    syncs = None if window.syncs is None else sorted(window.syncs.items(), key=lambda kv: -kv[1])
     return {"preset": cfg.preset, "device": str(device), "precision": resolve_precision(cfg.train.precision, device),
-            "global_batch": cfg.train.global_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
-            **compile_settings(cfg, device), **summarise(prof, steps, wall, on_device)}
+            "loop": loop, "global_batch": cfg.train.global_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
+            **compile_settings(cfg, device), **summarise(window.prof, steps, window.wall, device.type == "cuda", top),
+            "host_syncs_per_step": None if syncs is None else sum(n for _, n in syncs) / steps,
+            "host_sync_sites": None if syncs is None else [{"site": k, "per_step": n / steps} for k, n in syncs]}
 
 
 def main(argv=None) -> int:
@@ -121,16 +237,21 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="toy")
     p.add_argument("--steps", type=int, default=3, help="steps profiled")
     p.add_argument("--warmup", type=int, default=3, help="steps run before (cuDNN autotuning, compile, lazy state)")
+    p.add_argument("--loop", action="store_true",
+                   help="profile the training loop's steps (data, copies, checks, EMA, logging), not bench step's")
+    p.add_argument("--data-dir", help="with --loop: make and keep the random image store here (default: a temporary one)")
     p.add_argument("--out", type=Path, help="also write the result as JSON here")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.data_dir and not args.loop:
+        p.error("--data-dir is for --loop")
     cfg = load_config(args.preset, overrides=args.overrides)
     device = init_device(cfg)
-    r = profile_step(cfg, device, args.steps, args.warmup)
+    r = profile_step(cfg, device, args.steps, args.warmup, args.loop, args.data_dir)
     print(f"preset {r['preset']}, {r['device']}, {r['precision']}, batch {r['global_batch']}: "
-          f"{r['step_seconds'] * 1e3:.1f} ms a step (profiled, {r['steps_profiled']} steps)")
+          f"{r['step_seconds'] * 1e3:.1f} ms a {'loop ' if r['loop'] else ''}step (profiled, {r['steps_profiled']} steps)")
     if r["device_busy_seconds_per_step"] is not None:
         print(f"  device busy {r['device_busy_seconds_per_step'] * 1e3:.1f} ms a step, idle "
               f"{100 * r['device_idle_share']:.1f}% of the step")
@@ -140,6 +261,10 @@ def main(argv=None) -> int:
               f"{o['calls_per_step']:6.0f} calls")
     for k in r["top_kernels"][:10]:
         print(f"    {k['seconds_per_step'] * 1e3:8.2f} ms {k['calls_per_step']:5.0f}x  {k['kernel'][:90]}")
+    if r["host_syncs_per_step"] is not None:
+        print(f"  host syncs: {r['host_syncs_per_step']:g} a step")
+        for site in r["host_sync_sites"][:10]:
+            print(f"    {site['per_step']:5g}x  {site['site'][:140]}")
     if args.out:
         args.out.write_text(json.dumps(r, indent=1) + "\n")
     return 0

@@ -147,6 +147,7 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert graphs["compile"] is True and graphs["compile_mode"] == "reduce-overhead"
     profiled = json.loads((tmp_path / "out/profile_eager_b32.json").read_text())
     assert profiled["global_batch"] == 4 and profiled["compile"] is False and profiled["compile_mode"] is None
+    assert profiled["loop"] is True and profiled["host_syncs_per_step"] is None  # the loop's steps; no GPU here
     assert "aten::convolution_backward" in {o["op"] for o in profiled["top_ops"]}
     # ops' self times are measured inside the timed steps: together no more than their wall time
     assert 0 < profiled["ops_self_seconds_per_step"] <= profiled["step_seconds"]

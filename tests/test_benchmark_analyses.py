@@ -260,9 +260,75 @@ def test_step_profile_names_inductor_cpp_kernels_on_a_cpu_only(monkeypatch):
 
     step_profile = _load("step_profile")
     seen = {}
-    monkeypatch.setattr(step_profile, "_profile_step", lambda cfg, device, steps, warmup: seen.setdefault(
+    monkeypatch.setattr(step_profile, "_profile_step", lambda cfg, device, steps, warmup, top: seen.setdefault(
         device.type, inductor.cpp.enable_kernel_profile))
     for device in ("cpu", "cuda"):
         step_profile.profile_step(None, torch.device(device))
     assert seen == {"cpu": True, "cuda": False}
     assert inductor.cpp.enable_kernel_profile is False  # restored after
+
+
+def test_a_sync_site_is_the_calling_line_then_its_nearest_callers_outside_torch():
+    import traceback
+
+    site = _load("step_profile").sync_site
+    torch_dir = str(Path(torch.__file__).parent)
+    stack = [traceback.FrameSummary("/x/src/repae/train/loop.py", 10, "train_steps"),
+             traceback.FrameSummary("/x/src/repae/train/step.py", 20, "repae_step"),
+             traceback.FrameSummary(f"{torch_dir}/_tensor.py", 30, "backward"),
+             traceback.FrameSummary(f"{torch_dir}/autograd/__init__.py", 40, "backward"),
+             traceback.FrameSummary("/usr/lib/python3/warnings.py", 50, "_showwarnmsg")]
+    # a sync in torch's own code (backward) is named with the repae lines that called it
+    assert site(f"{torch_dir}/autograd/__init__.py", 40, stack) == (
+        "torch/autograd/__init__.py:40 backward < repae/train/step.py:20 repae_step < repae/train/loop.py:10 train_steps")
+    assert site("/x/src/repae/train/step.py", 20, stack) == (
+        "repae/train/step.py:20 repae_step < repae/train/loop.py:10 train_steps")
+    assert site("/elsewhere/a.py", 7, stack) == "/elsewhere/a.py:7"  # not on the stack: the line alone
+
+
+def test_host_syncs_counts_cuda_sync_warnings_by_site_and_lets_other_warnings_through(monkeypatch):
+    import warnings
+
+    step_profile = _load("step_profile")
+    modes = ["disabled"]
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: modes[-1])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *a, **k: shown.append(str(message)))
+
+    def syncing_op():  # what torch's warning looks like, raised from the line that called the op
+        warnings.warn(f"{step_profile.SYNC_WARNING} (Triggered internally at CUDAFunctions.cpp:1)", UserWarning)
+
+    with step_profile.host_syncs(torch.device("cuda")) as sites:
+        assert modes[-1] == "warn"
+        for _ in range(3):  # counted each time, not once per line as Python's default filter would
+            syncing_op()
+        warnings.warn("something else", UserWarning)
+    assert modes[-1] == "disabled"  # the mode it found
+    assert list(sites.values()) == [3]
+    [where] = sites
+    assert where.startswith("tests/test_benchmark_analyses.py:") and "syncing_op" in where
+    assert "test_host_syncs_counts_cuda_sync_warnings" in where  # its caller
+    assert shown == ["something else"]
+    with step_profile.host_syncs(torch.device("cpu")) as none:
+        assert none is None
+    assert modes == ["disabled", "warn", "disabled"]  # nothing set for a CPU
+
+
+def test_step_profile_of_the_training_loop_adds_what_the_loop_does_around_the_step(tmp_path):
+    step_profile = _load("step_profile")
+    from repae.config import load_config
+
+    cfg = load_config("toy", overrides=["model.depth=2", "model.hidden_size=48", "model.num_heads=2",
+                                        "model.encoder_depth=1", "model.projector_dim=64", "vae.ch=32",
+                                        "vae.ch_mult=[1,2,2]", "train.global_batch_size=4", "data.num_workers=0"])
+    cpu = torch.device("cpu")
+    loop = step_profile.profile_step(cfg, cpu, steps=2, warmup=1, loop=True, data_dir=str(tmp_path), top=10**6)
+    step = step_profile.profile_step(cfg, cpu, steps=2, warmup=1, top=10**6)
+    assert (loop["loop"], step["loop"]) == (True, False) and loop["steps_profiled"] == 2
+    norms = {r["loop"]: {o["op"]: o["calls_per_step"] for o in r["top_ops"]}["aten::_foreach_norm"] for r in (loop, step)}
+    # the step's gradient norms (SiT, VAE: the discriminator starts later), and in the loop the weight check after
+    # each step
+    assert norms == {False: 2, True: 3}
+    assert loop["host_syncs_per_step"] is None and loop["host_sync_sites"] is None  # no device to wait for
+    assert any(p.name.startswith("packed-") for p in tmp_path.iterdir())  # the store was made where asked

@@ -22,8 +22,9 @@ import copy
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -80,25 +81,57 @@ def bench_loop(cfg: RunConfig, device: torch.device, steps: int = 12, skip: int 
     step and the measured matmul peak. Returns the result dict (JSON-ready)."""
     if steps <= skip or skip < 0:
         raise ValueError(f"need steps > skip >= 0 (got steps={steps}, skip={skip})")
+    with loop_config(cfg, data_dir) as cfg:
+        return _time_loop(cfg, device, steps, skip, parts_iters, parts_warmup)
+
+
+@contextmanager
+def loop_config(cfg: RunConfig, data_dir: Optional[str] = None) -> Iterator[RunConfig]:
+    """A copy of `cfg` whose training loop reads a packed store of random images (made under `data_dir`
+    and kept there, else in a temporary folder removed afterwards) and writes nothing: no checkpoints or
+    sample grids (`ckpt_every`/`sample_every` = 10^9, as reference_step.py sets the reference's)."""
     with tempfile.TemporaryDirectory(prefix="repae-bench-loop-") as tmp:
         store = random_image_store(data_dir or tmp, cfg.data.image_size, cfg.model.num_classes,
                                    num_workers=min(8, cfg.data.num_workers))
         cfg = copy.deepcopy(cfg)
         cfg.data.source, cfg.data.path, cfg.latents.path = "packed", str(store), None
-        cfg.output_dir, cfg.exp_name = tmp, "bench-loop"  # nothing is written there: no checkpoints or grids
+        cfg.output_dir, cfg.exp_name = tmp, "bench-loop"
         cfg.train.ckpt_every = cfg.train.sample_every = 10**9
-        return _time_loop(cfg, device, steps, skip, parts_iters, parts_warmup, store)
+        yield cfg
 
 
-def _time_loop(cfg: RunConfig, device: torch.device, steps: int, skip: int, parts_iters: int, parts_warmup: int,
-               store: Path) -> dict:
+def loop_run(cfg: RunConfig, device: torch.device):
+    """The training loop's state (a `repae.train.loop.Run`) on random trainables and `cfg`'s data."""
     from repae.data.sources import training_batches
-    from repae.train.loop import Run, train_steps
+    from repae.train.loop import Run
+
+    m = random_trainables(cfg, device)
+    return Run(cfg, device, m, training_batches(cfg), torch.Generator(device).manual_seed(cfg.train.seed))
+
+
+def run_loop_steps(run, steps: int, on_step: Callable[[int], None], on_log: Callable[[dict], None] = lambda r: None) -> None:
+    """`steps` steps of the training loop `repae train` runs, `on_step(step)` after each, then out of the
+    loop before its end-of-run work (the final checkpoint and sample grid)."""
+    from repae.train.loop import train_steps
+
+    def hook(step: int) -> None:
+        on_step(step)
+        if step == steps:
+            raise _Enough
+
+    try:  # one step past the budget: the hook leaves after step `steps`
+        train_steps(run, steps + 1, on_log=on_log, progress=False, on_step=hook)
+    except _Enough:
+        pass
+
+
+def _time_loop(cfg: RunConfig, device: torch.device, steps: int, skip: int, parts_iters: int,
+               parts_warmup: int) -> dict:
     from repae.train.step import repae_step
 
     started = time.perf_counter()
-    m = random_trainables(cfg, device)
-    run = Run(cfg, device, m, training_batches(cfg), torch.Generator(device).manual_seed(cfg.train.seed))
+    run = loop_run(cfg, device)
+    m = run.m
     log_lines: list = []
     _sync(device)
     marks = [time.perf_counter()]  # marks[k]: step k finished (k=0: the loop starts)
@@ -108,15 +141,10 @@ def _time_loop(cfg: RunConfig, device: torch.device, steps: int, skip: int, part
         marks.append(time.perf_counter())
         if step == skip and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        if step == steps:
-            raise _Enough
 
     if skip == 0 and device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    try:  # one step past the budget, so the loop's end-of-run checkpoint and grid never come
-        train_steps(run, steps + 1, on_log=log_lines.append, progress=False, on_step=on_step)
-    except _Enough:
-        pass
+    run_loop_steps(run, steps, on_step, on_log=log_lines.append)
     peak_memory = peak_memory_bytes(device)
     step_seconds = [b - a for a, b in zip(marks[skip:], marks[skip + 1:])]
     n = cfg.train.global_batch_size
