@@ -172,3 +172,34 @@ def test_vae_from_scratch_and_frozen_vae_modes_run(tmp_path):
     summary = train(tiny_cfg(tmp_path, "exp_name=repa", "train.max_steps=1", "train.tune_vae=false",
                              "latent_norm.mode=fixed"), progress=False)
     assert "reg_rec" not in summary["final"] and "repa_vae" not in summary["final"]
+
+
+@pytest.mark.parametrize("value, fine", [(1.0, True), (1e19, True), (float("nan"), False), (float("inf"), False),
+                                         (-float("inf"), False), (1e30, False), (-1e30, False)])
+def test_the_weight_check_refuses_non_finite_or_overflowing_weights_in_any_trained_set(value, fine):
+    from types import SimpleNamespace
+
+    from repae.train.loop import step_verdict
+
+    for where in ("sit", "vae", "disc"):
+        sets = {k: [torch.nn.Parameter(torch.randn(50, 30)), torch.nn.Parameter(torch.randn(30))]
+                for k in ("sit", "vae", "disc")}
+        sets[where][1].data[7] = value
+        m = SimpleNamespace(sit_params=sets["sit"], vae_params=sets["vae"], disc_opt=object(),
+                            regulariser=SimpleNamespace(discriminator=torch.nn.ParameterList(sets["disc"])))
+        assert step_verdict(m, skipped=False, stop=False) == (fine, False), where
+        assert step_verdict(m, skipped=True, stop=True) == (True, True)  # not checked after a skipped update
+
+
+def test_the_weight_check_is_on_each_tensors_norm():
+    # every weight within WEIGHT_LIMIT, but the tensor's sum of squares overflows float32: refused too
+    from types import SimpleNamespace
+
+    from repae.train.checkpoint import WEIGHT_LIMIT
+    from repae.train.loop import step_verdict
+
+    m = SimpleNamespace(sit_params=[torch.nn.Parameter(torch.full((4,), WEIGHT_LIMIT * 0.9))], vae_params=[],
+                        disc_opt=None, regulariser=None)
+    assert step_verdict(m, skipped=False, stop=False) == (False, False)
+    m.sit_params[0].data[1:] = 0  # one such weight alone is fine
+    assert step_verdict(m, skipped=False, stop=False) == (True, False)
