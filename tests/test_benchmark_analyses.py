@@ -332,3 +332,20 @@ def test_step_profile_of_the_training_loop_adds_what_the_loop_does_around_the_st
     assert norms == {False: 2, True: 3}
     assert loop["host_syncs_per_step"] is None and loop["host_sync_sites"] is None  # no device to wait for
     assert any(p.name.startswith("packed-") for p in tmp_path.iterdir())  # the store was made where asked
+
+
+def test_cpu_kernels_compares_ways_of_computing_one_function(monkeypatch):
+    cpu_kernels = _load("cpu_kernels")
+    assert cpu_kernels.difference(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.5, 3.0])) == {
+        "elements_differing": 1, "max_abs_difference": 0.5}
+    # every GroupNorm + SiLU way is the same function: apart by bf16 rounding (one step at |y| < 4: 1/64) only
+    rows = cpu_kernels.group_norm_rows(iters=1)
+    assert len(rows) == 4 * len(cpu_kernels.GN_SHAPES)
+    for r in rows:
+        assert r["max_abs_difference"] <= 1 / 32 and r["elements_differing"] <= 1e-3 * np.prod(r["shape"]), r
+    monkeypatch.setattr(torch, "compile", lambda fn: fn)  # inductor's C++ build is too slow for a unit test
+    gelu = {r["what"]: r for r in cpu_kernels.gelu_rows(iters=1)}
+    sigmoid_form = gelu["x * sigmoid(2u), torch ops"]
+    assert sigmoid_form["elements_differing"] <= 1e-3 * np.prod(cpu_kernels.GELU_SHAPE)
+    assert sigmoid_form["max_abs_difference"] < 1e-3
+    assert gelu["gelu erf (another function)"]["max_abs_difference"] > 1e-3  # a different function: it shows
