@@ -24,7 +24,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from repae.bench import (_batch, _sync, count_flops, in_own_autocast, matmul_pea
 from repae.config import RunConfig
 from repae.nn_utils import resolve_precision
 from repae.train.setup import compile_settings, conv_layouts
+
+if TYPE_CHECKING:
+    from repae.train.loop import Run
 
 STORE_IMAGES = 256  # distinct images in the random store; the loop goes round them as epochs
 
@@ -100,7 +103,7 @@ def loop_config(cfg: RunConfig, data_dir: Optional[str] = None) -> Iterator[RunC
         yield cfg
 
 
-def loop_run(cfg: RunConfig, device: torch.device):
+def loop_run(cfg: RunConfig, device: torch.device) -> "Run":
     """The training loop's state (a `repae.train.loop.Run`) on random trainables and `cfg`'s data."""
     from repae.data.sources import training_batches
     from repae.train.loop import Run
@@ -109,7 +112,7 @@ def loop_run(cfg: RunConfig, device: torch.device):
     return Run(cfg, device, m, training_batches(cfg), torch.Generator(device).manual_seed(cfg.train.seed))
 
 
-def run_loop_steps(run, steps: int, on_step: Callable[[int], None], on_log: Callable[[dict], None] = lambda r: None) -> None:
+def run_loop_steps(run: "Run", steps: int, on_step: Callable[[int], None], on_log: Callable[[dict], None] = lambda r: None) -> None:
     """`steps` steps of the training loop `repae train` runs, `on_step(step)` after each, then out of the
     loop before its end-of-run work (the final checkpoint and sample grid)."""
     from repae.train.loop import train_steps
