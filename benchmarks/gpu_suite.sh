@@ -34,7 +34,7 @@
 #       batch 32 (the paper's per-GPU batch: 256 over 8 GPUs)
 #   profile_eager_b32                        the eager training loop at batch 32 under torch.profiler
 #       (benchmarks/step_profile.py --loop, after loop_eager_b32): ops and kernels by device time, the device's
-#       idle share of the loop's step, and each host sync by the line that made it
+#       idle share of the loop's step and its gaps between kernels by launching op, each host sync by its line
 #   profile_compile_b32                      the same with train.compile=true (after loop_compile_b32, whose
 #       compiled graphs it reuses from inductor's cache): each compiled graph's kernels among the ops
 #   loop_compile_b16_autotune, loop_compile_b32_autotune   the compiled loop with
@@ -251,6 +251,7 @@ for line in (out / "logs" / "status.tsv").read_text().splitlines():
             entry.update({k: v for k, v in r.items() if k.endswith(("_seconds", "_device", "_accuracy", "_psnr_db"))})
         elif "top_ops" in r:  # benchmarks/step_profile.py
             entry.update({k: r.get(k) for k in ("loop", "step_seconds", "device_idle_share", "host_syncs_per_step")})
+            entry["device_gap_seconds_per_step"] = (r.get("device_gaps") or {}).get("gap_seconds_per_step")
             entry["top_op"] = r["top_ops"][0] if r["top_ops"] else None
         elif "images_per_s" in r and isinstance(r["images_per_s"], dict):
             entry.update({f"images_per_s {k}": v for k, v in r["images_per_s"].items()})
@@ -279,6 +280,8 @@ for name, e in summary["steps"].items():
         top = e["top_op"]
         idle = "" if e["device_idle_share"] is None else f", device idle {100 * e['device_idle_share']:.1f}%"
         syncs = "" if e["host_syncs_per_step"] is None else f", {e['host_syncs_per_step']:g} host syncs a step"
+        if e["device_gap_seconds_per_step"] is not None:
+            syncs += f", {1e3 * e['device_gap_seconds_per_step']:.1f} ms of gaps between kernels"
         first = f", first {top['op']} {1e3 * top['seconds_per_step']:.1f} ms" if top else ""
         print(f"{name:18s} {e['status']:13s} {'':>9s} {'':>8s} {'':>9s} {'':>8s}  "
               f"{1e3 * e['step_seconds']:.1f} ms a {'loop ' if e['loop'] else ''}step profiled{idle}{syncs}{first}")

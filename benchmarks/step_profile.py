@@ -16,6 +16,8 @@ does between steps shows too. Reports per step:
   `train.compile=true` also each compiled graph (torch.compile's generated kernels: Triton on a GPU, C++ on a
   CPU, where each C++ kernel is listed too), which the aten ops alone would leave out;
 - on a GPU, the kernels that took the most time;
+- on a GPU, where the device waited for its host: the gaps between its kernels, by the op that launched the
+  kernel after each gap, and the largest;
 - on a GPU, each operation that made the host wait for the device (torch's CUDA sync debug mode: `.item()`, a
   copy to the host, a blocking copy from the host, ...), counted by the line of Python that called it.
 
@@ -154,6 +156,52 @@ def summarise(prof, steps: int, wall_seconds: float, on_device: bool, top: int =
     }
 
 
+def _launch_context(op, depth: int = 3) -> str:
+    """The op that launched a kernel and its enclosing ops, innermost first ("aten::mm < aten::linear")."""
+    names = []
+    while op is not None and len(names) < depth:
+        names.append(op.name)
+        op = op.cpu_parent
+    return " < ".join(names) if names else "(no launching op recorded)"
+
+
+def device_gaps(events, steps: int, top: int = 10) -> Optional[dict]:
+    """Where the device waited for its host, from a profile's events (FunctionEvents; times in us): the gaps
+    on the device's timeline between one kernel (or copy, memset) ending and the next starting, grouped by
+    the op that launched the kernel after the gap, and the largest single gaps. None without device events.
+    A gap before a kernel says the host had not launched it yet: the host was busy, or waiting (a sync)."""
+    device_type = torch.autograd.DeviceType.CUDA
+    kernels = sorted((e for e in events if e.device_type == device_type), key=lambda e: e.time_range.start)
+    if not kernels:
+        return None
+    # the op that launched a kernel: the CPU op whose correlation id the kernel links to (a field of torch's
+    # FunctionEvent in the torch this was written for; without it the gaps are found all the same, unnamed)
+    link = lambda e: getattr(e, "linked_correlation_id", None)  # noqa: E731
+    launchers = {e.id: e for e in events
+                 if e.device_type != device_type and not e.is_async and link(e) == 0 and e.id > 0}
+    groups: collections.defaultdict = collections.defaultdict(lambda: [0.0, 0])
+    gaps = []
+    busy_until, previous = kernels[0].time_range.end, kernels[0]
+    for k in kernels[1:]:
+        if k.time_range.start > busy_until:
+            gap = (k.time_range.start - busy_until) / 1e6
+            where = _launch_context(launchers.get(link(k)))
+            groups[where][0] += gap
+            groups[where][1] += 1
+            gaps.append({"seconds": gap, "at_seconds": (busy_until - kernels[0].time_range.start) / 1e6,
+                         "after_kernel": previous.name[:120], "before_kernel": k.name[:120], "launched_by": where})
+        if k.time_range.end > busy_until:
+            busy_until, previous = k.time_range.end, k
+    total = sum(g["seconds"] for g in gaps)
+    return {
+        "gap_seconds_per_step": total / steps, "gaps_per_step": len(gaps) / steps,
+        "span_seconds_per_step": (busy_until - kernels[0].time_range.start) / 1e6 / steps,
+        "by_launching_op": [{"launched_by": w, "seconds_per_step": t / steps, "gaps_per_step": n / steps}
+                            for w, (t, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]],
+        "largest": sorted(gaps, key=lambda g: -g["seconds"])[:top],
+    }
+
+
 def profile_step(cfg, device: torch.device, steps: int = 3, warmup: int = 3, loop: bool = False,
                  data_dir: Optional[str] = None, top: int = 30) -> dict:
     """The profile of `steps` steps after `warmup`: of `repae bench step`'s step, or with `loop` of the training
@@ -223,11 +271,19 @@ def _profile_loop(cfg, device: torch.device, steps: int, warmup: int, data_dir: 
     return _record(cfg, device, window, steps, True, top)
 
 
+def _device_gaps_or_why(prof, steps: int):
+    try:  # an addition to the profile: a profiler whose events lack a field must not cost the rest
+        return device_gaps(prof.events(), steps)
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def _record(cfg, device: torch.device, window: _Window, steps: int, loop: bool, top: int) -> dict:
     syncs = None if window.syncs is None else sorted(window.syncs.items(), key=lambda kv: -kv[1])
     return {"preset": cfg.preset, "device": str(device), "precision": resolve_precision(cfg.train.precision, device),
             "loop": loop, "global_batch": cfg.train.global_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
             **compile_settings(cfg, device), **summarise(window.prof, steps, window.wall, device.type == "cuda", top),
+            "device_gaps": _device_gaps_or_why(window.prof, steps) if device.type == "cuda" else None,
             "host_syncs_per_step": None if syncs is None else sum(n for _, n in syncs) / steps,
             "host_sync_sites": None if syncs is None else [{"site": k, "per_step": n / steps} for k, n in syncs]}
 
@@ -261,6 +317,14 @@ def main(argv=None) -> int:
               f"{o['calls_per_step']:6.0f} calls")
     for k in r["top_kernels"][:10]:
         print(f"    {k['seconds_per_step'] * 1e3:8.2f} ms {k['calls_per_step']:5.0f}x  {k['kernel'][:90]}")
+    gaps = r["device_gaps"]
+    if gaps and "error" not in gaps:
+        print(f"  device waiting between kernels: {gaps['gap_seconds_per_step'] * 1e3:.1f} ms a step "
+              f"({gaps['gaps_per_step']:.0f} gaps); before kernels launched by:")
+        for g in gaps["by_launching_op"][:8]:
+            print(f"    {g['seconds_per_step'] * 1e3:8.2f} ms {g['gaps_per_step']:5.0f}x  {g['launched_by'][:100]}")
+    elif gaps:
+        print(f"  device gaps not read: {gaps['error']}")
     if r["host_syncs_per_step"] is not None:
         print(f"  host syncs: {r['host_syncs_per_step']:g} a step")
         for site in r["host_sync_sites"][:10]:

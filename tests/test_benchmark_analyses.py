@@ -349,3 +349,40 @@ def test_cpu_kernels_compares_ways_of_computing_one_function(monkeypatch):
     assert sigmoid_form["elements_differing"] <= 1e-3 * np.prod(cpu_kernels.GELU_SHAPE)
     assert sigmoid_form["max_abs_difference"] < 1e-3
     assert gelu["gelu erf (another function)"]["max_abs_difference"] > 1e-3  # a different function: it shows
+
+
+def test_device_gaps_are_found_on_the_device_timeline_and_named_by_the_launching_op():
+    from types import SimpleNamespace
+
+    step_profile = _load("step_profile")
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def op(i, name, parent=None):
+        return SimpleNamespace(id=i, name=name, device_type=cpu, is_async=False, linked_correlation_id=0,
+                               cpu_parent=parent, time_range=SimpleNamespace(start=0, end=0))
+
+    def kernel(name, start, end, launched_by):  # times in microseconds, as the profiler keeps them
+        return SimpleNamespace(id=0, name=name, device_type=cuda, is_async=False, linked_correlation_id=launched_by,
+                               cpu_parent=None, time_range=SimpleNamespace(start=start, end=end))
+
+    linear = op(1, "aten::linear")
+    events = [linear, op(2, "aten::mm", linear), op(3, "aten::copy_"),
+              # the launch record of a kernel (a CPU runtime event linked to the op) is not a launching op
+              SimpleNamespace(id=9, name="cudaLaunchKernel", device_type=cpu, is_async=False, linked_correlation_id=2,
+                              cpu_parent=None, time_range=SimpleNamespace(start=0, end=0)),
+              kernel("gemm_a", 0, 300, 2), kernel("gemm_b", 50, 100, 2),  # within gemm_a (another stream)
+              kernel("memcpy", 1300, 1400, 3),  # waited 1000 us for the copy's launch
+              kernel("gemm_c", 1400, 1500, 2),  # back to back: no gap
+              kernel("gemm_d", 1700, 1800, 2),  # 200 us
+              kernel("gemm_e", 3800, 4000, 2)]  # 2000 us
+    r = step_profile.device_gaps(events, steps=2)
+    assert r["gap_seconds_per_step"] == pytest.approx(3200e-6 / 2) and r["gaps_per_step"] == 1.5
+    assert r["span_seconds_per_step"] == pytest.approx(4000e-6 / 2)
+    assert r["by_launching_op"] == [
+        {"launched_by": "aten::mm < aten::linear", "seconds_per_step": pytest.approx(1100e-6), "gaps_per_step": 1.0},
+        {"launched_by": "aten::copy_", "seconds_per_step": pytest.approx(500e-6), "gaps_per_step": 0.5}]
+    largest = r["largest"][0]
+    assert (largest["seconds"], largest["at_seconds"], largest["after_kernel"], largest["before_kernel"]) == (
+        pytest.approx(2000e-6), pytest.approx(1800e-6), "gemm_d", "gemm_e")
+    assert r["largest"][1]["after_kernel"] == "gemm_a"  # the kernel that ended last before the gap
+    assert step_profile.device_gaps([op(1, "aten::mm")], steps=1) is None  # a CPU profile has no device timeline
