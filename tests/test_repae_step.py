@@ -252,3 +252,33 @@ def test_a_non_finite_discriminator_gradient_skips_the_step(monkeypatch):
     for k, p in params.items():
         assert torch.equal(before[k], p), k
     assert all(p.grad is None for p in m.regulariser.discriminator.parameters())
+
+
+def test_a_step_makes_the_host_wait_for_the_device_once():
+    # On a GPU each read of a value back to the host (.item(), bool(), a data-dependent size) waits for every
+    # kernel queued before it. The step reads one: the finite check of its losses and gradient norms, before the
+    # updates. Counted here as the ops that read back, on the CPU, where the same ops run.
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads_back = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "_unique", "_unique2",
+                  "unique_dim", "unique_consecutive", "repeat_interleave", "bincount"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in reads_back:
+                self.seen[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    cfg, m = make()
+    gen = torch.Generator().manual_seed(0)
+    repae_step(m, [batch()], cfg, step=0, gen=gen)  # lazy state (optimiser moments) first
+    with Count() as count:
+        logs = repae_step(m, [batch(seed=1)], cfg, step=1, gen=gen)
+    assert "disc" in logs and "repa_vae" in logs  # every part of the step ran
+    assert count.seen == {"_local_scalar_dense": 1}
