@@ -265,9 +265,7 @@ def _profile_loop(cfg, device: torch.device, steps: int, warmup: int, data_dir: 
 
         if warmup == 0:
             stack.enter_context(window)
-        run_loop_steps(run, warmup + steps, on_step)
-        stack.close()  # (already closed after the last step)
-        run.data._it = None  # let the DataLoader's workers go now
+        run_loop_steps(run, warmup + steps, on_step)  # the window closes after the last step
     return _record(cfg, device, window, steps, True, top)
 
 

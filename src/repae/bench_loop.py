@@ -114,7 +114,7 @@ def loop_run(cfg: RunConfig, device: torch.device) -> "Run":
 
 def run_loop_steps(run: "Run", steps: int, on_step: Callable[[int], None], on_log: Callable[[dict], None] = lambda r: None) -> None:
     """`steps` steps of the training loop `repae train` runs, `on_step(step)` after each, then out of the
-    loop before its end-of-run work (the final checkpoint and sample grid)."""
+    loop before its end-of-run work (the final checkpoint and sample grid), its DataLoader workers let go."""
     from repae.train.loop import train_steps
 
     def hook(step: int) -> None:
@@ -126,6 +126,8 @@ def run_loop_steps(run: "Run", steps: int, on_step: Callable[[int], None], on_lo
         train_steps(run, steps + 1, on_log=on_log, progress=False, on_step=hook)
     except _Enough:
         pass
+    finally:
+        run.data._it = None  # the workers go now, not when the run is collected
 
 
 def _time_loop(cfg: RunConfig, device: torch.device, steps: int, skip: int, parts_iters: int,
@@ -178,7 +180,6 @@ def _time_loop(cfg: RunConfig, device: torch.device, steps: int, skip: int, part
     result.update(flops_per_image=flops / n, achieved_flops=flops / result["step_seconds_median"],
                   matmul_peak_flops=peak, fraction_of_peak=flops / result["step_seconds_median"] / peak,
                   wall_seconds=time.perf_counter() - started)
-    run.data._it = None  # let the DataLoader's workers go now
     return result
 
 
