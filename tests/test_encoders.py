@@ -327,3 +327,28 @@ def test_preprocessing_is_bicubic_without_antialias():
     torch.testing.assert_close(preprocess(img, spec), expected)
     with pytest.raises(TypeError, match="uint8"):
         preprocess(img.float(), spec)
+
+
+def test_encoder_makes_its_normalisation_once_per_device():
+    """`torch.tensor(floats, device=cuda)` is a blocking copy from the host: built per batch, the mean and
+    std made the GPU drain its queue twice a step. The encoder keeps them per device; its output is the same."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from repae.models.encoders import build_network
+
+    class HostData(TorchDispatchMode):  # torch.tensor(python data) reaches the dispatcher as lift_fresh
+        made = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.made += func.overloadpacket is torch.ops.aten.lift_fresh
+            return func(*args, **(kwargs or {}))
+
+    spec = tiny("dinov2-vit-b")
+    encoder = AlignmentEncoder(spec, build_network(spec, 64))
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    first = encoder(images)
+    with HostData() as second_call:
+        again = encoder(images)
+    assert second_call.made == 0
+    assert torch.equal(again, first)
+    assert torch.equal(first, encoder.network(preprocess(images, spec)).float())

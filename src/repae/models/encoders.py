@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -111,15 +111,23 @@ def encoder_names() -> List[str]:
 # --------------------------------------------------------------------- preprocessing
 
 
-def preprocess(images: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
+def normalisation(spec: EncoderSpec, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """spec's per-channel mean and std as float32 [1,3,1,1] tensors on `device`. Made from Python
+    floats, so on a GPU each is a blocking copy from the host: build them once, not per batch."""
+    return (torch.tensor(spec.mean, device=device).view(1, 3, 1, 1),
+            torch.tensor(spec.std, device=device).view(1, 3, 1, 1))
+
+
+def preprocess(images: torch.Tensor, spec: EncoderSpec,
+               mean_std: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """uint8 [B,3,H,W] -> float [B,3,S,S] as the encoder expects (S = spec.input_size(H)),
-    in the reference's order of operations (module docstring)."""
+    in the reference's order of operations (module docstring). `mean_std`: `normalisation(spec,
+    images.device)`, made beforehand (else made here)."""
     if images.dtype != torch.uint8:
         raise TypeError(f"encoders take uint8 images, got {images.dtype}")
     x = images.float() / 255.0
     size = spec.input_size(images.shape[-1])
-    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+    mean, std = mean_std if mean_std is not None else normalisation(spec, x.device)
 
     def resize(t: torch.Tensor) -> torch.Tensor:
         if t.shape[-1] == size:
@@ -145,13 +153,17 @@ class AlignmentEncoder(nn.Module):
         self.spec = spec
         self.network = network.eval().requires_grad_(False)
         self.embed_dim = spec.embed_dim
+        # per device: made at the first batch there. Not buffers: `.to(dtype)` must not round them
+        self._mean_std: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def train(self, mode: bool = True) -> "AlignmentEncoder":
         return super().train(False)  # always eval: frozen
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network(preprocess(images, self.spec)).float()
+        if images.device not in self._mean_std:
+            self._mean_std[images.device] = normalisation(self.spec, images.device)
+        return self.network(preprocess(images, self.spec, self._mean_std[images.device])).float()
 
 
 def build_network(spec: EncoderSpec, image_size: int) -> ViT:
