@@ -187,8 +187,9 @@ def test_the_weight_check_refuses_non_finite_or_overflowing_weights_in_any_train
         sets[where][1].data[7] = value
         m = SimpleNamespace(sit_params=sets["sit"], vae_params=sets["vae"], disc_opt=object(),
                             regulariser=SimpleNamespace(discriminator=torch.nn.ParameterList(sets["disc"])))
-        assert step_verdict(m, skipped=False, stop=False) == (fine, False), where
-        assert step_verdict(m, skipped=True, stop=True) == (True, True)  # not checked after a skipped update
+        assert step_verdict(m, torch.tensor(0.0), stop=False) == (False, fine, False), where
+        # after a skipped update the weights are as they were: whatever the check finds, they count as fine
+        assert step_verdict(m, torch.tensor(1.0), stop=True) == (True, True, True)
 
 
 def test_the_weight_check_is_on_each_tensors_norm():
@@ -200,6 +201,37 @@ def test_the_weight_check_is_on_each_tensors_norm():
 
     m = SimpleNamespace(sit_params=[torch.nn.Parameter(torch.full((4,), WEIGHT_LIMIT * 0.9))], vae_params=[],
                         disc_opt=None, regulariser=None)
-    assert step_verdict(m, skipped=False, stop=False) == (False, False)
+    assert step_verdict(m, torch.tensor(0.0), stop=False) == (False, False, False)
     m.sit_params[0].data[1:] = 0  # one such weight alone is fine
-    assert step_verdict(m, skipped=False, stop=False) == (True, False)
+    assert step_verdict(m, torch.tensor(0.0), stop=False) == (False, True, False)
+
+
+class _ReadAlone(torch.Tensor):
+    """A step's skip flag that counts each read of it on its own (ops on it give plain tensors)."""
+    __torch_function__ = torch._C._disabled_torch_function_impl
+    reads = 0
+
+    def item(self):
+        _ReadAlone.reads += 1
+        return super().item()
+
+    def __bool__(self):
+        _ReadAlone.reads += 1
+        return super().__bool__()
+
+
+def test_the_loop_learns_of_a_skipped_update_in_the_weight_checks_read_back(tmp_path, monkeypatch):
+    """On a GPU each read of a device value makes the host wait for every kernel queued before it. The step's
+    skip flag rides in the weight check's one read back (step_verdict), not in a read of its own."""
+    import repae.train.loop as loop
+
+    real_step = loop.repae_step
+
+    def flagged(*args, **kwargs):
+        logs = real_step(*args, **kwargs)
+        return {**logs, "skipped": logs["skipped"].as_subclass(_ReadAlone)}
+
+    monkeypatch.setattr(loop, "repae_step", flagged)
+    _ReadAlone.reads = 0
+    summary = train(tiny_cfg(tmp_path, "train.max_steps=2"), progress=False)
+    assert summary["steps_this_invocation"] == 2 and _ReadAlone.reads == 0

@@ -266,27 +266,30 @@ def _to_device(batch, device: torch.device):
 
 def weights_finite(m: Trainables) -> bool:
     """Every trained weight tensor's L2 norm finite and within WEIGHT_LIMIT, on every rank (one host sync)."""
-    return step_verdict(m, skipped=False, stop=False)[0]
+    return step_verdict(m, torch.zeros(()), stop=False)[1]
 
 
-def step_verdict(m: Trainables, skipped: bool, stop: bool) -> Tuple[bool, bool]:
-    """(weights fine, stop now), agreed by every rank in ONE all-reduce of [bad weights, stop asked].
-    Weights are fine when the L2 norm of every trained weight tensor is finite and within WEIGHT_LIMIT
-    on every rank (not checked after a skipped update, which left them as they were): then every weight
-    is too. Stricter than |w| <= WEIGHT_LIMIT only for a tensor whose norm passes the limit, whose sum
-    of squares overflows float32 (unusable as WEIGHT_LIMIT's |w| is). `stop`: this rank got a stop
-    signal. The step already pays this host sync for the weight check, so carrying the stop flag in
-    it makes every rank stop at the same step for no extra cost."""
-    bad = torch.zeros(())
-    if not skipped:
-        params = [p.detach() for p in [*m.sit_params, *m.vae_params] if p.numel()]
-        if m.disc_opt is not None:
-            params += [p.detach() for p in m.regulariser.discriminator.parameters() if p.numel()]
-        # L2, not the largest |w|: torch's CPU inf-norm took 7-11 ms on the toy's 8 M weights, its L2 norm 1.0
-        largest = torch.stack(torch._foreach_norm(params)).float().amax()  # NaN stays NaN
-        bad = (~(largest <= WEIGHT_LIMIT)).float().cpu()
-    flags = dist.all_reduce_sum(torch.stack([bad, torch.tensor(float(stop))]))
-    return flags[0].item() == 0, flags[1].item() > 0
+def step_verdict(m: Trainables, skipped: torch.Tensor, stop: bool) -> Tuple[bool, bool, bool]:
+    """(update skipped, weights fine, stop now), agreed by every rank in ONE read back to the host and
+    one all-reduce of [skipped, bad weights, stop asked]. `skipped`: the step's flag (0-dim, 1 = the step
+    skipped its update; the same on every rank). Weights are fine when the L2 norm of every trained weight
+    tensor is finite and within WEIGHT_LIMIT on every rank: then every weight is too. Stricter than
+    |w| <= WEIGHT_LIMIT only for a tensor whose norm passes the limit, whose sum of squares overflows
+    float32 (unusable as WEIGHT_LIMIT's |w| is). After a skipped update (weights as they were) the check
+    runs all the same, since the host learns of the skip only in this read back, and it says fine.
+    `stop`: this rank got a stop signal. The step pays this host sync for the weight check anyway:
+    carrying the skip and the stop flag in it costs nothing, where a read of the skip of its own would
+    make the device wait for the host once more per step, and every rank stops at the same step."""
+    params = [p.detach() for p in [*m.sit_params, *m.vae_params] if p.numel()]
+    if m.disc_opt is not None:
+        params += [p.detach() for p in m.regulariser.discriminator.parameters() if p.numel()]
+    # L2, not the largest |w|: torch's CPU inf-norm took 7-11 ms on the toy's 8 M weights, its L2 norm 1.0
+    largest = torch.stack(torch._foreach_norm(params)).float().amax()  # NaN stays NaN
+    bad = ~(largest <= WEIGHT_LIMIT)
+    flags = torch.stack([skipped.float().reshape(()).to(bad.device), bad.float()]).cpu()  # the host sync
+    flags = dist.all_reduce_sum(torch.cat([flags, torch.tensor([float(stop)])]))
+    was_skipped = flags[0].item() > 0
+    return was_skipped, was_skipped or flags[1].item() == 0, flags[2].item() > 0
 
 
 def _count_nonfinite(run: Run, what: str) -> None:
@@ -347,9 +350,8 @@ def _steps(run: Run, until: int, signals: StopSignals, on_log, progress: bool, o
             set_lr(opt, opt_cfg, run.step, cfg.train.max_steps)  # a function of the step: resume-exact
         with _autocast(run):
             logs = repae_step(run.m, _micro_batches(run), cfg, run.step, run.gen)
-        skipped = bool(logs["skipped"].item())
+        skipped, finite, stop = step_verdict(run.m, logs["skipped"], stop=signals.signum is not None)
         step_seconds += time.perf_counter() - t0  # training only: checkpoints and sample grids excluded
-        finite, stop = step_verdict(run.m, skipped, stop=signals.signum is not None)
         if skipped or not finite:
             _count_nonfinite(run, "non-finite loss or gradient norm, update skipped" if skipped else
                              "non-finite weights after the update, rolled back to the newest checkpoint")
