@@ -76,3 +76,32 @@ def test_dataset_batches_refuse_a_bad_unreadable_list_and_keep_their_place(tmp_p
     with pytest.raises(ValueError, match="unreadable-image list"):
         batches.load_state_dict(state)
     assert batches.state_dict()["position"] == 4 and batches.bad_images == 0
+
+
+@pytest.fixture
+def pinning(monkeypatch):
+    """The DataLoader's pin step, seen on a machine without a GPU: it believes an accelerator is there and
+    records each batch it is asked to pin (a CPU-only torch cannot pin)."""
+    import torch.utils.data._utils.pin_memory as pin
+
+    pinned = []
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(pin, "pin_memory", lambda data, device=None: pinned.append(data) or data)
+    return pinned
+
+
+@pytest.mark.parametrize("pin", [True, False])
+def test_training_batches_from_a_folder_come_pinned_when_asked(tmp_path, pinning, pin):
+    """For a GPU (repae train, bench loop) each batch passes through the DataLoader's pin step, so that its
+    copy to the device runs beside the host's work; nowhere else (a CPU run pays no page-locking)."""
+    from repae.config import load_config
+    from repae.data.sources import training_batches
+
+    root = make_folder(tmp_path / "data", per_class=4)
+    cfg = load_config("toy", overrides=["data.source=folder", f"data.path={root}", "data.image_size=32",
+                                        "model.num_classes=2", "loss.proj_coeff=0", "vae.from_scratch=true",
+                                        "train.tune_vae=false", "model.arch=SiT-T/2"])
+    images, labels = training_batches(cfg, pin_memory=pin).next(4)
+    assert len(pinning) == int(pin)
+    if pin:
+        assert pinning[0][0] is images and pinning[0][1] is labels

@@ -109,7 +109,8 @@ def loop_run(cfg: RunConfig, device: torch.device) -> "Run":
     from repae.train.loop import Run
 
     m = random_trainables(cfg, device)
-    return Run(cfg, device, m, training_batches(cfg), torch.Generator(device).manual_seed(cfg.train.seed))
+    data = training_batches(cfg, pin_memory=device.type == "cuda")  # as repae train's
+    return Run(cfg, device, m, data, torch.Generator(device).manual_seed(cfg.train.seed))
 
 
 def run_loop_steps(run: "Run", steps: int, on_step: Callable[[int], None], on_log: Callable[[dict], None] = lambda r: None) -> None:

@@ -87,8 +87,9 @@ class DatasetBatches:
     """Batches from a Dataset through a DataLoader, resumable exactly: the order is drawn from a
     ResumableOrder and the state advances only for batches actually consumed."""
 
-    def __init__(self, dataset: Dataset, seed: int = 0, num_workers: int = 0, rank: int = 0, world: int = 1):
-        self.dataset, self.num_workers = dataset, num_workers
+    def __init__(self, dataset: Dataset, seed: int = 0, num_workers: int = 0, rank: int = 0, world: int = 1,
+                 pin_memory: bool = False):
+        self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
         self.order = ResumableOrder(len(dataset), seed)
         self.rank, self.world = rank, world  # each rank loads only its slice of every global batch
         self.skipped: Set[int] = set()  # dataset indices of the unreadable files met so far (this rank)
@@ -96,7 +97,7 @@ class DatasetBatches:
 
     def _loader(self, batch_size: int):
         return ordered_batches(self.dataset, self.order, batch_size, self.rank, self.world, self.num_workers,
-                               _collate)
+                               _collate, pin_memory=self.pin_memory)
 
     def next(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._it is None or batch_size != self._batch:

@@ -165,17 +165,19 @@ def check_labels(labels, num_classes: int, where: str) -> None:
                              else ""))
 
 
-def training_batches(cfg: RunConfig, toy=None):
+def training_batches(cfg: RunConfig, toy=None, pin_memory: bool = False):
     """The loop's batch source for cfg: `.next(global batch size)` -> this rank's (uint8 images [B,3,S,S],
     labels [B]) (stage 2: cached moments too), `.state_dict()`, `.load_state_dict()`. `toy`: the ToyWorld
-    when data.source=toy."""
+    when data.source=toy. `pin_memory` (for a GPU): batches a DataLoader reads come in page-locked memory,
+    for copies to the device that do not hold the host (the toy world's batches are slices of tensors in
+    memory, and stay as they are)."""
     from repae.data.folder import DatasetBatches
     from repae.data.sampler import TensorBatches
 
     if cfg.latents.path:  # stage 2: cached posterior moments of a frozen VAE (+ images for REPA)
         from repae.stage2.latents import latent_batches
 
-        return latent_batches(cfg, toy)
+        return latent_batches(cfg, toy, pin_memory)
     if toy is not None:
         from repae.toyworld import generator_data
 
@@ -187,7 +189,7 @@ def training_batches(cfg: RunConfig, toy=None):
                           f"{cfg.model.num_classes}")
     check_labels(dataset.labels, cfg.model.num_classes, cfg.data.path)
     return DatasetBatches(dataset, seed=cfg.train.seed, num_workers=cfg.data.num_workers, rank=dist.rank(),
-                          world=dist.world_size())
+                          world=dist.world_size(), pin_memory=pin_memory)
 
 
 # ----------------------------------------------------------------- stage 2: the images latents are cached from

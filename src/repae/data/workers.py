@@ -52,12 +52,16 @@ atexit.register(shut_down_workers)
 
 
 def ordered_batches(dataset: Dataset, order: ResumableOrder, batch_size: int, rank: int, world: int,
-                    num_workers: int, collate_fn: Callable, batched: bool = False) -> Iterator:
+                    num_workers: int, collate_fn: Callable, batched: bool = False,
+                    pin_memory: bool = False) -> Iterator:
     """This rank's slice of every global batch of `batch_size` that `order` deals from where it stands
     now, loaded by `num_workers` persistent workers (0: in this process) that ignore stop signals and
     are shut down at exit. `order` itself is not moved: the caller advances it per batch it consumes,
     so a checkpoint records only what was used while the workers read ahead.
-    batched: `dataset[list of indices]` returns the whole batch (else one item per index, collated)."""
+    batched: `dataset[list of indices]` returns the whole batch (else one item per index, collated).
+    pin_memory: the DataLoader copies each batch's tensors into page-locked memory (in a thread of its own
+    when there are workers), so that a copy to the GPU with non_blocking=True is a DMA the host only
+    queues, where from pageable memory the main thread first stages the batch through the driver."""
     ahead = ResumableOrder(order.n, order.seed)
     ahead.load_state_dict(order.state_dict())
     # made of locals only: a generator that held the caller's object would make a reference cycle
@@ -66,4 +70,4 @@ def ordered_batches(dataset: Dataset, order: ResumableOrder, batch_size: int, ra
     sampling = dict(sampler=batches, batch_size=None) if batched else dict(batch_sampler=batches)
     return worker_iter(DataLoader(dataset, num_workers=num_workers, collate_fn=collate_fn,
                                   persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals,
-                                  **sampling))
+                                  pin_memory=pin_memory, **sampling))

@@ -133,15 +133,15 @@ class LatentBatches:
     every rank walks the same global order and takes its contiguous slice."""
 
     def __init__(self, cache: LatentCache, images=None, seed: int = 0, rank: int = 0, world: int = 1,
-                 num_workers: int = 0):
-        self.items, self.num_workers = _Items(cache, images), num_workers
+                 num_workers: int = 0, pin_memory: bool = False):
+        self.items, self.num_workers, self.pin_memory = _Items(cache, images), num_workers, pin_memory
         self.order = ResumableOrder(len(cache), seed)
         self.rank, self.world = rank, world
         self._it, self._batch = None, None
 
     def _loader(self, batch_size: int):
         return ordered_batches(self.items, self.order, batch_size, self.rank, self.world, self.num_workers,
-                               _as_is, batched=True)
+                               _as_is, batched=True, pin_memory=self.pin_memory)
 
     def next(self, batch_size: int):
         if self._it is None or batch_size != self._batch:
@@ -158,8 +158,8 @@ class LatentBatches:
         self._it = None
 
 
-def latent_batches(cfg: RunConfig, toy=None) -> LatentBatches:
-    """The loop's data source for `latents.path` (after resolve_latents)."""
+def latent_batches(cfg: RunConfig, toy=None, pin_memory: bool = False) -> LatentBatches:
+    """The loop's data source for `latents.path` (after resolve_latents); `pin_memory`: see training_batches."""
     from repae.data.sources import check_labels
 
     cache = LatentCache(cfg.latents.path)
@@ -182,4 +182,4 @@ def latent_batches(cfg: RunConfig, toy=None) -> LatentBatches:
             raise ConfigError(f"{cfg.data.path} holds other images than when the latents were cached")
     workers = cfg.data.num_workers if toy is None and need_images else 0
     return LatentBatches(cache, images if need_images else None, seed=cfg.train.seed, rank=dist.rank(),
-                         world=dist.world_size(), num_workers=workers)
+                         world=dist.world_size(), num_workers=workers, pin_memory=pin_memory)

@@ -130,7 +130,7 @@ def setup_run(cfg: RunConfig, progress: bool = True) -> Run:
     device = init_device(cfg)
     sources.resolve(cfg)  # stage 2: the frozen VAE and its statistics default to those the latents came from
     toy = _toy_setup(cfg, progress) if cfg.data.source == "toy" else None
-    data = sources.training_batches(cfg, toy)
+    data = sources.training_batches(cfg, toy, pin_memory=device.type == "cuda")
     encoders = [e.to(device) for e in _encoders(cfg, toy)]  # early: a missing weight file fails fast
     # seed after the toy world is built or loaded, so initial weights do not depend on which happened
     torch.manual_seed(cfg.train.seed)
