@@ -264,11 +264,6 @@ def _to_device(batch, device: torch.device):
     return batch.to(device, non_blocking=True) if batch is not None else None
 
 
-def weights_finite(m: Trainables) -> bool:
-    """Every trained weight tensor's L2 norm finite and within WEIGHT_LIMIT, on every rank (one host sync)."""
-    return step_verdict(m, torch.zeros(()), stop=False)[1]
-
-
 def step_verdict(m: Trainables, skipped: torch.Tensor, stop: bool) -> Tuple[bool, bool, bool]:
     """(update skipped, weights fine, stop now), agreed by every rank in ONE read back to the host and
     one all-reduce of [skipped, bad weights, stop asked]. `skipped`: the step's flag (0-dim, 1 = the step
