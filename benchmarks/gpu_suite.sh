@@ -17,8 +17,9 @@
 # Steps, most important first (a step cut by the budget leaves the later ones "skipped"):
 #   loop_eager_b16, ref_eager_b16            our training loop (repae bench loop) against the reference's
 #       (benchmarks/reference_step.py): same batch, 12 steps, first 2 untimed
-#   loop_compile_b16, step_compile_b16       our loop, and `repae bench step` (fraction of the bf16 matmul
-#       peak), with train.compile=true; the second reuses the first's compiled graphs (inductor's cache)
+#   loop_compile_b16                         our loop with train.compile=true, then in the same process
+#       `repae bench step`'s figure on its trainables (--step-iters: the bare step's fraction of the bf16 matmul
+#       peak), which so reuses the loop's compiled graphs (a `bench step` of its own took 91 s more on the H200)
 #   sample_b32, sample_b128                  repae bench sample: ODE-50 without CFG, SDE-250 with CFG 4 (on
 #       every step: the strict figure), eager
 #   sample_b128_compile                      the same with sample.compile=true
@@ -30,8 +31,8 @@
 #       TF32 and cuDNN's benchmark mode (both on by default on a GPU) give
 #   loop_eager_b16_regnhwc                   our eager loop with train.regulariser_channels_last=true (LPIPS
 #       and the discriminator in NHWC, the VAE in NCHW)
-#   loop_eager_b32, ref_eager_b32, loop_eager_b32_regnhwc, loop_compile_b32, step_compile_b32   the same at
-#       batch 32 (the paper's per-GPU batch: 256 over 8 GPUs)
+#   loop_eager_b32, ref_eager_b32, loop_eager_b32_regnhwc, loop_compile_b32   the same at batch 32 (the
+#       paper's per-GPU batch: 256 over 8 GPUs)
 #   profile_eager_b32                        the eager training loop at batch 32 under torch.profiler
 #       (benchmarks/step_profile.py --loop, after loop_eager_b32): ops and kernels by device time, the device's
 #       idle share of the loop's step and its gaps between kernels by launching op, each host sync by its line
@@ -168,7 +169,7 @@ ref_step() {  # ref_step NAME CAP BATCH
 
 if [ "$MODE" = gpu ]; then
   PRESET=(--preset sit-xl2-f8d4); SIZE=(); LOOP=(--steps 12 --warmup 2 --iters 5); COMPILE=train.compile=true
-  B16=16; B32=32; S32=32; S128=128; MODES=(ode-50:1 sde-250:4); FID_MODE=(sde-250:2.2); STEP=(--iters 3 --warmup 1)
+  B16=16; B32=32; S32=32; S128=128; MODES=(ode-50:1 sde-250:4); FID_MODE=(sde-250:2.2); BARE=(--step-iters 3)
   PROFILE=(--steps 3 --warmup 3)
   WORLD=()  # the toy preset's world, as `repae train` builds it
 else  # toy-sized: checks the plumbing, measures nothing of interest
@@ -176,7 +177,7 @@ else  # toy-sized: checks the plumbing, measures nothing of interest
   SIZE=(model.depth=2 model.hidden_size=48 model.num_heads=2 model.encoder_depth=1 model.projector_dim=64
         vae.ch=32 "vae.ch_mult=[1,2,2]" train.num_threads=1)
   LOOP=(--steps 3 --warmup 1 --iters 1); COMPILE=train.compile=false  # a cold CPU compile costs 10-30 s a region
-  B16=2; B32=4; S32=2; S128=4; MODES=(ode-4:1 sde-6:4); FID_MODE=(sde-6:2.2); STEP=(--iters 1 --warmup 0)
+  B16=2; B32=4; S32=2; S128=4; MODES=(ode-4:1 sde-6:4); FID_MODE=(sde-6:2.2); BARE=(--step-iters 1)
   PROFILE=(--steps 1 --warmup 1)
   WORLD=(toy.train_size=40 toy.heldout_size=20 toy.teacher_steps=1 toy.vae_steps=1 toy.batch_size=8
          toy.vae_batch_size=4)
@@ -192,8 +193,7 @@ PROFILE32=($PY benchmarks/step_profile.py --loop "${DATA[@]}" "${PROFILE[@]}" "$
            train.global_batch_size=$B32)
 run_step loop_eager_b16 120 "${LOOP16[@]}" train.compile=false  # compile is on by default on a GPU
 ref_step ref_eager_b16 150 $B16
-run_step loop_compile_b16 240 "${LOOP16[@]}" $COMPILE --iters 0
-run_step step_compile_b16 120 "${BENCH[@]}" step "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B16 $COMPILE "${STEP[@]}"
+run_step loop_compile_b16 240 "${LOOP16[@]}" $COMPILE --iters 0 "${BARE[@]}"
 run_step sample_b32 90 "${SAMPLE[@]}" --samples $S32 --modes "${MODES[@]}"
 run_step sample_b128 150 "${SAMPLE[@]}" --samples $S128 --modes "${MODES[@]}"
 run_step sample_b128_compile 200 "${SAMPLE[@]}" sample.compile=true --samples $S128 --modes "${MODES[@]}"
@@ -206,8 +206,7 @@ run_step loop_eager_b32 120 "${LOOP32[@]}" train.compile=false
 run_step profile_eager_b32 90 "${PROFILE32[@]}" train.compile=false
 ref_step ref_eager_b32 150 $B32
 run_step loop_eager_b32_regnhwc 120 "${LOOP32[@]}" train.compile=false train.regulariser_channels_last=true
-run_step loop_compile_b32 240 "${LOOP32[@]}" $COMPILE --iters 0
-run_step step_compile_b32 120 "${BENCH[@]}" step "${PRESET[@]}" "${SIZE[@]}" train.global_batch_size=$B32 $COMPILE "${STEP[@]}"
+run_step loop_compile_b32 240 "${LOOP32[@]}" $COMPILE --iters 0 "${BARE[@]}"
 run_step profile_compile_b32 150 "${PROFILE32[@]}" $COMPILE
 AUTOTUNE=train.compile_mode=max-autotune-no-cudagraphs  # inert in the CPU smoke (no compile there)
 run_step loop_compile_b16_autotune 420 "${LOOP16[@]}" $COMPILE $AUTOTUNE --iters 0
@@ -261,6 +260,10 @@ for line in (out / "logs" / "status.tsv").read_text().splitlines():
             entry["peak_memory_gib"] = r["peak_memory_bytes"] / 2**30 if "peak_memory_bytes" in r else None
             entry["fraction_of_peak"] = r.get("fraction_of_peak")
             entry["compile"] = r.get("compile")
+            if r.get("bare_step"):  # bench loop --step-iters: bench step's figure, same process
+                b = r["bare_step"]
+                entry["bare_step"] = {"images_per_s": b["images_per_s"], "fraction_of_peak": b["fraction_of_peak"],
+                                      "peak_memory_gib": b["peak_memory_bytes"] / 2**30}
     else:
         entry["reason"] = r.get("reason")
     summary["steps"][name] = entry
@@ -293,6 +296,10 @@ for name, e in summary["steps"].items():
         note = e.get("reason") or ("compiled" if e.get("compile") else "")
         print(f"{name:18s} {e['status']:13s} {fmt(e.get('images_per_s'), '9.1f')} {fmt(e.get('images_per_s_total'), '8.1f')}"
               f" {fmt(e.get('peak_memory_gib'), '9.2f')} {fmt(frac, '7.1f')}{'%' if frac else ' '}  {note}")
+        if e.get("bare_step"):
+            b = e["bare_step"]
+            print(f"{'  its bare step':18s} {'':13s} {fmt(b['images_per_s'], '9.1f')} {'-':>8s}"
+                  f" {fmt(b['peak_memory_gib'], '9.2f')} {fmt(100 * b['fraction_of_peak'], '7.1f')}%  as bench step")
 if fid["status"] == "ok":
     print(f"FID-50K sampling estimate ({fid['sampler']}, batch {fid['samples_per_batch']}): "
           f"{fid['seconds']:.0f} s = {fid['hours']:.2f} h on this device")

@@ -99,9 +99,10 @@ def test_bench_loop_times_the_training_loop(tmp_path, capsys):
     import json
 
     out = tmp_path / "loop.json"
-    assert main(["bench", "loop", *TINY, "--steps", "3", "--warmup", "1", "--iters", "1",
+    assert main(["bench", "loop", *TINY, "--steps", "3", "--warmup", "1", "--iters", "1", "--step-iters", "2",
                  "--data-dir", str(tmp_path / "data"), "--out", str(out)]) == 0
-    assert "images/s median" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "images/s median" in printed and "bare step" in printed
     r = json.loads(out.read_text())
     assert r["steps"] == 3 and r["skipped_steps"] == 1 and r["timed_steps"] == len(r["step_seconds"]) == 2
     assert r["images_per_s"] > 0 and r["images_per_s_total"] > 0 and r["peak_memory_bytes"] > 0
@@ -111,6 +112,34 @@ def test_bench_loop_times_the_training_loop(tmp_path, capsys):
     assert 0 < r["fraction_of_peak"] and r["data"]["format"] == "packed"
     assert r["layout"] == {"vae": "NHWC", "regulariser": "NHWC"}  # on a CPU, both follow channels_last's NHWC
     assert (tmp_path / "data" / "packed-32px-256" / "manifest.json").exists()  # reused by a second run
+    # --step-iters: bench step's figure on the same trainables, FLOPs counted once for both
+    bare = r["bare_step"]
+    assert bare["iters"] == 2 and bare["images_per_s"] == pytest.approx(4 / bare["step_seconds_median"])
+    assert bare["achieved_flops"] == pytest.approx(r["flops_per_image"] * 4 / bare["step_seconds_median"])
+    assert bare["fraction_of_peak"] == pytest.approx(bare["achieved_flops"] / r["matmul_peak_flops"])
+
+
+def test_bench_loop_times_the_bare_step_only_when_asked(tmp_path, monkeypatch):
+    """Without --step-iters no step runs after the FLOP count; with it, that many + 1 untimed, continuing the
+    loop's trainables and step count (the graphs a compiled loop made are the ones timed)."""
+    import repae.train.step as step_module
+    from repae.bench_loop import bench_loop
+    from repae.config import load_config
+
+    steps_seen = []
+    real = step_module.repae_step
+    monkeypatch.setattr(step_module, "repae_step", lambda m, b, cfg, step, gen: steps_seen.append(step) or real(m, b, cfg, step, gen))
+    cfg = load_config("toy", overrides=TINY)
+    r = bench_loop(cfg, torch.device("cpu"), steps=2, skip=1, parts_iters=0, data_dir=str(tmp_path / "d"))
+    assert "bare_step" not in r and steps_seen == [2]  # the FLOP count's one step, after the loop's 2
+    steps_seen.clear()
+    r = bench_loop(cfg, torch.device("cpu"), steps=2, skip=1, parts_iters=0, data_dir=str(tmp_path / "d"), step_iters=3)
+    assert r["bare_step"]["iters"] == 3 and steps_seen == [2, 2, 3, 4, 5]
+
+
+def test_step_iters_is_for_bench_loop_only(capsys):
+    assert main(["bench", "step", *TINY, "--iters", "1", "--step-iters", "2"]) == 2
+    assert "--step-iters is for bench loop" in capsys.readouterr().err
 
 
 def test_sample_modes_parse():
@@ -141,6 +170,10 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     fid = json.loads((tmp_path / "out/fid50k_estimate.json").read_text())
     assert fid["status"] == "ok" and abs(fid["seconds"] - 50000 / fid["images_per_s"]) < 1e-6 * fid["seconds"]
     assert json.loads((tmp_path / "out/loop_eager_b32.json").read_text())["global_batch"] == 4
+    # the compiled step's figure comes from the compiled loop's process (--step-iters), not a bench step of its own
+    for b in (16, 32):
+        assert summary["steps"][f"loop_compile_b{b}"]["bare_step"]["fraction_of_peak"] > 0
+        assert f"step_compile_b{b}" not in summary["steps"]
     world = summary["steps"]["toy_world_build"]
     assert world["status"] == "ok" and world["vae_build_device"] == "cpu" and world["world_build_seconds"] > 0
     graphs = json.loads((tmp_path / "out/sample_b128_compile_cudagraphs.json").read_text())

@@ -349,6 +349,10 @@ def add_parser(sub) -> None:
     p.add_argument("--modes", nargs="+", metavar="MODE-STEPS:CFG",
                    help="bench sample: which samplers, e.g. ode-50:1 sde-250:4 (default: ODE-50 and SDE-250, each "
                         "without CFG and with sample.cfg_scale or 4)")
+    p.add_argument("--step-iters", type=NON_NEGATIVE, default=0,
+                   help="bench loop: after the loop, also time this many full steps on a batch already on the device, "
+                        "as bench step does, in the same process: a compiled run reuses the loop's graphs (default 0: "
+                        "none)")
     p.add_argument("--data-dir", help="bench loop: where its store of random images is made, and reused when "
                                       "there already (default: a temporary folder)")
     p.add_argument("--out", type=out_file(), help="also write the result as JSON here")
@@ -392,6 +396,8 @@ def _check_bench_args(args: argparse.Namespace) -> None:
         raise UsageError(f"bench {args.what} needs --iters >= 1 (timed repetitions), got {args.iters}")
     if args.what == "loop" and (12 if args.steps is None else args.steps) <= args.warmup:
         raise UsageError(f"bench loop times the steps after --warmup {args.warmup}: give --steps above it")
+    if args.what != "loop" and args.step_iters:
+        raise UsageError("--step-iters is for bench loop (bench step times the step on its own)")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -412,7 +418,7 @@ def run_bench(args: argparse.Namespace) -> int:
         from repae.bench_loop import bench_loop, print_loop
 
         steps = 12 if args.steps is None else args.steps
-        result = bench_loop(cfg, device, steps, args.warmup, args.iters, args.warmup, args.data_dir)
+        result = bench_loop(cfg, device, steps, args.warmup, args.iters, args.warmup, args.data_dir, args.step_iters)
         print_loop(result)
     elif args.what == "sample":
         result = bench_sample(cfg, device, args.samples, modes)

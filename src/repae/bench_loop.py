@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from repae.bench import (_batch, _sync, count_flops, in_own_autocast, matmul_peak, peak_memory_bytes, random_trainables,
-                          time_parts)
+from repae.bench import (_batch, _sync, count_flops, in_own_autocast, matmul_peak, median_seconds, peak_memory_bytes,
+                          random_trainables, time_parts)
 from repae.config import RunConfig
 from repae.nn_utils import resolve_precision
 from repae.train.setup import compile_settings, conv_layouts
@@ -78,14 +78,17 @@ def random_image_store(root: str | Path, size: int, num_classes: int, count: int
 
 
 def bench_loop(cfg: RunConfig, device: torch.device, steps: int = 12, skip: int = 2, parts_iters: int = 5,
-               parts_warmup: int = 2, data_dir: Optional[str] = None) -> dict:
+               parts_warmup: int = 2, data_dir: Optional[str] = None, step_iters: int = 0) -> dict:
     """Time `steps` steps of the training loop, the first `skip` left out; then, on the same
     trainables, the per-part breakdown of `repae bench step` (`parts_iters` = 0: none), FLOPs of one
-    step and the measured matmul peak. Returns the result dict (JSON-ready)."""
+    step and the measured matmul peak; and with `step_iters` > 0, `repae bench step`'s own figure, the
+    median of that many full steps on a batch already on the device ("bare_step"), in this process:
+    a compiled run reuses the loop's graphs where a `bench step` of its own would compile them again.
+    Returns the result dict (JSON-ready)."""
     if steps <= skip or skip < 0:
         raise ValueError(f"need steps > skip >= 0 (got steps={steps}, skip={skip})")
     with loop_config(cfg, data_dir) as cfg:
-        return _time_loop(cfg, device, steps, skip, parts_iters, parts_warmup)
+        return _time_loop(cfg, device, steps, skip, parts_iters, parts_warmup, step_iters)
 
 
 @contextmanager
@@ -132,7 +135,7 @@ def run_loop_steps(run: "Run", steps: int, on_step: Callable[[int], None], on_lo
 
 
 def _time_loop(cfg: RunConfig, device: torch.device, steps: int, skip: int, parts_iters: int,
-               parts_warmup: int) -> dict:
+               parts_warmup: int, step_iters: int = 0) -> dict:
     from repae.train.step import repae_step
 
     started = time.perf_counter()
@@ -179,9 +182,33 @@ def _time_loop(cfg: RunConfig, device: torch.device, steps: int, skip: int, part
     flops = count_flops(in_own_autocast(lambda: repae_step(m, batches, cfg, run.step, run.gen), cfg, device))
     peak = matmul_peak(device, torch.bfloat16 if result["precision"] == "bf16" else torch.float32)
     result.update(flops_per_image=flops / n, achieved_flops=flops / result["step_seconds_median"],
-                  matmul_peak_flops=peak, fraction_of_peak=flops / result["step_seconds_median"] / peak,
-                  wall_seconds=time.perf_counter() - started)
+                  matmul_peak_flops=peak, fraction_of_peak=flops / result["step_seconds_median"] / peak)
+    if step_iters > 0:
+        result["bare_step"] = _time_bare_step(run, batches, step_iters, flops, peak)
+    result["wall_seconds"] = time.perf_counter() - started
     return result
+
+
+def _time_bare_step(run: "Run", batches: list, iters: int, flops: int, peak: float) -> dict:
+    """What `repae bench step` measures, on the loop's trainables: the median seconds of `iters` full
+    REPA-E steps (after one untimed) on micro-batches already on the device, each under an autocast context
+    of its own, continuing the loop's step count; its FLOP rate against the matmul peak; peak memory."""
+    from repae.train.step import repae_step
+
+    cfg, device, m, step = run.cfg, run.device, run.m, {"i": run.step}
+
+    def one_step() -> None:
+        repae_step(m, batches, cfg, step["i"], run.gen)
+        step["i"] += 1
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = median_seconds(in_own_autocast(one_step, cfg, device), device, iters, warmup=1)
+    n = cfg.train.global_batch_size
+    return {"benchmark": "repae bench step's full step (repae_step on a batch on the device), after the loop",
+            "iters": iters, "warmup": 1, "step_seconds_median": seconds, "images_per_s": n / seconds,
+            "achieved_flops": flops / seconds, "fraction_of_peak": flops / seconds / peak,
+            "peak_memory_bytes": peak_memory_bytes(device)}
 
 
 def print_loop(r: dict) -> None:
@@ -196,3 +223,8 @@ def print_loop(r: dict) -> None:
         print(f"  {name:24s} {sec * 1e3:9.1f} ms  ({100 * sec / total:4.1f}% of parts)")
     print(f"  FLOPs/image {r['flops_per_image'] / 1e9:.3f} GFLOP; {100 * r['fraction_of_peak']:.1f}% of the "
           f"measured {r['precision']} matmul peak ({r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)")
+    bare = r.get("bare_step")
+    if bare:
+        print(f"  bare step (as `repae bench step`, batch on the device): {bare['images_per_s']:.1f} images/s "
+              f"({bare['step_seconds_median'] * 1e3:.1f} ms, median of {bare['iters']}), "
+              f"{100 * bare['fraction_of_peak']:.1f}% of the peak, peak memory {bare['peak_memory_bytes'] / 2**20:.0f} MiB")
