@@ -21,10 +21,10 @@
 #       `repae bench step`'s figure on its trainables (--step-iters: the bare step's fraction of the bf16 matmul
 #       peak), which so reuses the loop's compiled graphs (a `bench step` of its own took 91 s more on the H200)
 #   sample_b32, sample_b128                  repae bench sample: ODE-50 without CFG, SDE-250 with CFG 4 (on
-#       every step: the strict figure), eager
-#   sample_b128_compile                      the same with sample.compile=true
-#   sample_fid_protocol                      compiled, batch 128, SDE-250 with the published REPA-E SiT-XL
-#       protocol (CFG 2.2 on t <= 0.65): the FID-50K wall-time estimate
+#       every step: the strict figure), eager; at 128 also, in the same process, SDE-250 with the published REPA-E
+#       SiT-XL protocol (CFG 2.2 on t in [0, 0.65]: --modes sde-250:2.2:0-0.65): the FID-50K wall-time estimate
+#   sample_b128_compile                      sample_b128 with sample.compile=true, all three in one process (one
+#       compile; the protocol was a step of its own, sample_fid_protocol, that compiled again)
 #   toy_world_build                          issue 21: the toy world (teacher, VAE, evaluator) built from
 #       nothing cached on the default device (benchmarks/world_build.py): where each part trained, how long
 #   loop_eager_b16_slowkernels               ours with train.tf32=false train.cudnn_benchmark=false: what
@@ -169,7 +169,7 @@ ref_step() {  # ref_step NAME CAP BATCH
 
 if [ "$MODE" = gpu ]; then
   PRESET=(--preset sit-xl2-f8d4); SIZE=(); LOOP=(--steps 12 --warmup 2 --iters 5); COMPILE=train.compile=true
-  B16=16; B32=32; S32=32; S128=128; MODES=(ode-50:1 sde-250:4); FID_MODE=(sde-250:2.2); BARE=(--step-iters 3)
+  B16=16; B32=32; S32=32; S128=128; MODES=(ode-50:1 sde-250:4); FID_MODE=(sde-250:2.2:0-0.65); BARE=(--step-iters 3)
   PROFILE=(--steps 3 --warmup 3)
   WORLD=()  # the toy preset's world, as `repae train` builds it
 else  # toy-sized: checks the plumbing, measures nothing of interest
@@ -177,7 +177,7 @@ else  # toy-sized: checks the plumbing, measures nothing of interest
   SIZE=(model.depth=2 model.hidden_size=48 model.num_heads=2 model.encoder_depth=1 model.projector_dim=64
         vae.ch=32 "vae.ch_mult=[1,2,2]" train.num_threads=1)
   LOOP=(--steps 3 --warmup 1 --iters 1); COMPILE=train.compile=false  # a cold CPU compile costs 10-30 s a region
-  B16=2; B32=4; S32=2; S128=4; MODES=(ode-4:1 sde-6:4); FID_MODE=(sde-6:2.2); BARE=(--step-iters 1)
+  B16=2; B32=4; S32=2; S128=4; MODES=(ode-4:1 sde-6:4); FID_MODE=(sde-6:2.2:0-0.65); BARE=(--step-iters 1)
   PROFILE=(--steps 1 --warmup 1)
   WORLD=(toy.train_size=40 toy.heldout_size=20 toy.teacher_steps=1 toy.vae_steps=1 toy.batch_size=8
          toy.vae_batch_size=4)
@@ -195,10 +195,8 @@ run_step loop_eager_b16 120 "${LOOP16[@]}" train.compile=false  # compile is on 
 ref_step ref_eager_b16 150 $B16
 run_step loop_compile_b16 240 "${LOOP16[@]}" $COMPILE --iters 0 "${BARE[@]}"
 run_step sample_b32 90 "${SAMPLE[@]}" --samples $S32 --modes "${MODES[@]}"
-run_step sample_b128 150 "${SAMPLE[@]}" --samples $S128 --modes "${MODES[@]}"
-run_step sample_b128_compile 200 "${SAMPLE[@]}" sample.compile=true --samples $S128 --modes "${MODES[@]}"
-run_step sample_fid_protocol 120 "${SAMPLE[@]}" sample.compile=true sample.guidance_high=0.65 --samples $S128 \
-  --modes "${FID_MODE[@]}"
+run_step sample_b128 210 "${SAMPLE[@]}" --samples $S128 --modes "${MODES[@]}" "${FID_MODE[@]}"
+run_step sample_b128_compile 300 "${SAMPLE[@]}" sample.compile=true --samples $S128 --modes "${MODES[@]}" "${FID_MODE[@]}"
 run_step toy_world_build 150 $PY benchmarks/world_build.py --cache "$WORK/toyworld-$(date +%s%N)" "${WORLD[@]}"
 run_step loop_eager_b16_slowkernels 90 "${LOOP16[@]}" train.compile=false train.tf32=false train.cudnn_benchmark=false --iters 0
 run_step loop_eager_b16_regnhwc 120 "${LOOP16[@]}" train.compile=false train.regulariser_channels_last=true --iters 0
@@ -211,8 +209,8 @@ run_step profile_compile_b32 150 "${PROFILE32[@]}" $COMPILE
 AUTOTUNE=train.compile_mode=max-autotune-no-cudagraphs  # inert in the CPU smoke (no compile there)
 run_step loop_compile_b16_autotune 420 "${LOOP16[@]}" $COMPILE $AUTOTUNE --iters 0
 run_step loop_compile_b32_autotune 420 "${LOOP32[@]}" $COMPILE $AUTOTUNE --iters 0
-run_step sample_b128_compile_cudagraphs 240 "${SAMPLE[@]}" sample.compile=true sample.compile_mode=reduce-overhead \
-  --samples $S128 --modes "${MODES[@]}"
+run_step sample_b128_compile_cudagraphs 300 "${SAMPLE[@]}" sample.compile=true sample.compile_mode=reduce-overhead \
+  --samples $S128 --modes "${MODES[@]}" "${FID_MODE[@]}"
 
 # ------------------------------------------------------------------ FID-50K estimate and the summary
 $PY - "$OUT_DIR" "$(( $(date +%s) - START ))" <<'EOF'
@@ -225,16 +223,19 @@ def load(name):
     return json.loads(p.read_text()) if p.exists() else {"status": "missing"}
 
 fid = {"status": "skipped", "reason": "no SDE-250 + CFG measurement"}
-candidates = []  # (published protocol?, images/s, name, key, result)
-for name in ("sample_fid_protocol", "sample_b128_compile_cudagraphs", "sample_b128_compile", "sample_b128", "sample_b32"):
+candidates = []  # (published protocol?, images/s, name, key, guidance interval, result)
+for name in ("sample_b128_compile_cudagraphs", "sample_b128_compile", "sample_b128", "sample_b32"):
     r = load(name)
     for key, ips in r.get("images_per_s", {}).items():
-        if key.startswith("sde-") and not key.endswith("cfg 1"):
-            candidates.append((name == "sample_fid_protocol", ips, name, key, r))
+        if key.startswith("sde-") and " cfg 1 " not in key + " ":  # guided: not "cfg 1", nor "cfg 1 interval ..."
+            own = key.partition(" interval ")[2]  # bench sample's key for a mode with its own interval
+            interval = [float(v) for v in own.split("-")] if own else r.get("guidance_interval")
+            protocol = key.startswith("sde-250 cfg 2.2") and interval == [0.0, 0.65]
+            candidates.append((protocol, ips, name, key, interval, r))
 if candidates:
-    _, ips, name, key, r = max(candidates, key=lambda c: (c[0], c[1]))
+    protocol, ips, name, key, interval, r = max(candidates, key=lambda c: (c[0], c[1]))
     fid = {"status": "ok", "from": f"{name}.json", "sampler": key, "samples_per_batch": r["samples"],
-           "guidance_interval": r.get("guidance_interval"), "compile": r.get("compile"),
+           "published_protocol": protocol, "guidance_interval": interval, "compile": r.get("compile"),
            "images_per_s": ips, "seconds": 50000 / ips, "hours": 50000 / ips / 3600,
            "counts": "sampling + VAE decode of 50,000 images on this one device; Inception features "
                      "(repae bench evaluate) and file writing not included"}

@@ -145,7 +145,36 @@ def test_step_iters_is_for_bench_loop_only(capsys):
 def test_sample_modes_parse():
     from repae.bench import parse_modes
 
-    assert parse_modes(["ode-50:1", "sde-250:4", "ode-8"]) == [("ode", 50, 1.0), ("sde", 250, 4.0), ("ode", 8, 1.0)]
+    assert parse_modes(["ode-50:1", "sde-250:4", "ode-8", "sde-250:2.2:0-0.65"]) == [
+        ("ode", 50, 1.0, None), ("sde", 250, 4.0, None), ("ode", 8, 1.0, None), ("sde", 250, 2.2, (0.0, 0.65))]
+
+
+@pytest.mark.parametrize("bad", ["sde-250:2.2:0.65", "sde-250:2.2:0.7-0.2", "sde-250:2.2:0-1.5", "sde-250:2:0-1:3",
+                                 "euler-50:1", "ode-0:1"])
+def test_sample_modes_refuse_what_they_cannot_mean(bad):
+    from repae.bench import parse_modes
+    from repae.cli import UsageError
+
+    with pytest.raises(UsageError, match="LOW-HIGH"):
+        parse_modes([bad])
+
+
+def test_bench_sample_gives_a_mode_its_own_guidance_interval(monkeypatch):
+    """The FID protocol (CFG 2.2 on t in [0, 0.65]) runs in the same process as the other modes, so a compiled
+    sampler compiles once; a mode without an interval keeps sample.guidance_low/high."""
+    from repae import bench
+
+    calls = []
+
+    def fake_generate(sit, vae, labels, **kw):
+        calls.append((kw["guidance_low"], kw["guidance_high"]))
+        return torch.zeros(len(labels), 3, 32, 32, dtype=torch.uint8)
+
+    monkeypatch.setattr("repae.generate.generate_images", fake_generate)
+    cfg = load_config("toy", [], ["sample.guidance_low=0.1", "sample.guidance_high=0.9"])
+    out = bench.bench_sample(cfg, torch.device("cpu"), 2, bench.parse_modes(["sde-250:4", "sde-250:2.2:0-0.65"]))
+    assert calls == [(0.1, 0.9), (0.0, 0.65)]
+    assert list(out["images_per_s"]) == ["sde-250 cfg 4", "sde-250 cfg 2.2 interval 0-0.65"]
 
 
 @pytest.mark.slow
@@ -169,6 +198,10 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert all(e["status"] == "ok" for name, e in summary["steps"].items() if not name.startswith("ref_"))
     fid = json.loads((tmp_path / "out/fid50k_estimate.json").read_text())
     assert fid["status"] == "ok" and abs(fid["seconds"] - 50000 / fid["images_per_s"]) < 1e-6 * fid["seconds"]
+    # the FID protocol's guidance interval is a mode of sample_b128's process (here toy-sized: not the protocol)
+    b128 = json.loads((tmp_path / "out/sample_b128.json").read_text())
+    assert "sde-6 cfg 2.2 interval 0-0.65" in b128["images_per_s"] and fid["published_protocol"] is False
+    assert "sample_fid_protocol" not in summary["steps"]
     assert json.loads((tmp_path / "out/loop_eager_b32.json").read_text())["global_batch"] == 4
     # the compiled step's figure comes from the compiled loop's process (--step-iters), not a bench step of its own
     for b in (16, 32):

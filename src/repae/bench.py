@@ -250,18 +250,27 @@ def _print_step(r: dict) -> None:
 
 
 def parse_modes(specs) -> list:
-    """['ode-50:1', 'sde-250:4'] -> [('ode', 50, 1.0), ('sde', 250, 4.0)]."""
+    """['ode-50:1', 'sde-250:4', 'sde-250:2.2:0-0.65'] -> [('ode', 50, 1.0, None), ('sde', 250, 4.0, None),
+    ('sde', 250, 2.2, (0.0, 0.65))]: sampler, steps, CFG scale, and the guidance interval [low, high] of t
+    where CFG applies (None: sample.guidance_low/high)."""
     out = []
     for spec in specs:
         try:
             sampler, rest = spec.split("-", 1)
-            steps, scale = rest.split(":") if ":" in rest else (rest, "1")
-            if sampler not in ("ode", "sde") or int(steps) < 1 or not 0 <= float(scale) <= 1000:
+            steps, scale, *interval = rest.split(":") if ":" in rest else (rest, "1")
+            if sampler not in ("ode", "sde") or int(steps) < 1 or not 0 <= float(scale) <= 1000 or len(interval) > 1:
                 raise ValueError
-            out.append((sampler, int(steps), float(scale)))
+            low_high = None
+            if interval:
+                low, high = (float(v) for v in interval[0].split("-"))
+                if not 0 <= low <= high <= 1:
+                    raise ValueError
+                low_high = (low, high)
+            out.append((sampler, int(steps), float(scale), low_high))
         except ValueError:
             raise UsageError(f"--modes {spec!r}: expected ode-STEPS:CFG or sde-STEPS:CFG with STEPS >= 1 and "
-                             "CFG in [0, 1000], e.g. sde-250:4") from None
+                             "CFG in [0, 1000], e.g. sde-250:4, optionally :LOW-HIGH, the interval of t where CFG "
+                             "applies (0 <= LOW <= HIGH <= 1), e.g. sde-250:2.2:0-0.65") from None
     return out
 
 
@@ -273,7 +282,9 @@ WARMUP_SAMPLER_STEPS = 12
 def bench_sample(cfg: RunConfig, device: torch.device, num_samples: Optional[int] = None,
                  modes: Optional[list] = None) -> dict:
     """images/s of generation (sampler + decode): by default ODE-50 and SDE-250, without and with CFG;
-    `modes`: [(sampler, steps, cfg scale)] instead."""
+    `modes`: [(sampler, steps, cfg scale[, guidance interval (low, high) or None])] instead (`parse_modes`).
+    A mode with its own interval is keyed "... interval LOW-HIGH"; the others use sample.guidance_low/high
+    (`guidance_interval` in the result). One process for every mode: sample.compile compiles once."""
     from repae.build import build_sit, vae_args
     from repae.generate import generate_images
     from repae.models.vae import AutoencoderKL
@@ -289,12 +300,13 @@ def bench_sample(cfg: RunConfig, device: torch.device, num_samples: Optional[int
            "compile_mode": cfg.sample.compile_mode if cfg.sample.compile else None,
            "guidance_interval": [cfg.sample.guidance_low, cfg.sample.guidance_high], "images_per_s": {}}
     modes = modes or [(mode, steps, scale) for mode, steps in (("ode", 50), ("sde", 250)) for scale in (1.0, guided)]
-    for mode, steps, scale in modes:
+    for mode, steps, scale, *own in modes:
+        low, high = own[0] if own and own[0] is not None else (cfg.sample.guidance_low, cfg.sample.guidance_high)
+
         def run(num_steps: int):
             return generate_images(
                 sit, vae, labels, mode=mode, num_steps=num_steps, cfg_scale=scale, batch_size=n, progress=False,
-                guidance_low=cfg.sample.guidance_low, guidance_high=cfg.sample.guidance_high,
-                autocast_dtype=autocast_dtype(cfg.train.precision, device))
+                guidance_low=low, guidance_high=high, autocast_dtype=autocast_dtype(cfg.train.precision, device))
 
         if device.type == "cuda" or cfg.sample.compile:
             # one short untimed run first, with the timed run's shapes (guided and unguided steps alike):
@@ -302,7 +314,8 @@ def bench_sample(cfg: RunConfig, device: torch.device, num_samples: Optional[int
             # 11 images/s, ~1/3 of what its FLOPs allow), and sample.compile compiles there
             run(min(steps, WARMUP_SAMPLER_STEPS))
         seconds = median_seconds(lambda: run(steps), device, iters=1, warmup=0)
-        out["images_per_s"][f"{mode}-{steps} cfg {scale:g}"] = n / seconds
+        key = f"{mode}-{steps} cfg {scale:g}" + (f" interval {low:g}-{high:g}" if own and own[0] is not None else "")
+        out["images_per_s"][key] = n / seconds
     return out
 
 
@@ -346,8 +359,9 @@ def add_parser(sub) -> None:
     p.add_argument("--warmup", type=NON_NEGATIVE, default=2, help="untimed runs first; loop: untimed first steps")
     p.add_argument("--samples", type=POSITIVE, help="bench sample: how many images (default sample.batch_size); "
                                                "reproduce: class-balanced samples per measurement")
-    p.add_argument("--modes", nargs="+", metavar="MODE-STEPS:CFG",
-                   help="bench sample: which samplers, e.g. ode-50:1 sde-250:4 (default: ODE-50 and SDE-250, each "
+    p.add_argument("--modes", nargs="+", metavar="MODE-STEPS:CFG[:LOW-HIGH]",
+                   help="bench sample: which samplers, e.g. ode-50:1 sde-250:4 sde-250:2.2:0-0.65 (the last: CFG only "
+                        "for t in [0, 0.65]; without it, sample.guidance_low/high) (default: ODE-50 and SDE-250, each "
                         "without CFG and with sample.cfg_scale or 4)")
     p.add_argument("--step-iters", type=NON_NEGATIVE, default=0,
                    help="bench loop: after the loop, also time this many full steps on a batch already on the device, "
