@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Every measurement of issue 19 on one GPU, most important first, within SUITE_BUDGET_S (default 8 minutes:
-# on one H200, 555 s reached the first seven steps), one JSON file per figure.
+# Every measurement of issue 19 on one GPU, most important first, within SUITE_BUDGET_S (default 8 minutes),
+# one JSON file per figure. The first six steps hold every figure the issue asks for (loop against loop, the
+# compiled loop and its bare step, sampling at 32 and 128, the FID protocol); on one H200 they should take
+# about 475 s (docs/benchmarks/README.md: an estimate from the 2026-12-04 run, not yet measured).
 #
 #   REPAE_REFERENCE=/path/to/REPA-E benchmarks/gpu_suite.sh          # on a GPU machine
 #   benchmarks/gpu_suite.sh --cpu-smoke                              # the same steps, toy-sized, on a CPU
