@@ -20,6 +20,25 @@ def test_flop_counter_known_answer():
     assert count_flops(lambda: layer(x).sum().backward()) == 3 * 2 * 5 * 16 * 8
 
 
+class _CompiledOrNot(torch.nn.Module):
+    """Adds 1 in compiled code, 2 when run eagerly: which one ran, seen from its output."""
+
+    def forward(self, x):
+        return x + (1 if torch.compiler.is_compiling() else 2)
+
+
+def test_count_flops_leaves_compiled_modules_compiled():
+    """A compiled module that dynamo meets under the FLOP counter's dispatch mode is otherwise skipped for
+    good: it ran eagerly from then on, so a timing after a FLOP count (bench loop's bare step) timed eager code."""
+    module = _CompiledOrNot()
+    module.compile()
+    x = torch.zeros(2)
+    assert module(x).tolist() == [1, 1]
+    assert count_flops(lambda: module(x)) == 0  # counted on eager code
+    assert module(x).tolist() == [1, 1] and module(torch.zeros(3)).tolist() == [1, 1, 1]  # still compiled
+    torch._dynamo.reset()
+
+
 def test_bench_step_numbers_agree(tmp_path):
     cfg = load_config("toy", overrides=TINY + ["train.regulariser_channels_last=false"])
     r = bench_step(cfg, torch.device("cpu"), iters=1, warmup=0)
@@ -294,3 +313,30 @@ def test_gpu_reproduce_probes_run_side_by_side_on_their_own_cores(tmp_path):
                    capture_output=True)
     assert "a: the budget of 0 s is spent: not started" in (tmp_path / "late" / "probes.txt").read_text()
     assert not (tmp_path / "late-work" / "a").exists()
+
+
+@pytest.mark.slow
+def test_a_compiled_loops_bare_step_compiles_nothing_new(tmp_path, monkeypatch):
+    """The reason --step-iters exists: after a compiled loop (and its FLOP count), the bare step runs on graphs
+    already compiled (a separate `bench step` took 91 s more on the H200, compiling again). ~1 min on a CPU."""
+    import repae.bench_loop as bench_loop_module
+    from torch._dynamo.utils import counters
+
+    graphs = {}
+    real = bench_loop_module._time_bare_step
+
+    def counted(*args, **kwargs):
+        graphs["before"] = counters["stats"]["unique_graphs"]
+        result = real(*args, **kwargs)
+        graphs["after"] = counters["stats"]["unique_graphs"]
+        return result
+
+    monkeypatch.setattr(bench_loop_module, "_time_bare_step", counted)
+    cfg = load_config("toy", overrides=TINY + ["train.compile=true", "train.precision=bf16"])
+    try:
+        r = bench_loop_module.bench_loop(cfg, torch.device("cpu"), steps=3, skip=1, parts_iters=0,
+                                         data_dir=str(tmp_path / "d"), step_iters=2)
+    finally:
+        torch._dynamo.reset()  # compiled regions hold the models; later tests start clean
+    assert r["compile"] is True and r["bare_step"]["iters"] == 2
+    assert graphs["before"] > 0 and graphs["after"] == graphs["before"]

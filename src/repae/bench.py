@@ -60,10 +60,14 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: Optional[int] = Non
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one fn() call (matmuls, convolutions, attention; forward and backward)."""
+    """FLOPs of one fn() call (matmuls, convolutions, attention; forward and backward), counted on eager
+    code. torch.compile'd modules run eagerly here on purpose (set_stance "force_eager"): dynamo does not
+    trace under the counter's dispatch mode, and a compiled module it meets there is skipped from then on,
+    running eagerly for the rest of the process; every timing after a FLOP count would then be of eager
+    code (found with torch 2.13; tests/test_bench.py shows it)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 
