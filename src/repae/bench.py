@@ -15,6 +15,7 @@ random uint8 images: speed does not depend on the values. Each timing is the med
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -67,7 +68,8 @@ def count_flops(fn: Callable[[], object]) -> int:
     code (found with torch 2.13; tests/test_bench.py shows it)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
+    stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6 (pyproject allows 2.2)
+    with stance("force_eager") if stance else contextlib.nullcontext(), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 
