@@ -14,6 +14,10 @@ Models have random weights (no weight file needed; speed depends on neither weig
 
     repae bench loop --preset toy --steps 12 --out loop.json
     repae bench loop --preset sit-xl2-f8d4 train.global_batch_size=32 --out loop.json   # compiled on a GPU by default
+    repae bench loop --preset sit-xl2-f8d4 --iters 0 --step-iters 3   # + bench step's figure, same process
+
+`--step-iters N` also times N bare steps after the loop (`bench step`'s figure): in the same process a compiled
+run reuses the loop's graphs, where a `bench step` of its own compiles again.
 """
 
 from __future__ import annotations
