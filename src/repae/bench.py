@@ -194,21 +194,28 @@ def step_setup(cfg: RunConfig, device: torch.device):
     """What `bench step` times: the trainables with random weights, a random global batch split into the
     config's micro-batches, the step's generator, and one full REPA-E step (the next step number at each call)
     under an autocast context of its own, as in training. Returns (m, batches, gen, full_step)."""
-    from repae.train.step import repae_step
-
     m = random_trainables(cfg, device)
     n = cfg.train.global_batch_size
     images, labels = _batch(cfg, device, n)
     micro = n // cfg.train.grad_accum_steps
     batches = [(images[i:i + micro], labels[i:i + micro]) for i in range(0, n, micro)]
     gen = torch.Generator(device).manual_seed(0)
-    step = {"i": 0}
+    return m, batches, gen, full_steps(m, batches, cfg, gen, device)
 
-    def one_step():
+
+def full_steps(m, batches: list, cfg: RunConfig, gen: torch.Generator, device: torch.device,
+               first_step: int = 0) -> Callable[[], None]:
+    """A callable that runs one full REPA-E step on `batches` (micro-batches on the device) per call, the step
+    number counting up from `first_step`, under an autocast context of its own, as in training."""
+    from repae.train.step import repae_step
+
+    step = {"i": first_step}
+
+    def one_step() -> None:
         repae_step(m, batches, cfg, step["i"], gen)
         step["i"] += 1
 
-    return m, batches, gen, in_own_autocast(one_step, cfg, device)
+    return in_own_autocast(one_step, cfg, device)
 
 
 def bench_step(cfg: RunConfig, device: torch.device, iters: int = 5, warmup: int = 2) -> dict:
@@ -307,7 +314,8 @@ def bench_sample(cfg: RunConfig, device: torch.device, num_samples: Optional[int
            "guidance_interval": [cfg.sample.guidance_low, cfg.sample.guidance_high], "images_per_s": {}}
     modes = modes or [(mode, steps, scale) for mode, steps in (("ode", 50), ("sde", 250)) for scale in (1.0, guided)]
     for mode, steps, scale, *own in modes:
-        low, high = own[0] if own and own[0] is not None else (cfg.sample.guidance_low, cfg.sample.guidance_high)
+        interval = own[0] if own else None  # the mode's own guidance interval, else the config's
+        low, high = interval or (cfg.sample.guidance_low, cfg.sample.guidance_high)
 
         def run(num_steps: int):
             return generate_images(
@@ -320,7 +328,7 @@ def bench_sample(cfg: RunConfig, device: torch.device, num_samples: Optional[int
             # 11 images/s, ~1/3 of what its FLOPs allow), and sample.compile compiles there
             run(min(steps, WARMUP_SAMPLER_STEPS))
         seconds = median_seconds(lambda: run(steps), device, iters=1, warmup=0)
-        key = f"{mode}-{steps} cfg {scale:g}" + (f" interval {low:g}-{high:g}" if own and own[0] is not None else "")
+        key = f"{mode}-{steps} cfg {scale:g}" + (f" interval {low:g}-{high:g}" if interval else "")
         out["images_per_s"][key] = n / seconds
     return out
 

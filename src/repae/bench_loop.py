@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from repae.bench import (_batch, _sync, count_flops, in_own_autocast, matmul_peak, median_seconds, peak_memory_bytes,
+from repae.bench import (_batch, _sync, count_flops, full_steps, matmul_peak, median_seconds, peak_memory_bytes,
                           random_trainables, time_parts)
 from repae.config import RunConfig
 from repae.nn_utils import resolve_precision
@@ -140,8 +140,6 @@ def run_loop_steps(run: "Run", steps: int, on_step: Callable[[int], None], on_lo
 
 def _time_loop(cfg: RunConfig, device: torch.device, steps: int, skip: int, parts_iters: int,
                parts_warmup: int, step_iters: int = 0) -> dict:
-    from repae.train.step import repae_step
-
     started = time.perf_counter()
     run = loop_run(cfg, device)
     m = run.m
@@ -183,7 +181,7 @@ def _time_loop(cfg: RunConfig, device: torch.device, steps: int, skip: int, part
         result["parts_seconds_per_micro_batch"] = time_parts(m, cfg, images, labels, run.gen, parts_iters,
                                                              parts_warmup)
     batches = [(images, labels)] * cfg.train.grad_accum_steps
-    flops = count_flops(in_own_autocast(lambda: repae_step(m, batches, cfg, run.step, run.gen), cfg, device))
+    flops = count_flops(full_steps(m, batches, cfg, run.gen, device, first_step=run.step))
     peak = matmul_peak(device, torch.bfloat16 if result["precision"] == "bf16" else torch.float32)
     result.update(flops_per_image=flops / n, achieved_flops=flops / result["step_seconds_median"],
                   matmul_peak_flops=peak, fraction_of_peak=flops / result["step_seconds_median"] / peak)
@@ -197,17 +195,11 @@ def _time_bare_step(run: "Run", batches: list, iters: int, flops: int, peak: flo
     """What `repae bench step` measures, on the loop's trainables: the median seconds of `iters` full
     REPA-E steps (after one untimed) on micro-batches already on the device, each under an autocast context
     of its own, continuing the loop's step count; its FLOP rate against the matmul peak; peak memory."""
-    from repae.train.step import repae_step
-
-    cfg, device, m, step = run.cfg, run.device, run.m, {"i": run.step}
-
-    def one_step() -> None:
-        repae_step(m, batches, cfg, step["i"], run.gen)
-        step["i"] += 1
-
+    cfg, device = run.cfg, run.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = median_seconds(in_own_autocast(one_step, cfg, device), device, iters, warmup=1)
+    seconds = median_seconds(full_steps(run.m, batches, cfg, run.gen, device, first_step=run.step), device, iters,
+                             warmup=1)
     n = cfg.train.global_batch_size
     return {"benchmark": "repae bench step's full step (repae_step on a batch on the device), after the loop",
             "iters": iters, "warmup": 1, "step_seconds_median": seconds, "images_per_s": n / seconds,
