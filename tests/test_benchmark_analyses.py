@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -250,7 +251,8 @@ def test_step_profile_lists_compiled_graphs_and_their_kernels_among_the_ops():
                 f(x)
     names = {o["op"] for o in step_profile.summarise(prof, steps=2, wall_seconds=1.0, on_device=False)["top_ops"]}
     assert any(n.startswith("compiled graph ") for n in names)
-    assert any(n.startswith("graph_0_cpp_fused_") and "sin" in n for n in names)
+    # inductor numbers its graphs per process: graph_0 here only if this is the process's first compile
+    assert any(re.match(r"graph_\d+_cpp_fused_", n) and "sin" in n for n in names)
 
 
 def test_step_profile_names_inductor_cpp_kernels_on_a_cpu_only(monkeypatch):
