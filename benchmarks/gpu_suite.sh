@@ -35,6 +35,10 @@
 #       and the discriminator in NHWC, the VAE in NCHW)
 #   loop_eager_b32, ref_eager_b32, loop_eager_b32_regnhwc, loop_compile_b32   the same at batch 32 (the
 #       paper's per-GPU batch: 256 over 8 GPUs)
+#   loop_compile_b32_nhwc                    loop_compile_b32 (and its bare step) with the VAE in NHWC
+#       (train.channels_last=true; LPIPS and the discriminator follow). Eager, NHWC lost on an H100 to the
+#       GroupNorm and elementwise ops between the convolutions, which compile fuses; cuDNN's tensor-core
+#       convolutions work in NHWC
 #   profile_eager_b32                        the eager training loop at batch 32 under torch.profiler
 #       (benchmarks/step_profile.py --loop, after loop_eager_b32): ops and kernels by device time, the device's
 #       idle share of the loop's step and its gaps between kernels by launching op, each host sync by its line
@@ -207,6 +211,7 @@ run_step profile_eager_b32 90 "${PROFILE32[@]}" train.compile=false
 ref_step ref_eager_b32 150 $B32
 run_step loop_eager_b32_regnhwc 120 "${LOOP32[@]}" train.compile=false train.regulariser_channels_last=true
 run_step loop_compile_b32 240 "${LOOP32[@]}" $COMPILE --iters 0 "${BARE[@]}"
+run_step loop_compile_b32_nhwc 240 "${LOOP32[@]}" $COMPILE train.channels_last=true --iters 0 "${BARE[@]}"
 run_step profile_compile_b32 150 "${PROFILE32[@]}" $COMPILE
 AUTOTUNE=train.compile_mode=max-autotune-no-cudagraphs  # inert in the CPU smoke (no compile there)
 run_step loop_compile_b16_autotune 420 "${LOOP16[@]}" $COMPILE $AUTOTUNE --iters 0
