@@ -280,12 +280,13 @@ summary["fid50k_estimate"] = fid
 
 def fmt(v, spec):
     return format(v, spec) if isinstance(v, (int, float)) else "-".rjust(int(spec.split(".")[0]))
-print(f"\n{'step':18s} {'status':13s} {'images/s':>9s} {'total':>8s} {'peak GiB':>9s} {'of peak':>8s}  notes")
+W = max([18] + [len(name) for name in summary["steps"]])  # the longest step name sets the first column
+print(f"\n{'step':{W}s} {'status':13s} {'images/s':>9s} {'total':>8s} {'peak GiB':>9s} {'of peak':>8s}  notes")
 for name, e in summary["steps"].items():
     if "world_build_seconds" in e:
         parts = ", ".join(f"{p} {e.get(p + '_train_seconds')} s on {e.get(p + '_build_device')}"
                           for p in ("teacher", "vae", "evaluator"))
-        print(f"{name:18s} {e['status']:13s} {'':>9s} {'':>8s} {'':>9s} {'':>8s}  "
+        print(f"{name:{W}s} {e['status']:13s} {'':>9s} {'':>8s} {'':>9s} {'':>8s}  "
               f"{e['world_build_seconds']} s in all: {parts}")
     elif "top_op" in e:
         top = e["top_op"]
@@ -294,19 +295,19 @@ for name, e in summary["steps"].items():
         if e["device_gap_seconds_per_step"] is not None:
             syncs += f", {1e3 * e['device_gap_seconds_per_step']:.1f} ms of gaps between kernels"
         first = f", first {top['op']} {1e3 * top['seconds_per_step']:.1f} ms" if top else ""
-        print(f"{name:18s} {e['status']:13s} {'':>9s} {'':>8s} {'':>9s} {'':>8s}  "
+        print(f"{name:{W}s} {e['status']:13s} {'':>9s} {'':>8s} {'':>9s} {'':>8s}  "
               f"{1e3 * e['step_seconds']:.1f} ms a {'loop ' if e['loop'] else ''}step profiled{idle}{syncs}{first}")
     elif any(k.startswith("images_per_s ") for k in e):
         notes = ", ".join(f"{k[13:]}: {v:.2f}/s" for k, v in e.items() if k.startswith("images_per_s "))
-        print(f"{name:18s} {e['status']:13s} {'':>9s} {'':>8s} {'':>9s} {'':>8s}  {notes}")
+        print(f"{name:{W}s} {e['status']:13s} {'':>9s} {'':>8s} {'':>9s} {'':>8s}  {notes}")
     else:
         frac = 100 * e["fraction_of_peak"] if e.get("fraction_of_peak") else None
         note = e.get("reason") or ("compiled" if e.get("compile") else "")
-        print(f"{name:18s} {e['status']:13s} {fmt(e.get('images_per_s'), '9.1f')} {fmt(e.get('images_per_s_total'), '8.1f')}"
+        print(f"{name:{W}s} {e['status']:13s} {fmt(e.get('images_per_s'), '9.1f')} {fmt(e.get('images_per_s_total'), '8.1f')}"
               f" {fmt(e.get('peak_memory_gib'), '9.2f')} {fmt(frac, '7.1f')}{'%' if frac else ' '}  {note}")
         if e.get("bare_step"):
             b = e["bare_step"]
-            print(f"{'  its bare step':18s} {'':13s} {fmt(b['images_per_s'], '9.1f')} {'-':>8s}"
+            print(f"{'  its bare step':{W}s} {'':13s} {fmt(b['images_per_s'], '9.1f')} {'-':>8s}"
                   f" {fmt(b['peak_memory_gib'], '9.2f')} {fmt(100 * b['fraction_of_peak'], '7.1f')}%  as bench step")
 if fid["status"] == "ok":
     print(f"FID-50K sampling estimate ({fid['sampler']}, batch {fid['samples_per_batch']}): "

@@ -257,8 +257,14 @@ def test_gpu_suite_runs_only_the_steps_named(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OUT": str(tmp_path / "out"), "REPAE_BENCH_WORK": str(tmp_path / "work"),
            "PYTHON": sys.executable, "PYTHONPATH": str(root / "src"), "SUITE_STEPS": "loop_eager_b16_regnhwc, nothing"}
-    subprocess.run(["bash", str(root / "benchmarks/gpu_suite.sh"), "--cpu-smoke"], env=env, check=True, timeout=600)
+    printed = subprocess.run(["bash", str(root / "benchmarks/gpu_suite.sh"), "--cpu-smoke"], env=env, check=True,
+                             timeout=600, capture_output=True, text=True).stdout.splitlines()
     steps = json.loads((tmp_path / "out/summary.json").read_text())["steps"]
+    # the printed table: each step's status under the header's, however long the step's name
+    header = next(i for i, line in enumerate(printed) if line.startswith("step "))
+    column = printed[header].index("status")
+    rows = {line.split()[0]: line[column:].split()[0] for line in printed[header + 1:header + 1 + len(steps)]}
+    assert rows == {name: e["status"] for name, e in steps.items()}
     assert steps.pop("loop_eager_b16_regnhwc")["status"] == "ok" and len(steps) >= 15
     assert all(e == {"status": "skipped", "reason": "not in SUITE_STEPS"} for e in steps.values())
     ran = json.loads((tmp_path / "out/loop_eager_b16_regnhwc.json").read_text())
