@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every measurement of issue 19 on one GPU, most important first, within SUITE_BUDGET_S (default 8 minutes),
 # one JSON file per figure. The first six steps hold every figure the issue asks for (loop against loop, the
-# compiled loop and its bare step, sampling at 32 and 128, the FID protocol); on one H200 they should take
-# about 475 s (docs/benchmarks/README.md: an estimate from the 2026-12-04 run, not yet measured).
+# compiled loop and its bare step, sampling at 32 and 128, the FID protocol) but sampling at batch 512, the last
+# step; on one H200 they should take about 475 s (docs/benchmarks/README.md: an estimate from the 2026-12-04 run,
+# not yet measured).
 #
 #   REPAE_REFERENCE=/path/to/REPA-E benchmarks/gpu_suite.sh          # on a GPU machine
 #   benchmarks/gpu_suite.sh --cpu-smoke                              # the same steps, toy-sized, on a CPU
@@ -48,6 +49,8 @@
 #       train.compile_mode=max-autotune-no-cudagraphs (inductor times its own matmul/conv kernels per shape)
 #   sample_b128_compile_cudagraphs           compiled sampling with sample.compile_mode=reduce-overhead (each
 #       compiled region replayed as a CUDA graph)
+#   sample_b512                              ODE-50 without CFG at batch 512, eager, with its peak memory: whether
+#       images/s still rise with the batch (32 -> 128 gave +7% on the H200) and how near the memory limit that is
 #   fid50k_estimate                          50000 / (SDE-250 + CFG images/s), from the fastest measurement
 #       that used the published protocol, else the fastest SDE + CFG one
 #   summary.json + a printed table; env.json: machine, torch, commit. Logs in logs/.
@@ -175,7 +178,7 @@ ref_step() {  # ref_step NAME CAP BATCH
 
 if [ "$MODE" = gpu ]; then
   PRESET=(--preset sit-xl2-f8d4); SIZE=(); LOOP=(--steps 12 --warmup 2 --iters 5); COMPILE=train.compile=true
-  B16=16; B32=32; S32=32; S128=128; MODES=(ode-50:1 sde-250:4); FID_MODE=(sde-250:2.2:0-0.65); BARE=(--step-iters 3)
+  B16=16; B32=32; S32=32; S128=128; S512=512; MODES=(ode-50:1 sde-250:4); FID_MODE=(sde-250:2.2:0-0.65); BARE=(--step-iters 3)
   PROFILE=(--steps 3 --warmup 3)
   WORLD=()  # the toy preset's world, as `repae train` builds it
 else  # toy-sized: checks the plumbing, measures nothing of interest
@@ -183,7 +186,7 @@ else  # toy-sized: checks the plumbing, measures nothing of interest
   SIZE=(model.depth=2 model.hidden_size=48 model.num_heads=2 model.encoder_depth=1 model.projector_dim=64
         vae.ch=32 "vae.ch_mult=[1,2,2]" train.num_threads=1)
   LOOP=(--steps 3 --warmup 1 --iters 1); COMPILE=train.compile=false  # a cold CPU compile costs 10-30 s a region
-  B16=2; B32=4; S32=2; S128=4; MODES=(ode-4:1 sde-6:4); FID_MODE=(sde-6:2.2:0-0.65); BARE=(--step-iters 1)
+  B16=2; B32=4; S32=2; S128=4; S512=8; MODES=(ode-4:1 sde-6:4); FID_MODE=(sde-6:2.2:0-0.65); BARE=(--step-iters 1)
   PROFILE=(--steps 1 --warmup 1)
   WORLD=(toy.train_size=40 toy.heldout_size=20 toy.teacher_steps=1 toy.vae_steps=1 toy.batch_size=8
          toy.vae_batch_size=4)
@@ -218,6 +221,7 @@ run_step loop_compile_b16_autotune 420 "${LOOP16[@]}" $COMPILE $AUTOTUNE --iters
 run_step loop_compile_b32_autotune 420 "${LOOP32[@]}" $COMPILE $AUTOTUNE --iters 0
 run_step sample_b128_compile_cudagraphs 300 "${SAMPLE[@]}" sample.compile=true sample.compile_mode=reduce-overhead \
   --samples $S128 --modes "${MODES[@]}" "${FID_MODE[@]}"
+run_step sample_b512 150 "${SAMPLE[@]}" --samples $S512 --modes "${MODES[0]}"  # ODE-50 alone: SDE-250 + CFG ~4 min
 
 # ------------------------------------------------------------------ FID-50K estimate and the summary
 $PY - "$OUT_DIR" "$(( $(date +%s) - START ))" <<'EOF'
@@ -262,6 +266,8 @@ for line in (out / "logs" / "status.tsv").read_text().splitlines():
             entry["top_op"] = r["top_ops"][0] if r["top_ops"] else None
         elif "images_per_s" in r and isinstance(r["images_per_s"], dict):
             entry.update({f"images_per_s {k}": v for k, v in r["images_per_s"].items()})
+            if "peak_memory_bytes" in r:  # bench sample since 2026-12-05
+                entry["peak_memory_gib"] = r["peak_memory_bytes"] / 2**30
         else:
             entry["images_per_s"] = r.get("images_per_s")
             entry["images_per_s_total"] = r.get("images_per_s_total")
@@ -299,7 +305,7 @@ for name, e in summary["steps"].items():
               f"{1e3 * e['step_seconds']:.1f} ms a {'loop ' if e['loop'] else ''}step profiled{idle}{syncs}{first}")
     elif any(k.startswith("images_per_s ") for k in e):
         notes = ", ".join(f"{k[13:]}: {v:.2f}/s" for k, v in e.items() if k.startswith("images_per_s "))
-        print(f"{name:{W}s} {e['status']:13s} {'':>9s} {'':>8s} {'':>9s} {'':>8s}  {notes}")
+        print(f"{name:{W}s} {e['status']:13s} {'':>9s} {'':>8s} {fmt(e.get('peak_memory_gib'), '9.2f')} {'':>8s}  {notes}")
     else:
         frac = 100 * e["fraction_of_peak"] if e.get("fraction_of_peak") else None
         note = e.get("reason") or ("compiled" if e.get("compile") else "")

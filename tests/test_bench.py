@@ -189,11 +189,17 @@ def test_bench_sample_gives_a_mode_its_own_guidance_interval(monkeypatch):
         calls.append((kw["guidance_low"], kw["guidance_high"]))
         return torch.zeros(len(labels), 3, 32, 32, dtype=torch.uint8)
 
+    def fake_peak(device):  # read once, after the last mode (the largest may come last)
+        calls.append("peak")
+        return 12345
+
     monkeypatch.setattr("repae.generate.generate_images", fake_generate)
+    monkeypatch.setattr(bench, "peak_memory_bytes", fake_peak)
     cfg = load_config("toy", [], ["sample.guidance_low=0.1", "sample.guidance_high=0.9"])
     out = bench.bench_sample(cfg, torch.device("cpu"), 2, bench.parse_modes(["sde-250:4", "sde-250:2.2:0-0.65"]))
-    assert calls == [(0.1, 0.9), (0.0, 0.65)]
+    assert calls == [(0.1, 0.9), (0.0, 0.65), "peak"]
     assert list(out["images_per_s"]) == ["sde-250 cfg 4", "sde-250 cfg 2.2 interval 0-0.65"]
+    assert out["peak_memory_bytes"] == 12345
 
 
 @pytest.mark.slow
@@ -226,6 +232,10 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     for b in (16, 32):
         assert summary["steps"][f"loop_compile_b{b}"]["bare_step"]["fraction_of_peak"] > 0
         assert f"step_compile_b{b}" not in summary["steps"]
+    # sampling at the largest batch: ODE alone, with the memory it took (whether a larger batch still fits)
+    b512 = json.loads((tmp_path / "out/sample_b512.json").read_text())
+    assert b512["samples"] == 8 and list(b512["images_per_s"]) == ["ode-4 cfg 1"]
+    assert summary["steps"]["sample_b512"]["peak_memory_gib"] == b512["peak_memory_bytes"] / 2**30 > 0
     world = summary["steps"]["toy_world_build"]
     assert world["status"] == "ok" and world["vae_build_device"] == "cpu" and world["world_build_seconds"] > 0
     graphs = json.loads((tmp_path / "out/sample_b128_compile_cudagraphs.json").read_text())

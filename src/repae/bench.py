@@ -297,7 +297,8 @@ def bench_sample(cfg: RunConfig, device: torch.device, num_samples: Optional[int
     """images/s of generation (sampler + decode): by default ODE-50 and SDE-250, without and with CFG;
     `modes`: [(sampler, steps, cfg scale[, guidance interval (low, high) or None])] instead (`parse_modes`).
     A mode with its own interval is keyed "... interval LOW-HIGH"; the others use sample.guidance_low/high
-    (`guidance_interval` in the result). One process for every mode: sample.compile compiles once."""
+    (`guidance_interval` in the result). One process for every mode: sample.compile compiles once.
+    `peak_memory_bytes`: after every mode (on a CPU the whole process's peak, as `bench step`'s)."""
     from repae.build import build_sit, vae_args
     from repae.generate import generate_images
     from repae.models.vae import AutoencoderKL
@@ -330,6 +331,11 @@ def bench_sample(cfg: RunConfig, device: torch.device, num_samples: Optional[int
         seconds = median_seconds(lambda: run(steps), device, iters=1, warmup=0)
         key = f"{mode}-{steps} cfg {scale:g}" + (f" interval {low:g}-{high:g}" if interval else "")
         out["images_per_s"][key] = n / seconds
+    # whether a larger batch would still fit: issue 19 asks for images/s that rise with the batch up to the memory
+    # limit. The largest mode sets it (CFG doubles the SiT's batch; the decoder sees the whole batch at once).
+    out["peak_memory_bytes"] = peak_memory_bytes(device)
+    out["peak_memory_kind"] = ("cuda max_memory_allocated, models included" if device.type == "cuda"
+                               else "the process's peak resident set")
     return out
 
 
@@ -452,6 +458,7 @@ def run_bench(args: argparse.Namespace) -> int:
         result = bench_sample(cfg, device, args.samples, modes)
         for name, value in result["images_per_s"].items():
             print(f"  {name:18s} {value:8.2f} images/s ({result['samples']} samples, {result['device']})")
+        print(f"  peak memory {result['peak_memory_bytes'] / 2**20:.0f} MiB ({result['peak_memory_kind']})")
     else:
         result = bench_evaluate(device, iters=args.iters)
         for name, value in result["images_per_s"].items():
