@@ -52,3 +52,15 @@ def tiny_sit() -> SiT:
 @pytest.fixture
 def tiny_vae() -> AutoencoderKL:
     return AutoencoderKL(tiny_vae_args()).eval()
+
+
+@pytest.fixture
+def pinning(monkeypatch) -> list:
+    """The DataLoader's pin step, seen on a machine without a GPU: it believes an accelerator is there and
+    records each batch it is asked to pin (a CPU-only torch cannot pin)."""
+    import torch.utils.data._utils.pin_memory as pin
+
+    pinned = []
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(pin, "pin_memory", lambda data, device=None: pinned.append(data) or data)
+    return pinned

@@ -78,18 +78,6 @@ def test_dataset_batches_refuse_a_bad_unreadable_list_and_keep_their_place(tmp_p
     assert batches.state_dict()["position"] == 4 and batches.bad_images == 0
 
 
-@pytest.fixture
-def pinning(monkeypatch):
-    """The DataLoader's pin step, seen on a machine without a GPU: it believes an accelerator is there and
-    records each batch it is asked to pin (a CPU-only torch cannot pin)."""
-    import torch.utils.data._utils.pin_memory as pin
-
-    pinned = []
-    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
-    monkeypatch.setattr(pin, "pin_memory", lambda data, device=None: pinned.append(data) or data)
-    return pinned
-
-
 @pytest.mark.parametrize("pin", [True, False])
 def test_training_batches_from_a_folder_come_pinned_when_asked(tmp_path, pinning, pin):
     """For a GPU (repae train, bench loop) each batch passes through the DataLoader's pin step, so that its

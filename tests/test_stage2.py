@@ -174,22 +174,17 @@ def test_mirrored_items_pair_flipped_images_with_their_own_moments(world, tmp_pa
     assert torch.equal(labels, world.labels[:5].repeat(2)[batches.order._permutation(0)])
 
 
-def test_latent_batches_come_pinned_when_asked(world, tmp_path, monkeypatch):
+def test_latent_batches_come_pinned_when_asked(world, tmp_path, pinning):
     """train-ldm on a GPU: cached moments (and images for REPA) pass through the DataLoader's pin step."""
-    import torch.utils.data._utils.pin_memory as pin
-
     from repae.stage2.latents import LatentBatches
 
-    pinned = []
-    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)  # a CPU-only torch cannot pin
-    monkeypatch.setattr(pin, "pin_memory", lambda data, device=None: pinned.append(data) or data)
     source = ToySource(world.images[:4], world.labels[:4])
     cache_latents(world.vae, source, tmp_path / "c", vae_file=world.export / "vae.safetensors", shard_size=4,
                   progress=False)
     batch = LatentBatches(LatentCache(tmp_path / "c"), source, seed=0, pin_memory=True).next(4)
-    assert len(pinned) == 1 and pinned[0] is batch
+    assert len(pinning) == 1 and pinning[0] is batch
     LatentBatches(LatentCache(tmp_path / "c"), source, seed=0).next(4)
-    assert len(pinned) == 1
+    assert len(pinning) == 1
 
 
 # ---------------------------------------------------------------------------------- train-ldm
